@@ -1,0 +1,79 @@
+"""Int4 packing in the GPTQ layout, and dequantization.
+
+Shared by the calibrator (pack), the PyTorch reference forward (unpack + dequantize) and the
+plugin's dense fallback. Pure torch, no vLLM import.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .format import PACK_FACTOR, SYM_ZERO_POINT
+
+_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int64)  # nibble b of a word sits at bits 4b..4b+3
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """Reinterpret unsigned 32-bit values held in int64 as int32 (two's complement)."""
+    return (words - ((words >> 31) << 32)).to(torch.int32)
+
+
+def pack_rows(codes: torch.Tensor) -> torch.Tensor:
+    """uint4 codes [K, N] -> int32 [K / 8, N], eight consecutive rows per word (qweight)."""
+    k, n = codes.shape
+    if k % PACK_FACTOR:
+        raise ValueError(f"cannot pack {k} rows into int32 words: not a multiple of {PACK_FACTOR}")
+    grouped = codes.to(torch.int64).reshape(k // PACK_FACTOR, PACK_FACTOR, n)
+    words = (grouped << _SHIFTS.to(codes.device).view(1, -1, 1)).sum(dim=1)
+    return _to_int32(words)
+
+
+def unpack_rows(words: torch.Tensor) -> torch.Tensor:
+    """int32 [K / 8, N] -> uint8 codes [K, N]; inverse of pack_rows."""
+    kw, n = words.shape
+    nibbles = (words.to(torch.int64).unsqueeze(1) >> _SHIFTS.to(words.device).view(1, -1, 1)) & 0xF
+    return nibbles.reshape(kw * PACK_FACTOR, n).to(torch.uint8)
+
+
+def pack_cols(codes: torch.Tensor) -> torch.Tensor:
+    """uint4 codes [G, N] -> int32 [G, ceil(N / 8)] (qzeros); padding nibbles are zero."""
+    g, n = codes.shape
+    padded = torch.zeros(g, -(-n // PACK_FACTOR) * PACK_FACTOR, dtype=torch.int64, device=codes.device)
+    padded[:, :n] = codes.to(torch.int64)
+    grouped = padded.reshape(g, -1, PACK_FACTOR)
+    words = (grouped << _SHIFTS.to(codes.device).view(1, 1, -1)).sum(dim=2)
+    return _to_int32(words)
+
+
+def unpack_cols(words: torch.Tensor, n: int) -> torch.Tensor:
+    """int32 [G, ceil(N / 8)] -> uint8 codes [G, N]; inverse of pack_cols."""
+    g, nw = words.shape
+    nibbles = (words.to(torch.int64).unsqueeze(2) >> _SHIFTS.to(words.device).view(1, 1, -1)) & 0xF
+    return nibbles.reshape(g, nw * PACK_FACTOR)[:, :n].to(torch.uint8)
+
+
+def dequantize(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Packed GPTQ-layout tensors -> dense weight [N, K] (PyTorch Linear layout).
+
+    The group size is implied by the shapes (K / scales.shape[0]). `qzeros=None` means
+    symmetric codes with the implicit zero point 8.
+    """
+    codes = unpack_rows(qweight).to(torch.float32)  # [K, N]
+    k, n = codes.shape
+    groups = scales.shape[0]
+    if k % groups:
+        raise ValueError(f"qweight has {k} input rows, which {groups} scale groups do not divide")
+    if qzeros is None:
+        zeros = torch.full((groups, n), float(SYM_ZERO_POINT), device=codes.device)
+    else:
+        zeros = unpack_cols(qzeros, n).to(torch.float32)
+    per_row = k // groups
+    weight = (codes - zeros.repeat_interleave(per_row, dim=0)) * scales.to(torch.float32).repeat_interleave(
+        per_row, dim=0
+    )
+    return weight.t().contiguous().to(dtype)
