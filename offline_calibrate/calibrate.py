@@ -1,0 +1,171 @@
+"""`calibrate()`: a Hugging Face causal LM in, a complete GlowQ checkpoint folder out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_glowq import __version__
+from vllm_glowq.format import FACTOR_A, FACTOR_B, GlowQConfig, tensor_name
+
+from .architectures import spec_for
+from .data import calibration_windows
+from .loading import load_model, load_tokenizer, resolve_model
+from .options import CalibrationOptions
+from .pipeline import CalibrationResult, calibrate_layers, phase
+from .selection import select_units
+from .writer import atomic_folder, check_output, save_tensors, write_json
+
+_LOG = logging.getLogger(__name__)
+REPORT_FILE = "glowq_report.json"
+TOKENIZER_FILES_OPTIONAL = ("generation_config.json",)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_calibration(model_ref: str, options: CalibrationOptions, keep_dequantized: bool = False):
+    """Load the model and calibrate it in memory; returns (model, tokenizer, result, config, heldout)."""
+    options.validate()
+    timings: dict[str, float] = {}
+    with phase(timings, "load"):
+        path = resolve_model(model_ref)
+        model, hf_config = load_model(path, options.seq_len)
+        tokenizer = load_tokenizer(path)
+    spec = spec_for(hf_config)
+    device = pick_device(options.device)
+    extra = options.heldout_samples if options.restore == "auto" else 0
+    train, heldout = calibration_windows(
+        options.dataset, tokenizer, hf_config.vocab_size, options.samples, options.seq_len, options.seed, extra
+    )
+    _place_outside_layers(model, spec.layers_path, device)
+    keep_dequantized = keep_dequantized or options.restore == "auto"
+    result = calibrate_layers(model, spec, train, options, device, keep_dequantized)
+    result.timings = {**timings, **result.timings}
+    with phase(result.timings, "select_units"):
+        selection = select_units(model, result, options, heldout, device)
+    model.to("cpu")
+    config = GlowQConfig(
+        bits=options.bits,
+        group_size=options.group_size,
+        sym=options.sym,
+        rank=options.rank,
+        share=options.share,
+        lowrank_units=selection.restored,
+        modules_to_not_convert=sorted(result.skipped),
+        producer=_producer(model_ref, options),
+    )
+    return model, tokenizer, result, config, selection
+
+
+def _place_outside_layers(model, layers_path: str, device: torch.device) -> None:
+    """Everything but the decoder layers (embeddings, rotary, final norm, head) on the device."""
+    parent_path, _, attr = layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    layers = getattr(parent, attr)
+    setattr(parent, attr, torch.nn.ModuleList())
+    try:
+        model.to(device)
+    finally:
+        setattr(parent, attr, layers)
+
+
+def _producer(model_ref: str, options: CalibrationOptions) -> dict[str, Any]:
+    return {
+        "name": "vllm-glowq",
+        "version": __version__,
+        "source_model": model_ref,
+        "dataset": options.dataset,
+        "samples": options.samples,
+        "seq_len": options.seq_len,
+        "seed": options.seed,
+        "shrinkage": options.shrinkage,
+        "svd": options.svd,
+        "restore": options.restore,
+        "metric": options.metric,
+    }
+
+
+def checkpoint_tensors(model, result: CalibrationResult, config: GlowQConfig) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint under its format name."""
+    restored = set(config.lowrank_units)
+    state = {k: v for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    for name, quantized in result.quantized.items():
+        state.pop(tensor_name(name, "weight"))
+        state.update({tensor_name(name, key): t for key, t in quantized.tensors().items()})
+    for unit in result.units:
+        if unit.name in restored:
+            state[tensor_name(unit.name, FACTOR_B)] = unit.factors.b
+            for member, a in zip(unit.members, unit.factors.a):
+                state[tensor_name(member, FACTOR_A)] = a
+    return state
+
+
+def report(result: CalibrationResult, config: GlowQConfig, selection, options: CalibrationOptions) -> dict:
+    restored = set(config.lowrank_units)
+    units = []
+    for unit in result.units:
+        entry = {
+            "unit": unit.name,
+            "members": unit.members,
+            "restored": unit.name in restored,
+            "extra_params": unit.extra_params,
+            "metrics": unit.metrics,
+        }
+        if unit.factors is not None:
+            entry.update(
+                whitened_error_before=unit.factors.whitened_error_before,
+                whitened_error_after=unit.factors.whitened_error_after,
+                whitening=unit.factors.whitening,
+            )
+        units.append(entry)
+    peak_cpu = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    return {
+        "format": config.to_dict(),
+        "options": options.to_dict(),
+        "units": units,
+        "skipped_modules": result.skipped,
+        "selection": selection.summary(),
+        "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+        "peak_memory_bytes": {"cpu_rss": peak_cpu, "gpu_allocated": peak_gpu},
+    }
+
+
+def calibrate(
+    model: str | Path, output: str | Path, options: CalibrationOptions | None = None, overwrite: bool = False
+) -> Path:
+    """Calibrate `model` (a local HF folder or hub id) and write a GlowQ checkpoint to `output`."""
+    options = options or CalibrationOptions()
+    output = Path(output).absolute()
+    options.validate()
+    check_output(output, overwrite)
+    start = time.perf_counter()
+    hf_model, tokenizer, result, config, selection = run_calibration(str(model), options)
+    with phase(result.timings, "write"), atomic_folder(output, overwrite) as staging:
+        save_tensors(staging, checkpoint_tensors(hf_model, result, config))
+        hf_config = hf_model.config.to_dict()
+        hf_config["quantization_config"] = config.to_dict()
+        write_json(staging / "config.json", hf_config)
+        tokenizer.save_pretrained(staging)
+        if getattr(hf_model, "generation_config", None) is not None:
+            hf_model.generation_config.save_pretrained(staging)
+        result.timings["total"] = time.perf_counter() - start
+        write_json(staging / REPORT_FILE, report(result, config, selection, options))
+    _LOG.info("wrote %s", output)
+    return output
+
+
+def load_report(checkpoint: str | Path) -> dict:
+    return json.loads((Path(checkpoint) / REPORT_FILE).read_text())

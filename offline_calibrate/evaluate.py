@@ -1,0 +1,74 @@
+"""Perplexity of a plain HF model or a GlowQ checkpoint (through the PyTorch reference forward)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import read_text, tokenize, windows
+from .loading import load_model, load_tokenizer, resolve_model
+from .reference import load_reference_model
+
+
+def is_glowq_checkpoint(path: str) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and "quantization_config" in json.loads(config.read_text())
+
+
+def load_for_eval(model_ref: str, seq_len: int):
+    """(model, tokenizer) for either kind of model folder, in fp32 on the CPU."""
+    path = resolve_model(model_ref)
+    tokenizer = load_tokenizer(path)
+    if is_glowq_checkpoint(path):
+        model = load_reference_model(path, torch.float32)
+    else:
+        model, _ = load_model(path, seq_len)
+        model = model.float()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def mean_nll(model, batch_windows: torch.Tensor, device: torch.device | str = "cpu", progress: bool = False) -> float:
+    """Token-weighted mean next-token NLL (nats) over windows [n, seq_len]."""
+    total, count = 0.0, 0
+    for window in tqdm(batch_windows, desc="perplexity", unit="window", disable=not progress):
+        ids = window.unsqueeze(0).to(device)
+        logits = model(ids, use_cache=False).logits[0, :-1].float()
+        total += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    return total / count
+
+
+def eval_windows(dataset: str, tokenizer, seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    """Non-overlapping windows of the dataset (BOS first), at most about max_tokens tokens."""
+    tokens = tokenize(read_text(dataset), tokenizer)
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    out = windows(tokens, seq_len, tokenizer.bos_token_id)
+    if out.shape[0] == 0:
+        raise ValueError(f"dataset {dataset!r} has fewer tokens than one window of {seq_len}")
+    return out
+
+
+def evaluate(model_ref: str, dataset: str, seq_len: int = 512, max_tokens: int | None = None) -> dict:
+    model, tokenizer = load_for_eval(model_ref, seq_len)
+    max_positions = getattr(model.config, "max_position_embeddings", math.inf)
+    if seq_len > max_positions:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_positions})")
+    data = eval_windows(dataset, tokenizer, seq_len, max_tokens)
+    nll = mean_nll(model, data, progress=True)
+    return {
+        "model": model_ref,
+        "kind": "glowq" if is_glowq_checkpoint(model_ref) else "hf",
+        "dataset": dataset,
+        "seq_len": seq_len,
+        "windows": int(data.shape[0]),
+        "tokens": int(data.shape[0] * (seq_len - 1)),
+        "nll": nll,
+        "perplexity": math.exp(nll),
+    }

@@ -1,0 +1,76 @@
+"""Loading the source model: path checks and config checks before any weight is read."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from vllm_glowq.format import QUANT_METHOD
+
+from .architectures import spec_for
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def resolve_model(model: str) -> str:
+    """A local folder with config.json, or a hub id (`org/name`) when no such path exists."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model folder {path} has no config.json: not a Hugging Face model folder")
+        return str(path)
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
+    if looks_local:
+        raise ModelLoadError(f"model path {model} does not exist")
+    return model  # a hub id; transformers fetches it when the hub is reachable
+
+
+def load_config(model: str):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except Exception as exc:  # transformers raises OSError, ValueError, HTTP errors...
+        raise ModelLoadError(f"cannot read the model config of {model!r} ({type(exc).__name__}: {exc})") from None
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None:
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        what = "a GlowQ checkpoint" if method == QUANT_METHOD else f"already quantized ({method})"
+        raise ModelLoadError(f"{model} is {what}; calibrate from the full-precision model")
+    spec_for(config)
+    return config
+
+
+def load_model(model: str, seq_len: int):
+    """The full-precision model on the CPU, after checking the config and every weight."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(model)
+    max_positions = getattr(config, "max_position_embeddings", math.inf)
+    if seq_len > max_positions:
+        raise ModelLoadError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_positions})")
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the weights of {model!r} ({type(exc).__name__}: {exc})") from None
+    check_finite(hf_model)
+    return hf_model.eval(), config
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise ModelLoadError(f"weight {name} contains NaN or Inf values; the model is corrupt")
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {model!r} ({type(exc).__name__}: {exc})") from None

@@ -1,0 +1,82 @@
+"""Write a checkpoint folder atomically: build it in a temporary sibling, then rename.
+
+A crash or Ctrl-C mid-write leaves only a hidden `.NAME.tmp-*` folder (removed on the way
+out when possible), never a folder at the output path that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+MAX_SHARD_BYTES = 4 * 1024**3
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless overwriting; called before any work is done."""
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"output folder {output} already exists; pass --overwrite to replace it")
+    if output.exists() and not output.is_dir():
+        raise OutputExistsError(f"output path {output} exists and is not a folder")
+    if not output.parent.exists():
+        raise FileNotFoundError(f"the parent folder of the output, {output.parent}, does not exist")
+
+
+@contextlib.contextmanager
+def atomic_folder(output: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `output`, on failure it is deleted."""
+    check_output(output, overwrite)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        yield staging
+        if output.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            os.replace(output, retired / output.name)
+            os.replace(staging, output)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """model.safetensors, or numbered shards with an index when larger than MAX_SHARD_BYTES."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / filename, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, filename))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    write_json(folder / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
