@@ -17,3 +17,4 @@ fi
 pip_q -e ".[test]"
 python scripts/vllm_cli_shim.py
 python -c "import vllm, torch, transformers; print(f'vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')"
+bash scripts/install-deploy-tools.sh
