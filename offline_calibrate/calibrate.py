@@ -16,9 +16,9 @@ from vllm_glowq.format import FACTOR_A, FACTOR_B, GlowQConfig, tensor_name
 
 from .architectures import spec_for
 from .data import calibration_windows
-from .loading import load_model, load_tokenizer, resolve_model
+from .loading import check_seq_len, load_config, load_model, load_tokenizer, resolve_model
 from .options import CalibrationOptions
-from .pipeline import CalibrationResult, calibrate_layers, phase
+from .pipeline import CalibrationResult, calibrate_layers, check_rank, phase
 from .selection import select_units
 from .writer import atomic_folder, check_output, save_tensors, write_json
 
@@ -37,16 +37,20 @@ def run_calibration(model_ref: str, options: CalibrationOptions, keep_dequantize
     """Load the model and calibrate it in memory; returns (model, tokenizer, result, config, heldout)."""
     options.validate()
     timings: dict[str, float] = {}
-    with phase(timings, "load"):
-        path = resolve_model(model_ref)
-        model, hf_config = load_model(path, options.seq_len)
-        tokenizer = load_tokenizer(path)
-    spec = spec_for(hf_config)
-    device = pick_device(options.device)
+    path = resolve_model(model_ref)
+    hf_config = load_config(path)
+    check_seq_len(hf_config, options.seq_len)
+    tokenizer = load_tokenizer(path)
     extra = options.heldout_samples if options.restore == "auto" else 0
+    # Data problems (an empty file, too little text) are found before the weights are loaded.
     train, heldout = calibration_windows(
         options.dataset, tokenizer, hf_config.vocab_size, options.samples, options.seq_len, options.seed, extra
     )
+    with phase(timings, "load"):
+        model = load_model(path, hf_config, options.seq_len)
+    spec = spec_for(hf_config)
+    check_rank(model, spec, options)
+    device = pick_device(options.device)
     _place_outside_layers(model, spec.layers_path, device)
     keep_dequantized = keep_dequantized or options.restore == "auto"
     result = calibrate_layers(model, spec, train, options, device, keep_dequantized)

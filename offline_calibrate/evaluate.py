@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import read_text, tokenize, windows
-from .loading import load_model, load_tokenizer, resolve_model
+from .loading import check_seq_len, load_config, load_model, load_tokenizer, resolve_model
 from .reference import load_reference_model
 
 
@@ -27,8 +27,7 @@ def load_for_eval(model_ref: str, seq_len: int):
     if is_glowq_checkpoint(path):
         model = load_reference_model(path, torch.float32)
     else:
-        model, _ = load_model(path, seq_len)
-        model = model.float()
+        model = load_model(path, load_config(path), seq_len).float()
     return model, tokenizer
 
 
@@ -57,9 +56,7 @@ def eval_windows(dataset: str, tokenizer, seq_len: int, max_tokens: int | None) 
 
 def evaluate(model_ref: str, dataset: str, seq_len: int = 512, max_tokens: int | None = None) -> dict:
     model, tokenizer = load_for_eval(model_ref, seq_len)
-    max_positions = getattr(model.config, "max_position_embeddings", math.inf)
-    if seq_len > max_positions:
-        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_positions})")
+    check_seq_len(model.config, seq_len)
     data = eval_windows(dataset, tokenizer, seq_len, max_tokens)
     nll = mean_nll(model, data, progress=True)
     return {

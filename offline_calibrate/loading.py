@@ -45,20 +45,24 @@ def load_config(model: str):
     return config
 
 
-def load_model(model: str, seq_len: int):
-    """The full-precision model on the CPU, after checking the config and every weight."""
+def load_model(model: str, config, seq_len: int):
+    """The full-precision model on the CPU, after checking the config (from load_config) and
+    every weight."""
     from transformers import AutoModelForCausalLM
 
-    config = load_config(model)
-    max_positions = getattr(config, "max_position_embeddings", math.inf)
-    if seq_len > max_positions:
-        raise ModelLoadError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_positions})")
+    check_seq_len(config, seq_len)
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
     except Exception as exc:
         raise ModelLoadError(f"cannot load the weights of {model!r} ({type(exc).__name__}: {exc})") from None
     check_finite(hf_model)
-    return hf_model.eval(), config
+    return hf_model.eval()
+
+
+def check_seq_len(config, seq_len: int) -> None:
+    max_positions = getattr(config, "max_position_embeddings", math.inf)
+    if seq_len > max_positions:
+        raise ModelLoadError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_positions})")
 
 
 def check_finite(model: torch.nn.Module) -> None:

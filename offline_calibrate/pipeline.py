@@ -131,10 +131,7 @@ def _calibrate_input_set(
         return
     for name, module in zip(names, modules):
         result.quantized[name] = quantize_rtn(module.weight.data, options.group_size, options.sym)
-    by_unit: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        by_unit.setdefault(unit_name(name, options.share), []).append(i)
-    for unit, idx in by_unit.items():
+    for unit, idx in _units_of(names, options.share).items():
         weights = [modules[i].weight.data.float() for i in idx]
         deq = [result.quantized[names[i]].dequantized.to(weights[0].device) for i in idx]
         factors = None
@@ -157,6 +154,29 @@ def _calibrate_input_set(
 def _sigma_root(sigma: torch.Tensor) -> torch.Tensor:
     evals, evecs = torch.linalg.eigh(sigma)
     return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+
+
+def check_rank(model, spec: ArchitectureSpec, options: CalibrationOptions) -> None:
+    """Refuse a rank no unit can have before any calibration work (every layer has one shape)."""
+    layer = decoder_layers(model, spec)[0]
+    for input_set in spec.input_sets:
+        names = [f"{spec.layers_path}.0.{m}" for m in input_set]
+        modules = layer_linears(layer, input_set)
+        for unit, idx in _units_of(names, options.share).items():
+            limit = min(sum(modules[i].out_features for i in idx), modules[0].in_features)
+            if options.rank > limit:
+                raise ValueError(
+                    f"--rank {options.rank} is larger than the error matrix of {unit} allows "
+                    f"(at most {limit} = min(out_features, in_features))"
+                )
+
+
+def _units_of(names: list[str], share: str) -> dict[str, list[int]]:
+    """unit name -> indices of its members among `names`."""
+    by_unit: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        by_unit.setdefault(unit_name(name, share), []).append(i)
+    return by_unit
 
 
 def calibrate_layers(
