@@ -157,14 +157,15 @@ def calibrate(
     check_output(output, overwrite)
     start = time.perf_counter()
     hf_model, tokenizer, result, config, selection = run_calibration(str(model), options)
-    with phase(result.timings, "write"), atomic_folder(output, overwrite) as staging:
-        save_tensors(staging, checkpoint_tensors(hf_model, result, config))
-        hf_config = hf_model.config.to_dict()
-        hf_config["quantization_config"] = config.to_dict()
-        write_json(staging / "config.json", hf_config)
-        tokenizer.save_pretrained(staging)
-        if getattr(hf_model, "generation_config", None) is not None:
-            hf_model.generation_config.save_pretrained(staging)
+    with atomic_folder(output, overwrite) as staging:
+        with phase(result.timings, "write"):
+            save_tensors(staging, checkpoint_tensors(hf_model, result, config))
+            hf_config = hf_model.config.to_dict()
+            hf_config["quantization_config"] = config.to_dict()
+            write_json(staging / "config.json", hf_config)
+            tokenizer.save_pretrained(staging)
+            if getattr(hf_model, "generation_config", None) is not None:
+                hf_model.generation_config.save_pretrained(staging)
         result.timings["total"] = time.perf_counter() - start
         write_json(staging / REPORT_FILE, report(result, config, selection, options))
     _LOG.info("wrote %s", output)

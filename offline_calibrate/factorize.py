@@ -102,20 +102,23 @@ class UnitFactors:
 def factorize_unit(
     errors: list[torch.Tensor],
     weights: list[torch.Tensor],
-    sigma: torch.Tensor,
+    sigma: torch.Tensor | Whitening,
     rank: int,
     method: str = "auto",
     oversample: int = 10,
     power_iters: int = 2,
     seed: int = 0,
 ) -> UnitFactors:
-    """Shared-B factors for the members' errors; `weights` only normalize the reported errors."""
-    device = sigma.device
+    """Shared-B factors for the members' errors; `weights` only normalize the reported errors.
+
+    `sigma` may be given already factored (a Whitening), so units reading one input share it.
+    """
+    white = sigma if isinstance(sigma, Whitening) else whitening(sigma)
+    device = white.factor.device
     e_cat = torch.cat([e.to(device, torch.float64) for e in errors], dim=0)
     max_rank = min(e_cat.shape)
     if not 0 < rank <= max_rank:
         raise ValueError(f"rank {rank} is outside 1..{max_rank} for an error matrix of shape {tuple(e_cat.shape)}")
-    white = whitening(sigma)
     m = e_cat @ white.factor
     generator = torch.Generator().manual_seed(seed)
     u, s, vh = truncated_svd(m, rank, method, oversample, power_iters, generator)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from vllm_glowq.format import packable, unit_name
 
 from .architectures import ArchitectureSpec, decoder_layers, layer_linears
-from .factorize import UnitFactors, factorize_unit
+from .factorize import UnitFactors, factorize_unit, whitening
 from .options import CalibrationOptions
 from .quantize import QuantizedWeight, quantize_rtn
 from .reference import ReferenceLinear, linear_names, replace_linear
@@ -95,8 +95,12 @@ def run_layer(layer, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Ten
     return outputs
 
 
-def unit_metrics(weights, dequantized, factors: UnitFactors | None, sigma_root) -> dict[str, float]:
-    """Importance metrics of a unit (GlowQ-S ranks units by one of them)."""
+def unit_metrics(weights, dequantized, factors: UnitFactors | None, white) -> dict[str, float]:
+    """Importance metrics of a unit (GlowQ-S ranks units by one of them).
+
+    The whitened forms use any W with W W^T = Sigma: norms and inner products of M W equal
+    those of M Sigma^{1/2}.
+    """
     w = torch.cat([x.double() for x in weights])
     q = torch.cat([x.double() for x in dequantized])
     e = w - q
@@ -107,7 +111,7 @@ def unit_metrics(weights, dequantized, factors: UnitFactors | None, sigma_root) 
         "cosine": 1.0 - cos(w, q),
     }
     if factors is not None:
-        ew, ww, qw = e @ sigma_root, w @ sigma_root, q @ sigma_root
+        ew, ww, qw = e @ white, w @ white, q @ white
         metrics.update(
             singular_sum=float(factors.singular_values.sum()),
             whitened_frobenius=float(ew.norm()),
@@ -131,29 +135,26 @@ def _calibrate_input_set(
         return
     for name, module in zip(names, modules):
         result.quantized[name] = quantize_rtn(module.weight.data, options.group_size, options.sym)
+    white = whitening(sigma) if options.rank > 0 else None
+    white = whitening(sigma) if options.rank > 0 else None
     for unit, idx in _units_of(names, options.share).items():
         weights = [modules[i].weight.data.float() for i in idx]
         deq = [result.quantized[names[i]].dequantized.to(weights[0].device) for i in idx]
         factors = None
         if options.rank > 0:
             factors = factorize_unit(
-                [w - d for w, d in zip(weights, deq)], weights, sigma, options.rank,
+                [w - d for w, d in zip(weights, deq)], weights, white, options.rank,
                 options.svd, options.oversample, options.power_iters, options.seed,
             )
             factors.a = [a.to(FACTOR_DTYPE).cpu() for a in factors.a]
             factors.b = factors.b.to(FACTOR_DTYPE).cpu()
-        root = _sigma_root(sigma) if factors is not None else None
+        factor = white.factor if factors is not None else None
         extra = 0 if factors is None else factors.b.numel() + sum(a.numel() for a in factors.a)
         result.units.append(
-            UnitResult(unit, [names[i] for i in idx], factors, unit_metrics(weights, deq, factors, root), extra)
+            UnitResult(unit, [names[i] for i in idx], factors, unit_metrics(weights, deq, factors, factor), extra)
         )
     for name in names:
         result.quantized[name] = result.quantized[name].to_cpu(keep_dequantized)
-
-
-def _sigma_root(sigma: torch.Tensor) -> torch.Tensor:
-    evals, evecs = torch.linalg.eigh(sigma)
-    return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
 
 
 def check_rank(model, spec: ArchitectureSpec, options: CalibrationOptions) -> None:
