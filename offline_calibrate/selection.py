@@ -50,17 +50,16 @@ def parse_restore(value: str) -> tuple[str, float | int | None]:
     if value in ("all", "auto"):
         return value, None
     try:
-        if "." in value:
-            fraction = float(value)
-            if not 0.0 < fraction <= 1.0:
-                raise SelectionError(f"--restore fraction {value} is outside (0, 1]")
-            return "fraction", fraction
-        count = int(value)
+        number = float(value) if "." in value else int(value)
     except ValueError:
         raise SelectionError(f"--restore {value!r} is not all, auto, a fraction like 0.5 or a count like 12") from None
-    if count < 0:
-        raise SelectionError(f"--restore count {count} is negative")
-    return "count", count
+    if isinstance(number, float):
+        if not 0.0 < number <= 1.0:
+            raise SelectionError(f"--restore fraction {value} is outside (0, 1]")
+        return "fraction", number
+    if number < 0:
+        raise SelectionError(f"--restore count {number} is negative")
+    return "count", number
 
 
 def validate_selection_options(options) -> None:
