@@ -1,0 +1,121 @@
+"""The `glowq` QuantizationConfig: parses a checkpoint's quantization_config and gives each
+vLLM linear layer its method.
+
+vLLM builds one config per engine from `config.json` (`quant_method: "glowq"` is enough; the
+`--quantization glowq` flag is optional), then asks `get_quant_method(layer, prefix)` for every
+layer while the model is constructed. Fused layers (`qkv_proj`, `gate_up_proj`) are mapped back
+to the checkpoint's module names through `packed_modules_mapping`, which the model fills in.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+from . import compat
+from .format import QUANT_METHOD, GlowQConfig, GlowQFormatError
+from .linear import GlowQLinearMethod, LayerPlan
+
+logger = logging.getLogger("vllm.glowq")
+_registered = False
+
+
+class GlowQQuantConfig(QuantizationConfig):
+    """vLLM's view of a GlowQ checkpoint: the parsed `GlowQConfig` plus layer planning."""
+
+    def __init__(self, glowq: GlowQConfig | None = None) -> None:
+        if glowq is None:
+            # vLLM constructs the class without arguments when `--quantization glowq` is given
+            # for a model whose config.json has no quantization_config.
+            raise GlowQFormatError(
+                "--quantization glowq was given, but the model's config.json has no "
+                "quantization_config: it is not a GlowQ checkpoint (make one with glowq-calibrate, "
+                "or drop --quantization glowq)."
+            )
+        super().__init__()
+        self.glowq = glowq
+
+    def __repr__(self) -> str:
+        g = self.glowq
+        return (f"GlowQQuantConfig(bits={g.bits}, group_size={g.group_size}, sym={g.sym}, rank={g.rank}, "
+                f"share={g.share!r}, lowrank_units={len(g.lowrank_units)})")
+
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        # bf16/fp16 run vLLM's int4 kernels; float32 runs the dense fallback (exact reference).
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 75  # Turing: the oldest GPU with a W4A16 kernel (Marlin) in vLLM
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # the config lives in config.json's quantization_config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> GlowQQuantConfig:
+        return cls(GlowQConfig.from_dict(config))
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        """GlowQ for quantized linears, unquantized for modules_to_not_convert, None otherwise
+        (embeddings and attention then use vLLM's defaults)."""
+        if not isinstance(layer, LinearBase):
+            return None
+        members = self.member_names(prefix)
+        kept = [m for m in members if not self.glowq.is_quantized(m)]
+        if len(kept) == len(members):
+            return UnquantizedLinearMethod()
+        if kept:
+            raise GlowQFormatError(
+                f"GlowQ config keeps {kept} in full precision but quantizes the other modules fused "
+                f"into vLLM layer {prefix!r}; vLLM needs all of {list(members)} quantized or none."
+            )
+        return GlowQLinearMethod(self.glowq, self.plan_layer(prefix, members))
+
+    def member_names(self, prefix: str) -> tuple[str, ...]:
+        """Checkpoint module names behind a vLLM layer, in shard order."""
+        parent, _, leaf = prefix.rpartition(".")
+        packed = self.packed_modules_mapping.get(leaf)
+        if not packed:
+            return (prefix,)
+        return tuple(f"{parent}.{m}" if parent else m for m in packed)
+
+    def plan_layer(self, prefix: str, members: tuple[str, ...]) -> LayerPlan:
+        units: list[str] = []
+        member_unit: list[int | None] = []
+        for member in members:
+            unit = self.glowq.unit_of(member)
+            if not self.glowq.has_factors(unit):
+                member_unit.append(None)
+                continue
+            if unit != prefix and unit not in members:
+                raise GlowQFormatError(
+                    f"GlowQ unit {unit!r} (from module {member!r}) matches neither vLLM layer {prefix!r} "
+                    f"nor its modules {list(members)}; this model's layer names are unsupported."
+                )
+            if unit not in units:
+                units.append(unit)
+            member_unit.append(units.index(unit))
+        return LayerPlan(prefix, members, tuple(units), tuple(member_unit))
+
+
+def register_glowq() -> None:
+    """Register `glowq` with vLLM once per process (vLLM calls plugins in every process)."""
+    global _registered
+    if _registered:
+        return
+    register_quantization_config(QUANT_METHOD)(GlowQQuantConfig)
+    _registered = True
+    problem = compat.unsupported_vllm_message()
+    if problem:
+        logger.warning(problem)
