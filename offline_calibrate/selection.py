@@ -82,13 +82,14 @@ def elbow(points: list[tuple[int, float]]) -> int:
     Rule (Kneedle): scale k to x in [0, 1] and the improvement ppl(0) - ppl(k) to y in [0, 1]
     (1 = the improvement of restoring everything); the elbow is the k maximising y - x, i.e. the
     point after which each further unit buys less than the average unit. Ties go to the smaller
-    k. If restoring does not improve perplexity at all, the answer is 0.
+    k. If no point lies above the chord (the gain is linear or comes late), there is no elbow
+    and every unit is restored; if restoring does not improve perplexity at all, none is.
     """
     k_max = points[-1][0]
     first, last = points[0][1], points[-1][1]
     if k_max == 0 or not first > last:
         return 0
-    best_k, best_score = 0, 0.0
+    best_k, best_score = k_max, 0.0
     for k, ppl in points:
         score = (first - ppl) / (first - last) - k / k_max
         if score > best_score + 1e-12:
