@@ -1,0 +1,62 @@
+"""Calibrate the benchmark model once (GlowQ, symmetric int4 so vLLM's GPTQ path can read the
+same codes) and record the wall time and peak GPU memory.
+
+    python bench/calibrate_timed.py MODEL OUT --json calibration.json [--samples 32 --seq-len 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from offline_calibrate import CalibrationOptions, calibrate
+from offline_calibrate.calibrate import load_report
+
+GIB = 1024**3
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("output")
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    options = CalibrationOptions(
+        rank=args.rank, group_size=128, sym=True, share="group", dataset="random",
+        samples=args.samples, seq_len=args.seq_len, device=args.device, restore="all",
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    calibrate(args.model, args.output, options, overwrite=True)
+    wall = time.perf_counter() - start
+    report = load_report(args.output)
+    summary = {
+        "model": str(args.model),
+        "options": options.to_dict(),
+        "wall_s": round(wall, 2),
+        "timings_s": report["timings_s"],
+        "peak_gpu_allocated_gib": round(report["peak_memory_bytes"]["gpu_allocated"] / GIB, 3),
+        "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3) if torch.cuda.is_available() else 0,
+        "peak_cpu_rss_gib": round(report["peak_memory_bytes"]["cpu_rss"] / GIB, 3),
+        "units": len(report["units"]),
+        "restored": report["selection"]["restored"],
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+    }
+    Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    print("CALIBRATION " + json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

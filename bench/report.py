@@ -1,0 +1,207 @@
+"""docs/benchmarks.md from the H200 run's JSON files (bench/results/).
+
+    python bench/report.py [--results bench/results] [--out docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+NAMES = {
+    "bf16": "bf16 (unquantized)",
+    "gptq": "plain int4, vLLM in-tree GPTQ",
+    "int4": "plain int4, GlowQ plugin (no factors)",
+    "glowq": "GlowQ, rank 64 (shared B)",
+    "permodule": "per-module correction, rank 64",
+    "glowq_s": "GlowQ-S, half of the units",
+}
+COMMANDS = {
+    "prepare": "bash bench/run_h200.sh prepare",
+    "calibrate": "bash bench/run_h200.sh calibrate",
+    "vllm-main": "bash bench/run_h200.sh vllm-main",
+    "vllm-rest": "bash bench/run_h200.sh vllm-rest",
+}
+
+
+def load(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def verdict(value: float | None, limit: float, higher_is_better: bool) -> str:
+    if value is None:
+        return "not measured"
+    ok = value >= limit if higher_is_better else value <= limit
+    return "met" if ok else "**missed**"
+
+
+def vllm_section(vllm: dict) -> tuple[list[str], dict[str, float | None]]:
+    variants = vllm.get("variants", {})
+    lines = [
+        "| checkpoint | output tok/s (256 x 512 in / 256 out) | TTFT 2048-token prompt (ms) | decode ms/step b=1 "
+        "| b=16 | b=64 | decode tok/s b=64 | engine start (s) | int4 kernel |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, v in variants.items():
+        label = NAMES.get(name, name)
+        if "error" in v and "decode" not in v:
+            lines.append(f"| {label} | error: {v['error'][:120]} | | | | | | | |")
+            continue
+        d = v.get("decode", {})
+        cell = lambda b, key: fmt(d.get(b, {}).get(key), 3 if key == "latency_ms" else 0)  # noqa: E731
+        lines.append(
+            f"| {label} | {fmt(v.get('throughput', {}).get('output_tok_s'), 0)} | {fmt(v.get('ttft', {}).get('median_ms'))} "
+            f"| {cell('1', 'latency_ms')} | {cell('16', 'latency_ms')} | {cell('64', 'latency_ms')} "
+            f"| {cell('64', 'tok_s')} | {fmt(v.get('engine_start_s'), 0)} | {', '.join(v.get('kernels', [])) or '-'} |"
+        )
+    get = lambda name, *keys: _dig(variants.get(name), keys)  # noqa: E731
+    figures = {
+        "glowq_vs_int4_b64": ratio(get("glowq", "decode", "64", "tok_s"), get("gptq", "decode", "64", "tok_s")),
+        "glowq_vs_permodule_b64": ratio(get("glowq", "decode", "64", "tok_s"), get("permodule", "decode", "64", "tok_s")),
+        "glowq_s_vs_int4_b64": ratio(get("glowq_s", "decode", "64", "tok_s"), get("gptq", "decode", "64", "tok_s")),
+        "ttft_glowq_vs_int4": ratio(get("glowq", "ttft", "median_ms"), get("gptq", "ttft", "median_ms")),
+        "tput_glowq_vs_int4": ratio(get("glowq", "throughput", "output_tok_s"), get("gptq", "throughput", "output_tok_s")),
+        "tput_glowq_vs_permodule": ratio(get("glowq", "throughput", "output_tok_s"),
+                                         get("permodule", "throughput", "output_tok_s")),
+        "tput_glowq_s_vs_int4": ratio(get("glowq_s", "throughput", "output_tok_s"),
+                                      get("gptq", "throughput", "output_tok_s")),
+        "plugin_int4_vs_gptq_b64": ratio(get("int4", "decode", "64", "tok_s"), get("gptq", "decode", "64", "tok_s")),
+    }
+    return lines, figures
+
+
+def _dig(d: Any, keys: tuple) -> Any:
+    for key in keys:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def micro_section(micro: dict) -> list[str]:
+    bw = micro["copy_bandwidth_Bps"]
+    lines = [
+        f"Measured device-to-device copy bandwidth: **{bw / 1e12:.2f} TB/s** (bytes read + written). "
+        f"Rank {micro['rank']}, bf16. `us` is the plugin's two-GEMM correction "
+        "(`F.linear(x, B)` then `torch.addmm(y, R, A.t())`) per call from CUDA-graph replays over "
+        "rotating buffers larger than L2; `int4 ideal` is the layer's int4 codes + scales moved at the copy "
+        "bandwidth, the floor of the base GEMM the correction is added to.",
+        "",
+        "| layer | mode | tokens | correction us | MB moved | TB/s | % of copy bw | int4 ideal us | correction / int4 ideal | Triton us |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in micro["rows"]:
+        lines.append(
+            f"| {r['layer']} | {r['mode']} | {r['tokens']} | {r['us']:.2f} | {r['bytes'] / 1e6:.2f} "
+            f"| {r['achieved_Bps'] / 1e12:.2f} | {100 * r['fraction_of_copy_bw']:.1f} | {r['int4_ideal_us']:.2f} "
+            f"| {r['correction_over_int4_ideal']:.2f} | {fmt(r.get('triton_us'))} |"
+        )
+    if "triton_check_rel_err" in micro:
+        lines += ["", f"Triton path (bench/triton_correction.py, not wired into the plugin): relative error "
+                      f"{micro['triton_check_rel_err']:.1e} against a float64 reference."]
+    if "triton_error" in micro:
+        lines += ["", f"Triton path failed: `{micro['triton_error']}`"]
+    return lines
+
+
+def calibration_section(cal: dict) -> list[str]:
+    t = cal["timings_s"]
+    o = cal["options"]
+    return [
+        f"| wall time | peak GPU memory (allocated) | peak GPU reserved | peak CPU RSS | units |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+        f"| {cal['wall_s']:.1f} s | {cal['peak_gpu_allocated_gib']:.2f} GiB | {cal['peak_gpu_reserved_gib']:.2f} GiB "
+        f"| {cal['peak_cpu_rss_gib']:.1f} GiB | {cal['units']} |",
+        "",
+        "Phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()),
+        "",
+        f"Options: rank {o['rank']}, group {o['group_size']}, sym {o['sym']}, share {o['share']}, "
+        f"{o['samples']} x {o['seq_len']} random tokens, svd {o['svd']}, device {cal['device']}, torch {cal['torch']}.",
+    ]
+
+
+def build(results: Path) -> str:
+    vllm, micro, cal = load(results / "vllm.json"), load(results / "micro.json"), load(results / "calibration.json")
+    meta = load(results / "meta.json") or {}
+    gpu = (results / "gpu.txt").read_text().strip() if (results / "gpu.txt").exists() else "unknown"
+    versions = {}
+    for v in (vllm or {}).get("variants", {}).values():
+        versions = v.get("versions") or versions
+    out = ["# GPU benchmark (issue 5)", ""]
+    out += [f"Machine: `{gpu.splitlines()[-1] if gpu else gpu}`; vLLM {versions.get('vllm', '?')}, "
+            f"torch {versions.get('torch', '?')}. Model: Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 layers, "
+            "32 heads / 8 KV heads, vocab 128256), random bf16 weights (`bench/make_model.py`), int4 g128 symmetric "
+            "codes shared by every int4 checkpoint. Raw results: `bench/results/`.", ""]
+    if meta.get("notes"):
+        out += meta["notes"] + [""]
+    out += ["## Commands", "", "On the H200 machine, after installing vLLM 0.26 into /tmp/site "
+            "(../shared/gpu/README.md), each stage one device call (10-minute limit per call); "
+            "`bash bench/run_h200.sh all` runs them in one go:", "", "```"]
+    out += list(COMMANDS.values()) + ["python bench/report.py   # here: this file", "```", ""]
+    figures: dict[str, float | None] = {}
+    if vllm:
+        lines, figures = vllm_section(vllm)
+        p = vllm.get("profile", {})
+        out += ["## vLLM serving speed (one run, engines one after another)", "",
+                f"torch.compile + CUDA graphs (capture sizes {p.get('cudagraph_capture_sizes')}), "
+                f"max_model_len {p.get('max_model_len')}, gpu_memory_utilization {p.get('gpu_memory_utilization')}, "
+                "prefix caching off, greedy, ignore_eos, random prompt tokens. Decode latency = (time for 1 + "
+                f"{p.get('decode_steps')} tokens - time for 1 token) / {p.get('decode_steps')}, "
+                f"{p.get('decode_prompt')}-token prompts, median of {p.get('decode_reps')}; TTFT = wall time of a "
+                f"1-token generation, median of {p.get('ttft_reps')}.", ""] + lines + [""]
+        checks = vllm.get("token_checks", [])
+        for c in checks:
+            out.append(f"- Greedy tokens {c['pair'][0]} vs {c['pair'][1]}: {c['identical_sequences']}/{c['sequences']} "
+                       f"sequences identical, {c['matching_tokens']}/{c['tokens']} tokens.")
+        out.append("")
+    out += ["## Targets", "", "| target | measured | verdict |", "| --- | ---: | --- |"]
+    rows = [
+        ("GlowQ decode throughput at batch 64 >= 0.90 x plain int4 (GPTQ)", "glowq_vs_int4_b64", 0.90, True),
+        ("GlowQ decode throughput at batch 64 >= 1.05 x per-module", "glowq_vs_permodule_b64", 1.05, True),
+        ("GlowQ-S (half) decode throughput at batch 64 >= 0.95 x plain int4", "glowq_s_vs_int4_b64", 0.95, True),
+        ("TTFT GlowQ <= 1.10 x plain int4", "ttft_glowq_vs_int4", 1.10, False),
+    ]
+    for label, key, limit, higher in rows:
+        out.append(f"| {label} | {fmt(figures.get(key), 3)} | {verdict(figures.get(key), limit, higher)} |")
+    if cal:
+        out.append(f"| calibration <= 5 min on one H200 | {cal['wall_s'] / 60:.2f} min | "
+                   f"{verdict(cal['wall_s'] / 60, 5.0, False)} |")
+        out.append(f"| calibration peak GPU memory <= 24 GiB | {cal['peak_gpu_allocated_gib']:.2f} GiB | "
+                   f"{verdict(cal['peak_gpu_allocated_gib'], 24.0, False)} |")
+    out.append(f"| tensor-parallel 2 gives the same greedy tokens as 1 | {meta.get('tp2', 'not run')} | "
+               f"{meta.get('tp2_verdict', 'not run')} |")
+    out += ["", "Other ratios from the same run: " + ", ".join(
+        f"{k} {fmt(v, 3)}" for k, v in figures.items() if k not in {r[1] for r in rows}), ""]
+    if meta.get("analysis"):
+        out += ["## Why", ""] + meta["analysis"] + [""]
+    if cal:
+        out += ["## Calibration on the H200", "", "`bench/calibrate_timed.py` (called by the `calibrate` stage).", ""]
+        out += calibration_section(cal) + [""]
+    if micro:
+        out += ["## Correction microbenchmark", "", "`python bench/correction_microbench.py` (the `prepare` stage).", ""]
+        out += micro_section(micro) + [""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="bench/results")
+    parser.add_argument("--out", default="docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    text = build(Path(args.results))
+    Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The GPU benchmark of issue 5, on the H200 (vLLM 0.26 installed in /tmp/site as
+# ../shared/gpu/README.md says). One command runs everything:
+#
+#   bash bench/run_h200.sh all            # prepare + calibrate + vllm-main + vllm-rest
+#
+# The device tool limits one command to 10 minutes, so there it runs in stages, in this order
+# (the machine keeps /root between back-to-back calls):
+#
+#   bash bench/run_h200.sh prepare        # random Llama-3-8B-shaped bf16 model + correction microbenchmark
+#   bash bench/run_h200.sh calibrate      # GlowQ calibration (timed) + derived variants
+#   bash bench/run_h200.sh vllm-main      # vLLM: gptq, glowq, permodule, glowq_s (the target ratios)
+#   bash bench/run_h200.sh vllm-rest      # vLLM: bf16, int4 through the plugin
+#
+# Results (JSON, logs) go to $OUT (default bench/results/raw); bench/report.py turns them into
+# docs/benchmarks.md.
+set -euo pipefail
+STAGE=${1:?usage: run_h200.sh prepare|calibrate|vllm-main|vllm-rest|all}
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(dirname "$HERE")
+WORK=${GLOWQ_BENCH_WORK:-/root/bench}
+OUT=${OUT:-$REPO/bench/results/raw}
+mkdir -p "$WORK" "$OUT"
+export PYTHONPATH=/tmp/site:$REPO${PYTHONPATH:+:$PYTHONPATH}
+export HF_HUB_OFFLINE=1 VLLM_WORKER_MULTIPROC_METHOD=spawn VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+export TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python3}
+# Overrides for a CPU dry run of this script with a tiny model (the defaults are the issue's).
+SHAPE=${GLOWQ_BENCH_SHAPE:-llama3-8b}
+SAMPLES=${GLOWQ_BENCH_SAMPLES:-32}
+SEQ_LEN=${GLOWQ_BENCH_SEQ_LEN:-2048}
+PROFILE=${GLOWQ_BENCH_PROFILE:-h200}
+DEVICE=${GLOWQ_BENCH_DEVICE:-cuda}
+say() { echo "[$(date +%H:%M:%S)] $*"; }
+
+ensure_plugin() {  # the vllm.general_plugins entry point needs installed dist-info
+  if [ -f /tmp/site/.glowq-gpu-ready ] && ! ls /tmp/site | grep -q '^vllm_glowq-.*dist-info$'; then
+    $PY -m pip install -q --no-deps --no-index --no-build-isolation --target /tmp/site "$REPO" 2>&1 | tail -2
+  fi
+}
+
+prepare() {
+  say "building the random $SHAPE-shaped bf16 model"
+  [ -f "$WORK/bf16/config.json" ] || $PY "$HERE/make_model.py" "$WORK/bf16" --shape "$SHAPE" --device "$DEVICE"
+  if [ "$DEVICE" = cuda ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+    say "correction microbenchmark"
+    $PY "$HERE/correction_microbench.py" --out "$OUT/micro.json"
+  fi
+}
+
+calibrate() {
+  say "GlowQ calibration: rank 64, $SAMPLES x $SEQ_LEN random tokens, symmetric int4 g128"
+  $PY "$HERE/calibrate_timed.py" "$WORK/bf16" "$WORK/glowq" --json "$OUT/calibration.json" \
+      --samples "$SAMPLES" --seq-len "$SEQ_LEN" --device "$DEVICE" 2>&1 | grep -v '^calibrating layers' | tail -5
+  say "deriving int4 / GlowQ-S / per-module / GPTQ checkpoints"
+  $PY "$HERE/variants.py" "$WORK/glowq" "$WORK/v"
+  df -h "$WORK" | tail -1
+}
+
+vllm_run() {
+  ensure_plugin
+  local args=()
+  for v in "$@"; do
+    case $v in
+      bf16) args+=(--variant "bf16=$WORK/bf16") ;;
+      glowq) args+=(--variant "glowq=$WORK/glowq") ;;
+      *) args+=(--variant "$v=$WORK/v/$v") ;;
+    esac
+  done
+  $PY "$HERE/vllm_bench.py" --profile "$PROFILE" "${args[@]}" --out "$OUT/vllm.json" --logs "$WORK/logs"
+  # keep the engine logs' interesting lines (not every file may come back from $OUT)
+  for f in "$WORK"/logs/*.log; do
+    echo "===== $f"; grep -E "Using|took|GiB|graph|compile|Error|error|Traceback|glowq|GlowQ" "$f" | tail -60
+  done > "$OUT/engine_logs.txt" 2>/dev/null || true
+}
+
+case $STAGE in
+  prepare) prepare ;;
+  calibrate) calibrate ;;
+  vllm-main) vllm_run gptq glowq permodule glowq_s ;;
+  vllm-rest) vllm_run bf16 int4 ;;
+  all) prepare; calibrate; vllm_run gptq glowq permodule glowq_s bf16 int4 ;;
+  *) echo "unknown stage $STAGE" >&2; exit 2 ;;
+esac
+say "stage $STAGE done"
