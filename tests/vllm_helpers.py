@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -28,10 +33,14 @@ PROMPTS = [
 ]
 
 
-def engine_env(tensor_parallel_size: int = 1, allow_pickled_functions: bool = False) -> dict[str, str]:
+def engine_env(
+    tensor_parallel_size: int = 1, allow_pickled_functions: bool = False, in_process_engine: bool = True
+) -> dict[str, str]:
     """Environment for vLLM on this CPU-only, 2-core machine.
 
-    `allow_pickled_functions` lets `LLM.apply_model` ship a function to worker processes.
+    `allow_pickled_functions` lets `LLM.apply_model` ship a function to worker processes;
+    `in_process_engine` (TP=1 only) runs the engine core inside the caller, so a load error
+    reaches the caller as the original exception.
     """
     env = dict(os.environ)
     if allow_pickled_functions:
@@ -44,8 +53,7 @@ def engine_env(tensor_parallel_size: int = 1, allow_pickled_functions: bool = Fa
     )
     if tensor_parallel_size == 2:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    else:
-        # The engine core runs in this process, so a load error reaches the job as an exception.
+    elif in_process_engine:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return env
 
@@ -76,6 +84,147 @@ def run_engine(job: dict[str, Any], timeout: float = ENGINE_TIMEOUT_S) -> dict[s
     return result
 
 
+def run_load_attempts(attempts: list[dict[str, Any]], timeout: float = ENGINE_TIMEOUT_S) -> list[dict[str, Any]]:
+    """Try to start an engine for each attempt (model, quantization, dtype) in one subprocess.
+
+    Each entry of the result is {"ok": true} or {"error": {type, message}}: the exception the
+    user's `LLM(...)` call raised (the engine core runs in-process, see engine_env).
+    """
+    result = run_engine({"attempts": attempts}, timeout)
+    if "attempts" not in result:
+        raise RuntimeError(f"load attempts did not run: {result.get('error')}\n{result['log'][-4000:]}")
+    return result["attempts"]
+
+
+def copy_checkpoint(
+    source: Path,
+    target: Path,
+    edit_tensors: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    edit_config: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Copy a checkpoint folder, optionally editing its tensors or its quantization_config."""
+    shutil.copytree(source, target)
+    if edit_tensors is not None:
+        files = sorted(target.glob("*.safetensors"))
+        if len(files) != 1:
+            raise ValueError(f"{source} has {len(files)} safetensors files; tests expect one")
+        tensors = load_file(str(files[0]))
+        edit_tensors(tensors)
+        save_file(tensors, str(files[0]), metadata={"format": "pt"})
+    if edit_config is not None:
+        config_path = target / "config.json"
+        config = json.loads(config_path.read_text())
+        edit_config(config["quantization_config"])
+        config_path.write_text(json.dumps(config, indent=2))
+    return target
+
+
+# ----- checkpoints and the PyTorch reference ------------------------------------------------
+
+CALIBRATION = dict(group_size=32, rank=8, samples=4, seq_len=64, dataset="random", seed=0)
+# name -> (source model: a tiny architecture or a shared-data folder, extra calibration options)
+RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("tiny:llama", {}),
+    "qwen2": ("tiny:qwen2", {}),
+    "stories": ("shared:stories260k-vllm", {}),
+    "llama-module": ("tiny:llama", {"share": "module"}),
+    "llama-partial": ("tiny:llama", {"restore": "0.5"}),  # GlowQ-S: half the units keep factors
+}
+
+
+class CheckpointFactory:
+    """Builds each GlowQ test checkpoint once per session, on first use, with glowq's own
+    calibrator; `base(arch)` is the unquantized tiny model it started from."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._built: dict[str, Path] = {}
+
+    def base(self, arch: str) -> Path:
+        from offline_calibrate.tiny import make_random_model
+
+        path = self.root / f"base-{arch}"
+        if not path.exists():
+            make_random_model(path, arch)
+        return path
+
+    def get(self, name: str) -> Path:
+        if name not in self._built:
+            from offline_calibrate import CalibrationOptions, calibrate
+
+            source, extra = RECIPES[name]
+            kind, _, what = source.partition(":")
+            model = self.base(what) if kind == "tiny" else SHARED_DATA / what
+            if kind == "shared" and not model.is_dir():
+                import pytest
+
+                pytest.skip(f"{model} is absent (../shared/data is not part of this clone)")
+            self._built[name] = calibrate(model, self.root / name, CalibrationOptions(**CALIBRATION, **extra))
+        return self._built[name]
+
+
+def standard_job(checkpoint: Path, dtype: str = "float32", **overrides: Any) -> dict[str, Any]:
+    """The engine job the offline and TP tests share (so a session runs it once)."""
+    job = {"model": str(checkpoint), "prompts": PROMPTS, "dtype": dtype, "max_tokens": 12,
+           "inspect_layers": True, "enforce_eager": True, "tensor_parallel_size": 1}
+    job.update(overrides)
+    return job
+
+
+def zero_factor_a(tensors: dict[str, torch.Tensor]) -> None:
+    """Negative control: keep every tensor but switch the correction off (A = 0)."""
+    for name in tensors:
+        if name.endswith(".glowq_A"):
+            tensors[name] = torch.zeros_like(tensors[name])
+
+
+def compare_with_reference(checkpoint: Path, outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """vLLM's logprobs and greedy tokens against offline_calibrate's fp32 reference forward.
+
+    Returns max/mean |delta logprob| over every prompt and generated token, and per prompt the
+    reference's greedy tokens and the top-2 logprob gap at each generated position.
+    """
+    from offline_calibrate.reference import load_reference_model
+
+    model = load_reference_model(checkpoint, dtype=torch.float32)
+    diffs, per_prompt = [], []
+    for out in outputs:
+        ids = out["prompt_ids"] + out["token_ids"]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        reference = logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        diffs.append((reference - torch.tensor(out["prompt_logprobs"] + out["logprobs"])).abs())
+        greedy = model.generate(torch.tensor([out["prompt_ids"]]), max_new_tokens=len(out["token_ids"]),
+                                do_sample=False, pad_token_id=0)[0, len(out["prompt_ids"]):].tolist()
+        per_prompt.append({"reference_tokens": greedy, "vllm_tokens": out["token_ids"],
+                           "top2_gap": _top2_gaps(model, out["prompt_ids"], greedy)})
+    flat = torch.cat(diffs)
+    return {"max_abs_diff": flat.max().item(), "mean_abs_diff": flat.mean().item(), "prompts": per_prompt}
+
+
+def _top2_gaps(model, prompt_ids: list[int], greedy: list[int]) -> list[float]:
+    ids = torch.tensor([prompt_ids + greedy])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0, len(prompt_ids) - 1 : -1].float(), dim=-1)
+    top2 = logprobs.topk(2, dim=-1).values
+    return (top2[:, 0] - top2[:, 1]).tolist()
+
+
+def greedy_mismatches(comparison: dict[str, Any], near_tie: float = 0.0) -> list[str]:
+    """Prompts whose vLLM greedy tokens differ from the reference's, except a divergence at a
+    position where the reference's top two tokens are within `near_tie` nats (bf16 rounding
+    may legitimately pick either); after a divergence the contexts differ, so it stops there."""
+    problems = []
+    for i, p in enumerate(comparison["prompts"]):
+        for pos, (ref, got) in enumerate(zip(p["reference_tokens"], p["vllm_tokens"])):
+            if ref != got:
+                if p["top2_gap"][pos] >= near_tie:
+                    problems.append(f"prompt {i}: token {pos} is {got}, reference {ref} "
+                                    f"(reference top-2 gap {p['top2_gap'][pos]:.4f} nats)")
+                break
+    return problems
+
+
 # ----- inside the engine subprocess -----------------------------------------------------------
 
 
@@ -89,19 +238,12 @@ def _engine_main(job_path: str, out_path: str) -> None:
 
 
 def _run_job(job: dict[str, Any]) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
+    if "attempts" in job:
+        return {"attempts": [_attempt_load(attempt) for attempt in job["attempts"]]}
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(
-        model=job["model"],
-        dtype=job.get("dtype", "bfloat16"),
-        quantization=job.get("quantization"),
-        tensor_parallel_size=int(job.get("tensor_parallel_size", 1)),
-        enforce_eager=bool(job.get("enforce_eager", True)),
-        max_model_len=256,
-        gpu_memory_utilization=0.3,
-        seed=0,
-    )
+    llm = _make_llm(job)
     prompts = [p if isinstance(p, str) else TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
     params = SamplingParams(temperature=0.0, max_tokens=int(job.get("max_tokens", 8)), logprobs=0,
                             prompt_logprobs=0, ignore_eos=True)
@@ -112,6 +254,33 @@ def _run_job(job: dict[str, Any]) -> dict[str, Any]:
 
         result["layers"] = llm.apply_model(vllm_helpers.linear_parameter_names)[0]
     return result
+
+
+def _make_llm(job: dict[str, Any]):
+    from vllm import LLM
+
+    return LLM(
+        model=job["model"],
+        dtype=job.get("dtype", "bfloat16"),
+        quantization=job.get("quantization"),
+        tensor_parallel_size=int(job.get("tensor_parallel_size", 1)),
+        enforce_eager=bool(job.get("enforce_eager", True)),
+        max_model_len=256,
+        gpu_memory_utilization=0.3,
+        seed=0,
+    )
+
+
+def _attempt_load(job: dict[str, Any]) -> dict[str, Any]:
+    import gc
+
+    try:
+        llm = _make_llm(job)
+    except Exception as exc:
+        return {"error": {"type": type(exc).__name__, "message": str(exc)}}
+    del llm
+    gc.collect()
+    return {"ok": True}
 
 
 def _summarize(output) -> dict[str, Any]:

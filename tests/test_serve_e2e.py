@@ -1,0 +1,176 @@
+"""`vllm serve CKPT` with the deployment's arguments, driven by the official openai client.
+
+The server gets exactly deploy/serve-args.txt (which includes `--quantization glowq`) plus
+`--host 127.0.0.1 --port <free port>` and the checkpoint path. Expected answers come from the
+offline engine on the same checkpoint with the same dtype and compile mode (its accuracy
+against the PyTorch reference is test_plugin_offline's job), requested by token id so the
+comparison never depends on detokenizing random byte tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from vllm_helpers import PROMPTS, REPO_ROOT, engine_env, standard_job
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 8
+STARTUP_TIMEOUT_S = 420
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me a story."}]
+
+
+def serve_args() -> list[str]:
+    lines = (REPO_ROOT / "deploy" / "serve-args.txt").read_text().splitlines()
+    return [token for line in lines if (token := line.split("#", 1)[0].strip())]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(2)
+    pytest.fail(f"vllm serve was not healthy after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+
+
+def stop_by_pid(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's pid only, as an operator would; vLLM must stop its children."""
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(glowq_checkpoints) -> Path:
+    return glowq_checkpoints.get("llama")
+
+
+@pytest.fixture(scope="module")
+def chat_prompt_ids(checkpoint) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    return tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoint, chat_prompt_ids, engine_results) -> dict:
+    """Greedy token ids per prompt (the PROMPTS and then the rendered chat) from offline vLLM."""
+    job = standard_job(checkpoint, dtype="bfloat16", enforce_eager=False, max_tokens=MAX_TOKENS,
+                       prompts=[*PROMPTS, chat_prompt_ids], inspect_layers=False)
+    outputs = engine_results(job)["outputs"]
+    return {"completions": [o["token_ids"] for o in outputs[:-1]], "chat": outputs[-1]["token_ids"]}
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    command = [str(Path(sys.executable).parent / "vllm"), "serve", str(checkpoint), *serve_args(),
+               "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=engine_env(1, in_process_engine=False),
+                                start_new_session=True)
+    try:
+        wait_healthy(proc, port, log)
+        yield {"proc": proc, "port": port, "log": log}
+    finally:
+        if proc.poll() is None:
+            stop_by_pid(proc)
+        if group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)  # only reached when the test below already failed
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"http://127.0.0.1:{server['port']}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def complete(client, prompt: str, **kwargs):
+    return client.completions.create(model="glowq", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                                     extra_body={"return_token_ids": True, "ignore_eos": True}, **kwargs)
+
+
+def test_completions(client, expected):
+    for prompt, tokens in zip(PROMPTS, expected["completions"]):
+        choice = complete(client, prompt).choices[0]
+        assert choice.token_ids == tokens, prompt
+        assert choice.text
+
+
+def test_chat_completion_uses_the_chat_template(client, expected):
+    response = client.chat.completions.create(
+        model="glowq", messages=CHAT, max_tokens=MAX_TOKENS, temperature=0.0,
+        extra_body={"return_token_ids": True, "ignore_eos": True})
+    choice = response.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.token_ids == expected["chat"]
+
+
+def test_streaming_matches_non_streaming(client, expected):
+    chunks = list(complete(client, PROMPTS[0], stream=True))
+    streamed = [token for chunk in chunks for choice in chunk.choices for token in (choice.token_ids or [])]
+    assert len(chunks) > 1
+    assert streamed == expected["completions"][0]
+    text = "".join(choice.text for chunk in chunks for choice in chunk.choices)
+    assert text == complete(client, PROMPTS[0]).choices[0].text
+
+
+def test_sixteen_concurrent_requests(client, expected):
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(16)]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(pool.map(lambda p: complete(client, p), prompts))
+    for i, response in enumerate(responses):
+        assert response.choices[0].token_ids == expected["completions"][i % len(PROMPTS)], i
+
+
+def test_zz_server_stops_by_pid_and_leaves_nothing(server):
+    """Defined last, so it runs last in this module; the fixture's teardown then has nothing to do."""
+    proc, port = server["proc"], server["port"]
+    assert "quantization=glowq" in server["log"].read_text()
+    stop_by_pid(proc)
+    deadline = time.monotonic() + 30
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not group_alive(proc.pid), "processes of the server's group survived SIGTERM"
+    assert port_is_free(port)
