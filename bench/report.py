@@ -48,7 +48,7 @@ def verdict(value: float | None, limit: float, higher_is_better: bool) -> str:
 def vllm_section(vllm: dict) -> tuple[list[str], dict[str, float | None]]:
     variants = vllm.get("variants", {})
     lines = [
-        "| checkpoint | output tok/s (256 x 512 in / 256 out) | TTFT 2048-token prompt (ms) | decode ms/step b=1 "
+        "| checkpoint | throughput, output tok/s | TTFT 2048-token prompt (ms) | decode ms/step b=1 "
         "| b=16 | b=64 | decode tok/s b=64 | engine start (s) | int4 kernel |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
@@ -131,12 +131,14 @@ def calibration_section(cal: dict) -> list[str]:
 
 
 def build(results: Path) -> str:
-    vllm, micro, cal = load(results / "vllm.json"), load(results / "micro.json"), load(results / "calibration.json")
+    runs = {f.stem: load(f) for f in sorted(results.glob("vllm*.json"))}
+    micro, cal = load(results / "micro.json"), load(results / "calibration.json")
     meta = load(results / "meta.json") or {}
     gpu = (results / "gpu.txt").read_text().strip() if (results / "gpu.txt").exists() else "unknown"
     versions = {}
-    for v in (vllm or {}).get("variants", {}).values():
-        versions = v.get("versions") or versions
+    for run in runs.values():
+        for v in run.get("variants", {}).values():
+            versions = v.get("versions") or versions
     out = ["# GPU benchmark (issue 5)", ""]
     out += [f"Machine: `{gpu.splitlines()[-1] if gpu else gpu}`; vLLM {versions.get('vllm', '?')}, "
             f"torch {versions.get('torch', '?')}. Model: Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 layers, "
@@ -149,16 +151,22 @@ def build(results: Path) -> str:
             "`bash bench/run_h200.sh all` runs them in one go:", "", "```"]
     out += list(COMMANDS.values()) + ["python bench/report.py   # here: this file", "```", ""]
     figures: dict[str, float | None] = {}
-    if vllm:
-        lines, figures = vllm_section(vllm)
+    for run_name, vllm in runs.items():
+        lines, run_figures = vllm_section(vllm)
+        for key, value in run_figures.items():
+            if figures.get(key) is None:
+                figures[key] = value
         p = vllm.get("profile", {})
-        out += ["## vLLM serving speed (one run, engines one after another)", "",
+        out += [f"## vLLM serving speed: run `{run_name}` (engines one after another in one device call)", "",
                 f"torch.compile + CUDA graphs (capture sizes {p.get('cudagraph_capture_sizes')}), "
                 f"max_model_len {p.get('max_model_len')}, gpu_memory_utilization {p.get('gpu_memory_utilization')}, "
                 "prefix caching off, greedy, ignore_eos, random prompt tokens. Decode latency = (time for 1 + "
                 f"{p.get('decode_steps')} tokens - time for 1 token) / {p.get('decode_steps')}, "
                 f"{p.get('decode_prompt')}-token prompts, median of {p.get('decode_reps')}; TTFT = wall time of a "
-                f"1-token generation, median of {p.get('ttft_reps')}.", ""] + lines + [""]
+                f"1-token generation, median of {p.get('ttft_reps')}; throughput: {p.get('throughput_prompts')} prompts x "
+                f"{p.get('throughput_in')} tokens in, {p.get('throughput_out')} out.", ""] + lines + [""]
+        if vllm.get("skipped"):
+            out += [f"Skipped in this call (time limit): {', '.join(vllm['skipped'])}.", ""]
         checks = vllm.get("token_checks", [])
         for c in checks:
             out.append(f"- Greedy tokens {c['pair'][0]} vs {c['pair'][1]}: {c['identical_sequences']}/{c['sequences']} "
@@ -180,7 +188,7 @@ def build(results: Path) -> str:
                    f"{verdict(cal['peak_gpu_allocated_gib'], 24.0, False)} |")
     out.append(f"| tensor-parallel 2 gives the same greedy tokens as 1 | {meta.get('tp2', 'not run')} | "
                f"{meta.get('tp2_verdict', 'not run')} |")
-    out += ["", "Other ratios from the same run: " + ", ".join(
+    out += ["", "Ratios are taken within one run (each run has its own GPTQ anchor). Other ratios: " + ", ".join(
         f"{k} {fmt(v, 3)}" for k, v in figures.items() if k not in {r[1] for r in rows}), ""]
     if meta.get("analysis"):
         out += ["## Why", ""] + meta["analysis"] + [""]

@@ -10,12 +10,15 @@
 #   bash bench/run_h200.sh prepare        # random Llama-3-8B-shaped bf16 model + correction microbenchmark
 #   bash bench/run_h200.sh calibrate      # GlowQ calibration (timed) + derived variants
 #   bash bench/run_h200.sh vllm-main      # vLLM: gptq, glowq, permodule, glowq_s (the target ratios)
-#   bash bench/run_h200.sh vllm-rest      # vLLM: bf16, int4 through the plugin
+#   bash bench/run_h200.sh vllm-rest      # vLLM: gptq again (this run's anchor), bf16, int4 through the plugin
+#   bash bench/run_h200.sh vllm NAME...   # any of: gptq glowq permodule glowq_s bf16 int4
+#
+# GLOWQ_BENCH_BUDGET_S=N makes the vLLM stage skip engines that would end after N seconds.
 #
 # Results (JSON, logs) go to $OUT (default bench/results/raw); bench/report.py turns them into
 # docs/benchmarks.md.
 set -euo pipefail
-STAGE=${1:?usage: run_h200.sh prepare|calibrate|vllm-main|vllm-rest|all}
+STAGE=${1:?usage: run_h200.sh prepare|calibrate|vllm-main|vllm-rest|vllm NAME...|all}
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$HERE")
 WORK=${GLOWQ_BENCH_WORK:-/root/bench}
@@ -68,7 +71,10 @@ vllm_run() {
       *) args+=(--variant "$v=$WORK/v/$v") ;;
     esac
   done
-  $PY "$HERE/vllm_bench.py" --profile "$PROFILE" "${args[@]}" --out "$OUT/vllm.json" --logs "$WORK/logs"
+  local budget=()
+  [ -n "${GLOWQ_BENCH_BUDGET_S:-}" ] && budget=(--budget-s "$GLOWQ_BENCH_BUDGET_S")
+  rm -rf "$WORK/logs"
+  $PY "$HERE/vllm_bench.py" --profile "$PROFILE" "${args[@]}" "${budget[@]}" --out "$OUT/vllm.json" --logs "$WORK/logs"
   # keep the engine logs' interesting lines (not every file may come back from $OUT)
   for f in "$WORK"/logs/*.log; do
     echo "===== $f"; grep -E "Using|took|GiB|graph|compile|Error|error|Traceback|glowq|GlowQ" "$f" | tail -60
@@ -79,7 +85,8 @@ case $STAGE in
   prepare) prepare ;;
   calibrate) calibrate ;;
   vllm-main) vllm_run gptq glowq permodule glowq_s ;;
-  vllm-rest) vllm_run bf16 int4 ;;
+  vllm-rest) vllm_run gptq bf16 int4 ;;  # gptq again: the anchor for this run's ratios
+  vllm) shift; vllm_run "$@" ;;          # any list, e.g. vllm gptq glowq_s
   all) prepare; calibrate; vllm_run gptq glowq permodule glowq_s bf16 int4 ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac

@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out")
     parser.add_argument("--logs", default="bench-logs")
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no engine that would likely end after this many seconds (device call limits)")
     parser.add_argument("--engine-job", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.engine_job:
@@ -218,8 +220,16 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     variants = results.setdefault("variants", {})
     results.setdefault("profile", dict(name=args.profile, **PROFILES[args.profile]))
+    start = time.perf_counter()
     for spec in args.variant:
         name, _, model = spec.partition("=")
+        spent = [v["process_s"] for v in variants.values() if "process_s" in v]
+        estimate = max(spent, default=150.0)
+        if args.budget_s is not None and time.perf_counter() - start + estimate > args.budget_s:
+            print(f"=== {name}: skipped, {estimate:.0f} s would exceed the {args.budget_s:.0f} s budget", flush=True)
+            results.setdefault("skipped", []).append(name)
+            out.write_text(json.dumps(results, indent=1) + "\n")
+            continue
         print(f"=== {name}: {model}", flush=True)
         variants[name] = run_variant(name, model, PROFILES[args.profile], Path(args.logs), args.tp)
         v = variants[name]
