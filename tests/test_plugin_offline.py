@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 FP32_TOLERANCE = 2e-3  # max |delta logprob| in nats; observed ~3e-5
 BF16_TOLERANCE = 0.15  # max |delta logprob| of a bf16 engine against the fp32 reference
-BF16_MEAN_TOLERANCE = 0.03
+BF16_MEAN_TOLERANCE = 0.05
 
 
 def _assert_matches_reference(checkpoint, result, tolerance: float, near_tie: float = 0.0) -> dict:
