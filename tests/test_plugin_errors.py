@@ -3,7 +3,8 @@
 Every case is a real `vllm.LLM(...)` call on a real (edited) checkpoint; all of them run in
 one engine subprocess, each attempt reporting the exception the caller received. Config
 problems surface while vLLM builds its config (wrapped in its pydantic ValidationError, whose
-text is ours); tensor problems surface while weights load.
+text is ours); tensor problems surface while weights load. The last tests check registration
+and config parsing without an engine (the fast tier).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 from vllm_helpers import copy_checkpoint, run_load_attempts
-
-pytestmark = pytest.mark.slow
 
 MISSING = "model.layers.0.mlp.up_proj.glowq_A"
 RESHAPED = "model.layers.1.self_attn.o_proj.glowq_B"
@@ -57,6 +56,7 @@ def attempts(glowq_checkpoints, tmp_path_factory) -> dict[str, dict]:
     return dict(zip(jobs, results))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_broken_checkpoint_fails_with_clear_error(attempts, case):
     outcome = attempts[case]
@@ -67,11 +67,48 @@ def test_broken_checkpoint_fails_with_clear_error(attempts, case):
     assert "Traceback" not in message and "AssertionError" not in outcome["error"]["type"]
 
 
+@pytest.mark.slow
 def test_quantization_flag_on_plain_checkpoint_is_refused(attempts):
     message = attempts["not glowq"]["error"]["message"]
     assert "--quantization glowq was given" in message and "not a GlowQ checkpoint" in message, message
 
 
+@pytest.mark.slow
 def test_intact_checkpoint_loads_with_the_flag(attempts):
     """The control: the same loader accepts the unbroken checkpoint (flag given explicitly)."""
     assert attempts["intact"] == {"ok": True}
+
+
+# ----- without an engine: registration and config parsing (fast tier) ----------------------
+
+
+def test_register_is_idempotent_and_cheap():
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+
+    import vllm_glowq
+    from vllm_glowq.config import GlowQQuantConfig
+
+    vllm_glowq.register()
+    vllm_glowq.register()
+    assert QUANTIZATION_METHODS.count("glowq") == 1
+    assert get_quantization_config("glowq") is GlowQQuantConfig
+
+
+def test_installed_vllm_is_in_the_supported_range():
+    from vllm_glowq import compat
+
+    assert compat.unsupported_vllm_message() is None, compat.SUPPORTED_VLLM
+
+
+@pytest.mark.parametrize(
+    ("edit", "phrase"),
+    [({"format_version": 2}, "format_version 2 is not supported"), ({"quant_method": "gptq"}, "not a GlowQ checkpoint"),
+     ({"rank": -1}, "rank=-1 is invalid")],
+)
+def test_from_config_raises_the_format_message(edit, phrase):
+    from vllm_glowq.config import GlowQQuantConfig
+    from vllm_glowq.format import GlowQConfig, GlowQFormatError
+
+    raw = {**GlowQConfig(group_size=32, rank=8).to_dict(), **edit}
+    with pytest.raises(GlowQFormatError, match=phrase):
+        GlowQQuantConfig.from_config(raw)

@@ -23,7 +23,6 @@ from safetensors.torch import load_file, save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-STORIES_VLLM = SHARED_DATA / "stories260k-vllm"
 ENGINE_TIMEOUT_S = 420
 
 PROMPTS = [
@@ -126,7 +125,8 @@ CALIBRATION = dict(group_size=32, rank=8, samples=4, seq_len=64, dataset="random
 RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("tiny:llama", {}),
     "qwen2": ("tiny:qwen2", {}),
-    "stories": ("shared:stories260k-vllm", {}),
+    # Symmetric codes (uint4b8) here, asymmetric ones (uint4 + zero points) in the tiny models.
+    "stories": ("shared:stories260k-vllm", {"sym": True}),
     "llama-module": ("tiny:llama", {"share": "module"}),
     "llama-partial": ("tiny:llama", {"restore": "0.5"}),  # GlowQ-S: half the units keep factors
 }
