@@ -62,7 +62,7 @@ def vllm_section(vllm: dict) -> tuple[list[str], dict[str, float | None]]:
         lines.append(
             f"| {label} | {fmt(v.get('throughput', {}).get('output_tok_s'), 0)} | {fmt(v.get('ttft', {}).get('median_ms'))} "
             f"| {cell('1', 'latency_ms')} | {cell('16', 'latency_ms')} | {cell('64', 'latency_ms')} "
-            f"| {cell('64', 'tok_s')} | {fmt(v.get('engine_start_s'), 0)} | {', '.join(v.get('kernels', [])) or '-'} |"
+            f"| {cell('64', 'tok_s')} | {fmt(v.get('engine_start_s'), 0)} | {', '.join(v.get('kernels', [])) or 'not logged'} |"
         )
     get = lambda name, *keys: _dig(variants.get(name), keys)  # noqa: E731
     figures = {
@@ -145,9 +145,10 @@ def build(results: Path) -> str:
             "32 heads / 8 KV heads, vocab 128256), random bf16 weights (`bench/make_model.py`), int4 g128 symmetric "
             "codes shared by every int4 checkpoint. Raw results: `bench/results/`.", ""]
     if meta.get("notes"):
-        out += meta["notes"] + [""]
+        out += [f"- {note}" for note in meta["notes"]] + [""]
     out += ["## Commands", "", "On the H200 machine, after installing vLLM 0.26 into /tmp/site "
-            "(../shared/gpu/README.md), each stage one device call (10-minute limit per call); "
+            "(../shared/gpu/README.md) and carrying `.whl/loguru-*.whl` (`pip download --no-deps loguru`; "
+            "`run_h200.sh` installs it), each stage one device call (10-minute limit per call); "
             "`bash bench/run_h200.sh all` runs them in one go:", "", "```"]
     out += list(COMMANDS.values()) + ["python bench/report.py   # here: this file", "```", ""]
     figures: dict[str, float | None] = {}

@@ -37,6 +37,12 @@ DEVICE=${GLOWQ_BENCH_DEVICE:-cuda}
 say() { echo "[$(date +%H:%M:%S)] $*"; }
 
 ensure_plugin() {  # the vllm.general_plugins entry point needs installed dist-info
+  # compressed-tensors 0.17 (in the shared wheelhouse) imports loguru, which the wheelhouse
+  # lacks: without it every quantized checkpoint fails in vLLM 0.26 with "No module named
+  # 'loguru'". Carry .whl/loguru-*.whl (pip download --no-deps loguru) with the call.
+  if [ -f /tmp/site/.glowq-gpu-ready ] && ! $PY -c "import loguru" 2>/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$REPO"/.whl/loguru-*.whl
+  fi
   if [ -f /tmp/site/.glowq-gpu-ready ] && ! ls /tmp/site | grep -q '^vllm_glowq-.*dist-info$'; then
     $PY -m pip install -q --no-deps --no-index --no-build-isolation --target /tmp/site "$REPO" 2>&1 | tail -2
   fi
