@@ -13,18 +13,13 @@ finite, well-scaled activations (std 0.02 like HF's initializer, norms at 1).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from offline_calibrate.tiny import SHAPES, build_config, build_tokenizer
-
-SHARD_BYTES = 4 * 1024**3
-INDEX_FILE = "model.safetensors.index.json"
-
+from offline_calibrate.writer import save_tensors
 
 def llama_tensor_shapes(dims: dict[str, int]) -> dict[str, tuple[int, ...]]:
     """Every tensor of a Hugging Face LlamaForCausalLM (untied head, no biases)."""
@@ -49,7 +44,6 @@ def llama_tensor_shapes(dims: dict[str, int]) -> dict[str, tuple[int, ...]]:
     shapes["lm_head.weight"] = (v, h)
     return shapes
 
-
 def make_model(
     output: str | Path,
     shape: str | dict[str, int] = "llama3-8b",
@@ -64,30 +58,16 @@ def make_model(
     config = build_config("llama", dims, dtype)
     config.initializer_range = std
     gen = torch.Generator(device=device).manual_seed(seed)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    tensors = {}
     for name, tshape in llama_tensor_shapes(dims).items():
         if len(tshape) == 1:
-            tensor = torch.ones(tshape, dtype=dtype)
+            tensors[name] = torch.ones(tshape, dtype=dtype)
         else:
-            tensor = (torch.randn(tshape, generator=gen, device=device, dtype=torch.float32) * std).to(dtype).cpu()
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    weight_map, total = {}, 0
-    for n, shard in enumerate(shards, start=1):
-        filename = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, output / filename, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, filename))
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-    (output / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+            tensors[name] = (torch.randn(tshape, generator=gen, device=device, dtype=torch.float32) * std).to(dtype).cpu()
+    save_tensors(output, tensors)
     config.save_pretrained(output)
     build_tokenizer().save_pretrained(output)
     return output
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -100,7 +80,6 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     path = make_model(args.output, args.shape, device=args.device, seed=args.seed, std=args.std)
     print(f"wrote {path} ({args.shape}, random bf16) in {time.perf_counter() - start:.1f} s", flush=True)
-
 
 if __name__ == "__main__":
     main()

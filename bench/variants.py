@@ -29,9 +29,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from offline_calibrate.reference import read_tensors
+from offline_calibrate.writer import split_shards
 from vllm_glowq.format import (
     FACTOR_A,
     FACTOR_B,
@@ -45,34 +46,14 @@ from vllm_glowq.format import (
 )
 
 VARIANTS = ("int4", "glowq_s", "permodule", "gptq")
-SHARD_BYTES = 4 * 1024**3
 GPTQ_SYM_ZEROS = 0x77777777  # eight nibbles of 7 (fits a signed int32)
 SKIP_FILES = ("config.json", "glowq_report.json", "model.safetensors.index.json")
 
 
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                tensors[name] = handle.get_tensor(name)
-    return tensors
-
-
 def save_sharded(tensors: dict[str, torch.Tensor], folder: Path, stem: str) -> list[Path]:
     """`stem-00001.safetensors`, ... (no index: vLLM and transformers' loaders glob the folder)."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
     paths = []
-    for i, shard in enumerate(shards, start=1):
+    for i, shard in enumerate(split_shards(tensors), start=1):
         path = folder / f"{stem}-{i:05d}.safetensors"
         save_file(shard, path, metadata={"format": "pt"})
         paths.append(path)

@@ -54,18 +54,24 @@ def atomic_folder(output: Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def save_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """model.safetensors, or numbered shards with an index when larger than MAX_SHARD_BYTES."""
+def split_shards(tensors: dict[str, torch.Tensor], max_bytes: int = MAX_SHARD_BYTES) -> list[dict[str, torch.Tensor]]:
+    """Tensors (sorted by name, contiguous, on the CPU) grouped into shards of at most max_bytes."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(tensors):
         tensor = tensors[name].detach().contiguous().cpu()
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+        if shards[-1] and size + nbytes > max_bytes:
             shards.append({})
             size = 0
         shards[-1][name] = tensor
         size += nbytes
+    return shards
+
+
+def save_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """model.safetensors, or numbered shards with an index when larger than MAX_SHARD_BYTES."""
+    shards = split_shards(tensors)
     if len(shards) == 1:
         save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
         return
