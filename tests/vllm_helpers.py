@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -68,19 +69,30 @@ def run_engine(job: dict[str, Any], timeout: float = ENGINE_TIMEOUT_S) -> dict[s
     with tempfile.TemporaryDirectory(prefix="glowq-engine-") as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_path.write_text(json.dumps(job))
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), str(job_path), str(out_path)],
-            env=engine_env(tp, allow_pickled_functions=bool(job.get("inspect_layers"))),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=tmp,
-        )
+        command = [sys.executable, str(Path(__file__).resolve()), str(job_path), str(out_path)]
+        env = engine_env(tp, allow_pickled_functions=bool(job.get("inspect_layers")))
+        stdout, stderr, returncode = _run_in_own_group(command, env, tmp, timeout)
         if not out_path.exists():
-            raise RuntimeError(f"engine job failed (rc={proc.returncode}); output tail:\n{proc.stderr[-6000:]}")
+            raise RuntimeError(f"engine job failed (rc={returncode}); output tail:\n{stderr[-6000:]}")
         result = json.loads(out_path.read_text())
-    result["log"] = proc.stdout[-20000:] + proc.stderr[-20000:]
+    result["log"] = stdout[-20000:] + stderr[-20000:]
     return result
+
+
+def _run_in_own_group(command: list[str], env: dict[str, str], cwd: str, timeout: float) -> tuple[str, str, int]:
+    """Run a job in a new process group and end that group afterwards, so engine workers
+    can never outlive the job (also on timeout)."""
+    proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return stdout, stderr, proc.returncode
 
 
 def run_load_attempts(attempts: list[dict[str, Any]], timeout: float = ENGINE_TIMEOUT_S) -> list[dict[str, Any]]:
