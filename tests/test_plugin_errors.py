@@ -26,6 +26,10 @@ def _wrong_rank(tensors: dict[str, torch.Tensor]) -> None:
     tensors[RESHAPED] = torch.zeros(rank + 1, k, dtype=tensors[RESHAPED].dtype)
 
 
+def _undeclare_first_unit(config: dict) -> None:
+    config["lowrank_units"] = config["lowrank_units"][1:]
+
+
 def _set(key: str, value):
     def edit(config: dict) -> None:
         config[key] = value
@@ -40,6 +44,8 @@ CASES = {
     "format version": (dict(edit_config=_set("format_version", 99)), ["format_version 99 is not supported"]),
     "bits": (dict(edit_config=_set("bits", 8)), ["bits=8 is not supported"]),
     "group size": (dict(edit_config=_set("group_size", 48)), ["group_size=48 cannot be used", "in_features=128"]),
+    "undeclared factors": (dict(edit_config=_undeclare_first_unit), ["has low-rank factors for unit",
+                                                                     "lowrank_units does not list"]),
 }
 
 

@@ -10,6 +10,7 @@ to the checkpoint's module names through `packed_modules_mapping`, which the mod
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from . import compat
 from .format import QUANT_METHOD, GlowQConfig, GlowQFormatError
 from .linear import GlowQLinearMethod, LayerPlan
+from .loading import check_factors_are_declared
 
 logger = logging.getLogger("vllm.glowq")
 _registered = False
@@ -65,6 +67,14 @@ class GlowQQuantConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> GlowQQuantConfig:
         return cls(GlowQConfig.from_dict(config))
+
+    def maybe_update_config(self, model_name: str, *_args: Any, **_kwargs: Any) -> None:
+        """vLLM's hook after the config is built, in the front-end process: checks a local
+        checkpoint's tensor names against the config before an engine starts. (The hook's
+        signature differs between vLLM versions, hence the catch-all arguments.)"""
+        folder = Path(model_name)
+        if folder.is_dir():
+            check_factors_are_declared(folder, self.glowq)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         """GlowQ for quantized linears, unquantized for modules_to_not_convert, None otherwise
