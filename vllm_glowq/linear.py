@@ -276,7 +276,9 @@ class GlowQLinearMethod(LinearMethodBase):
         zeros_name = None
         if not self.glowq.sym:
             zeros_name = QZEROS
-            layer.register_parameter(QZEROS, _zeros_for_kernels(layer.qzeros.data))
+            packed = kernel_zero_points(layer.qzeros.data)
+            layer.register_parameter(
+                QZEROS, PackedvLLMParameter(data=packed, weight_loader=_loaded_already, **KERNEL_ZERO_POINT_DIMS))
         self.kernel = kernel_cls(self._kernel_config(), w_q_param_name=QWEIGHT, w_s_param_name=SCALES,
                                  w_zp_param_name=zeros_name)
         self.kernel.process_weights_after_loading(layer)
@@ -306,15 +308,14 @@ class GlowQLinearMethod(LinearMethodBase):
         return corrected.reshape(out.shape)
 
 
-def _zeros_for_kernels(zeros: torch.Tensor) -> PackedvLLMParameter:
-    """Unpacked uint8 zero points [G, N] -> vLLM's compressed-tensors layout [N / 8, G].
+# vLLM's compressed-tensors zero-point layout [N / 8, G]: Marlin reads it as is; the CPU kernel
+# and Machete permute by these recorded dims, so one layout serves every MPLinear kernel (§4.3).
+KERNEL_ZERO_POINT_DIMS = dict(output_dim=0, input_dim=1, packed_dim=0, packed_factor=PACK_FACTOR)
 
-    Marlin reads this layout as is; the CPU kernel and Machete permute by the dims recorded on
-    the parameter, so one layout serves every MPLinear kernel (notes §4.3).
-    """
-    packed = pack_rows(zeros.t().contiguous())  # eight output channels per int32
-    return PackedvLLMParameter(data=packed.contiguous(), input_dim=1, output_dim=0, packed_dim=0,
-                               packed_factor=PACK_FACTOR, weight_loader=_loaded_already)
+
+def kernel_zero_points(zeros: torch.Tensor) -> torch.Tensor:
+    """Unpacked zero points [G, N] -> [N / 8, G], eight output channels per int32."""
+    return pack_rows(zeros.t().contiguous()).contiguous()
 
 
 def _loaded_already(*_args, **_kwargs) -> None:
