@@ -10,6 +10,9 @@ from vllm_glowq.format import SYM_ZERO_POINT
 from vllm_glowq.packing import pack_cols, pack_rows
 
 MAX_CODE = 15
+# Smallest normal float16: scales are clamped *after* rounding to fp16 (clamping before would
+# let a tiny or all-zero group's scale round to 0 and its codes become NaN).
+MIN_SCALE = torch.finfo(torch.float16).tiny
 
 
 @dataclass
@@ -47,13 +50,12 @@ def quantize_rtn(weight: torch.Tensor, group_size: int, sym: bool) -> QuantizedW
     g = k if group_size == -1 else group_size
     w = weight.detach().to(torch.float32).reshape(n, k // g, g)
     if sym:
-        scale = (w.abs().amax(dim=2) / (MAX_CODE // 2)).clamp_min(1e-8)
-        scale = scale.to(torch.float16).to(torch.float32)
+        scale = _fp16_scale(w.abs().amax(dim=2) / (MAX_CODE // 2))
         zero = torch.full_like(scale, float(SYM_ZERO_POINT))
     else:
         wmin = w.amin(dim=2).clamp_max(0.0)
         wmax = w.amax(dim=2).clamp_min(0.0)
-        scale = ((wmax - wmin) / MAX_CODE).clamp_min(1e-8).to(torch.float16).to(torch.float32)
+        scale = _fp16_scale((wmax - wmin) / MAX_CODE)
         zero = torch.round(-wmin / scale).clamp(0, MAX_CODE)
     codes = torch.clamp(torch.round(w / scale.unsqueeze(2)) + zero.unsqueeze(2), 0, MAX_CODE)
     codes = codes.reshape(n, k).t().to(torch.uint8)  # [K, N]
@@ -62,3 +64,8 @@ def quantize_rtn(weight: torch.Tensor, group_size: int, sym: bool) -> QuantizedW
     # Decoded from the unpacked codes, so comparing with a checkpoint read back tests packing.
     dequantized = ((codes.t().reshape(n, k // g, g).float() - zero.unsqueeze(2)) * scale.unsqueeze(2)).reshape(n, k)
     return QuantizedWeight(pack_rows(codes), scales, qzeros, dequantized)
+
+
+def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Round to fp16 (what the checkpoint stores), then keep it away from zero."""
+    return scale.to(torch.float16).to(torch.float32).clamp_min(MIN_SCALE)

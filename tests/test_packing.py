@@ -49,3 +49,15 @@ def test_quantized_weight_decodes_to_its_dequantized_weight(sym, group_size):
     # Round-to-nearest: every weight is within half a step of its code.
     step = q.scales.float().repeat_interleave(64 // groups, dim=0).t()
     assert ((weight - q.dequantized).abs() <= step / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_all_zero_and_tiny_groups_quantize_to_finite_values(sym):
+    """Zero-padded heads (stories260k-vllm) and denormal-sized groups must not give NaN codes."""
+    weight = torch.zeros(16, 64)
+    weight[:, 32:] = 1e-9 * torch.randn(16, 32, generator=torch.Generator().manual_seed(2))
+    q = quantize_rtn(weight, 32, sym)
+    assert torch.isfinite(q.dequantized).all() and (q.scales > 0).all()
+    assert torch.equal(q.dequantized[:, :32], torch.zeros(16, 32))
+    assert (q.dequantized - weight).abs().max() < 1e-4
+    assert torch.equal(dequantize(q.qweight, q.scales, q.qzeros), q.dequantized)
