@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vllm_helpers import (  # noqa: E402
     ENGINE_TIMEOUT_S,
     PROMPTS,
-    _run_in_own_group,
     _top2_gaps,
     copy_checkpoint,
     engine_env,
     greedy_mismatches,
+    run_job_script,
     zero_factor_a,
 )
 
@@ -229,17 +228,8 @@ def test_zeroed_factors_are_caught(engine, reference, noise):
 
 
 def _run_gpu_engine(job: dict[str, Any]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="glowq-gpu-engine-") as tmp:
-        job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
-        job_path.write_text(json.dumps(job))
-        command = [sys.executable, str(Path(__file__).resolve()), str(job_path), str(out_path)]
-        env = engine_env(allow_pickled_functions=True)
-        stdout, stderr, returncode = _run_in_own_group(command, env, tmp, ENGINE_TIMEOUT_S)
-        if not out_path.exists():
-            raise RuntimeError(f"engine job failed (rc={returncode}); output tail:\n{stderr[-6000:]}")
-        result = json.loads(out_path.read_text())
-    result["log"] = stdout[-20000:] + stderr[-20000:]
-    return result
+    env = engine_env(allow_pickled_functions=True)
+    return run_job_script(Path(__file__).resolve(), job, env, ENGINE_TIMEOUT_S)
 
 
 def _engine_main(job_path: str, out_path: str) -> None:

@@ -66,11 +66,17 @@ def run_engine(job: dict[str, Any], timeout: float = ENGINE_TIMEOUT_S) -> dict[s
     layer's parameter names). A load failure comes back as result["error"] = {type, message}.
     """
     tp = int(job.get("tensor_parallel_size", 1))
+    env = engine_env(tp, allow_pickled_functions=bool(job.get("inspect_layers")))
+    return run_job_script(Path(__file__).resolve(), job, env, timeout)
+
+
+def run_job_script(script: Path, job: dict[str, Any], env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Run `python SCRIPT JOB.json OUT.json` in its own process group; return OUT.json plus
+    the tail of its log."""
     with tempfile.TemporaryDirectory(prefix="glowq-engine-") as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_path.write_text(json.dumps(job))
-        command = [sys.executable, str(Path(__file__).resolve()), str(job_path), str(out_path)]
-        env = engine_env(tp, allow_pickled_functions=bool(job.get("inspect_layers")))
+        command = [sys.executable, str(script), str(job_path), str(out_path)]
         stdout, stderr, returncode = _run_in_own_group(command, env, tmp, timeout)
         if not out_path.exists():
             raise RuntimeError(f"engine job failed (rc={returncode}); output tail:\n{stderr[-6000:]}")
