@@ -118,7 +118,7 @@ def calibration_section(cal: dict) -> list[str]:
     t = cal["timings_s"]
     o = cal["options"]
     return [
-        f"| wall time | peak GPU memory (allocated) | peak GPU reserved | peak CPU RSS | units |",
+        "| wall time | peak GPU memory (allocated) | peak GPU reserved | peak CPU RSS | units |",
         "| ---: | ---: | ---: | ---: | ---: |",
         f"| {cal['wall_s']:.1f} s | {cal['peak_gpu_allocated_gib']:.2f} GiB | {cal['peak_gpu_reserved_gib']:.2f} GiB "
         f"| {cal['peak_cpu_rss_gib']:.1f} GiB | {cal['units']} |",

@@ -24,7 +24,6 @@ from .writer import atomic_folder, check_output, save_tensors, write_json
 
 _LOG = logging.getLogger(__name__)
 REPORT_FILE = "glowq_report.json"
-TOKENIZER_FILES_OPTIONAL = ("generation_config.json",)
 
 
 def pick_device(name: str) -> torch.device:
@@ -102,7 +101,7 @@ def _producer(model_ref: str, options: CalibrationOptions) -> dict[str, Any]:
 def checkpoint_tensors(model, result: CalibrationResult, config: GlowQConfig) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint under its format name."""
     restored = set(config.lowrank_units)
-    state = {k: v for k, v in model.state_dict().items()}
+    state = dict(model.state_dict())
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     for name, quantized in result.quantized.items():

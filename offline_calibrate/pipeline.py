@@ -136,7 +136,6 @@ def _calibrate_input_set(
     for name, module in zip(names, modules):
         result.quantized[name] = quantize_rtn(module.weight.data, options.group_size, options.sym)
     white = whitening(sigma) if options.rank > 0 else None
-    white = whitening(sigma) if options.rank > 0 else None
     for unit, idx in _units_of(names, options.share).items():
         weights = [modules[i].weight.data.float() for i in idx]
         deq = [result.quantized[names[i]].dequantized.to(weights[0].device) for i in idx]
@@ -201,15 +200,17 @@ def calibrate_layers(
     for index in progress:
         layer = layers[index].to(device)
         stats = InputStatistics()
-        for input_set in spec.input_sets:
-            stats.watch(input_set[0], layer_linears(layer, input_set)[0])
+        if options.rank > 0:  # plain round-to-nearest (rank 0) needs no input statistics
+            for input_set in spec.input_sets:
+                stats.watch(input_set[0], layer_linears(layer, input_set)[0])
         with torch.no_grad(), phase(result.timings, "forward_statistics"):
             outputs = run_layer(layer, hidden, kwargs)
         stats.remove()
         with torch.no_grad(), phase(result.timings, "quantize_factorize"):
             for input_set in spec.input_sets:
                 names = [f"{spec.layers_path}.{index}.{m}" for m in input_set]
-                sigma = stats.moments[input_set[0]].finalize(options.shrinkage)
+                moment = stats.moments.get(input_set[0])
+                sigma = None if moment is None else moment.finalize(options.shrinkage)
                 _calibrate_input_set(
                     names, layer_linears(layer, input_set), sigma, options, result, keep_dequantized
                 )

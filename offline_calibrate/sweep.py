@@ -63,14 +63,13 @@ def sweep(
         ranked = sorted(units, key=lambda u: -u.metrics[metric])
         curve = perplexity_curve(model, ranked, data, ks, "cpu", f"sweep {metric}")
         choice = elbow([(p["k"], p["perplexity"]) for p in curve])
-        extra = lambda k: sum(u.extra_params for u in ranked[:k]) * FACTOR_BYTES  # noqa: E731
         for point in curve:
-            rows.append({"metric": metric, **point, "extra_bytes": extra(point["k"])})
+            rows.append({"metric": metric, **point, "extra_bytes": _extra_bytes(ranked, point["k"])})
         summary[metric] = {
             "mean_perplexity": sum(p["perplexity"] for p in curve) / len(curve),
             "auto_k": choice,
             "auto_perplexity": next(p["perplexity"] for p in curve if p["k"] == choice),
-            "auto_extra_bytes": extra(choice),
+            "auto_extra_bytes": _extra_bytes(ranked, choice),
             "half_k": len(units) // 2,
             "half_perplexity": _at(curve, len(units) // 2),
         }
@@ -86,6 +85,11 @@ def sweep(
     }
     _write(Path(out_prefix), rows, result)
     return result
+
+
+def _extra_bytes(ranked: list[_Unit], k: int) -> int:
+    """Bytes of the factors of the first k units."""
+    return sum(u.extra_params for u in ranked[:k]) * FACTOR_BYTES
 
 
 def _at(curve: list[dict], k: int) -> float | None:

@@ -13,7 +13,6 @@ these tests fail rather than skip, so CI cannot pass without rendering.
 from __future__ import annotations
 
 import ast
-import fnmatch
 import os
 import re
 import shlex
