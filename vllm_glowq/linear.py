@@ -35,7 +35,7 @@ from vllm.model_executor.parameter import (
     RowvLLMParameter,
 )
 
-from . import compat
+from . import compat, correction
 from .format import (
     FACTOR_A,
     FACTOR_B,
@@ -252,7 +252,8 @@ class GlowQLinearMethod(LinearMethodBase):
         if self.has_factors:
             for name in (FACTOR_A, FACTOR_B):  # plain Parameters for torch.compile (notes §7.2)
                 data = getattr(layer, name).data.to(self.params_dtype)
-                layer.register_parameter(name, torch.nn.Parameter(data, requires_grad=False))
+                layer.register_parameter(name, torch.nn.Parameter(data.contiguous(), requires_grad=False))
+            correction.reserve_workspace(layer.glowq_A.device, layer.glowq_A.shape[1])
 
     def _kernel_config(self):
         geo = self.geometry
@@ -302,9 +303,9 @@ class GlowQLinearMethod(LinearMethodBase):
             out = self.kernel.apply_weights(layer, x, bias)
         if not self.has_factors:
             return out
-        reduced = F.linear(x, layer.glowq_B)  # R = B x, once for all members of the unit
-        flat_out = out.reshape(-1, out.shape[-1])
-        corrected = torch.addmm(flat_out, reduced.reshape(-1, reduced.shape[-1]), layer.glowq_A.t())
+        # R = B x once for all members of the unit, then out + A R (one custom op: correction.py)
+        corrected = torch.ops.glowq.correct(x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1]),
+                                            layer.glowq_B, layer.glowq_A)
         return corrected.reshape(out.shape)
 
 

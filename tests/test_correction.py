@@ -1,0 +1,212 @@
+"""The correction op `torch.ops.glowq.correct` (out = y + A (B x)) on every path.
+
+* CPU: the torch path against a float64 reference, the fake implementation under
+  torch.compile(fullgraph=True), torch.library.opcheck, and the path switch.
+* Triton interpreter (CPU): the kernel's indexing, masking, split-K atomics and workspace reset
+  for odd shapes, in float16 (the interpreter mishandles bfloat16 stores). The interpreter runs
+  programs one after another, so the fused mode runs with one program (a barrier across several
+  would wait forever); the barrier itself is tested on the GPU.
+* GPU (skipped without CUDA): fused and split modes for the Llama-3-8B layer shapes and odd
+  ones, in bf16 and fp16, against float64; the workspace must be clean after every launch,
+  including inside CUDA graphs replayed many times and under torch.compile.
+
+Accuracy bar: the kernel's error against float64 may be at most ERROR_FACTOR times the error of
+the plain PyTorch computation in the same dtype (the plugin's previous path), plus a floor.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vllm_glowq import correction
+
+KERNEL_FILE = Path(correction.__file__).with_name("correction_triton.py")
+ERROR_FACTOR = 1.5
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels)")
+
+
+def _case(tokens: int, k: int, n: int, rank: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=gen).to(device, dtype)
+    b = (torch.randn(rank, k, generator=gen) * 0.05).to(device, dtype)
+    a = (torch.randn(n, rank, generator=gen) * 0.05).to(device, dtype)
+    y = torch.randn(tokens, n, generator=gen).to(device, dtype)
+    return x, y, b, a
+
+
+def _reference(x, y, b, a) -> torch.Tensor:
+    return y.double() + (x.double() @ b.double().t()) @ a.double().t()
+
+
+def _assert_close_to_reference(out, x, y, b, a) -> None:
+    ref = _reference(x, y, b, a)
+    plain = torch.addmm(y, F.linear(x, b), a.t())  # the same math in the working dtype
+    floor = 1e-6 * ref.abs().max().item()
+    assert out.shape == y.shape and out.dtype == y.dtype
+    err = (out.double() - ref).abs().max().item()
+    plain_err = (plain.double() - ref).abs().max().item()
+    assert err <= ERROR_FACTOR * plain_err + floor, f"max error {err:.3g} vs PyTorch's {plain_err:.3g}"
+
+
+# ----- CPU: torch path, registration, fake implementation -------------------------------------
+
+
+def test_cpu_path_matches_reference():
+    x, y, b, a = _case(7, 96, 40, 8, torch.float32)
+    out = torch.ops.glowq.correct(x, y, b, a)
+    assert torch.allclose(out.double(), _reference(x, y, b, a), atol=1e-4)
+    assert correction.choose_path(x) == "torch"
+
+
+def test_op_leaves_its_input_untouched():
+    x, y, b, a = _case(3, 64, 32, 8, torch.float32)
+    before = y.clone()
+    torch.ops.glowq.correct(x, y, b, a)
+    assert torch.equal(y, before)
+
+
+def test_opcheck_and_compile_with_fake_implementation():
+    x, y, b, a = _case(5, 64, 48, 8, torch.float32)
+    torch.library.opcheck(torch.ops.glowq.correct.default, (x, y, b, a))
+    compiled = torch.compile(lambda x, y: torch.ops.glowq.correct(x, y, b, a).relu(), fullgraph=True, dynamic=True)
+    for tokens in (5, 9):
+        x, y, _, _ = _case(tokens, 64, 48, 8, torch.float32, seed=tokens)
+        assert torch.allclose(compiled(x, y).double(), _reference(x, y, b, a).relu(), atol=1e-4)
+
+
+def test_bad_path_setting_is_refused(monkeypatch):
+    monkeypatch.setenv(correction.ENV_PATH, "fastest")
+    with pytest.raises(ValueError, match="VLLM_GLOWQ_CORRECTION='fastest' is not one of auto, fused, split, torch"):
+        correction._path_from_env()
+
+
+# ----- Triton interpreter on the CPU ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """A fresh copy of the kernel module whose kernels run in Triton's interpreter."""
+    pytest.importorskip("triton")
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec = importlib.util.spec_from_file_location("glowq_correction_interpreted", KERNEL_FILE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    yield module
+
+
+# tokens, K, N, rank: odd sizes hit every mask (K not a multiple of the K block, N of the output
+# tile, rank of 16, and rank > 64 as in per-module layers with stacked Bs)
+ODD_SHAPES = [(1, 256, 96, 16), (5, 300, 70, 24), (37, 512, 200, 64), (3, 192, 100, 130), (70, 128, 64, 8)]
+
+
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "split"])
+def test_interpreted_kernel_matches_reference(interpreted, shape, fused):
+    tokens, k, n, rank = shape
+    x, y, b, a = _case(tokens, k, n, rank, torch.float16)
+    programs = 1 if fused else 3
+    config = interpreted.choose_config(tokens, k, n, rank, programs, fused)
+    out = torch.full_like(y, float("nan"))
+    if fused:
+        reduced, sync = torch.zeros(tokens * rank), torch.zeros(2, dtype=torch.int32)
+    else:
+        reduced, sync = F.linear(x, b), None
+    interpreted.launch(x, b, a, y, out, reduced, sync, config)
+    _assert_close_to_reference(out, x, y, b, a)
+    if fused:
+        assert not reduced.any() and not sync.any(), "the fused kernel must leave its workspace zeroed"
+
+
+def test_fused_config_never_exceeds_the_sm_count(interpreted):
+    for tokens in (1, 16, 64, 256):
+        for k, n, rank in ((4096, 6144, 64), (14336, 4096, 64), (4096, 28672, 128), (64, 32, 8)):
+            config = interpreted.choose_config(tokens, k, n, rank, 132, True)
+            assert 1 <= config.programs <= 132
+            assert config.k_split % config.block_k == 0
+
+
+# ----- GPU ------------------------------------------------------------------------------------
+
+# Llama-3-8B's layers at rank 64 (GlowQ) and per-module qkv (three stacked Bs), plus odd shapes.
+GPU_SHAPES = [(4096, 6144, 64), (4096, 4096, 64), (4096, 28672, 64), (14336, 4096, 64), (4096, 6144, 192),
+              (1000, 1000, 24), (4104, 600, 8)]
+GPU_TOKENS = [1, 3, 16, 64, 100, 256, 257, 2048]
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_paths_match_reference(shape, dtype, monkeypatch):
+    k, n, rank = shape
+    correction.reserve_workspace(torch.device("cuda", 0), rank)
+    for path in ("fused", "split"):
+        monkeypatch.setattr(correction, "FORCED_PATH", path)
+        for tokens in GPU_TOKENS:
+            x, y, b, a = _case(tokens, k, n, rank, dtype, "cuda", seed=tokens)
+            outs = [torch.ops.glowq.correct(x, y, b, a) for _ in range(3)]
+            _assert_close_to_reference(outs[0], x, y, b, a)
+            # the same result every time: the workspace was clean before each launch
+            assert all(torch.equal(o, outs[0]) for o in outs[1:]), (path, tokens)
+    workspace, sync = correction._workspace.get(torch.device("cuda", 0), rank)
+    torch.cuda.synchronize()
+    assert not workspace.any() and not sync.any()
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_cuda_graph_of_several_layers_replays_exactly():
+    """A decode step's worth of corrections (four layers, twice) in one CUDA graph."""
+    device = torch.device("cuda", 0)
+    layers = [_case(16, k, n, 64, torch.bfloat16, "cuda", seed=i)[2:] for i, (k, n) in
+              enumerate([(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)] * 2)]
+    correction.reserve_workspace(device, 64)
+    inputs = [torch.randn(16, b.shape[1], device=device, dtype=torch.bfloat16) for b, _ in layers]
+    bases = [torch.randn(16, a.shape[0], device=device, dtype=torch.bfloat16) for _, a in layers]
+
+    def step():
+        return [torch.ops.glowq.correct(x, y, b, a) for x, y, (b, a) in zip(inputs, bases, layers)]
+
+    eager = step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(50):
+        graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, eager):
+        assert torch.equal(got, want)
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_compiled_model_uses_the_op():
+    """torch.compile with CUDA graphs (mode reduce-overhead) around the op, as vLLM runs it."""
+    x, y, b, a = _case(8, 4096, 6144, 64, torch.bfloat16, "cuda")
+    correction.reserve_workspace(x.device, 64)
+    compiled = torch.compile(lambda x, y: torch.ops.glowq.correct(x, y, b, a) * 2, mode="reduce-overhead",
+                             fullgraph=True)
+    want = torch.ops.glowq.correct(x, y, b, a) * 2
+    for _ in range(5):
+        got = compiled(x, y)
+    assert torch.equal(got, want)
