@@ -1,31 +1,38 @@
 """The low-rank correction alone, per Llama-3-8B layer shape and token count, on the GPU.
 
-Times exactly what the plugin's `apply` adds to the base int4 GEMM,
+Times `out = y + A (B x)` as the plugin computed it before the custom op and as the op
+computes it now (vllm_glowq/correction.py):
 
-    R = F.linear(x, B); out = torch.addmm(y, R, A.t())
+* `two_gemm`: `R = F.linear(x, B); out = torch.addmm(y, R, A.t())` (cuBLAS, the old path);
+* `fused`: one Triton launch (split-K shrink, grid barrier, expand + add);
+* `split`: cuBLAS shrink, then the Triton expand + add;
+* `op`: `torch.ops.glowq.correct` with its automatic choice.
 
 for GlowQ (one B per layer) and for per-module correction as the plugin lays it out (one B per
-member stacked into [U r, K], each A_i in its own column block of [N, U r]), plus an optional
-Triton path (split-K shrink into an fp32 R, then A R added in place into y: see
-`triton_correction`). For each case it reports the bytes the two-GEMM path must move, the
-achieved bandwidth against the measured device-to-device copy bandwidth, and the ideal time of
-the layer's int4 weights at that bandwidth (what the correction is paid against).
+member stacked into [U r, K], each A_i in its own column block of [N, U r]). For each case it
+reports the bytes the op must move (x, B, A, y read, out written), the achieved bandwidth
+against the measured device-to-device copy bandwidth, and the ideal time of the layer's int4
+weights at that bandwidth (what the correction is paid against). `--sweep` also times a few
+fused-kernel launch configurations around the default one.
 
 Timing: CUDA-graph replays over enough rotating weight/activation sets to overflow L2, median
-of several replays (METHOD.md).
+of several replays.
 
-    python bench/correction_microbench.py --out micro.json [--tokens 1,16,64,256,2048]
+    python bench/correction_microbench.py --out micro.json [--tokens 1,16,64,256,2048] [--sweep]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from vllm_glowq import correction, correction_triton
 
 RANK = 64
 GROUP = 128
@@ -72,14 +79,24 @@ def factors(k: int, sizes: tuple[int, ...], mode: str, device, dtype=torch.bfloa
     return b, a
 
 
-def plugin_correction(x, y, b, a):
-    reduced = F.linear(x, b)
-    return torch.addmm(y, reduced, a.t())
+def two_gemm(x, y, b, a):
+    return torch.addmm(y, F.linear(x, b), a.t())
 
 
-def two_gemm_bytes(t: int, k: int, n: int, b_rows: int, elem: int = 2) -> int:
-    """x, B, R (written and read back), A, y read, out written."""
-    return elem * (t * k + b_rows * k + 2 * t * b_rows + n * b_rows + 2 * t * n)
+def forced(path: str):
+    """The op with its path forced (the module reads the setting at every call)."""
+    def run(x, y, b, a):
+        correction.FORCED_PATH = path
+        try:
+            return torch.ops.glowq.correct(x, y, b, a)
+        finally:
+            correction.FORCED_PATH = "auto"
+    return run
+
+
+def op_bytes(t: int, k: int, n: int, b_rows: int, elem: int = 2) -> int:
+    """x, B, A, y read, out written (R stays on chip / in L2)."""
+    return elem * (t * k + b_rows * k + n * b_rows + 2 * t * n)
 
 
 def int4_weight_bytes(k: int, n: int) -> int:
@@ -111,81 +128,96 @@ def time_graph(fn, sets: list[tuple], replays: int = 10) -> float:
     return statistics.median(times) / len(sets)
 
 
-def check_triton(device) -> float:
-    """Relative error of the Triton path against a float64 reference on fresh random inputs."""
-    from triton_correction import correction_inplace
+def with_config(config, fused: bool):
+    """The Triton kernel with an explicit launch configuration (for --sweep)."""
+    def run(x, y, b, a):
+        if fused:
+            reduced, sync = correction._workspace.get(x.device, b.shape[0])
+        else:
+            reduced, sync = F.linear(x, b), None
+        out = torch.empty_like(y)
+        correction_triton.launch(x, b, a, y, out, reduced, sync, config)
+        return out
+    return run
 
-    worst = 0.0
-    for t, k, n in ((1, 4096, 6144), (37, 14336, 4096), (300, 4096, 1000)):
-        x = torch.randn(t, k, device=device, dtype=torch.bfloat16)
-        b = torch.randn(RANK, k, device=device, dtype=torch.bfloat16) * 0.02
-        a = torch.randn(n, RANK, device=device, dtype=torch.bfloat16) * 0.02
-        y = torch.randn(t, n, device=device, dtype=torch.bfloat16)
-        ref = y.double() + (x.double() @ b.double().t()) @ a.double().t()
-        out = y.clone()
-        correction_inplace(x, b, a, out)
-        worst = max(worst, float((out.double() - ref).norm() / ref.norm()))
-    return worst
+
+def sweep_configs(default, sm_count: int, fused: bool) -> dict[str, object]:
+    """A few launch configurations around the default one (fused: never more programs than SMs)."""
+    other_n = 64 if default.block_n == 128 else 128
+    variants = {"default": default, f"block_n={other_n}": dataclasses.replace(default, block_n=other_n),
+                "num_warps=8": dataclasses.replace(default, num_warps=8)}
+    if fused:
+        variants["k_split*2"] = dataclasses.replace(default, k_split=default.k_split * 2)
+        variants["k_split/2"] = dataclasses.replace(default, k_split=max(default.block_k, default.k_split // 2))
+        variants["programs/2"] = dataclasses.replace(default, programs=max(1, default.programs // 2))
+    else:
+        variants["block_m=128"] = dataclasses.replace(default, block_m=128)
+    return variants
+
+
+def make_sets(t: int, k: int, sizes: tuple[int, ...], mode: str, device) -> list[tuple]:
+    n = sum(sizes)
+    b0, a0 = factors(k, sizes, mode, device)
+    per_set = 2 * (t * k + b0.numel() + a0.numel() + 2 * t * n)
+    sets = []
+    for _ in range(max(4, min(64, ROTATE_BYTES // per_set))):
+        b, a = factors(k, sizes, mode, device)
+        sets.append((torch.randn(t, k, device=device, dtype=torch.bfloat16), torch.randn(t, n, device=device,
+                     dtype=torch.bfloat16), b, a))
+    return sets
+
+
+PATHS = {"two_gemm": two_gemm, "fused": forced("fused"), "split": forced("split"), "op": forced("auto")}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--tokens", default="1,16,64,256,2048")
-    parser.add_argument("--no-triton", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="time fused-kernel configurations too")
     args = parser.parse_args(argv)
+    import triton
+
     device = torch.device("cuda")
     torch.manual_seed(0)
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    correction.reserve_workspace(device, 3 * RANK)
     bw = copy_bandwidth(device)
-    print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rank": RANK,
-              "copy_bandwidth_Bps": bw, "rows": []}
-    triton_fn = None
-    if not args.no_triton:
-        try:
-            import triton
-
-            from triton_correction import correction_inplace
-
-            result["triton"] = triton.__version__
-            result["triton_check_rel_err"] = check_triton(device)
-            print(f"triton correction rel err vs float64: {result['triton_check_rel_err']:.2e}", flush=True)
-            triton_fn = correction_inplace
-        except Exception as exc:  # report, keep timing the plugin's path
-            result["triton_error"] = f"{type(exc).__name__}: {exc}"
-            print("triton path unavailable:", result["triton_error"], flush=True)
-    print(f"{'layer':13} {'mode':9} {'T':>5} {'us':>8} {'MB':>7} {'TB/s':>6} {'%copy':>6} "
-          f"{'int4 us@copy':>12} {'ratio':>6} {'triton us':>9}", flush=True)
+    print(f"device {torch.cuda.get_device_name()}, {sm_count} SMs, copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "rank": RANK, "sm_count": sm_count, "copy_bandwidth_Bps": bw,
+              "fused_max_tokens": correction.FUSED_MAX_TOKENS, "rows": [], "sweep": []}
+    print(f"{'layer':13} {'mode':9} {'T':>5} " + " ".join(f"{p + ' us':>11}" for p in PATHS)
+          + f" {'MB':>7} {'op TB/s':>7} {'%copy':>6} {'int4 us':>8}", flush=True)
     for layer, (k, sizes) in LAYERS.items():
         n = sum(sizes)
         for mode in ("glowq", "permodule") if len(sizes) > 1 else ("glowq",):
             for t in [int(v) for v in args.tokens.split(",")]:
-                b0, a0 = factors(k, sizes, mode, device)
-                per_set = 2 * (t * k + b0.numel() + a0.numel() + 2 * t * n)
-                count = max(4, min(64, ROTATE_BYTES // per_set))
-                sets = []
-                for _ in range(count):
-                    b, a = factors(k, sizes, mode, device)
-                    x = torch.randn(t, k, device=device, dtype=torch.bfloat16)
-                    y = torch.randn(t, n, device=device, dtype=torch.bfloat16)
-                    sets.append((x, y, b, a))
-                seconds = time_graph(plugin_correction, sets)
-                moved = two_gemm_bytes(t, k, n, b0.shape[0])
-                base = int4_weight_bytes(k, n) / bw
-                row = {"layer": layer, "mode": mode, "tokens": t, "K": k, "N": n, "B_rows": b0.shape[0],
-                       "us": seconds * 1e6, "bytes": moved, "achieved_Bps": moved / seconds,
-                       "fraction_of_copy_bw": moved / seconds / bw, "int4_weight_bytes": int4_weight_bytes(k, n),
-                       "int4_ideal_us": base * 1e6, "correction_over_int4_ideal": seconds / base}
-                if triton_fn is not None and mode == "glowq":
-                    row["triton_us"] = time_graph(lambda x, y, b, a: triton_fn(x, b, a, y), sets) * 1e6
+                sets = make_sets(t, k, sizes, mode, device)
+                b_rows = sets[0][2].shape[0]
+                times = {name: time_graph(fn, sets) * 1e6 for name, fn in PATHS.items()}
+                moved = op_bytes(t, k, n, b_rows)
+                base_us = int4_weight_bytes(k, n) / bw * 1e6
+                row = {"layer": layer, "mode": mode, "tokens": t, "K": k, "N": n, "B_rows": b_rows,
+                       "us": times, "op_path": correction.choose_path(sets[0][0]), "bytes": moved,
+                       "op_achieved_Bps": moved / times["op"] * 1e6,
+                       "op_fraction_of_copy_bw": moved / times["op"] * 1e6 / bw,
+                       "int4_weight_bytes": int4_weight_bytes(k, n), "int4_ideal_us": base_us}
                 result["rows"].append(row)
-                print(f"{layer:13} {mode:9} {t:5d} {row['us']:8.2f} {moved / 1e6:7.2f} "
-                      f"{row['achieved_Bps'] / 1e12:6.2f} {100 * row['fraction_of_copy_bw']:5.1f}% "
-                      f"{row['int4_ideal_us']:12.2f} {row['correction_over_int4_ideal']:6.2f} "
-                      f"{row.get('triton_us', float('nan')):9.2f}", flush=True)
+                print(f"{layer:13} {mode:9} {t:5d} " + " ".join(f"{times[p]:11.2f}" for p in PATHS)
+                      + f" {moved / 1e6:7.2f} {row['op_achieved_Bps'] / 1e12:7.2f} "
+                      f"{100 * row['op_fraction_of_copy_bw']:5.1f}% {base_us:8.2f}", flush=True)
+                if args.sweep and mode == "glowq":
+                    fused = t <= correction.FUSED_MAX_TOKENS
+                    default = correction_triton.choose_config(t, k, n, b_rows, sm_count, fused)
+                    for name, config in sweep_configs(default, sm_count, fused).items():
+                        us = time_graph(with_config(config, fused), sets) * 1e6
+                        result["sweep"].append({"layer": layer, "tokens": t, "config": name,
+                                                "launch": dataclasses.asdict(config), "us": us})
+                        print(f"    sweep {name:14} {us:8.2f} us  {config}", flush=True)
                 del sets
                 torch.cuda.empty_cache()
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

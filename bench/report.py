@@ -91,27 +91,40 @@ def _dig(d: Any, keys: tuple) -> Any:
 def micro_section(micro: dict) -> list[str]:
     bw = micro["copy_bandwidth_Bps"]
     lines = [
-        f"Measured device-to-device copy bandwidth: **{bw / 1e12:.2f} TB/s** (bytes read + written). "
-        f"Rank {micro['rank']}, bf16. `us` is the plugin's two-GEMM correction "
-        "(`F.linear(x, B)` then `torch.addmm(y, R, A.t())`) per call from CUDA-graph replays over "
-        "rotating buffers larger than L2; `int4 ideal` is the layer's int4 codes + scales moved at the copy "
-        "bandwidth, the floor of the base GEMM the correction is added to.",
+        f"Measured device-to-device copy bandwidth: **{bw / 1e12:.2f} TB/s** (bytes read + written); "
+        f"{micro.get('sm_count', '?')} SMs; Triton {micro.get('triton', '?')}. Rank {micro['rank']}, bf16. "
+        "Microseconds per call from CUDA-graph replays over rotating buffers larger than L2: `two_gemm` is the "
+        "plugin's old path (`F.linear(x, B)` then `torch.addmm(y, R, A.t())`), `fused` the single-launch Triton "
+        "kernel, `split` cuBLAS shrink + Triton expand, `op` what `torch.ops.glowq.correct` picks "
+        f"(fused up to {micro.get('fused_max_tokens', '?')} tokens). `MB` is what the op must move (x, B, A, y, out); "
+        "`int4 ideal` is the layer's int4 codes + scales moved at the copy bandwidth, the floor of the base GEMM "
+        "the correction is added to.",
         "",
-        "| layer | mode | tokens | correction us | MB moved | TB/s | % of copy bw | int4 ideal us | correction / int4 ideal | Triton us |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| layer | mode | tokens | two_gemm us | fused us | split us | op us | op / two_gemm | MB | op % of copy bw "
+        "| int4 ideal us | op / int4 ideal |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in micro["rows"]:
+        us = r["us"]
         lines.append(
-            f"| {r['layer']} | {r['mode']} | {r['tokens']} | {r['us']:.2f} | {r['bytes'] / 1e6:.2f} "
-            f"| {r['achieved_Bps'] / 1e12:.2f} | {100 * r['fraction_of_copy_bw']:.1f} | {r['int4_ideal_us']:.2f} "
-            f"| {r['correction_over_int4_ideal']:.2f} | {fmt(r.get('triton_us'))} |"
+            f"| {r['layer']} | {r['mode']} | {r['tokens']} | {us['two_gemm']:.2f} | {us['fused']:.2f} | {us['split']:.2f} "
+            f"| {us['op']:.2f} | {us['op'] / us['two_gemm']:.2f} | {r['bytes'] / 1e6:.2f} "
+            f"| {100 * r['op_fraction_of_copy_bw']:.1f} | {r['int4_ideal_us']:.2f} | {us['op'] / r['int4_ideal_us']:.2f} |"
         )
-    if "triton_check_rel_err" in micro:
-        lines += ["", f"Triton path (bench/triton_correction.py, not wired into the plugin): relative error "
-                      f"{micro['triton_check_rel_err']:.1e} against a float64 reference."]
-    if "triton_error" in micro:
-        lines += ["", f"Triton path failed: `{micro['triton_error']}`"]
+    if micro.get("sweep"):
+        lines += ["", "Fused-kernel launch configurations (`--sweep`), us per call:", "",
+                  "| layer | tokens | " + " | ".join(_sweep_names(micro)) + " |",
+                  "| --- | ---: |" + " ---: |" * len(_sweep_names(micro))]
+        cells: dict[tuple, dict] = {}
+        for s in micro["sweep"]:
+            cells.setdefault((s["layer"], s["tokens"]), {})[s["config"]] = s["us"]
+        for (layer, tokens), by_name in cells.items():
+            lines.append(f"| {layer} | {tokens} | " + " | ".join(fmt(by_name.get(n)) for n in _sweep_names(micro)) + " |")
     return lines
+
+
+def _sweep_names(micro: dict) -> list[str]:
+    return list(dict.fromkeys(s["config"] for s in micro["sweep"]))
 
 
 def calibration_section(cal: dict) -> list[str]:

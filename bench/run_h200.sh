@@ -12,19 +12,22 @@
 #   bash bench/run_h200.sh vllm-main      # vLLM: gptq, glowq, permodule, glowq_s (the target ratios)
 #   bash bench/run_h200.sh vllm-rest      # vLLM: gptq again (this run's anchor), bf16, int4 through the plugin
 #   bash bench/run_h200.sh vllm NAME...   # any of: gptq glowq permodule glowq_s bf16 int4
+#   bash bench/run_h200.sh gpu-tests      # the GPU tests: correction kernels + plugin through vLLM
 #
 # GLOWQ_BENCH_BUDGET_S=N makes the vLLM stage skip engines that would end after N seconds.
 #
 # Results (JSON, logs) go to $OUT (default bench/results/raw); bench/report.py turns them into
 # docs/benchmarks.md.
 set -euo pipefail
-STAGE=${1:?usage: run_h200.sh prepare|calibrate|vllm-main|vllm-rest|vllm NAME...|all}
+STAGE=${1:?usage: run_h200.sh prepare|calibrate|vllm-main|vllm-rest|vllm NAME...|gpu-tests|all}
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$HERE")
 WORK=${GLOWQ_BENCH_WORK:-/root/bench}
 OUT=${OUT:-$REPO/bench/results/raw}
 mkdir -p "$WORK" "$OUT"
-export PYTHONPATH=/tmp/site:$REPO${PYTHONPATH:+:$PYTHONPATH}
+# the checkout first: /tmp/site keeps the plugin's dist-info (for the entry point) from the first
+# call, and its code would go stale when the checkout changes between calls
+export PYTHONPATH=$REPO:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export HF_HUB_OFFLINE=1 VLLM_WORKER_MULTIPROC_METHOD=spawn VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
@@ -52,9 +55,10 @@ prepare() {
   say "building the random $SHAPE-shaped bf16 model"
   [ -f "$WORK/bf16/config.json" ] || $PY "$HERE/make_model.py" "$WORK/bf16" --shape "$SHAPE" --device "$DEVICE"
   if [ "$DEVICE" = cuda ]; then
+    ensure_plugin
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
     say "correction microbenchmark"
-    $PY "$HERE/correction_microbench.py" --out "$OUT/micro.json"
+    timeout 400 $PY "$HERE/correction_microbench.py" --sweep --out "$OUT/micro.json" 2>&1 | tee "$OUT/micro.log"
   fi
 }
 
@@ -87,12 +91,19 @@ vllm_run() {
   done > "$OUT/engine_logs.txt" 2>/dev/null || true
 }
 
+gpu_tests() {
+  ensure_plugin
+  (cd "$REPO" && timeout 540 $PY -m pytest tests/test_correction.py tests/test_plugin_gpu.py -m gpu -q -rA -s \
+      -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -Ev "it/s]|layer/s" | tail -40)
+}
+
 case $STAGE in
   prepare) prepare ;;
   calibrate) calibrate ;;
   vllm-main) vllm_run gptq glowq permodule glowq_s ;;
   vllm-rest) vllm_run gptq bf16 int4 ;;  # gptq again: the anchor for this run's ratios
   vllm) shift; vllm_run "$@" ;;          # any list, e.g. vllm gptq glowq_s
+  gpu-tests) gpu_tests ;;
   all) prepare; calibrate; vllm_run gptq glowq permodule glowq_s bf16 int4 ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac

@@ -1,17 +1,18 @@
-"""The correction op `torch.ops.glowq.correct` (out = y + A (B x)) on every path.
+"""The corrected layer op `torch.ops.glowq.linear` (base(x) + A (B x)) and its paths.
 
-* CPU: the torch path against a float64 reference, the fake implementation under
-  torch.compile(fullgraph=True), torch.library.opcheck, and the path switch.
+* CPU: the torch path against a float64 reference, the op on a registered layer, its fake
+  implementation under torch.compile(fullgraph=True), torch.library.opcheck, the path switch.
 * Triton interpreter (CPU): the kernel's indexing, masking, split-K atomics and workspace reset
   for odd shapes, in float16 (the interpreter mishandles bfloat16 stores). The interpreter runs
   programs one after another, so the fused mode runs with one program (a barrier across several
   would wait forever); the barrier itself is tested on the GPU.
-* GPU (skipped without CUDA): fused and split modes for the Llama-3-8B layer shapes and odd
-  ones, in bf16 and fp16, against float64; the workspace must be clean after every launch,
-  including inside CUDA graphs replayed many times and under torch.compile.
+* GPU (skipped without CUDA): every path (overlap, fused, split) for the Llama-3-8B layer
+  shapes and odd ones, in bf16 and fp16, against float64; the fused kernel's workspace must be
+  clean after every launch, including inside CUDA graphs replayed many times and under
+  torch.compile with CUDA graphs.
 
-Accuracy bar: the kernel's error against float64 may be at most ERROR_FACTOR times the error of
-the plain PyTorch computation in the same dtype (the plugin's previous path), plus a floor.
+Accuracy bar: the error against float64 may be at most ERROR_FACTOR times the error of the
+plain PyTorch computation in the same dtype (the plugin's previous path), plus a floor.
 """
 
 from __future__ import annotations
@@ -55,35 +56,57 @@ def _assert_close_to_reference(out, x, y, b, a) -> None:
     assert err <= ERROR_FACTOR * plain_err + floor, f"max error {err:.3g} vs PyTorch's {plain_err:.3g}"
 
 
+class DenseLayer(torch.nn.Module):
+    """A stand-in for a loaded GlowQ layer: a dense base weight plus its factors."""
+
+    def __init__(self, name: str, k: int, n: int, rank: int, dtype: torch.dtype, device: str = "cpu"):
+        super().__init__()
+        gen = torch.Generator().manual_seed(n + k)
+        self.weight = torch.nn.Parameter((torch.randn(n, k, generator=gen) / k**0.5).to(device, dtype))
+        self.glowq_B = torch.nn.Parameter((torch.randn(rank, k, generator=gen) * 0.05).to(device, dtype))
+        self.glowq_A = torch.nn.Parameter((torch.randn(n, rank, generator=gen) * 0.05).to(device, dtype))
+        self.name = name
+        correction.register_layer(name, self, lambda layer, x, bias: F.linear(x, layer.weight, bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.glowq.linear(x, None, self.name, self.weight.shape[0])
+
+    def check(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        _assert_close_to_reference(out, x, F.linear(x, self.weight), self.glowq_B, self.glowq_A)
+
+
 # ----- CPU: torch path, registration, fake implementation -------------------------------------
 
 
-def test_cpu_path_matches_reference():
-    x, y, b, a = _case(7, 96, 40, 8, torch.float32)
-    out = torch.ops.glowq.correct(x, y, b, a)
-    assert torch.allclose(out.double(), _reference(x, y, b, a), atol=1e-4)
+def test_cpu_layer_op_matches_reference():
+    layer = DenseLayer("cpu.layer", 96, 40, 8, torch.float32)
+    x = torch.randn(7, 96)
     assert correction.choose_path(x) == "torch"
+    out = layer(x)
+    assert torch.allclose(out.double(), _reference(x, F.linear(x, layer.weight), layer.glowq_B, layer.glowq_A),
+                          atol=1e-4)
 
 
 def test_op_leaves_its_input_untouched():
     x, y, b, a = _case(3, 64, 32, 8, torch.float32)
     before = y.clone()
-    torch.ops.glowq.correct(x, y, b, a)
+    correction.correct(x, y, b, a)
     assert torch.equal(y, before)
 
 
 def test_opcheck_and_compile_with_fake_implementation():
-    x, y, b, a = _case(5, 64, 48, 8, torch.float32)
-    torch.library.opcheck(torch.ops.glowq.correct.default, (x, y, b, a))
-    compiled = torch.compile(lambda x, y: torch.ops.glowq.correct(x, y, b, a).relu(), fullgraph=True, dynamic=True)
+    layer = DenseLayer("cpu.compiled", 64, 48, 8, torch.float32)
+    x = torch.randn(5, 64)
+    torch.library.opcheck(torch.ops.glowq.linear.default, (x, None, layer.name, 48))
+    compiled = torch.compile(lambda x: layer(x).relu(), fullgraph=True, dynamic=True)
     for tokens in (5, 9):
-        x, y, _, _ = _case(tokens, 64, 48, 8, torch.float32, seed=tokens)
-        assert torch.allclose(compiled(x, y).double(), _reference(x, y, b, a).relu(), atol=1e-4)
+        x = torch.randn(tokens, 64)
+        assert torch.allclose(compiled(x), layer(x).relu(), atol=1e-5)
 
 
 def test_bad_path_setting_is_refused(monkeypatch):
     monkeypatch.setenv(correction.ENV_PATH, "fastest")
-    with pytest.raises(ValueError, match="VLLM_GLOWQ_CORRECTION='fastest' is not one of auto, fused, split, torch"):
+    with pytest.raises(ValueError, match="VLLM_GLOWQ_CORRECTION='fastest' is not one of auto, overlap, fused, split, torch"):
         correction._path_from_env()
 
 
@@ -93,7 +116,9 @@ def test_bad_path_setting_is_refused(monkeypatch):
 @pytest.fixture(scope="module")
 def interpreted():
     """A fresh copy of the kernel module whose kernels run in Triton's interpreter."""
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot take program ids as range() bounds")
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
@@ -154,33 +179,32 @@ GPU_TOKENS = [1, 3, 16, 64, 100, 256, 257, 2048]
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_gpu_paths_match_reference(shape, dtype, monkeypatch):
     k, n, rank = shape
-    correction.reserve_workspace(torch.device("cuda", 0), rank)
-    for path in ("fused", "split"):
+    layer = DenseLayer(f"gpu.{k}x{n}x{rank}", k, n, rank, dtype, "cuda")
+    for path in ("overlap", "fused", "split"):
         monkeypatch.setattr(correction, "FORCED_PATH", path)
         for tokens in GPU_TOKENS:
-            x, y, b, a = _case(tokens, k, n, rank, dtype, "cuda", seed=tokens)
-            outs = [torch.ops.glowq.correct(x, y, b, a) for _ in range(3)]
-            _assert_close_to_reference(outs[0], x, y, b, a)
-            # the same result every time: the workspace was clean before each launch
+            x = torch.randn(tokens, k, device="cuda", dtype=dtype)
+            outs = [layer(x) for _ in range(3)]
+            layer.check(x, outs[0])
+            # the same result every time: the fused kernel's workspace was clean before each launch
             assert all(torch.equal(o, outs[0]) for o in outs[1:]), (path, tokens)
-    workspace, sync = correction._workspace.get(torch.device("cuda", 0), rank)
+    state = correction._devices[torch.device("cuda", 0)]
     torch.cuda.synchronize()
-    assert not workspace.any() and not sync.any()
+    assert not state.reduced.any() and not state.sync.any()
 
 
 @cuda
 @pytest.mark.gpu
-def test_gpu_cuda_graph_of_several_layers_replays_exactly():
-    """A decode step's worth of corrections (four layers, twice) in one CUDA graph."""
-    device = torch.device("cuda", 0)
-    layers = [_case(16, k, n, 64, torch.bfloat16, "cuda", seed=i)[2:] for i, (k, n) in
-              enumerate([(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)] * 2)]
-    correction.reserve_workspace(device, 64)
-    inputs = [torch.randn(16, b.shape[1], device=device, dtype=torch.bfloat16) for b, _ in layers]
-    bases = [torch.randn(16, a.shape[0], device=device, dtype=torch.bfloat16) for _, a in layers]
+@pytest.mark.parametrize("path", ["overlap", "fused"])
+def test_gpu_cuda_graph_of_several_layers_replays_exactly(path, monkeypatch):
+    """A decode step's worth of layers (four shapes, twice) in one CUDA graph."""
+    monkeypatch.setattr(correction, "FORCED_PATH", path)
+    layers = [DenseLayer(f"graph.{i}", k, n, 64, torch.bfloat16, "cuda")
+              for i, (k, n) in enumerate([(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)] * 2)]
+    inputs = [torch.randn(16, layer.weight.shape[1], device="cuda", dtype=torch.bfloat16) for layer in layers]
 
     def step():
-        return [torch.ops.glowq.correct(x, y, b, a) for x, y, (b, a) in zip(inputs, bases, layers)]
+        return [layer(x) for layer, x in zip(layers, inputs)]
 
     eager = step()
     stream = torch.cuda.Stream()
@@ -202,11 +226,10 @@ def test_gpu_cuda_graph_of_several_layers_replays_exactly():
 @pytest.mark.gpu
 def test_gpu_compiled_model_uses_the_op():
     """torch.compile with CUDA graphs (mode reduce-overhead) around the op, as vLLM runs it."""
-    x, y, b, a = _case(8, 4096, 6144, 64, torch.bfloat16, "cuda")
-    correction.reserve_workspace(x.device, 64)
-    compiled = torch.compile(lambda x, y: torch.ops.glowq.correct(x, y, b, a) * 2, mode="reduce-overhead",
-                             fullgraph=True)
-    want = torch.ops.glowq.correct(x, y, b, a) * 2
+    layer = DenseLayer("compiled.gpu", 4096, 6144, 64, torch.bfloat16, "cuda")
+    x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(lambda x: layer(x) * 2, mode="reduce-overhead", fullgraph=True)
+    want = layer(x) * 2
     for _ in range(5):
-        got = compiled(x, y)
+        got = compiled(x)
     assert torch.equal(got, want)

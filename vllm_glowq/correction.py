@@ -1,34 +1,48 @@
-"""The correction `out = y + A (B x)` as one vLLM custom op, `torch.ops.glowq.correct`.
+"""A corrected GlowQ layer, `base(x) + A (B x)`, as one vLLM custom op: `torch.ops.glowq.linear`.
 
 The op is opaque to torch.compile (its fake implementation gives the output's shape), so Dynamo
-traces one call per layer and CUDA graphs capture whatever the op launches. Inside, the path
-is chosen per call from the device, dtype and token count:
+traces one call per layer and CUDA graphs capture whatever the op launches. The layer is found
+by name (`register_layer`, done at load time), the way vLLM's attention op finds its layer,
+because the op runs the layer's int4 kernel itself: only then can the correction overlap it.
 
-* `fused` (CUDA, bf16/fp16, up to FUSED_MAX_TOKENS tokens): one Triton launch
-  (`correction_triton`), the decode case, where launches and not bytes set the cost;
-* `split` (CUDA, more tokens): R = x B^T by cuBLAS, then the Triton expand-and-add;
-* `torch` (CPU, float32, or no Triton): R = x B^T, then addmm.
+Inside, the path is chosen per call from the device, dtype and token count:
 
-`VLLM_GLOWQ_CORRECTION=fused|split|torch` forces one path on CUDA (for benchmarks and for
-ruling the kernels out when debugging); the default `auto` does the above.
+* `overlap` (CUDA, bf16/fp16, up to OVERLAP_MAX_TOKENS tokens: decode): C = A (B x) runs on a
+  second stream while the int4 GEMM runs on the current one; the join adds C. At decode the
+  correction is a few small launches whose latency, not their bytes, sets the cost (11-15 us per
+  layer on an H200 in series), so hiding it behind the GEMM leaves one elementwise add on the
+  critical path. Both branches are captured into the CUDA graph as a fork and a join.
+* `fused` (CUDA, bf16/fp16, up to FUSED_MAX_TOKENS tokens): the GEMM, then one Triton launch for
+  the whole correction (`correction_triton`), in series.
+* `split` (CUDA, any token count): the GEMM, then R = x B^T by cuBLAS and one Triton launch
+  that writes y + R A^T; the prefill case, where the correction is bandwidth-bound.
+* `torch` (CPU, float32, or no Triton): the GEMM, then R = x B^T and addmm.
+
+`VLLM_GLOWQ_CORRECTION=overlap|fused|split|torch` forces one path on CUDA (for benchmarks and
+for ruling the kernels out when debugging); the default `auto` takes `overlap` for decode-sized
+batches and `split` above.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 logger = logging.getLogger("vllm.glowq")
 
-PATHS = ("auto", "fused", "split", "torch")
+PATHS = ("auto", "overlap", "fused", "split", "torch")
 ENV_PATH = "VLLM_GLOWQ_CORRECTION"
-# Above this many tokens the fused kernel's K-split atomics cost more than the second launch
-# it saves (bench/correction_microbench.py on the H200); the workspace is sized for it.
-FUSED_MAX_TOKENS = 256
+# Token counts up to which the fused kernel and the overlap pay (bench/correction_microbench.py
+# and bench/vllm_bench.py on the H200); the fused kernel's workspace is sized for its limit.
+FUSED_MAX_TOKENS = 64
+OVERLAP_MAX_TOKENS = 256
 _TRITON_DTYPES = (torch.bfloat16, torch.float16)
+
+BaseForward = Callable[[torch.nn.Module, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def _path_from_env() -> str:
@@ -41,38 +55,43 @@ def _path_from_env() -> str:
 FORCED_PATH = _path_from_env()
 
 
-class _Workspace:
-    """Per-device fp32 R buffer and two int32 counters for the fused kernel.
+class _DeviceState:
+    """Per-device resources, created at load time (before CUDA graphs are captured, so captured
+    launches keep pointing at live memory): the fused kernel's fp32 R workspace and two int32
+    counters, which every fused launch leaves zeroed so one buffer serves all layers in turn, the
+    side stream of the overlap path and the SM count."""
 
-    Every fused launch leaves them zeroed, so one buffer serves all layers (they run one after
-    another on one stream). It only grows at load time (`reserve`), before CUDA graphs are
-    captured, so captured launches keep pointing at live memory.
+    def __init__(self, device: torch.device) -> None:
+        self.reduced = torch.zeros(0, dtype=torch.float32, device=device)
+        self.sync = torch.zeros(2, dtype=torch.int32, device=device)
+        self.side_stream = torch.cuda.Stream(device)
+        self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+
+    def reserve(self, rank: int) -> None:
+        if self.reduced.numel() < FUSED_MAX_TOKENS * rank:
+            self.reduced = torch.zeros(FUSED_MAX_TOKENS * rank, dtype=torch.float32, device=self.sync.device)
+
+
+_devices: dict[torch.device, _DeviceState] = {}
+_layers: dict[str, tuple[torch.nn.Module, BaseForward]] = {}
+
+
+def _device_state(device: torch.device, rank: int) -> _DeviceState:
+    if device not in _devices:
+        _devices[device] = _DeviceState(device)
+    _devices[device].reserve(rank)
+    return _devices[device]
+
+
+def register_layer(name: str, layer: torch.nn.Module, base: BaseForward) -> None:
+    """Make `layer` (holding glowq_B, glowq_A) callable as torch.ops.glowq.linear(x, bias, name).
+
+    A later registration under the same name (a new engine in the same process) replaces it.
     """
-
-    def __init__(self) -> None:
-        self.reduced: dict[torch.device, torch.Tensor] = {}
-        self.sync: dict[torch.device, torch.Tensor] = {}
-
-    def reserve(self, device: torch.device, rank: int) -> None:
-        need = FUSED_MAX_TOKENS * rank
-        current = self.reduced.get(device)
-        if current is None or current.numel() < need:
-            self.reduced[device] = torch.zeros(need, dtype=torch.float32, device=device)
-            self.sync.setdefault(device, torch.zeros(2, dtype=torch.int32, device=device))
-
-    def get(self, device: torch.device, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.reserve(device, rank)
-        return self.reduced[device], self.sync[device]
-
-
-_workspace = _Workspace()
-_sm_count: dict[torch.device, int] = {}
-
-
-def reserve_workspace(device: torch.device, rank: int) -> None:
-    """Size the fused kernel's workspace for a layer of this total rank (no-op off CUDA)."""
+    _layers[name] = (layer, base)
+    device = layer.glowq_A.device
     if device.type == "cuda" and FORCED_PATH != "torch" and _triton_available():
-        _workspace.reserve(device, rank)
+        _device_state(device, layer.glowq_A.shape[1])
 
 
 def _triton_available() -> bool:
@@ -86,14 +105,50 @@ def _triton_available() -> bool:
 def choose_path(x: torch.Tensor) -> str:
     if x.device.type != "cuda" or x.dtype not in _TRITON_DTYPES or FORCED_PATH == "torch" or not _triton_available():
         return "torch"
-    if FORCED_PATH != "auto":
-        return FORCED_PATH
-    return "fused" if x.shape[0] <= FUSED_MAX_TOKENS else "split"
+    tokens = x.shape[0]
+    if FORCED_PATH == "auto":
+        return "overlap" if tokens <= OVERLAP_MAX_TOKENS else "split"
+    if FORCED_PATH == "fused" and tokens > FUSED_MAX_TOKENS:
+        return "split"  # the workspace holds FUSED_MAX_TOKENS rows
+    return FORCED_PATH
 
 
-def correct(x: torch.Tensor, y: torch.Tensor, factor_b: torch.Tensor, factor_a: torch.Tensor) -> torch.Tensor:
-    """out = y + A (B x) for x [T, K], y [T, N], B [r, K], A [N, r]; y is left untouched."""
+def linear(x: torch.Tensor, bias: torch.Tensor | None, layer_name: str, out_features: int) -> torch.Tensor:
+    """The registered layer's base GEMM plus its correction, for x [T, K]."""
+    layer, base = _layers[layer_name]
+    factor_b, factor_a = layer.glowq_B, layer.glowq_A
     path = choose_path(x)
+    if path == "overlap":
+        return _overlapped(x, bias, layer, base, factor_b, factor_a)
+    return correct(x, base(layer, x, bias), factor_b, factor_a, path)
+
+
+def _linear_fake(x: torch.Tensor, bias: torch.Tensor | None, layer_name: str, out_features: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features))
+
+
+def _overlapped(x, bias, layer, base: BaseForward, factor_b, factor_a) -> torch.Tensor:
+    """Fork: C = (x B^T) A^T on the side stream while the int4 GEMM runs; join: out += C.
+
+    Every tensor the side stream touches is allocated on the current stream before the fork
+    and used there only after the join, so the caching allocator never sees cross-stream use.
+    """
+    main = torch.cuda.current_stream(x.device)
+    side = _devices[x.device].side_stream
+    reduced = x.new_empty((x.shape[0], factor_b.shape[0]))
+    corrections = x.new_empty((x.shape[0], factor_a.shape[0]))
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        torch.mm(x, factor_b.t(), out=reduced)
+        torch.mm(reduced, factor_a.t(), out=corrections)
+    out = base(layer, x, bias)
+    main.wait_stream(side)
+    return out.add_(corrections)
+
+
+def correct(x: torch.Tensor, y: torch.Tensor, factor_b: torch.Tensor, factor_a: torch.Tensor,
+            path: str = "torch") -> torch.Tensor:
+    """y + A (B x) for x [T, K], y [T, N], B [r, K], A [N, r] on `path` (fused, split or torch)."""
     if path == "torch" or x.shape[0] == 0:
         return torch.addmm(y, F.linear(x, factor_b), factor_a.t())
     from . import correction_triton
@@ -103,28 +158,22 @@ def correct(x: torch.Tensor, y: torch.Tensor, factor_b: torch.Tensor, factor_a: 
     out = torch.empty_like(y)
     tokens, k = x.shape
     n, rank = factor_a.shape
-    device = x.device
-    if device not in _sm_count:
-        _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    fused = path == "fused" and tokens <= FUSED_MAX_TOKENS
-    config = correction_triton.choose_config(tokens, k, n, rank, _sm_count[device], fused)
+    state = _device_state(x.device, rank)
+    fused = path == "fused"
+    config = correction_triton.choose_config(tokens, k, n, rank, state.sm_count, fused)
     if fused:
-        reduced, sync = _workspace.get(device, rank)
+        reduced, sync = state.reduced, state.sync
     else:
         reduced, sync = F.linear(x, factor_b), None
     correction_triton.launch(x, factor_b, factor_a, y, out, reduced, sync, config)
     return out
 
 
-def _correct_fake(x: torch.Tensor, y: torch.Tensor, factor_b: torch.Tensor, factor_a: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(y)
-
-
 def _register() -> None:
     from vllm.utils.torch_utils import direct_register_custom_op
 
     # CompositeExplicitAutograd: one implementation for every device (it picks the path itself)
-    direct_register_custom_op("correct", correct, mutates_args=[], fake_impl=_correct_fake, target_lib=_library,
+    direct_register_custom_op("linear", linear, mutates_args=[], fake_impl=_linear_fake, target_lib=_library,
                               dispatch_key="CompositeExplicitAutograd")
 
 

@@ -30,9 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Work per shrink item: about this many bytes of x and B (enough loads in flight per SM, few
-# enough items that the fp32 atomics into R stay cheap).
-SHRINK_ITEM_BYTES = 48 * 1024
+# Work per shrink item: about this many bytes of x and B. Small items keep each program's chain
+# of dependent loads short (the launch is latency-bound); the H200 sweep in docs/benchmarks.md
+# found 24 KiB faster than 48 KiB for 1-64 tokens.
+SHRINK_ITEM_BYTES = 24 * 1024
 
 
 @triton.jit
@@ -140,7 +141,8 @@ def choose_config(tokens: int, k: int, n: int, rank: int, sm_count: int, fused: 
     """Launch configuration for `tokens` rows (tl.dot needs tiles of at least 16)."""
     block_m = _pow2_between(tokens, 16, 64)
     block_r = _pow2_between(rank, 16, 64)
-    block_n = 128 if tokens <= 16 else 64
+    # wide output tiles, except for mid-sized batches of narrow layers (the H200 sweep)
+    block_n = 128 if tokens <= 16 or n >= 16384 or not fused else 64
     block_k = 64
     m_blocks = triton.cdiv(tokens, block_m)
     expand_items = m_blocks * triton.cdiv(n, block_n)

@@ -253,7 +253,7 @@ class GlowQLinearMethod(LinearMethodBase):
             for name in (FACTOR_A, FACTOR_B):  # plain Parameters for torch.compile (notes §7.2)
                 data = getattr(layer, name).data.to(self.params_dtype)
                 layer.register_parameter(name, torch.nn.Parameter(data.contiguous(), requires_grad=False))
-            correction.reserve_workspace(layer.glowq_A.device, layer.glowq_A.shape[1])
+            correction.register_layer(self.plan.prefix, layer, self._base_forward)
 
     def _kernel_config(self):
         geo = self.geometry
@@ -296,17 +296,18 @@ class GlowQLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Base GEMM plus A (B x). Branches only on attributes fixed at load time, never on
-        tensor values or token counts, so one Dynamo trace serves every batch (notes §7.1)."""
-        if self.kernel is None:
-            out = F.linear(x, layer.dense_weight, bias)
-        else:
-            out = self.kernel.apply_weights(layer, x, bias)
+        tensor values or token counts, so one Dynamo trace serves every batch (notes §7.1);
+        the corrected path is one custom op, which chooses its kernels per call (correction.py)."""
         if not self.has_factors:
-            return out
-        # R = B x once for all members of the unit, then out + A R (one custom op: correction.py)
-        corrected = torch.ops.glowq.correct(x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1]),
-                                            layer.glowq_B, layer.glowq_A)
-        return corrected.reshape(out.shape)
+            return self._base_forward(layer, x, bias)
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.ops.glowq.linear(flat, bias, self.plan.prefix, self.geometry.n_local)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _base_forward(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.kernel is None:
+            return F.linear(x, layer.dense_weight, bias)
+        return self.kernel.apply_weights(layer, x, bias)
 
 
 # vLLM's compressed-tensors zero-point layout [N / 8, G]: Marlin reads it as is; the CPU kernel
