@@ -1,12 +1,13 @@
 """The low-rank correction alone, per Llama-3-8B layer shape and token count, on the GPU.
 
-Times `out = y + A (B x)` as the plugin computed it before the custom op and as the op
-computes it now (vllm_glowq/correction.py):
+Times `out = y + A (B x)` alone, as the plugin computed it before the custom op and on the
+op's serial paths (vllm_glowq/correction.py):
 
 * `two_gemm`: `R = F.linear(x, B); out = torch.addmm(y, R, A.t())` (cuBLAS, the old path);
 * `fused`: one Triton launch (split-K shrink, grid barrier, expand + add);
 * `split`: cuBLAS shrink, then the Triton expand + add;
-* `op`: `torch.ops.glowq.correct` with its automatic choice.
+* `op`: the serial path the op takes when it does not overlap (fused, then split above
+  FUSED_MAX_TOKENS); the default decode path, overlapping the int4 GEMM, is measured in vLLM.
 
 for GlowQ (one B per layer) and for per-module correction as the plugin lays it out (one B per
 member stacked into [U r, K], each A_i in its own column block of [N, U r]). For each case it
@@ -83,14 +84,13 @@ def two_gemm(x, y, b, a):
     return torch.addmm(y, F.linear(x, b), a.t())
 
 
-def forced(path: str):
-    """The op with its path forced (the module reads the setting at every call)."""
+def serial(path: str):
+    """The correction on one of the op's serial paths; `auto`: fused up to FUSED_MAX_TOKENS, split
+    above (what the op runs when it does not overlap; the overlap needs the int4 GEMM beside it)."""
     def run(x, y, b, a):
-        correction.FORCED_PATH = path
-        try:
-            return torch.ops.glowq.correct(x, y, b, a)
-        finally:
-            correction.FORCED_PATH = "auto"
+        fits = x.shape[0] <= correction.FUSED_MAX_TOKENS
+        chosen = path if path == "split" or (path == "fused" and fits) else ("fused" if fits else "split")
+        return correction.correct(x, y, b, a, chosen)
     return run
 
 
@@ -132,7 +132,8 @@ def with_config(config, fused: bool):
     """The Triton kernel with an explicit launch configuration (for --sweep)."""
     def run(x, y, b, a):
         if fused:
-            reduced, sync = correction._workspace.get(x.device, b.shape[0])
+            state = correction._device_state(x.device, b.shape[0])
+            reduced, sync = state.reduced, state.sync
         else:
             reduced, sync = F.linear(x, b), None
         out = torch.empty_like(y)
@@ -167,7 +168,7 @@ def make_sets(t: int, k: int, sizes: tuple[int, ...], mode: str, device) -> list
     return sets
 
 
-PATHS = {"two_gemm": two_gemm, "fused": forced("fused"), "split": forced("split"), "op": forced("auto")}
+PATHS = {"two_gemm": two_gemm, "fused": serial("fused"), "split": serial("split"), "op": serial("auto")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda")
     torch.manual_seed(0)
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-    correction.reserve_workspace(device, 3 * RANK)
+    correction._device_state(device, 3 * RANK)
     bw = copy_bandwidth(device)
     print(f"device {torch.cuda.get_device_name()}, {sm_count} SMs, copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

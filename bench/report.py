@@ -23,7 +23,16 @@ COMMANDS = {
     "calibrate": "bash bench/run_h200.sh calibrate",
     "vllm-main": "bash bench/run_h200.sh vllm-main",
     "vllm-rest": "bash bench/run_h200.sh vllm-rest",
+    "path-fused": "VLLM_GLOWQ_CORRECTION=fused bash bench/run_h200.sh vllm glowq glowq_s",
+    "gpu-tests": "bash bench/run_h200.sh gpu-tests",
 }
+# Runs in report order; the targets come from the first run that measured them. Runs named
+# *before_op* are the previous session's (correction as two cuBLAS GEMMs in series).
+RUN_ORDER = ("vllm_main", "vllm_path_fused", "vllm_before_op_main", "vllm_before_op_rest")
+
+
+def _run_rank(path: Path) -> tuple[int, str]:
+    return (RUN_ORDER.index(path.stem) if path.stem in RUN_ORDER else len(RUN_ORDER), path.stem)
 
 
 def load(path: Path) -> Any:
@@ -95,8 +104,9 @@ def micro_section(micro: dict) -> list[str]:
         f"{micro.get('sm_count', '?')} SMs; Triton {micro.get('triton', '?')}. Rank {micro['rank']}, bf16. "
         "Microseconds per call from CUDA-graph replays over rotating buffers larger than L2: `two_gemm` is the "
         "plugin's old path (`F.linear(x, B)` then `torch.addmm(y, R, A.t())`), `fused` the single-launch Triton "
-        "kernel, `split` cuBLAS shrink + Triton expand, `op` what `torch.ops.glowq.correct` picks "
-        f"(fused up to {micro.get('fused_max_tokens', '?')} tokens). `MB` is what the op must move (x, B, A, y, out); "
+        "kernel, `split` cuBLAS shrink + Triton expand, `op` the serial path the op takes when it does not overlap "
+        f"(fused up to {micro.get('fused_max_tokens', '?')} tokens, split above; the default overlap needs the int4 GEMM "
+        "beside it and is measured in vLLM above). `MB` is what the op must move (x, B, A, y, out); "
         "`int4 ideal` is the layer's int4 codes + scales moved at the copy bandwidth, the floor of the base GEMM "
         "the correction is added to.",
         "",
@@ -112,7 +122,8 @@ def micro_section(micro: dict) -> list[str]:
             f"| {100 * r['op_fraction_of_copy_bw']:.1f} | {r['int4_ideal_us']:.2f} | {us['op'] / r['int4_ideal_us']:.2f} |"
         )
     if micro.get("sweep"):
-        lines += ["", "Fused-kernel launch configurations (`--sweep`), us per call:", "",
+        lines += ["", f"Triton launch configurations (`--sweep`; fused up to 256 tokens, split above), us per call, "
+                      f"{micro.get('sweep_note', '')}:", "",
                   "| layer | tokens | " + " | ".join(_sweep_names(micro)) + " |",
                   "| --- | ---: |" + " ---: |" * len(_sweep_names(micro))]
         cells: dict[tuple, dict] = {}
@@ -144,7 +155,7 @@ def calibration_section(cal: dict) -> list[str]:
 
 
 def build(results: Path) -> str:
-    runs = {f.stem: load(f) for f in sorted(results.glob("vllm*.json"))}
+    runs = {f.stem: load(f) for f in sorted(results.glob("vllm*.json"), key=_run_rank)}
     micro, cal = load(results / "micro.json"), load(results / "calibration.json")
     meta = load(results / "meta.json") or {}
     gpu = (results / "gpu.txt").read_text().strip() if (results / "gpu.txt").exists() else "unknown"

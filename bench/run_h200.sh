@@ -93,7 +93,7 @@ vllm_run() {
 
 gpu_tests() {
   ensure_plugin
-  (cd "$REPO" && timeout 540 $PY -m pytest tests/test_correction.py tests/test_plugin_gpu.py -m gpu -q -rA -s \
+  (cd "$REPO" && timeout "${GLOWQ_GPU_TESTS_TIMEOUT_S:-540}" $PY -m pytest tests/test_correction.py tests/test_plugin_gpu.py -m gpu -q -rA -s \
       -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -Ev "it/s]|layer/s" | tail -40)
 }
 

@@ -62,9 +62,9 @@ class DenseLayer(torch.nn.Module):
     def __init__(self, name: str, k: int, n: int, rank: int, dtype: torch.dtype, device: str = "cpu"):
         super().__init__()
         gen = torch.Generator().manual_seed(n + k)
-        self.weight = torch.nn.Parameter((torch.randn(n, k, generator=gen) / k**0.5).to(device, dtype))
-        self.glowq_B = torch.nn.Parameter((torch.randn(rank, k, generator=gen) * 0.05).to(device, dtype))
-        self.glowq_A = torch.nn.Parameter((torch.randn(n, rank, generator=gen) * 0.05).to(device, dtype))
+        self.weight = torch.nn.Parameter((torch.randn(n, k, generator=gen) / k**0.5).to(device, dtype), requires_grad=False)
+        self.glowq_B = torch.nn.Parameter((torch.randn(rank, k, generator=gen) * 0.05).to(device, dtype), requires_grad=False)
+        self.glowq_A = torch.nn.Parameter((torch.randn(n, rank, generator=gen) * 0.05).to(device, dtype), requires_grad=False)
         self.name = name
         correction.register_layer(name, self, lambda layer, x, bias: F.linear(x, layer.weight, bias))
 
@@ -184,10 +184,11 @@ def test_gpu_paths_match_reference(shape, dtype, monkeypatch):
         monkeypatch.setattr(correction, "FORCED_PATH", path)
         for tokens in GPU_TOKENS:
             x = torch.randn(tokens, k, device="cuda", dtype=dtype)
-            outs = [layer(x) for _ in range(3)]
-            layer.check(x, outs[0])
-            # the same result every time: the fused kernel's workspace was clean before each launch
-            assert all(torch.equal(o, outs[0]) for o in outs[1:]), (path, tokens)
+            # every call accurate: the fused kernel's workspace was clean before each launch (a
+            # leftover R would be added again). Not bit-identical: its split-K fp32 atomics sum
+            # in a different order each time.
+            for _ in range(3):
+                layer.check(x, layer(x))
     state = correction._devices[torch.device("cuda", 0)]
     torch.cuda.synchronize()
     assert not state.reduced.any() and not state.sync.any()
@@ -206,7 +207,6 @@ def test_gpu_cuda_graph_of_several_layers_replays_exactly(path, monkeypatch):
     def step():
         return [layer(x) for layer, x in zip(layers, inputs)]
 
-    eager = step()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -218,8 +218,8 @@ def test_gpu_cuda_graph_of_several_layers_replays_exactly(path, monkeypatch):
     for _ in range(50):
         graph.replay()
     torch.cuda.synchronize()
-    for got, want in zip(captured, eager):
-        assert torch.equal(got, want)
+    for layer, x, got in zip(layers, inputs, captured):
+        layer.check(x, got)
 
 
 @cuda
@@ -232,4 +232,4 @@ def test_gpu_compiled_model_uses_the_op():
     want = layer(x) * 2
     for _ in range(5):
         got = compiled(x)
-    assert torch.equal(got, want)
+    assert torch.equal(got, want)  # the overlap path: cuBLAS, deterministic

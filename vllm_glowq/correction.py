@@ -159,7 +159,7 @@ def correct(x: torch.Tensor, y: torch.Tensor, factor_b: torch.Tensor, factor_a: 
     tokens, k = x.shape
     n, rank = factor_a.shape
     state = _device_state(x.device, rank)
-    fused = path == "fused"
+    fused = path == "fused" and tokens <= FUSED_MAX_TOKENS  # the workspace's capacity
     config = correction_triton.choose_config(tokens, k, n, rank, state.sm_count, fused)
     if fused:
         reduced, sync = state.reduced, state.sync
