@@ -14,6 +14,7 @@
 #   bash bench/run_h200.sh vllm NAME...   # any of: gptq glowq permodule glowq_s bf16 int4
 #   bash bench/run_h200.sh gpu-tests      # the GPU tests: correction kernels + plugin through vLLM
 #
+# GLOWQ_BENCH_MICRO=0 skips the microbenchmark in `prepare`.
 # GLOWQ_BENCH_BUDGET_S=N makes the vLLM stage skip engines that would end after N seconds.
 #
 # Results (JSON, logs) go to $OUT (default bench/results/raw); bench/report.py turns them into
@@ -57,6 +58,7 @@ prepare() {
   if [ "$DEVICE" = cuda ]; then
     ensure_plugin
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+    [ "${GLOWQ_BENCH_MICRO:-1}" = 0 ] && return
     say "correction microbenchmark"
     timeout 400 $PY "$HERE/correction_microbench.py" --sweep --out "$OUT/micro.json" 2>&1 | tee "$OUT/micro.log"
   fi

@@ -196,7 +196,7 @@ def test_gpu_paths_match_reference(shape, dtype, monkeypatch):
 
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["overlap", "fused"])
+@pytest.mark.parametrize("path", ["overlap", "fused", "split"])
 def test_gpu_cuda_graph_of_several_layers_replays_exactly(path, monkeypatch):
     """A decode step's worth of layers (four shapes, twice) in one CUDA graph."""
     monkeypatch.setattr(correction, "FORCED_PATH", path)

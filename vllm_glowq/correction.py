@@ -14,8 +14,9 @@ Inside, the path is chosen per call from the device, dtype and token count:
   critical path. Both branches are captured into the CUDA graph as a fork and a join.
 * `fused` (CUDA, bf16/fp16, up to FUSED_MAX_TOKENS tokens): the GEMM, then one Triton launch for
   the whole correction (`correction_triton`), in series.
-* `split` (CUDA, any token count): the GEMM, then R = x B^T by cuBLAS and one Triton launch
-  that writes y + R A^T; the prefill case, where the correction is bandwidth-bound.
+* `split` (CUDA, any token count): R = x B^T by cuBLAS on the second stream while the GEMM
+  runs, then one Triton launch that writes y + R A^T; the prefill case, where the correction
+  is bandwidth-bound and the shrink (reading all of x) hides behind the compute-bound GEMM.
 * `torch` (CPU, float32, or no Triton): the GEMM, then R = x B^T and addmm.
 
 `VLLM_GLOWQ_CORRECTION=overlap|fused|split|torch` forces one path on CUDA (for benchmarks and
@@ -118,8 +119,8 @@ def linear(x: torch.Tensor, bias: torch.Tensor | None, layer_name: str, out_feat
     layer, base = _layers[layer_name]
     factor_b, factor_a = layer.glowq_B, layer.glowq_A
     path = choose_path(x)
-    if path == "overlap":
-        return _overlapped(x, bias, layer, base, factor_b, factor_a)
+    if path in ("overlap", "split"):
+        return _overlapped(x, bias, layer, base, factor_b, factor_a, path)
     return correct(x, base(layer, x, bias), factor_b, factor_a, path)
 
 
@@ -127,8 +128,9 @@ def _linear_fake(x: torch.Tensor, bias: torch.Tensor | None, layer_name: str, ou
     return x.new_empty((x.shape[0], out_features))
 
 
-def _overlapped(x, bias, layer, base: BaseForward, factor_b, factor_a) -> torch.Tensor:
-    """Fork: C = (x B^T) A^T on the side stream while the int4 GEMM runs; join: out += C.
+def _overlapped(x, bias, layer, base: BaseForward, factor_b, factor_a, path: str) -> torch.Tensor:
+    """Fork: the side stream computes R = x B^T (`overlap`: and C = R A^T too) while the int4
+    GEMM runs. Join: out + C (`overlap`), or one Triton launch for y + R A^T (`split`).
 
     Every tensor the side stream touches is allocated on the current stream before the fork
     and used there only after the join, so the caching allocator never sees cross-stream use.
@@ -136,19 +138,23 @@ def _overlapped(x, bias, layer, base: BaseForward, factor_b, factor_a) -> torch.
     main = torch.cuda.current_stream(x.device)
     side = _devices[x.device].side_stream
     reduced = x.new_empty((x.shape[0], factor_b.shape[0]))
-    corrections = x.new_empty((x.shape[0], factor_a.shape[0]))
+    corrections = x.new_empty((x.shape[0], factor_a.shape[0])) if path == "overlap" else None
     side.wait_stream(main)
     with torch.cuda.stream(side):
         torch.mm(x, factor_b.t(), out=reduced)
-        torch.mm(reduced, factor_a.t(), out=corrections)
+        if corrections is not None:
+            torch.mm(reduced, factor_a.t(), out=corrections)
     out = base(layer, x, bias)
     main.wait_stream(side)
-    return out.add_(corrections)
+    if corrections is not None:
+        return out.add_(corrections)
+    return correct(x, out, factor_b, factor_a, "split", reduced=reduced)
 
 
 def correct(x: torch.Tensor, y: torch.Tensor, factor_b: torch.Tensor, factor_a: torch.Tensor,
-            path: str = "torch") -> torch.Tensor:
-    """y + A (B x) for x [T, K], y [T, N], B [r, K], A [N, r] on `path` (fused, split or torch)."""
+            path: str = "torch", reduced: torch.Tensor | None = None) -> torch.Tensor:
+    """y + A (B x) for x [T, K], y [T, N], B [r, K], A [N, r] on `path` (fused, split or torch),
+    in series; `split` takes R = x B^T from `reduced` when the caller computed it already."""
     if path == "torch" or x.shape[0] == 0:
         return torch.addmm(y, F.linear(x, factor_b), factor_a.t())
     from . import correction_triton
@@ -164,7 +170,7 @@ def correct(x: torch.Tensor, y: torch.Tensor, factor_b: torch.Tensor, factor_a: 
     if fused:
         reduced, sync = state.reduced, state.sync
     else:
-        reduced, sync = F.linear(x, factor_b), None
+        reduced, sync = (F.linear(x, factor_b) if reduced is None else reduced), None
     correction_triton.launch(x, factor_b, factor_a, y, out, reduced, sync, config)
     return out
 
