@@ -24,11 +24,13 @@ COMMANDS = {
     "vllm-main": "bash bench/run_h200.sh vllm-main",
     "vllm-rest": "bash bench/run_h200.sh vllm-rest",
     "path-fused": "VLLM_GLOWQ_CORRECTION=fused bash bench/run_h200.sh vllm glowq glowq_s",
+    "path-split": "VLLM_GLOWQ_CORRECTION=split bash bench/run_h200.sh vllm gptq glowq",
     "gpu-tests": "bash bench/run_h200.sh gpu-tests",
 }
 # Runs in report order; the targets come from the first run that measured them. Runs named
 # *before_op* are the previous session's (correction as two cuBLAS GEMMs in series).
-RUN_ORDER = ("vllm_main", "vllm_path_fused", "vllm_before_op_main", "vllm_before_op_rest")
+RUN_ORDER = ("vllm_main", "vllm_overlap_first", "vllm_path_split", "vllm_path_fused", "vllm_before_op_main",
+             "vllm_before_op_rest")
 
 
 def _run_rank(path: Path) -> tuple[int, str]:
@@ -205,7 +207,9 @@ def build(results: Path) -> str:
         ("TTFT GlowQ <= 1.10 x plain int4", "ttft_glowq_vs_int4", 1.10, False),
     ]
     for label, key, limit, higher in rows:
-        out.append(f"| {label} | {fmt(figures.get(key), 3)} | {verdict(figures.get(key), limit, higher)} |")
+        caveat = meta.get("verdict_notes", {}).get(key)
+        out.append(f"| {label} | {fmt(figures.get(key), 3)} | {verdict(figures.get(key), limit, higher)}"
+                   f"{'; ' + caveat if caveat else ''} |")
     if cal:
         out.append(f"| calibration <= 5 min on one H200 | {cal['wall_s'] / 60:.2f} min | "
                    f"{verdict(cal['wall_s'] / 60, 5.0, False)} |")
