@@ -4,9 +4,11 @@
 
 For a fused layer (qkv_proj, gate_up_proj) with `share == "group"`, B is one [r, K] matrix
 shared by the members and A stacks their [N_i, r] factors along the output, so R = B x is
-computed once and the correction is one more GEMM. With `share == "module"` every member has
-its own B; the layer stacks them into [U r, K] and places each A_i in its own column block of
-a [N, U r] matrix (zeros elsewhere), so the same two GEMMs compute every member's A_i (B_i x).
+computed once and one expand gives every member's correction. With `share == "module"` every
+member has its own B; the layer stacks them into [U r, K] and places each A_i in its own column
+block of a [N, U r] matrix (zeros elsewhere), so the same kernels compute every A_i (B_i x).
+A layer with factors runs as the custom op in correction.py, which places the correction
+around the base GEMM (on a second stream on CUDA).
 
 Tensor parallelism (notes §5): column-parallel layers replicate B and shard A with the output
 rows; row-parallel layers shard B along the input and replicate A, so the partial corrections
