@@ -26,14 +26,12 @@ batches and `split` above.
 
 from __future__ import annotations
 
-import logging
+import functools
 import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
-logger = logging.getLogger("vllm.glowq")
 
 PATHS = ("auto", "overlap", "fused", "split", "torch")
 ENV_PATH = "VLLM_GLOWQ_CORRECTION"
@@ -95,6 +93,7 @@ def register_layer(name: str, layer: torch.nn.Module, base: BaseForward) -> None
         _device_state(device, layer.glowq_A.shape[1])
 
 
+@functools.cache
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
