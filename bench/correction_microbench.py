@@ -4,7 +4,8 @@ Times `out = y + A (B x)` alone, as the plugin computed it before the custom op 
 op's serial paths (vllm_glowq/correction.py):
 
 * `two_gemm`: `R = F.linear(x, B); out = torch.addmm(y, R, A.t())` (cuBLAS, the old path);
-* `fused`: one Triton launch (split-K shrink, grid barrier, expand + add);
+* `fused`: one Triton launch (split-K shrink, grid barrier, expand + add), `split` above
+  FUSED_MAX_TOKENS;
 * `split`: cuBLAS shrink, then the Triton expand + add;
 * `op`: the serial path the op takes when it does not overlap (fused, then split above
   FUSED_MAX_TOKENS); the default decode path, overlapping the int4 GEMM, is measured in vLLM.
@@ -85,12 +86,10 @@ def two_gemm(x, y, b, a):
 
 
 def serial(path: str):
-    """The correction on one of the op's serial paths; `auto`: fused up to FUSED_MAX_TOKENS, split
-    above (what the op runs when it does not overlap; the overlap needs the int4 GEMM beside it)."""
+    """The correction on one of the op's serial paths (`fused` falls back to `split` above
+    FUSED_MAX_TOKENS, as the op does; the overlap needs the int4 GEMM beside it)."""
     def run(x, y, b, a):
-        fits = x.shape[0] <= correction.FUSED_MAX_TOKENS
-        chosen = path if path == "split" or (path == "fused" and fits) else ("fused" if fits else "split")
-        return correction.correct(x, y, b, a, chosen)
+        return correction.correct(x, y, b, a, path)
     return run
 
 
@@ -168,7 +167,8 @@ def make_sets(t: int, k: int, sizes: tuple[int, ...], mode: str, device) -> list
     return sets
 
 
-PATHS = {"two_gemm": two_gemm, "fused": serial("fused"), "split": serial("split"), "op": serial("auto")}
+# `op`: the op's serial choice (fused, split above FUSED_MAX_TOKENS); the same launches as `fused`
+PATHS = {"two_gemm": two_gemm, "fused": serial("fused"), "split": serial("split"), "op": serial("fused")}
 
 
 def main(argv: list[str] | None = None) -> None:
