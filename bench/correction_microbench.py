@@ -5,10 +5,10 @@ op's serial paths (vllm_glowq/correction.py):
 
 * `two_gemm`: `R = F.linear(x, B); out = torch.addmm(y, R, A.t())` (cuBLAS, the old path);
 * `fused`: one Triton launch (split-K shrink, grid barrier, expand + add), `split` above
-  FUSED_MAX_TOKENS;
-* `split`: cuBLAS shrink, then the Triton expand + add;
-* `op`: the serial path the op takes when it does not overlap (fused, then split above
-  FUSED_MAX_TOKENS); the default decode path, overlapping the int4 GEMM, is measured in vLLM.
+  FUSED_MAX_TOKENS: the op's serial path;
+* `split`: cuBLAS shrink, then the Triton expand + add.
+
+The op's default decode path overlaps the int4 GEMM, so it is measured in vLLM instead.
 
 for GlowQ (one B per layer) and for per-module correction as the plugin lays it out (one B per
 member stacked into [U r, K], each A_i in its own column block of [N, U r]). For each case it
@@ -167,8 +167,7 @@ def make_sets(t: int, k: int, sizes: tuple[int, ...], mode: str, device) -> list
     return sets
 
 
-# `op`: the op's serial choice (fused, split above FUSED_MAX_TOKENS); the same launches as `fused`
-PATHS = {"two_gemm": two_gemm, "fused": serial("fused"), "split": serial("split"), "op": serial("fused")}
+PATHS = {"two_gemm": two_gemm, "fused": serial("fused"), "split": serial("split")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
               "rank": RANK, "sm_count": sm_count, "copy_bandwidth_Bps": bw,
               "fused_max_tokens": correction.FUSED_MAX_TOKENS, "rows": [], "sweep": []}
     print(f"{'layer':13} {'mode':9} {'T':>5} " + " ".join(f"{p + ' us':>11}" for p in PATHS)
-          + f" {'MB':>7} {'op TB/s':>7} {'%copy':>6} {'int4 us':>8}", flush=True)
+          + f" {'MB':>7} {'fused TB/s':>10} {'%copy':>6} {'int4 us':>8}", flush=True)
     for layer, (k, sizes) in LAYERS.items():
         n = sum(sizes)
         for mode in ("glowq", "permodule") if len(sizes) > 1 else ("glowq",):
@@ -200,14 +199,12 @@ def main(argv: list[str] | None = None) -> None:
                 moved = op_bytes(t, k, n, b_rows)
                 base_us = int4_weight_bytes(k, n) / bw * 1e6
                 row = {"layer": layer, "mode": mode, "tokens": t, "K": k, "N": n, "B_rows": b_rows,
-                       "us": times, "op_path": correction.choose_path(sets[0][0]), "bytes": moved,
-                       "op_achieved_Bps": moved / times["op"] * 1e6,
-                       "op_fraction_of_copy_bw": moved / times["op"] * 1e6 / bw,
+                       "us": times, "bytes": moved,
                        "int4_weight_bytes": int4_weight_bytes(k, n), "int4_ideal_us": base_us}
                 result["rows"].append(row)
                 print(f"{layer:13} {mode:9} {t:5d} " + " ".join(f"{times[p]:11.2f}" for p in PATHS)
-                      + f" {moved / 1e6:7.2f} {row['op_achieved_Bps'] / 1e12:7.2f} "
-                      f"{100 * row['op_fraction_of_copy_bw']:5.1f}% {base_us:8.2f}", flush=True)
+                      + f" {moved / 1e6:7.2f} {moved / times['fused'] / 1e6:10.2f} "
+                      f"{100 * moved / times['fused'] * 1e6 / bw:5.1f}% {base_us:8.2f}", flush=True)
                 if args.sweep and mode == "glowq":
                     fused = t <= correction.FUSED_MAX_TOKENS
                     default = correction_triton.choose_config(t, k, n, b_rows, sm_count, fused)

@@ -106,22 +106,23 @@ def micro_section(micro: dict) -> list[str]:
         f"{micro.get('sm_count', '?')} SMs; Triton {micro.get('triton', '?')}. Rank {micro['rank']}, bf16. "
         "Microseconds per call from CUDA-graph replays over rotating buffers larger than L2: `two_gemm` is the "
         "plugin's old path (`F.linear(x, B)` then `torch.addmm(y, R, A.t())`), `fused` the single-launch Triton "
-        "kernel, `split` cuBLAS shrink + Triton expand, `op` the serial path the op takes when it does not overlap "
-        f"(fused up to {micro.get('fused_max_tokens', '?')} tokens, split above; the default overlap needs the int4 GEMM "
-        "beside it and is measured in vLLM above). `MB` is what the op must move (x, B, A, y, out); "
+        f"kernel (up to {micro.get('fused_max_tokens', '?')} tokens; above that the op runs `split`), `split` cuBLAS "
+        "shrink + Triton expand. These are the op's serial paths; its default decode path overlaps the int4 GEMM "
+        "and is measured in vLLM above. `MB` is what the op must move (x, B, A, y, out); "
         "`int4 ideal` is the layer's int4 codes + scales moved at the copy bandwidth, the floor of the base GEMM "
         "the correction is added to.",
         "",
-        "| layer | mode | tokens | two_gemm us | fused us | split us | op us | op / two_gemm | MB | op % of copy bw "
-        "| int4 ideal us | op / int4 ideal |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| layer | mode | tokens | two_gemm us | fused us | split us | fused / two_gemm | MB | fused % of copy bw "
+        "| int4 ideal us | fused / int4 ideal |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in micro["rows"]:
         us = r["us"]
         lines.append(
             f"| {r['layer']} | {r['mode']} | {r['tokens']} | {us['two_gemm']:.2f} | {us['fused']:.2f} | {us['split']:.2f} "
-            f"| {us['op']:.2f} | {us['op'] / us['two_gemm']:.2f} | {r['bytes'] / 1e6:.2f} "
-            f"| {100 * r['op_fraction_of_copy_bw']:.1f} | {r['int4_ideal_us']:.2f} | {us['op'] / r['int4_ideal_us']:.2f} |"
+            f"| {us['fused'] / us['two_gemm']:.2f} | {r['bytes'] / 1e6:.2f} "
+            f"| {100 * r['bytes'] / (us['fused'] * 1e-6) / bw:.1f} | {r['int4_ideal_us']:.2f} "
+            f"| {us['fused'] / r['int4_ideal_us']:.2f} |"
         )
     if micro.get("sweep"):
         lines += ["", f"Triton launch configurations (`--sweep`; fused up to 256 tokens, split above), us per call, "

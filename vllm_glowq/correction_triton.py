@@ -18,8 +18,8 @@ For many tokens the correction is bandwidth-bound and the grid barrier buys noth
 The kernels use only Triton builtins (`tl.full`, integer division; not the `@jit` helpers
 `tl.zeros`, `tl.cdiv`), so Triton's interpreter can run them on a CPU for the tests even when
 Triton was imported before TRITON_INTERPRET was set. Only the launch configuration depends
-on the token count; every shape and pointer is a kernel
-argument, so CUDA graphs capture one launch per batch size.
+on the token count; every shape and pointer is a kernel argument, so CUDA graphs capture one
+launch per batch size.
 """
 
 from __future__ import annotations
