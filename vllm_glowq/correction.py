@@ -13,7 +13,7 @@ Inside, the path is chosen per call from the device, dtype and token count:
   layer on an H200 in series), so hiding it behind the GEMM leaves one elementwise add on the
   critical path. Both branches are captured into the CUDA graph as a fork and a join.
 * `fused` (CUDA, bf16/fp16, up to FUSED_MAX_TOKENS tokens): the GEMM, then one Triton launch for
-  the whole correction (`correction_triton`), in series.
+  the whole correction (`kernels.lowrank_triton`), in series.
 * `split` (CUDA, any token count): R = x B^T by cuBLAS on the second stream while the GEMM
   runs, then one Triton launch that writes y + R A^T; the prefill case, where the correction
   is bandwidth-bound and the shrink (reading all of x) hides behind the compute-bound GEMM.
@@ -156,7 +156,7 @@ def correct(x: torch.Tensor, y: torch.Tensor, factor_b: torch.Tensor, factor_a: 
     in series; `split` takes R = x B^T from `reduced` when the caller computed it already."""
     if path == "torch" or x.shape[0] == 0:
         return torch.addmm(y, F.linear(x, factor_b), factor_a.t())
-    from . import correction_triton
+    from .kernels import lowrank_triton
 
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = y if y.stride(-1) == 1 else y.contiguous()
@@ -165,12 +165,12 @@ def correct(x: torch.Tensor, y: torch.Tensor, factor_b: torch.Tensor, factor_a: 
     n, rank = factor_a.shape
     state = _device_state(x.device, rank)
     fused = path == "fused" and tokens <= FUSED_MAX_TOKENS  # the workspace's capacity
-    config = correction_triton.choose_config(tokens, k, n, rank, state.sm_count, fused)
+    config = lowrank_triton.choose_config(tokens, k, n, rank, state.sm_count, fused)
     if fused:
         reduced, sync = state.reduced, state.sync
     else:
         reduced, sync = (F.linear(x, factor_b) if reduced is None else reduced), None
-    correction_triton.launch(x, factor_b, factor_a, y, out, reduced, sync, config)
+    lowrank_triton.launch(x, factor_b, factor_a, y, out, reduced, sync, config)
     return out
 
 
