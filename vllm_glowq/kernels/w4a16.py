@@ -10,6 +10,7 @@ buys nothing and the dense product is the fastest one on the GPU.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -60,15 +61,21 @@ def unsupported_reason(k: int, n: int, group_size: int, dtype: torch.dtype, devi
 
 
 def choose_gemm_config(tokens: int, n: int, k: int, group_size: int, sm_count: int) -> GemmConfig:
-    """Launch configuration for `tokens` rows: split K until the grid holds a few programs per SM."""
-    block_m = 16 if tokens <= 16 else 32 if tokens <= 32 else 64
+    """Launch configuration for `tokens` rows: split K until the grid holds a few programs per SM.
+
+    Tile shapes and warps follow the H200 sweep (bench/kernel_microbench.py --sweep, 2026-12-01):
+    one token runs the tensor-core-free path in wide tiles of two warps.
+    """
     block_k = block_k_for(k, group_size)
-    block_n = 64 if tokens <= 64 else 128
+    if tokens == 1:
+        block_m, block_n, warps, stages = 1, 256, 2, 2
+    else:
+        block_m = 16 if tokens <= 16 else 32 if tokens <= 32 else 64
+        block_n, warps, stages = (128, 4, 3) if tokens <= 16 else (64, 4, 3)
     tiles = math.ceil(tokens / block_m) * math.ceil(n / block_n)
-    k_blocks = k // block_k
     wanted = max(1, math.ceil(4 * sm_count / tiles))
-    split = min(k_blocks, wanted, max(1, PARTIAL_SUM_BYTES // (4 * tokens * n)))
-    return GemmConfig(block_m, block_n, block_k, split)
+    split = min(k // block_k, wanted, max(1, PARTIAL_SUM_BYTES // (4 * tokens * n)))
+    return GemmConfig(block_m, block_n, block_k, split, warps, stages)
 
 
 class Workspace:
@@ -95,6 +102,7 @@ class Workspace:
             self.dense[dtype] = torch.empty(k * n, dtype=dtype, device=self.device)
 
 
+_reported: set = set()
 _workspaces: dict[torch.device, Workspace] = {}
 
 
@@ -132,15 +140,17 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
     space = workspace(x.device)
     config = config or choose_gemm_config(tokens, n, k, group_size, space.sm_count)
     m_blocks = math.ceil(tokens / config.block_m)
+    shrink_block_m = max(16, config.block_m)  # tl.dot's smallest tile
     shrink_programs = 0
     if correct:
-        shrink_programs = m_blocks * math.ceil(rank / config.block_r) * math.ceil(k / config.shrink_chunk)
+        shrink_programs = (math.ceil(tokens / shrink_block_m) * math.ceil(rank / config.block_r)
+                           * math.ceil(k / config.shrink_chunk))
     chunk_blocks = math.ceil(k // config.block_k / config.split_k)
     split = math.ceil(k // config.block_k / chunk_blocks)  # every chunk non-empty
     grid = shrink_programs + m_blocks * math.ceil(n / config.block_n) * split
     magic, magic_value = _MAGIC[x.dtype]
     dummy = space.sync
-    gemm_kernel[(grid,)](
+    handle = gemm_kernel[(grid,)](
         x, qweight, scales, dummy if zeros is None else zeros, dummy if bias is None else bias,
         factor_b if correct else dummy, factor_a if correct else dummy, out, space.partial,
         space.reduced, space.sync, tokens, n, k, rank, group_size, split, chunk_blocks * config.block_k, config.shrink_chunk,
@@ -149,8 +159,11 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
         factor_a.stride(0) if correct else 0, out.stride(0),
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, CORRECT=correct,
         BM=config.block_m, BN=config.block_n, BK=config.block_k,
-        BR=config.block_r, SBK=config.shrink_block_k, MAGIC=magic, MAGIC_VALUE=magic_value,
+        BR=config.block_r, SBM=shrink_block_m, SBK=config.shrink_block_k, MAGIC=magic, MAGIC_VALUE=magic_value,
         num_warps=config.num_warps, num_stages=config.num_stages)
+    if os.environ.get("GLOWQ_DEBUG") and config not in _reported:
+        _reported.add(config)
+        print(f"gemm {config}: regs {handle.n_regs} spills {handle.n_spills} smem {handle.metadata.shared}", flush=True)
     return out
 
 

@@ -84,22 +84,68 @@ def _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, k_end,
                     stride_xm, stride_qk, stride_sg, stride_zg, acc,
                     HAS_ZEROS: tl.constexpr, BK: tl.constexpr, MAGIC: tl.constexpr,
                     MAGIC_VALUE: tl.constexpr, DTYPE: tl.constexpr):
-    """acc + sum over k in [k_start, k_end) of x[m, k] deq(W)[k, n] (BK divides the group)."""
+    """acc + sum over k in [k_start, k_end) of x[m, k] deq(W)[k, n] on the tensor cores (BK divides the group).
+
+    Up to 16 tokens each nibble position is its own plane: eight products of K = BK / 8 with
+    the matching strided columns of x, and no reordering of the unpacked weights (the H200 sweep
+    found this fastest there); for more tokens the nibbles are interleaved into one [BK, BN]
+    tile in GPTQ row order and multiplied once.
+    """
     offs_kw = tl.arange(0, BK // 8)
     offs_k = tl.arange(0, BK)
     m_ok = offs_m[:, None] < M
     n_ok = offs_n < N
     for k0 in range(k_start, k_end, BK):
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_ok, other=0.0)
         words = tl.load(qw_ptr + (k0 // 8 + offs_kw)[:, None] * stride_qk + offs_n[None, :],
                         mask=n_ok[None, :], other=0)
-        raw = tl.dot(x, _unpack(words, MAGIC, DTYPE))
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_ok, other=0.0)
+        if offs_m.shape[0] <= 16:
+            raw = tl.full((offs_m.shape[0], offs_n.shape[0]), 0.0, tl.float32)
+            for p in tl.static_range(4):
+                low, high = _nibble_pair(words, 4 * p, MAGIC, DTYPE)
+                rows = offs_m[:, None] * stride_xm + (k0 + 8 * offs_kw + p)[None, :]
+                raw = tl.dot(tl.load(x_ptr + rows, mask=m_ok, other=0.0), low, raw)
+                raw = tl.dot(tl.load(x_ptr + rows + 4, mask=m_ok, other=0.0), high, raw)
+        else:
+            raw = tl.dot(x, _unpack(words, MAGIC, DTYPE))
         x_sum = tl.sum(x.to(tl.float32), axis=1)
         group = k0 // group_size
         scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, MAGIC_VALUE)
         acc += (raw - x_sum[:, None] * zero_term[None, :]) * scale[None, :]
     return acc
+
+
+@triton.jit
+def _gemv_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_start, k_end, N, group_size,
+                    stride_qk, stride_sg, stride_zg, acc, HAS_ZEROS: tl.constexpr, BK: tl.constexpr):
+    """The one-token case without tensor cores: acc [1, BN] + x deq(W) over [k_start, k_end).
+
+    Two nibbles per and-or become the bf16 numbers 128 + q in the halves of a word; shifting
+    each half to the top gives the same number as float32, so every weight costs about one
+    integer operation and one fused multiply-add, and the sum over K stays inside each thread.
+    """
+    offs_kw = tl.arange(0, BK // 8)
+    n_ok = offs_n < N
+    total = tl.full(offs_n.shape, 0.0, tl.float32)
+    for k0 in range(k_start, k_end, BK):
+        words = tl.load(qw_ptr + (k0 // 8 + offs_kw)[:, None] * stride_qk + offs_n[None, :],
+                        mask=n_ok[None, :], other=0)
+        raw = tl.full(offs_n.shape, 0.0, tl.float32)
+        x_sum = 0.0
+        for p in tl.static_range(4):
+            pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
+            low = (pair << 16).to(tl.float32, bitcast=True)
+            high = (pair & -65536).to(tl.float32, bitcast=True)
+            x_low = tl.load(x_ptr + k0 + 8 * offs_kw + p).to(tl.float32)
+            x_high = tl.load(x_ptr + k0 + 8 * offs_kw + p + 4).to(tl.float32)
+            raw += tl.sum(x_low[:, None] * low, axis=0) + tl.sum(x_high[:, None] * high, axis=0)
+            x_sum += tl.sum(x_low, axis=0) + tl.sum(x_high, axis=0)
+        group = k0 // group_size
+        scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, 128.0)
+        total += (raw - x_sum * zero_term) * scale
+    return acc + total[None, :]
 
 
 @triton.jit
@@ -136,7 +182,10 @@ def _expand(r_ptr, a_ptr, offs_m, offs_n, M, N, RANK, stride_an, acc, BR: tl.con
                           mask=(offs_m[:, None] < M) & (offs_r[None, :] < RANK), other=0.0, cache_modifier=".cg")
         a_t = tl.load(a_ptr + offs_n[None, :] * stride_an + offs_r[:, None],
                       mask=(offs_n[None, :] < N) & (offs_r[:, None] < RANK), other=0.0)
-        acc = tl.dot(reduced.to(DTYPE), a_t, acc)
+        if offs_m.shape[0] == 1:
+            acc += tl.sum(reduced.to(DTYPE).to(tl.float32).reshape(BR, 1) * a_t.to(tl.float32), axis=0)[None, :]
+        else:
+            acc = tl.dot(reduced.to(DTYPE), a_t, acc)
     return acc
 
 
@@ -167,6 +216,7 @@ def _epilogue(r_ptr, a_ptr, bias_ptr, out_ptr, sync_ptr, acc, offs_m, offs_n, M,
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
     if CORRECT:
         tiles = (M + BM - 1) // BM * ((N + BN - 1) // BN)
+        tl.debug_barrier()  # all of this program's reads of R are done
         if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == tiles - 1:  # every epilogue has read R
             zero = tl.full((BM, BR), 0.0, tl.float32)
             for m0 in range(0, M, BM):
@@ -185,37 +235,64 @@ def gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, pa
                 stride_xm, stride_qk, stride_sg, stride_zg, stride_bk, stride_an, stride_om,
                 HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, CORRECT: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                BR: tl.constexpr, SBK: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VALUE: tl.constexpr):
+                BR: tl.constexpr, SBM: tl.constexpr, SBK: tl.constexpr, MAGIC: tl.constexpr,
+                MAGIC_VALUE: tl.constexpr):
     """See the module docstring. sync_ptr: [0] shrink items done, [1] epilogues done, [2 + t] tile t's tickets."""
     DTYPE = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
-    if pid < shrink_programs:  # shrink_programs is 0 without a correction
-        _shrink(x_ptr, b_ptr, r_ptr, pid, M, K, RANK, stride_xm, stride_bk, shrink_chunk, BM, BR, SBK)
-        tl.atomic_add(sync_ptr, 1, sem="release")
+    if CORRECT:
+        if pid < shrink_programs:
+            _shrink(x_ptr, b_ptr, r_ptr, pid, M, K, RANK, stride_xm, stride_bk, shrink_chunk, SBM, BR, SBK)
+            tl.debug_barrier()  # every thread's atomics into R precede the release of the count
+            tl.atomic_add(sync_ptr, 1, sem="release")
+        else:
+            _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
+                       pid - shrink_programs, M, N, K, RANK, group_size, split_k, k_chunk, shrink_programs,
+                       stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
+                       HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE)
     else:
-        pid -= shrink_programs
-        n_tiles = (N + BN - 1) // BN
-        split = pid % split_k
-        tile = pid // split_k
-        offs_m = (tile // n_tiles) * BM + tl.arange(0, BM)
-        offs_n = (tile % n_tiles) * BN + tl.arange(0, BN)
-        k_start = split * k_chunk
-        acc = tl.full((BM, BN), 0.0, tl.float32)
-        acc = _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start,
-                              tl.minimum(K, k_start + k_chunk), M, N, group_size, stride_xm, stride_qk,
-                              stride_sg, stride_zg, acc, HAS_ZEROS, BK, MAGIC, MAGIC_VALUE, DTYPE)
-        if split_k == 1:
+        _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
+                   pid, M, N, K, RANK, group_size, split_k, k_chunk, shrink_programs,
+                   stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
+                   HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE)
+
+
+@triton.jit
+def _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
+               item, M, N, K, RANK, group_size, split_k, k_chunk, shrink_programs,
+               stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
+               HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, CORRECT: tl.constexpr, BM: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, MAGIC: tl.constexpr,
+               MAGIC_VALUE: tl.constexpr, DTYPE: tl.constexpr):
+    """One (token block, output tile, K chunk) of the int4 GEMM; the tile's last chunk runs the epilogue."""
+    n_tiles = (N + BN - 1) // BN
+    split = item % split_k
+    tile = item // split_k
+    offs_m = (tile // n_tiles) * BM + tl.arange(0, BM)
+    offs_n = (tile % n_tiles) * BN + tl.arange(0, BN)
+    k_start = split * k_chunk
+    acc = tl.full((BM, BN), 0.0, tl.float32)
+    if BM == 1:
+        acc = _gemv_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_start, tl.minimum(K, k_start + k_chunk), N,
+                              group_size, stride_qk, stride_sg, stride_zg, acc, HAS_ZEROS, BK)
+    else:
+        acc = _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, tl.minimum(K, k_start + k_chunk),
+                              M, N, group_size, stride_xm, stride_qk, stride_sg, stride_zg, acc,
+                              HAS_ZEROS, BK, MAGIC, MAGIC_VALUE, DTYPE)
+    if split_k == 1:
+        _epilogue(r_ptr, a_ptr, bias_ptr, out_ptr, sync_ptr, acc, offs_m, offs_n, M, N, RANK, shrink_programs,
+                  stride_an, stride_om, HAS_BIAS, CORRECT, BM, BN, BR, DTYPE)
+    else:
+        tl.store(part_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        # The barrier puts every thread's partial stores before the ticket's release; acq_rel
+        # publishes them and, for the last arrival, makes the others' visible.
+        tl.debug_barrier()
+        if tl.atomic_add(sync_ptr + 2 + tile, 1, sem="acq_rel") == split_k - 1:
+            tl.atomic_xchg(sync_ptr + 2 + tile, 0)
+            acc = _sum_partials(part_ptr, acc, split, offs_m, offs_n, M, N, split_k)
             _epilogue(r_ptr, a_ptr, bias_ptr, out_ptr, sync_ptr, acc, offs_m, offs_n, M, N, RANK, shrink_programs,
                       stride_an, stride_om, HAS_BIAS, CORRECT, BM, BN, BR, DTYPE)
-        else:
-            tl.store(part_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
-                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-            # acq_rel: publishes this partial and, for the last arrival, makes the others' visible
-            if tl.atomic_add(sync_ptr + 2 + tile, 1, sem="acq_rel") == split_k - 1:
-                tl.atomic_xchg(sync_ptr + 2 + tile, 0)
-                acc = _sum_partials(part_ptr, acc, split, offs_m, offs_n, M, N, split_k)
-                _epilogue(r_ptr, a_ptr, bias_ptr, out_ptr, sync_ptr, acc, offs_m, offs_n, M, N, RANK,
-                          shrink_programs, stride_an, stride_om, HAS_BIAS, CORRECT, BM, BN, BR, DTYPE)
 
 
 @triton.jit
