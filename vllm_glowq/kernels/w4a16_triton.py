@@ -36,6 +36,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _sum(values, axis: tl.constexpr):
+    """tl.sum, through a builtin: the interpreter runs this file's kernels even when Triton was
+    imported before TRITON_INTERPRET was set (the tests), which tl.sum's own @jit prevents."""
+    return tl.reduce(values, axis, _add)
+
+
+@triton.jit
 def _interleave_rows(a, b):
     """[R, C], [R, C] -> [2R, C] with rows a0, b0, a1, b1, ..."""
     return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (2 * a.shape[0], a.shape[1]))
@@ -108,7 +120,7 @@ def _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, k_end,
                 raw = tl.dot(tl.load(x_ptr + rows + 4, mask=m_ok, other=0.0), high, raw)
         else:
             raw = tl.dot(x, _unpack(words, MAGIC, DTYPE))
-        x_sum = tl.sum(x.to(tl.float32), axis=1)
+        x_sum = _sum(x.to(tl.float32), axis=1)
         group = k0 // group_size
         scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, MAGIC_VALUE)
@@ -139,8 +151,8 @@ def _gemv_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_start, k_end, N, grou
             high = (pair & -65536).to(tl.float32, bitcast=True)
             x_low = tl.load(x_ptr + k0 + 8 * offs_kw + p).to(tl.float32)
             x_high = tl.load(x_ptr + k0 + 8 * offs_kw + p + 4).to(tl.float32)
-            raw += tl.sum(x_low[:, None] * low, axis=0) + tl.sum(x_high[:, None] * high, axis=0)
-            x_sum += tl.sum(x_low, axis=0) + tl.sum(x_high, axis=0)
+            raw += _sum(x_low[:, None] * low, axis=0) + _sum(x_high[:, None] * high, axis=0)
+            x_sum += _sum(x_low, axis=0) + _sum(x_high, axis=0)
         group = k0 // group_size
         scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, 128.0)
@@ -183,7 +195,7 @@ def _expand(r_ptr, a_ptr, offs_m, offs_n, M, N, RANK, stride_an, acc, BR: tl.con
         a_t = tl.load(a_ptr + offs_n[None, :] * stride_an + offs_r[:, None],
                       mask=(offs_n[None, :] < N) & (offs_r[:, None] < RANK), other=0.0)
         if offs_m.shape[0] == 1:
-            acc += tl.sum(reduced.to(DTYPE).to(tl.float32).reshape(BR, 1) * a_t.to(tl.float32), axis=0)[None, :]
+            acc += _sum(reduced.to(DTYPE).to(tl.float32).reshape(BR, 1) * a_t.to(tl.float32), axis=0)[None, :]
         else:
             acc = tl.dot(reduced.to(DTYPE), a_t, acc)
     return acc
