@@ -259,13 +259,14 @@ def sweep_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
             return float("inf")
 
     results = {}
-    for block_n in (32, 64, 128):
+    gemv = default.block_m == 1
+    for block_n in (64, 128, 256) if gemv else (32, 64, 128):
         for factor in (0.5, 1, 2):
             split = max(1, min(k // default.block_k, round(default.split_k * factor)))
             config = dataclasses.replace(default, block_n=block_n, split_k=split)
             results[config] = timed(config)
     best = min(results, key=results.get)
-    for warps in (4, 8):
+    for warps in (1, 2, 4) if gemv else (4, 8):
         for stages in (2, 3, 4):
             config = dataclasses.replace(best, num_warps=warps, num_stages=stages)
             if config not in results:
@@ -281,7 +282,9 @@ def format_row(row: dict) -> str:
     for name, us in row["us"].items():
         parts.append(f"{name} {us:7.2f}us ({100 * row['bandwidth_fraction'][name]:3.0f}%, err {row['error'][name]:.1e})")
     if "sweep" in row:
-        parts.append(f"sweep best {row['sweep']['best_us']:.2f}us")
+        best = row["sweep"]["best"]
+        parts.append(f"sweep best {row['sweep']['best_us']:.2f}us (BN {best['block_n']} split {best['split_k']} "
+                     f"w{best['num_warps']} s{best['num_stages']})")
     return " | ".join(parts)
 
 

@@ -115,6 +115,7 @@ INTERPRETED_CASES = [
     (1, 256, 48, -1, 0, True, dict(block_n=16, split_k=2)),
     (3, 256, 40, 128, 16, True, dict(block_n=16, split_k=2, shrink_chunk=128, shrink_block_k=64)),
     (5, 384, 56, 128, 32, False, dict(block_n=32, split_k=3)),
+    (7, 256, 40, 64, 16, False, dict(block_n=16, split_k=2)),  # 16-token tile, K blocks of 64: no planes
     (20, 128, 24, 64, 16, True, dict(block_m=32, block_n=16, split_k=1)),
 ]
 
@@ -156,6 +157,8 @@ def test_gpu_every_path_matches_reference(shape, dtype, sym, group, rank):
     from vllm_glowq.kernels import w4a16
 
     k, n = shape
+    if group != -1 and k % group:
+        pytest.skip(f"group size {group} does not divide K={k}: such modules stay in full precision")
     layer = make_layer(k, n, group, rank, sym, dtype, seed=k + n + rank, device="cuda")
     w4a16.workspace(torch.device("cuda", 0)).reserve(n, k, rank, dtype)
     bias = torch.randn(n, device="cuda", dtype=dtype)

@@ -51,6 +51,8 @@ def unsupported_reason(k: int, n: int, group_size: int, dtype: torch.dtype, devi
         return "the GlowQ int4 kernels need compute capability 8.0 (Ampere) or newer"
     if dtype not in _MAGIC:
         return f"the GlowQ int4 kernels take bfloat16 or float16 activations, not {dtype}"
+    if k % group_size:
+        return f"group_size={group_size} does not divide in_features={k}"
     if block_k_for(k, group_size) is None:
         return f"in_features={k} with group_size={group_size} has no K block of 16-128 that divides both"
     try:

@@ -98,7 +98,7 @@ def _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, k_end,
                     MAGIC_VALUE: tl.constexpr, DTYPE: tl.constexpr):
     """acc + sum over k in [k_start, k_end) of x[m, k] deq(W)[k, n] on the tensor cores (BK divides the group).
 
-    Up to 16 tokens each nibble position is its own plane: eight products of K = BK / 8 with
+    Up to 16 tokens (and K blocks of 128) each nibble position is its own plane: eight products of K = BK / 8 with
     the matching strided columns of x, and no reordering of the unpacked weights (the H200 sweep
     found this fastest there); for more tokens the nibbles are interleaved into one [BK, BN]
     tile in GPTQ row order and multiplied once.
@@ -111,7 +111,7 @@ def _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, k_end,
         words = tl.load(qw_ptr + (k0 // 8 + offs_kw)[:, None] * stride_qk + offs_n[None, :],
                         mask=n_ok[None, :], other=0)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_ok, other=0.0)
-        if offs_m.shape[0] <= 16:
+        if offs_m.shape[0] <= 16 and BK >= 128:  # each plane's K = BK / 8 must be at least 16 (tl.dot)
             raw = tl.full((offs_m.shape[0], offs_n.shape[0]), 0.0, tl.float32)
             for p in tl.static_range(4):
                 low, high = _nibble_pair(words, 4 * p, MAGIC, DTYPE)
