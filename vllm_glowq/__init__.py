@@ -11,7 +11,10 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    """Register the `glowq` QuantizationConfig with vLLM (safe to call more than once)."""
+    """Register the `glowq` QuantizationConfig with vLLM (safe to call more than once), and
+    make an uncaught GlowQ error end the process with its one-line message."""
+    from . import excepthook
     from .config import register_glowq
 
     register_glowq()
+    excepthook.install()
