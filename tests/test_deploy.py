@@ -435,6 +435,16 @@ def test_glowq_serve_reads_comments_blanks_and_crlf(tmp_path):
     assert run_glowq_serve(tmp_path, f, "/m") == ["serve", "/m", "--dtype", "bfloat16", "--max-model-len", "4096"]
 
 
+def test_glowq_serve_extra_flags_replace_the_files(tmp_path):
+    """vLLM warns "Found duplicate keys --port" when a flag comes twice; the quick start and the
+    e2e test give their own port, so the file's --port and its value must give way."""
+    f = tmp_path / "args.txt"
+    f.write_text("--quantization\nglowq\n--port\n8000\n--enforce-eager\n--max-model-len=4096\n")
+    argv = run_glowq_serve(tmp_path, f, "/m", "--port", "8765", "--max-model-len=512", "--enforce-eager")
+    assert argv == ["serve", "/m", "--quantization", "glowq", "--port", "8765", "--max-model-len=512",
+                    "--enforce-eager"]
+
+
 def test_glowq_serve_fails_without_the_file(tmp_path):
     out = subprocess.run([str(DEPLOY / "bin" / "glowq-serve")], capture_output=True, text=True, timeout=30,
                          env={**os.environ, "GLOWQ_SERVE_ARGS_FILE": str(tmp_path / "missing")})

@@ -15,6 +15,8 @@ def register() -> None:
     make an uncaught GlowQ error end the process with its one-line message."""
     from . import excepthook
     from .config import register_glowq
+    from .loading import quiet_zero_point_dtype_notices
 
     register_glowq()
     excepthook.install()
+    quiet_zero_point_dtype_notices()

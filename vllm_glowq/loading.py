@@ -11,15 +11,17 @@ validator (validate.py), which normally refuses such checkpoints before an engin
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .format import GlowQFormatError
+from .format import QZEROS, GlowQFormatError
 
 ShardKey = str | int | None  # vLLM's shard id: "q"/"k"/"v", 0/1 (gate/up), or None (unfused)
 Transform = Callable[[torch.Tensor, ShardKey], torch.Tensor]
+VLLM_WEIGHT_LOADING_LOGGER = "vllm.model_executor.models.utils"  # vLLM's AutoWeightsLoader
 
 
 @dataclass(frozen=True)
@@ -98,3 +100,30 @@ class ExpectedTensors:
                 "re-run glowq-calibrate or fix lowrank_units."
             )
 
+
+
+class ZeroPointDtypeNotice(logging.Filter):
+    """Drops vLLM's "Attempted to load weight ...qzeros with dtype torch.int32 into parameter
+    with dtype torch.uint8" warning, which it logs once per unfused layer and checkpoint.
+
+    The difference is by design: zero points arrive packed (int32, eight per word) and the
+    parameter holds them unpacked (uint8) until loading ends, because packed words of fused
+    members cannot be concatenated when a member's out-features are not a multiple of 8. The
+    loader wrapper unpacks every one, so the warning reports nothing a user can act on; every
+    other dtype warning passes through.
+    """
+
+    MESSAGE = "Attempted to load weight %s with dtype %s into parameter with dtype %s"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self.MESSAGE or not isinstance(record.args, tuple) or len(record.args) != 3:
+            return True
+        name, source, target = record.args
+        return not (str(name).endswith(f".{QZEROS}") and source == torch.int32 and target == torch.uint8)
+
+
+def quiet_zero_point_dtype_notices() -> None:
+    """Install the filter on the vLLM logger that emits the warning (once per process)."""
+    logger = logging.getLogger(VLLM_WEIGHT_LOADING_LOGGER)
+    if not any(isinstance(f, ZeroPointDtypeNotice) for f in logger.filters):
+        logger.addFilter(ZeroPointDtypeNotice())
