@@ -29,6 +29,7 @@ from .preflight import (
     estimated_checkpoint_bytes,
     model_linears,
     resolve_seq_len,
+    warn_without_chat_template,
 )
 from .writer import atomic_folder, check_output, output_lock, save_tensors, write_json
 
@@ -55,6 +56,7 @@ def run_calibration(model_ref: str, options: CalibrationOptions, keep_dequantize
     timings: dict[str, float] = {}
     path, hf_config, _ = prepare(model_ref, options)
     tokenizer = load_tokenizer(path)
+    warn_without_chat_template(tokenizer)
     extra = options.heldout_samples if options.restore == "auto" else 0
     # Data problems (an empty file, too little text) are found before the weights are loaded.
     train, heldout = calibration_windows(

@@ -139,3 +139,13 @@ def check_free_space(output: Path, needed_bytes: int) -> None:
             f"the checkpoint needs about {needed_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free in "
             f"{output.parent}; free some space or choose another --output"
         )
+
+
+def warn_without_chat_template(tokenizer) -> None:
+    """The checkpoint inherits the source's tokenizer; without a chat template vLLM answers
+    every chat completion with HTTP 400, which surprises whoever serves a base model."""
+    if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        _LOG.warning(
+            "the source model's tokenizer has no chat template, so vllm serve will answer chat completions "
+            "with HTTP 400: use completions, or serve with --chat-template FILE"
+        )

@@ -238,3 +238,20 @@ def test_eval_refuses_a_config_that_disagrees_with_the_tensors(checkpoint, tmp_p
     assert code == 2, err
     assert "GlowQ checkpoint tensor 'model.layers.0.self_attn.q_proj.scales' (in model.safetensors) has shape " \
            "[4, 128], but the model and quantization_config (bits=4, group_size=64, rank=4) imply [2, 128]" in err
+
+
+def test_chat_template_is_carried_and_its_absence_is_said(tiny, checkpoint, tmp_path, caplog):
+    from transformers import AutoTokenizer
+
+    source_template = AutoTokenizer.from_pretrained(tiny).chat_template
+    assert source_template and AutoTokenizer.from_pretrained(checkpoint).chat_template == source_template
+    assert "has no chat template" not in caplog.text
+    base = tmp_path / "base"
+    shutil.copytree(tiny, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    calibrate_main([str(base), "-o", str(tmp_path / "out"), *FAST])
+    assert "tokenizer has no chat template, so vllm serve will answer chat completions with HTTP 400" in caplog.text
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template is None
