@@ -374,6 +374,23 @@ def test_pdb_covers_the_servers(rendered, overlay):
     assert pdb["spec"]["maxUnavailable"] == 1
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_namespace_reaches_the_unauthenticated_endpoints(rendered, overlay):
+    """vLLM's API key covers /v1 only; /metrics, /tokenize, /version ... are open, so the server
+    pods admit pods of their own namespace (and, with autoscaling, Prometheus's) and nothing else."""
+    objs = rendered[overlay]
+    labels = server(objs)["spec"]["template"]["metadata"]["labels"]
+    policies = {o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "NetworkPolicy"}
+    assert set(policies) == ({"glowq-server", "glowq-metrics"} if "autoscaling" in overlay else {"glowq-server"})
+    for spec in policies.values():
+        assert spec["podSelector"]["matchLabels"].items() <= labels.items()
+        assert spec["policyTypes"] == ["Ingress"]
+        (rule,) = spec["ingress"]
+        assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert policies["glowq-server"]["ingress"][0]["from"] == [{"podSelector": {}}]
+    assert "--disable-fastapi-docs" in serve_args_tokens(SERVE_ARGS.read_text())
+
+
 # ---------------------------------------------------------------- one list of serve arguments
 
 def test_serve_args_file_is_one_file():

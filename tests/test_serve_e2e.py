@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -166,6 +167,22 @@ def test_sixteen_concurrent_requests(client, expected):
         responses = list(pool.map(lambda p: complete(client, p), prompts))
     for i, response in enumerate(responses):
         assert response.choices[0].token_ids == expected["completions"][i % len(PROMPTS)], i
+
+
+def http_status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_api_docs_are_off_and_the_open_endpoints_are_as_documented(server):
+    """deploy/README.md: --disable-fastapi-docs removes /docs and /openapi.json; /version and
+    /metrics answer without an API key, which is why the manifests add a NetworkPolicy."""
+    port = server["port"]
+    assert {path: http_status(port, path) for path in ("/docs", "/openapi.json", "/version", "/metrics")} == {
+        "/docs": 404, "/openapi.json": 404, "/version": 200, "/metrics": 200}
 
 
 def test_server_log_has_no_false_alarms(server):
