@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_calibrate_errors import FAST, assert_one_error, leftovers, run_cli
-from vllm_helpers import copy_checkpoint
+from vllm_helpers import REPO_ROOT, copy_checkpoint
 
 from offline_calibrate.cli import calibrate_main, eval_main
 from offline_calibrate.data import read_text, tokenize, windows
@@ -255,3 +256,31 @@ def test_chat_template_is_carried_and_its_absence_is_said(tiny, checkpoint, tmp_
     calibrate_main([str(base), "-o", str(tmp_path / "out"), *FAST])
     assert "tokenizer has no chat template, so vllm serve will answer chat completions with HTTP 400" in caplog.text
     assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template is None
+
+
+# ----- what the documents promise about the outputs -----------------------------------------------
+
+
+def documented_keys(document: Path, header: str) -> set[str]:
+    """The backticked names in the first column of the Markdown table under `header`."""
+    lines = document.read_text().splitlines()
+    table = []
+    for line in lines[lines.index(header) + 2 :]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    return {name for row in table for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
+
+
+def test_documented_eval_fields_are_what_glowq_eval_prints(checkpoint, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time there was a cat. " * 40)
+    eval_main([str(checkpoint), "--dataset", str(text), "--seq-len", "64"])
+    printed = json.loads(capsys.readouterr().out)
+    assert documented_keys(REPO_ROOT / "README.md", "| field | meaning |") == set(printed)
+    assert printed["tokens"] == printed["windows"] * (printed["seq_len"] - 1)
+
+
+def test_documented_report_keys_are_what_the_report_holds(checkpoint):
+    report = json.loads((checkpoint / "glowq_report.json").read_text())
+    assert documented_keys(REPO_ROOT / "docs" / "format.md", "| key | content |") == set(report)
