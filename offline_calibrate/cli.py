@@ -46,7 +46,7 @@ def calibrate_parser() -> argparse.ArgumentParser:
                    help="group: one B per input-sharing group (GlowQ); module: one B per module (baseline)")
     c = p.add_argument_group("calibration data")
     c.add_argument("--dataset", default=d.dataset,
-                   help="a .txt/.jsonl file, a `datasets` name (NAME[:CONFIG[:SPLIT]]), or 'random' tokens")
+                   help="a UTF-8 .txt/.jsonl/.json file, a `datasets` name (NAME[:CONFIG[:SPLIT]]), or 'random' tokens")
     c.add_argument("--samples", type=int, default=d.samples, help="calibration sequences")
     c.add_argument("--seq-len", type=int, default=d.seq_len,
                    help="tokens per sequence (default: 2048, or the model's max_position_embeddings when smaller)")
@@ -96,7 +96,7 @@ def calibrate_main(argv: list[str] | None = None) -> None:
 def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glowq-eval", description="Perplexity of an HF model or a GlowQ checkpoint.")
     p.add_argument("model", help="a Hugging Face model folder or a GlowQ checkpoint folder")
-    p.add_argument("--dataset", required=True, help="a .txt or .jsonl file")
+    p.add_argument("--dataset", required=True, help="a UTF-8 .txt, .jsonl or .json file")
     p.add_argument("--seq-len", type=_window_length, default=512, help="tokens per window (BOS included)")
     p.add_argument("--max-tokens", type=_positive_int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--sweep", metavar="OUT_PREFIX", default=None,

