@@ -27,11 +27,12 @@ run() {
   if $dry_run; then echo "install: would run: $*"; else "$@"; fi
 }
 # pip without -q, so downloads show as they happen; drop the machine's notes about local mirror
-# folders that do not exist and the "already satisfied" lines of a repeated run.
+# folders that do not exist and the "already satisfied" lines of a repeated run. A failing pip
+# still stops the script (pipefail; only grep's "nothing left to print" is forgiven).
 pip_install() {
   if $dry_run; then echo "install: would run: pip install $*"; return; fi
   "$VENV/bin/python" -m pip install --disable-pip-version-check "$@" 2>&1 |
-    grep -v -e "is ignored: it is neither" -e "^Requirement already satisfied" || true
+    { grep -v -e "is ignored: it is neither" -e "^Requirement already satisfied" || true; }
 }
 
 detect_build() {

@@ -4,7 +4,7 @@
 # entrypoint and arguments as the container image), send one chat request with the openai
 # client, and stop the server.   Usage: bash scripts/quickstart.sh [WORK_DIR]
 # The first run installs into .venv (about 3.7 GB, 7-10 minutes on a CPU machine); later runs
-# take about 2 minutes. Every step says what it does as it starts.
+# only check it. Every step says what it does as it starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "quickstart: [1/4] installing (scripts/install.sh; the first run downloads about 3.7 GB) ..."
