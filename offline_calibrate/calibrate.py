@@ -20,26 +20,43 @@ from .loading import check_seq_len, load_config, load_model, load_tokenizer, res
 from .options import CalibrationOptions
 from .pipeline import CalibrationResult, calibrate_layers, check_rank, phase
 from .selection import select_units
-from .writer import atomic_folder, check_output, save_tensors, write_json
+from .preflight import (
+    check_device,
+    check_free_space,
+    check_group_size_fits,
+    check_not_source,
+    check_writable,
+    estimated_checkpoint_bytes,
+    model_linears,
+    resolve_seq_len,
+    warn_without_chat_template,
+)
+from .writer import atomic_folder, check_output, output_lock, save_tensors, write_json
 
 _LOG = logging.getLogger(__name__)
 REPORT_FILE = "glowq_report.json"
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def prepare(model_ref: str, options: CalibrationOptions) -> tuple[str, Any, dict[str, tuple[int, int]]]:
+    """Every check that needs the config but no weights; returns (model path, HF config,
+    the linears to quantize). Fills in the default --seq-len."""
+    options.validate()
+    check_device(options.device)
+    path = resolve_model(model_ref)
+    hf_config = load_config(path)
+    resolve_seq_len(options, hf_config)
+    check_seq_len(hf_config, options.seq_len)
+    linears = model_linears(hf_config)
+    check_group_size_fits(linears, options.group_size)
+    return path, hf_config, linears
 
 
 def run_calibration(model_ref: str, options: CalibrationOptions, keep_dequantized: bool = False):
     """Load the model and calibrate it in memory; returns (model, tokenizer, result, config, heldout)."""
-    options.validate()
     timings: dict[str, float] = {}
-    path = resolve_model(model_ref)
-    hf_config = load_config(path)
-    check_seq_len(hf_config, options.seq_len)
+    path, hf_config, _ = prepare(model_ref, options)
     tokenizer = load_tokenizer(path)
+    warn_without_chat_template(tokenizer)
     extra = options.heldout_samples if options.restore == "auto" else 0
     # Data problems (an empty file, too little text) are found before the weights are loaded.
     train, heldout = calibration_windows(
@@ -49,7 +66,7 @@ def run_calibration(model_ref: str, options: CalibrationOptions, keep_dequantize
         model = load_model(path, hf_config, options.seq_len)
     spec = spec_for(hf_config)
     check_rank(model, spec, options)
-    device = pick_device(options.device)
+    device = check_device(options.device)
     _place_outside_layers(model, spec.layers_path, device)
     keep_dequantized = keep_dequantized or options.restore == "auto"
     result = calibrate_layers(model, spec, train, options, device, keep_dequantized)
@@ -153,9 +170,18 @@ def calibrate(
     options = options or CalibrationOptions()
     output = Path(output).absolute()
     options.validate()
+    check_not_source(output, str(model))
     check_output(output, overwrite)
+    check_writable(output)
+    with output_lock(output):
+        _, hf_config, linears = prepare(str(model), options)
+        check_free_space(output, estimated_checkpoint_bytes(hf_config, linears, options))
+        return _calibrate_into(str(model), output, options, overwrite)
+
+
+def _calibrate_into(model: str, output: Path, options: CalibrationOptions, overwrite: bool) -> Path:
     start = time.perf_counter()
-    hf_model, tokenizer, result, config, selection = run_calibration(str(model), options)
+    hf_model, tokenizer, result, config, selection = run_calibration(model, options)
     with atomic_folder(output, overwrite) as staging:
         with phase(result.timings, "write"):
             save_tensors(staging, checkpoint_tensors(hf_model, result, config))

@@ -21,7 +21,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from . import compat
 from .format import QUANT_METHOD, GlowQConfig, GlowQFormatError
 from .linear import GlowQLinearMethod, LayerPlan
-from .loading import check_factors_are_declared
+from .validate import check_checkpoint
 
 logger = logging.getLogger("vllm.glowq")
 _registered = False
@@ -69,12 +69,13 @@ class GlowQQuantConfig(QuantizationConfig):
         return cls(GlowQConfig.from_dict(config))
 
     def maybe_update_config(self, model_name: str, *_args: Any, **_kwargs: Any) -> None:
-        """vLLM's hook after the config is built, in the front-end process: checks a local
-        checkpoint's tensor names against the config before an engine starts. (The hook's
+        """vLLM's hook after the config is built, in the front-end process: validates a local
+        checkpoint's config and every tensor header before an engine starts, so a broken
+        checkpoint fails in seconds instead of minutes into weight loading. (The hook's
         signature differs between vLLM versions, hence the catch-all arguments.)"""
         folder = Path(model_name)
         if folder.is_dir():
-            check_factors_are_declared(folder, self.glowq)
+            check_checkpoint(folder)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         """GlowQ for quantized linears, unquantized for modules_to_not_convert, None otherwise
