@@ -18,7 +18,7 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from . import compat
+from . import compat, kernel_choice
 from .format import QUANT_METHOD, GlowQConfig, GlowQFormatError
 from .linear import GlowQLinearMethod, LayerPlan
 from .validate import check_checkpoint
@@ -40,6 +40,7 @@ class GlowQQuantConfig(QuantizationConfig):
                 "or drop --quantization glowq)."
             )
         super().__init__()
+        kernel_choice.kernel_mode()  # a bad VLLM_GLOWQ_KERNEL stops the front end, not a worker
         self.glowq = glowq
 
     def __repr__(self) -> str:
