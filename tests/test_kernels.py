@@ -6,7 +6,8 @@
   epilogue, workspace cleanup) on small odd shapes, sym and asym, group sizes 64/128/per-row,
   with and without a correction. float16 (the interpreter has no bfloat16 arithmetic).
 * GPU (skipped without CUDA): every path (one token without tensor cores, <= 16 tokens as
-  nibble planes, <= GEMM_MAX_TOKENS interleaved, dequantize + cuBLAS above) on the Llama-3-8B
+  nibble planes, dequantize + cuBLAS above GEMM_MAX_TOKENS; and gemm() itself up to
+  WORKSPACE_TOKENS, where more than 16 rows run the interleaved tile) on the Llama-3-8B
   layer shapes and odd ones, bf16 and fp16, sym and asym, group sizes 64/128/-1, rank 0/16/64,
   repeated on fresh inputs (a race shows as a moving error); inside a CUDA graph replayed many
   times. A negative control: the same output without the correction must fail the bar.
@@ -167,6 +168,9 @@ def test_gpu_every_path_matches_reference(shape, dtype, sym, group, rank):
             x = torch.randn(tokens, k, device="cuda", dtype=dtype)
             use_bias = bias if rep == 1 else None
             out = run(w4a16, x, layer, use_bias)
+            if w4a16.GEMM_MAX_TOKENS < tokens <= w4a16.WORKSPACE_TOKENS and rep == 2:  # the GEMM kernel itself
+                out = w4a16.gemm(x, layer["qweight"], layer["scales"], layer["zeros"], None, layer["factor_b"],
+                                 layer["factor_a"], layer["group"])
             ref = reference(x, layer, use_bias)
             err = relative_error(out, ref)
             assert err < TOLERANCE[dtype], f"{tokens} tokens: relative error {err:.2e}"
