@@ -36,6 +36,7 @@ class GemmConfig:
     block_r: int = 16  # rank block of the shrink and expand
     shrink_block_k: int = 128
     shrink_chunk: int = 512  # K columns per shrink program
+    prefetch: bool = False  # one-token path: load the next K block by hand first (not measured yet; the sweep tries it)
 
 
 def block_k_for(k: int, group_size: int) -> int | None:
@@ -167,7 +168,7 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, CORRECT=correct,
         BM=config.block_m, BN=config.block_n, BK=config.block_k,
         BR=config.block_r, SBM=shrink_block_m, SBK=config.shrink_block_k, MAGIC=magic, MAGIC_VALUE=magic_value,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        PREFETCH=config.prefetch, num_warps=config.num_warps, num_stages=config.num_stages)
     if os.environ.get("GLOWQ_DEBUG") and config not in _reported:
         _reported.add(config)
         print(f"gemm {config}: regs {handle.n_regs} spills {handle.n_spills} smem {handle.metadata.shared}", flush=True)

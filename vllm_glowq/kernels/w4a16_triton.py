@@ -130,19 +130,27 @@ def _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, k_end,
 
 @triton.jit
 def _gemv_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_start, k_end, N, group_size,
-                    stride_qk, stride_sg, stride_zg, acc, HAS_ZEROS: tl.constexpr, BK: tl.constexpr):
+                    stride_qk, stride_sg, stride_zg, acc, HAS_ZEROS: tl.constexpr, BK: tl.constexpr,
+                    PREFETCH: tl.constexpr):
     """The one-token case without tensor cores: acc [1, BN] + x deq(W) over [k_start, k_end).
 
     Two nibbles per and-or become the bf16 numbers 128 + q in the halves of a word; shifting
     each half to the top gives the same number as float32, so every weight costs about one
     integer operation and one fused multiply-add, and the sum over K stays inside each thread.
+    Triton pipelines only loads that feed tl.dot, so with PREFETCH the next block's words are
+    loaded by hand before this block's arithmetic, to keep a load in flight while it runs.
     """
     offs_kw = tl.arange(0, BK // 8)
     n_ok = offs_n < N
     total = tl.full(offs_n.shape, 0.0, tl.float32)
+    rows = offs_kw[:, None] * stride_qk + offs_n[None, :]
+    words = tl.load(qw_ptr + (k_start // 8) * stride_qk + rows, mask=n_ok[None, :], other=0)
     for k0 in range(k_start, k_end, BK):
-        words = tl.load(qw_ptr + (k0 // 8 + offs_kw)[:, None] * stride_qk + offs_n[None, :],
-                        mask=n_ok[None, :], other=0)
+        if PREFETCH:  # the last block loads itself once more rather than past the chunk
+            following = tl.load(qw_ptr + (tl.minimum(k0 + BK, k_end - BK) // 8) * stride_qk + rows,
+                                mask=n_ok[None, :], other=0)
+        else:
+            words = tl.load(qw_ptr + (k0 // 8) * stride_qk + rows, mask=n_ok[None, :], other=0)
         raw = tl.full(offs_n.shape, 0.0, tl.float32)
         x_sum = 0.0
         for p in tl.static_range(4):
@@ -157,6 +165,8 @@ def _gemv_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_start, k_end, N, grou
         scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, 128.0)
         total += (raw - x_sum * zero_term) * scale
+        if PREFETCH:
+            words = following
     return acc + total[None, :]
 
 
@@ -248,7 +258,7 @@ def gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, pa
                 HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, CORRECT: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 BR: tl.constexpr, SBM: tl.constexpr, SBK: tl.constexpr, MAGIC: tl.constexpr,
-                MAGIC_VALUE: tl.constexpr):
+                MAGIC_VALUE: tl.constexpr, PREFETCH: tl.constexpr):
     """See the module docstring. sync_ptr: [0] shrink items done, [1] epilogues done, [2 + t] tile t's tickets."""
     DTYPE = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -261,12 +271,12 @@ def gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, pa
             _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
                        pid - shrink_programs, M, N, K, RANK, group_size, split_k, k_chunk, shrink_programs,
                        stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
-                       HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE)
+                       HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE, PREFETCH)
     else:
         _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
                    pid, M, N, K, RANK, group_size, split_k, k_chunk, shrink_programs,
                    stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
-                   HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE)
+                   HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE, PREFETCH)
 
 
 @triton.jit
@@ -275,7 +285,7 @@ def _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, 
                stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
                HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, CORRECT: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, MAGIC: tl.constexpr,
-               MAGIC_VALUE: tl.constexpr, DTYPE: tl.constexpr):
+               MAGIC_VALUE: tl.constexpr, DTYPE: tl.constexpr, PREFETCH: tl.constexpr):
     """One (token block, output tile, K chunk) of the int4 GEMM; the tile's last chunk runs the epilogue."""
     n_tiles = (N + BN - 1) // BN
     split = item % split_k
@@ -286,7 +296,7 @@ def _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, 
     acc = tl.full((BM, BN), 0.0, tl.float32)
     if BM == 1:
         acc = _gemv_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_start, tl.minimum(K, k_start + k_chunk), N,
-                              group_size, stride_qk, stride_sg, stride_zg, acc, HAS_ZEROS, BK)
+                              group_size, stride_qk, stride_sg, stride_zg, acc, HAS_ZEROS, BK, PREFETCH)
     else:
         acc = _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, tl.minimum(K, k_start + k_chunk),
                               M, N, group_size, stride_xm, stride_qk, stride_sg, stride_zg, acc,
