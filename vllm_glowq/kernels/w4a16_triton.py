@@ -151,16 +151,19 @@ def _gemv_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_start, k_end, N, grou
                                 mask=n_ok[None, :], other=0)
         else:
             words = tl.load(qw_ptr + (k0 // 8) * stride_qk + rows, mask=n_ok[None, :], other=0)
-        raw = tl.full(offs_n.shape, 0.0, tl.float32)
-        x_sum = 0.0
+        products = tl.full(words.shape, 0.0, tl.float32)  # per word: the sum over its eight nibbles
+        x_rows = tl.full(offs_kw.shape, 0.0, tl.float32)
         for p in tl.static_range(4):
             pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
             low = (pair << 16).to(tl.float32, bitcast=True)
             high = (pair & -65536).to(tl.float32, bitcast=True)
             x_low = tl.load(x_ptr + k0 + 8 * offs_kw + p).to(tl.float32)
             x_high = tl.load(x_ptr + k0 + 8 * offs_kw + p + 4).to(tl.float32)
-            raw += _sum(x_low[:, None] * low, axis=0) + _sum(x_high[:, None] * high, axis=0)
-            x_sum += _sum(x_low, axis=0) + _sum(x_high, axis=0)
+            products += x_low[:, None] * low  # two statements: two fused multiply-adds
+            products += x_high[:, None] * high
+            x_rows += x_low + x_high
+        raw = _sum(products, axis=0)  # one add per word, inside each thread
+        x_sum = _sum(x_rows, axis=0)
         group = k0 // group_size
         scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, 128.0)
