@@ -6,6 +6,8 @@ token count it times, in microseconds per call:
 * `glowq`: the project's kernel with the correction fused in (vllm_glowq/kernels/w4a16.py;
   above GEMM_MAX_TOKENS: dequantize with the correction folded in + cuBLAS);
 * `int4`: the same kernel without a correction (plain int4 checkpoints);
+* `glowq_mainloop`: the GEMM kernel itself where forward() dequantizes instead (GEMM_MAX_TOKENS
+  < tokens <= WORKSPACE_TOKENS), to place that threshold;
 * `machete`, `marlin`: vLLM's int4 kernels on the same codes (when vLLM is installed);
 * `machete+corr`: the plugin's previous path, Machete with the correction on a side stream
   (torch.ops.glowq.linear, `overlap` / `split`);
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_glowq.kernels import w4a16
+from vllm_glowq.packing import repack_planes
 
 RANK = 64
 GROUP = 128
@@ -67,7 +70,8 @@ def copy_bandwidth(nbytes: int = 2 * 1024**3) -> float:
 
 @dataclasses.dataclass
 class LayerCopy:
-    qweight: torch.Tensor
+    qweight: torch.Tensor  # the checkpoint's GPTQ layout (vLLM's kernels repack it themselves)
+    kernel_qweight: torch.Tensor  # the same codes in the project's kernel layout
     scales: torch.Tensor
     factor_b: torch.Tensor
     factor_a: torch.Tensor
@@ -80,7 +84,8 @@ def make_copies(k: int, n: int, count: int) -> list[LayerCopy]:
         scales = (torch.rand(k // GROUP, n, device="cuda") * 0.004 + 0.001).to(torch.bfloat16)
         factor_b = (torch.randn(RANK, k, device="cuda") * 0.02).to(torch.bfloat16)
         factor_a = (torch.randn(n, RANK, device="cuda") * 0.02).to(torch.bfloat16)
-        copies.append(LayerCopy(qweight, scales, factor_b, factor_a))
+        kernel_qweight = repack_planes(qweight, w4a16.block_k_for(k, GROUP))
+        copies.append(LayerCopy(qweight, kernel_qweight, scales, factor_b, factor_a))
     return copies
 
 
@@ -177,7 +182,7 @@ def bytes_moved(kind: str, tokens: int, k: int, n: int) -> int:
     if kind == "bf16":
         return 2 * k * n + act
     int4 = k * n // 2 + 2 * (k // GROUP) * n
-    factors = 2 * RANK * (k + n) if kind in ("glowq", "machete+corr") else 0
+    factors = 2 * RANK * (k + n) if kind in ("glowq", "glowq_mainloop", "machete+corr") else 0
     return int4 + factors + act
 
 
@@ -199,12 +204,16 @@ def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm:
     for tokens in tokens_list:
         xs = [torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16) for _ in copies]
         kernels: dict[str, list[Callable[[], torch.Tensor]]] = {
-            "glowq": [lambda c=c, x=x: w4a16.forward(x, c.qweight, c.scales, None, None, c.factor_b, c.factor_a, GROUP)
-                      for c, x in zip(copies, xs)],
-            "int4": [lambda c=c, x=x: w4a16.forward(x, c.qweight, c.scales, None, None, None, None, GROUP)
+            "glowq": [lambda c=c, x=x: w4a16.forward(x, c.kernel_qweight, c.scales, None, None, c.factor_b,
+                                                     c.factor_a, GROUP) for c, x in zip(copies, xs)],
+            "int4": [lambda c=c, x=x: w4a16.forward(x, c.kernel_qweight, c.scales, None, None, None, None, GROUP)
                      for c, x in zip(copies, xs)],
             "bf16": [lambda w=w, x=x: F.linear(x, w) for w, x in zip(dense, xs)],
         }
+        if w4a16.GEMM_MAX_TOKENS < tokens <= w4a16.WORKSPACE_TOKENS:  # where forward() dequantizes instead
+            kernels["glowq_mainloop"] = [
+                lambda c=c, x=x: w4a16.gemm(x, c.kernel_qweight, c.scales, None, None, c.factor_b, c.factor_a, GROUP)
+                for c, x in zip(copies, xs)]
         for name, short in (("MacheteLinearKernel", "machete"), ("MarlinLinearKernel", "marlin")):
             if name in vllm_layers:
                 kernels[short] = [lambda lk=lk, x=x: lk[1].apply_weights(lk[0], x, None)
@@ -213,7 +222,7 @@ def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm:
             kernels["machete+corr"] = corrected_vllm_calls(vllm_layers["MacheteLinearKernel"], copies, xs, layer)
         row = {"layer": layer, "tokens": tokens, "k": k, "n": n, "us": {}, "error": {}, "bandwidth_fraction": {}}
         for name, calls in kernels.items():
-            correct = name in ("glowq", "machete+corr")
+            correct = name in ("glowq", "glowq_mainloop", "machete+corr")
             x0 = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
             xs[0].copy_(x0)
             got = calls[0]().clone()
@@ -250,7 +259,8 @@ def sweep_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
     default = w4a16.choose_gemm_config(tokens, n, k, GROUP, space.sm_count)
 
     def timed(config: w4a16.GemmConfig) -> float:
-        calls = [lambda c=c, x=x: w4a16.gemm(x, c.qweight, c.scales, None, None, c.factor_b, c.factor_a, GROUP, config)
+        calls = [lambda c=c, x=x: w4a16.gemm(x, c.kernel_qweight, c.scales, None, None, c.factor_b, c.factor_a, GROUP,
+                                             config)
                  for c, x in zip(copies, xs)]
         try:
             return time_per_call(calls, replays=5)

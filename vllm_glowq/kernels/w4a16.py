@@ -121,8 +121,9 @@ def workspace(device: torch.device) -> Workspace:
 def forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
             bias: torch.Tensor | None, factor_b: torch.Tensor | None, factor_a: torch.Tensor | None,
             group_size: int) -> torch.Tensor:
-    """x [T, K] -> [T, N]; qweight int32 [K/8, N], scales [G, N] (x's dtype), zeros uint8 [G, N] or None,
-    factors B [r, K] and A [N, r] or None (plain int4)."""
+    """x [T, K] -> [T, N]; qweight int32 [K/8, N] in the kernel layout (packing.repack_planes with
+    block_k_for(K, group_size)), scales [G, N] (x's dtype), zeros uint8 [G, N] or None, factors
+    B [r, K] and A [N, r] or None (plain int4)."""
     if x.shape[0] <= GEMM_MAX_TOKENS:
         return gemm(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size)
     dense = dequantize(qweight, scales, zeros, factor_b, factor_a, group_size, x.dtype)

@@ -1,7 +1,8 @@
 """The project's W4A16 GEMM with GlowQ's correction fused in: `out = x deq(Wq)^T + (x B^T) A^T + bias`.
 
-Two kernels, both reading the GPTQ layout the checkpoint stores (qweight int32 [K / 8, N], eight
-consecutive input rows per word, low nibble first), so the plugin keeps one copy of the weights:
+Two kernels, both reading qweight int32 [K / 8, N] in the layout the plugin repacks the
+checkpoint's GPTQ words into at load time (packing.repack_planes: per K block the eight nibble
+planes stacked), so the plugin keeps one copy of the weights:
 
 * `gemm` (decode and small batches): one launch computes the int4 GEMM and the correction.
   - The first `shrink_programs` programs compute R = x B^T, each over one (token block, rank
@@ -48,9 +49,9 @@ def _sum(values, axis: tl.constexpr):
 
 
 @triton.jit
-def _interleave_rows(a, b):
-    """[R, C], [R, C] -> [2R, C] with rows a0, b0, a1, b1, ..."""
-    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (2 * a.shape[0], a.shape[1]))
+def _stack_rows(a, b):
+    """[R, C], [R, C] -> [2R, C]: a above b (the joined axis becomes the outermost one)."""
+    return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * a.shape[0], a.shape[1]))
 
 
 @triton.jit
@@ -64,21 +65,18 @@ def _nibble_pair(words, shift: tl.constexpr, MAGIC: tl.constexpr, DTYPE: tl.cons
 
 @triton.jit
 def _unpack(words, MAGIC: tl.constexpr, DTYPE: tl.constexpr):
-    """int32 words [KW, C] -> [8 KW, C] values MAGIC + q, row 8 kk + p from nibble p of word kk."""
+    """Repacked words [KW, C] of one K block -> [8 KW, C] values MAGIC + q in the block's row order.
+
+    Nibble p = f + 2g + 4h of word kk holds block row KW (4f + 2g + h) + kk (packing.py's
+    `repack_planes`), so the eight nibble planes are stacked, never interleaved: each thread
+    keeps its words' values, and x is one contiguous tile.
+    """
     n0, n4 = _nibble_pair(words, 0, MAGIC, DTYPE)
     n1, n5 = _nibble_pair(words, 4, MAGIC, DTYPE)
     n2, n6 = _nibble_pair(words, 8, MAGIC, DTYPE)
     n3, n7 = _nibble_pair(words, 12, MAGIC, DTYPE)
-    # rows 2kk + h  <- nibble j + 4h
-    p0 = _interleave_rows(n0, n4)
-    p1 = _interleave_rows(n1, n5)
-    p2 = _interleave_rows(n2, n6)
-    p3 = _interleave_rows(n3, n7)
-    # rows 4kk + 2h + h'  <- nibble a + 2h' + 4h
-    q0 = _interleave_rows(p0, p2)
-    q1 = _interleave_rows(p1, p3)
-    # rows 8kk + 4h + 2h' + h''  <- nibble h'' + 2h' + 4h
-    return _interleave_rows(q0, q1)
+    return _stack_rows(_stack_rows(_stack_rows(n0, n4), _stack_rows(n2, n6)),
+                       _stack_rows(_stack_rows(n1, n5), _stack_rows(n3, n7)))
 
 
 @triton.jit
@@ -96,13 +94,7 @@ def _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, k_end,
                     stride_xm, stride_qk, stride_sg, stride_zg, acc,
                     HAS_ZEROS: tl.constexpr, BK: tl.constexpr, MAGIC: tl.constexpr,
                     MAGIC_VALUE: tl.constexpr, DTYPE: tl.constexpr):
-    """acc + sum over k in [k_start, k_end) of x[m, k] deq(W)[k, n] on the tensor cores (BK divides the group).
-
-    Up to 16 tokens (and K blocks of 128) each nibble position is its own plane: eight products of K = BK / 8 with
-    the matching strided columns of x, and no reordering of the unpacked weights (the H200 sweep
-    found this fastest there); for more tokens the nibbles are interleaved into one [BK, BN]
-    tile in GPTQ row order and multiplied once.
-    """
+    """acc + sum over k in [k_start, k_end) of x[m, k] deq(W)[k, n] on the tensor cores (BK divides the group)."""
     offs_kw = tl.arange(0, BK // 8)
     offs_k = tl.arange(0, BK)
     m_ok = offs_m[:, None] < M
@@ -111,20 +103,12 @@ def _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, k_end,
         words = tl.load(qw_ptr + (k0 // 8 + offs_kw)[:, None] * stride_qk + offs_n[None, :],
                         mask=n_ok[None, :], other=0)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_ok, other=0.0)
-        if offs_m.shape[0] <= 16 and BK >= 128:  # each plane's K = BK / 8 must be at least 16 (tl.dot)
-            raw = tl.full((offs_m.shape[0], offs_n.shape[0]), 0.0, tl.float32)
-            for p in tl.static_range(4):
-                low, high = _nibble_pair(words, 4 * p, MAGIC, DTYPE)
-                rows = offs_m[:, None] * stride_xm + (k0 + 8 * offs_kw + p)[None, :]
-                raw = tl.dot(tl.load(x_ptr + rows, mask=m_ok, other=0.0), low, raw)
-                raw = tl.dot(tl.load(x_ptr + rows + 4, mask=m_ok, other=0.0), high, raw)
-        else:
-            raw = tl.dot(x, _unpack(words, MAGIC, DTYPE))
-        x_sum = _sum(x.to(tl.float32), axis=1)
         group = k0 // group_size
         scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, MAGIC_VALUE)
-        acc += (raw - x_sum[:, None] * zero_term[None, :]) * scale[None, :]
+        # (MAGIC + q) - (MAGIC + z) = q - z, exact in DTYPE: the dot sees the integer codes
+        codes = _unpack(words, MAGIC, DTYPE) - zero_term.to(DTYPE)[None, :]
+        acc += tl.dot(x, codes) * scale[None, :]
     return acc
 
 
@@ -157,8 +141,9 @@ def _gemv_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_start, k_end, N, grou
             pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
             low = (pair << 16).to(tl.float32, bitcast=True)
             high = (pair & -65536).to(tl.float32, bitcast=True)
-            x_low = tl.load(x_ptr + k0 + 8 * offs_kw + p).to(tl.float32)
-            x_high = tl.load(x_ptr + k0 + 8 * offs_kw + p + 4).to(tl.float32)
+            plane = (BK // 8) * (4 * (p % 2) + 2 * (p // 2))  # nibble p's rows; nibble p + 4's follow
+            x_low = tl.load(x_ptr + k0 + plane + offs_kw).to(tl.float32)
+            x_high = tl.load(x_ptr + k0 + plane + BK // 8 + offs_kw).to(tl.float32)
             products += x_low[:, None] * low  # two statements: two fused multiply-adds
             products += x_high[:, None] * high
             x_rows += x_low + x_high
