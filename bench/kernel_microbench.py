@@ -281,10 +281,16 @@ def sweep_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
             config = dataclasses.replace(best, num_warps=warps, num_stages=stages)
             if config not in results:
                 results[config] = timed(config)
-    if gemv:  # the hand-written prefetch against Triton's own schedule
+    if gemv:  # the hand-written prefetch against Triton's own schedule, and the tensor-core tile
         best = min(results, key=results.get)
         config = dataclasses.replace(best, prefetch=not best.prefetch)
         results[config] = timed(config)
+        tensor_core = w4a16.choose_gemm_config(16, n, k, GROUP, space.sm_count)
+        for block_n in (64, 128):
+            for factor in (1, 2):
+                config = dataclasses.replace(tensor_core, block_n=block_n,
+                                             split_k=max(1, min(k // tensor_core.block_k, tensor_core.split_k * factor)))
+                results[config] = timed(config)
     best = min(results, key=results.get)
     return {"default": dataclasses.asdict(default), "default_us": results[default],
             "best": dataclasses.asdict(best), "best_us": results[best],
