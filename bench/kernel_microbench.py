@@ -17,8 +17,8 @@ Achieved bandwidth is the bytes a kernel must move (int4 codes and scales, facto
 the dense weight) over its time, as a fraction of the measured device-to-device copy bandwidth.
 Correctness: each kernel's output against a float64 reference on fresh inputs.
 
-Timing: one CUDA graph per case that calls the kernel once per weight copy, with enough copies
-to overflow L2 (so weights come from HBM, as in a model), median of several replays.
+Timing: gpu_timing.py (one CUDA graph per case that calls the kernel once per weight copy, with
+enough copies to overflow L2, median of several replays).
 `--sweep` also times launch configurations around the default one and reports the fastest.
 
     python bench/kernel_microbench.py --out kernel_micro.json [--tokens 1,16,64,256,2048] [--sweep]
@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import json
 import math
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gpu_timing import copy_bandwidth, seconds_per_call
 from vllm_glowq.kernels import w4a16
 from vllm_glowq.packing import repack_planes
 
@@ -50,22 +50,6 @@ LAYERS = {  # Llama-3-8B: name -> (K, N)
     "down_proj": (14336, 4096),
 }
 ROTATE_BYTES = 400 * 1024**2  # weights cycled through per graph: several times the 60 MB L2
-
-
-def copy_bandwidth(nbytes: int = 2 * 1024**3) -> float:
-    """Device-to-device copy, bytes read + written per second (median of 10)."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    times = []
-    for rep in range(13):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        if rep >= 3:
-            times.append(start.elapsed_time(end) / 1e3)
-    return 2 * nbytes / statistics.median(times)
 
 
 @dataclasses.dataclass
@@ -110,28 +94,8 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def time_per_call(calls: list[Callable[[], torch.Tensor]], replays: int = 7) -> float:
-    """Microseconds per call: one CUDA graph runs every call once (one per weight copy)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    del graph
-    return statistics.median(times)
+    """Microseconds per call (gpu_timing.seconds_per_call)."""
+    return seconds_per_call(calls, replays) * 1e6
 
 
 # ----- vLLM's kernels --------------------------------------------------------------------------

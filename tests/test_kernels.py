@@ -18,9 +18,13 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from gpu_timing import capture  # noqa: E402
 
 from vllm_glowq.kernels.w4a16 import block_k_for
 
@@ -210,14 +214,7 @@ def test_gpu_cuda_graph_of_several_layers_replays_exactly(tokens):
     def step():
         return [run(w4a16, x, layer, None) for layer, x in zip(layers, inputs)]
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture(step)
     for _ in range(3):
         for x in inputs:
             x.normal_()
