@@ -310,23 +310,38 @@ def dequantize_kernel(qw_ptr, s_ptr, z_ptr, b_ptr, a_ptr, w_ptr, N, K, RANK, gro
                       stride_qk, stride_sg, stride_zg, stride_bk, stride_an, stride_wk,
                       HAS_ZEROS: tl.constexpr, CORRECT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                       BR: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VALUE: tl.constexpr):
-    """W_eff[k, n] = (q - z) s + sum_r B[r, k] A[n, r] for one [BK, BN] tile, into w_ptr [K, N]."""
+    """W_eff[k, n] = (q - z) s + sum_r B[r, k] A[n, r] for one K block and BN columns, into w_ptr [K, N].
+
+    Each nibble plane is written to its own rows (packing.plane_rows), so no tile is reordered."""
     DTYPE = w_ptr.dtype.element_ty
-    offs_k = tl.program_id(0) * BK + tl.arange(0, BK)
+    KW: tl.constexpr = BK // 8
+    k0 = tl.program_id(0) * BK
+    offs_kw = tl.arange(0, KW)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = offs_n < N
-    words = tl.load(qw_ptr + (tl.program_id(0) * (BK // 8) + tl.arange(0, BK // 8))[:, None] * stride_qk
-                    + offs_n[None, :], mask=n_ok[None, :], other=0)
-    group = tl.program_id(0) * BK // group_size
+    words = tl.load(qw_ptr + (k0 // 8 + offs_kw)[:, None] * stride_qk + offs_n[None, :], mask=n_ok[None, :], other=0)
+    group = k0 // group_size
     scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, MAGIC_VALUE)
-    weight = (_unpack(words, MAGIC, DTYPE).to(tl.float32) - zero_term[None, :]) * scale[None, :]
+    for p in tl.static_range(4):
+        low, high = _nibble_pair(words, 4 * p, MAGIC, DTYPE)
+        rows = k0 + KW * (4 * (p % 2) + 2 * (p // 2)) + offs_kw  # nibble p's rows; nibble p + 4's follow
+        _store_plane(low, rows, offs_n, n_ok, scale, zero_term, b_ptr, a_ptr, w_ptr, RANK, stride_bk, stride_an,
+                     stride_wk, CORRECT, BR, DTYPE)
+        _store_plane(high, rows + KW, offs_n, n_ok, scale, zero_term, b_ptr, a_ptr, w_ptr, RANK, stride_bk,
+                     stride_an, stride_wk, CORRECT, BR, DTYPE)
+
+
+@triton.jit
+def _store_plane(values, rows, offs_n, n_ok, scale, zero_term, b_ptr, a_ptr, w_ptr, RANK, stride_bk, stride_an,
+                 stride_wk, CORRECT: tl.constexpr, BR: tl.constexpr, DTYPE: tl.constexpr):
+    """One plane's rows of W_eff: (MAGIC + q - (MAGIC + z)) s, plus B[:, rows]^T A^T when correcting."""
+    weight = (values.to(tl.float32) - zero_term[None, :]) * scale[None, :]
     if CORRECT:
         for r0 in range(0, RANK, BR):
             offs_r = r0 + tl.arange(0, BR)
-            b_t = tl.load(b_ptr + offs_r[None, :] * stride_bk + offs_k[:, None],
-                          mask=offs_r[None, :] < RANK, other=0.0)
+            b_t = tl.load(b_ptr + offs_r[None, :] * stride_bk + rows[:, None], mask=offs_r[None, :] < RANK, other=0.0)
             a_t = tl.load(a_ptr + offs_n[None, :] * stride_an + offs_r[:, None],
                           mask=n_ok[None, :] & (offs_r[:, None] < RANK), other=0.0)
             weight = tl.dot(b_t, a_t, weight)
-    tl.store(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], weight.to(DTYPE), mask=n_ok[None, :])
+    tl.store(w_ptr + rows[:, None] * stride_wk + offs_n[None, :], weight.to(DTYPE), mask=n_ok[None, :])
