@@ -12,11 +12,19 @@ from typing import Any
 import torch
 
 from vllm_glowq import __version__
-from vllm_glowq.format import FACTOR_A, FACTOR_B, GlowQConfig, tensor_name
+from vllm_glowq.format import (
+    DENSE_FORMAT_VERSION,
+    FACTOR_A,
+    MOE_FORMAT_VERSION,
+    GlowQConfig,
+    factor_b_name,
+    tensor_name,
+)
 
 from .architectures import spec_for
 from .data import calibration_windows
 from .loading import check_seq_len, load_config, load_model, load_tokenizer, resolve_model
+from .moe import checkpoint_state_dict
 from .options import CalibrationOptions
 from .pipeline import CalibrationResult, calibrate_layers, check_rank, phase
 from .selection import select_units
@@ -66,8 +74,13 @@ def run_calibration(model_ref: str, options: CalibrationOptions, keep_dequantize
         lowrank_units=selection.restored,
         modules_to_not_convert=sorted(result.skipped),
         producer=_producer(model_ref, options),
+        format_version=MOE_FORMAT_VERSION if _has_experts(model, spec) else DENSE_FORMAT_VERSION,
     )
     return model, tokenizer, result, config, selection
+
+
+def _has_experts(model, spec) -> bool:
+    return any(spec.is_moe_layer(layer) for layer in model.get_submodule(spec.layers_path))
 
 
 def _place_outside_layers(model, layers_path: str, device: torch.device) -> None:
@@ -101,7 +114,7 @@ def _producer(model_ref: str, options: CalibrationOptions) -> dict[str, Any]:
 def checkpoint_tensors(model, result: CalibrationResult, config: GlowQConfig) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint under its format name."""
     restored = set(config.lowrank_units)
-    state = dict(model.state_dict())
+    state = checkpoint_state_dict(model, spec_for(model.config))
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     for name, quantized in result.quantized.items():
@@ -109,7 +122,7 @@ def checkpoint_tensors(model, result: CalibrationResult, config: GlowQConfig) ->
         state.update({tensor_name(name, key): t for key, t in quantized.tensors().items()})
     for unit in result.units:
         if unit.name in restored:
-            state[tensor_name(unit.name, FACTOR_B)] = unit.factors.b
+            state[factor_b_name(unit.name)] = unit.factors.b
             for member, a in zip(unit.members, unit.factors.a):
                 state[tensor_name(member, FACTOR_A)] = a
     return state
@@ -140,6 +153,7 @@ def report(result: CalibrationResult, config: GlowQConfig, selection, options: C
         "options": options.to_dict(),
         "units": units,
         "skipped_modules": result.skipped,
+        "experts": result.experts,
         "selection": selection.summary(),
         "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
         "peak_memory_bytes": {"cpu_rss": peak_cpu, "gpu_allocated": peak_gpu},

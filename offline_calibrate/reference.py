@@ -21,6 +21,7 @@ from vllm_glowq.format import (
     SCALES,
     GlowQConfig,
     GlowQFormatError,
+    factor_b_name,
     tensor_name,
 )
 from vllm_glowq.packing import dequantize
@@ -53,12 +54,14 @@ class ReferenceLinear(torch.nn.Module):
 
 
 def linear_names(model: torch.nn.Module) -> list[str]:
-    """Names of the decoder layers' linears, in the architecture's order."""
+    """Checkpoint names of the decoder layers' linears (not the experts, which are no
+    nn.Linear: moe_reference), in the architecture's order."""
     spec = spec_for(model.config)
     names = []
-    for index in range(len(decoder_layers(model, spec))):
-        for input_set in spec.input_sets:
-            names += [f"{spec.layers_path}.{index}.{member}" for member in input_set]
+    for index, layer in enumerate(decoder_layers(model, spec)):
+        paths = [member for input_set in spec.layer_input_sets(layer) for member in input_set]
+        paths += list(spec.shared_expert_gate_up(layer))
+        names += [f"{spec.layers_path}.{index}.{spec.checkpoint_name(path)}" for path in paths]
     return names
 
 
@@ -111,9 +114,9 @@ def _reference_module(
     if not config.has_factors(unit):
         return ReferenceLinear(weight.to(dtype), bias)
     a = _take(tensors, tensor_name(name, FACTOR_A))
-    b = tensors[tensor_name(unit, FACTOR_B)] if tensor_name(unit, FACTOR_B) in tensors else None
+    b = tensors.get(factor_b_name(unit))
     if b is None:
-        raise GlowQFormatError(f"the checkpoint is missing tensor {tensor_name(unit, FACTOR_B)!r}")
+        raise GlowQFormatError(f"the checkpoint is missing tensor {factor_b_name(unit)!r}")
     if a.shape != (weight.shape[0], config.rank) or b.shape != (config.rank, weight.shape[1]):
         raise GlowQFormatError(
             f"{name}: factor shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit weight "
@@ -129,18 +132,30 @@ def load_reference_model(checkpoint: str | Path, dtype: torch.dtype = torch.floa
     checkpoint = Path(checkpoint)
     raw, config = read_config(checkpoint)
     hf_config = AutoConfig.for_model(**raw)
+    from .moe_reference import replace_experts
+
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    spec = spec_for(model.config)
     tensors = read_tensors(checkpoint)
+    for unit in config.lowrank_units:  # converted once: every member then shares one B tensor
+        if factor_b_name(unit) in tensors:
+            tensors[factor_b_name(unit)] = tensors[factor_b_name(unit)].to(dtype)
     for name in linear_names(model):
-        replace_linear(model, name, _reference_module(tensors, name, config, dtype))
+        replace_linear(model, spec.module_path(name), _reference_module(tensors, name, config, dtype))
+
+    def expert(name: str):
+        module = _reference_module(tensors, name, config, dtype)
+        return module.weight.data, module.a, module.b
+
+    replace_experts(model, spec, expert, dtype)
     for unit in config.lowrank_units:
-        tensors.pop(tensor_name(unit, FACTOR_B), None)
-    _load_rest(model, tensors, dtype)
+        tensors.pop(factor_b_name(unit), None)
+    _load_rest(model, {spec.module_path(k): v for k, v in tensors.items()}, dtype)
     return model.eval()
 
 
 def _load_rest(model: torch.nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Embeddings, norms and the LM head; a tied head shares the embedding."""
+    """Embeddings, norms, routers and the LM head; a tied head shares the embedding."""
     replaced = {f"{name}." for name, m in model.named_modules() if isinstance(m, ReferenceLinear)}
     expected = {name for name, _ in model.named_parameters() if not name.startswith(tuple(replaced))}
     if model.config.tie_word_embeddings:
