@@ -205,3 +205,22 @@ def _split_experts(prefix: str, leaf: str, fused: torch.Tensor, spec: ExpertsSpe
         else:
             raise MoEError(f"unknown fused expert parameter {prefix}.{leaf}")
     return out
+
+
+def correction_parameters(hidden: int, intermediate: int, num_experts: int, rank: int,
+                          shared_intermediate: int = 0) -> dict[str, int]:
+    """Factor parameters of one MoE block's experts (and shared expert) at `rank`, by how the
+    gate/up Bs are shared: `glowq` one B for the block, `per_expert` one per expert (its gate
+    and up sharing it), `per_module` one per projection (`--share module`). Every down
+    projection has its own (A, B) in all three."""
+    gate_up_rows = 2 * (num_experts * intermediate + shared_intermediate)
+    downs = num_experts * rank * (intermediate + hidden) + (rank * (shared_intermediate + hidden) if shared_intermediate else 0)
+    b = rank * hidden
+    experts_with_b = num_experts + (1 if shared_intermediate else 0)
+    return {
+        "A_gate_up": gate_up_rows * rank,
+        "down": downs,
+        "B_glowq": b,
+        "B_per_expert": experts_with_b * b,
+        "B_per_module": 2 * experts_with_b * b,
+    }

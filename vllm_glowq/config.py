@@ -19,7 +19,7 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 from . import compat
-from .format import QUANT_METHOD, GlowQConfig, GlowQFormatError
+from .format import MOE_FORMAT_VERSION, QUANT_METHOD, GlowQConfig, GlowQFormatError, is_experts_unit
 from .linear import GlowQLinearMethod, LayerPlan
 from .loading import check_factors_are_declared
 
@@ -41,6 +41,12 @@ class GlowQQuantConfig(QuantizationConfig):
             )
         super().__init__()
         self.glowq = glowq
+        # experts unit -> linear layers (a shared expert's gate_up_proj) whose B the expert
+        # layer loads, since the checkpoint stores that B once (vllm_glowq/moe.py)
+        self.b_borrowers: dict[str, list[torch.nn.Module]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "b_borrowers": {}}  # layers never travel with the config
 
     def __repr__(self) -> str:
         g = self.glowq
@@ -77,8 +83,10 @@ class GlowQQuantConfig(QuantizationConfig):
             check_factors_are_declared(folder, self.glowq)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
-        """GlowQ for quantized linears, unquantized for modules_to_not_convert, None otherwise
-        (embeddings and attention then use vLLM's defaults)."""
+        """GlowQ for quantized linears and experts, unquantized for modules_to_not_convert (and
+        routers), None otherwise (embeddings and attention then use vLLM's defaults)."""
+        if compat.is_routed_experts(layer):
+            return self.experts_method(layer, prefix)
         if not isinstance(layer, LinearBase):
             return None
         members = self.member_names(prefix)
@@ -90,7 +98,27 @@ class GlowQQuantConfig(QuantizationConfig):
                 f"GlowQ config keeps {kept} in full precision but quantizes the other modules fused "
                 f"into vLLM layer {prefix!r}; vLLM needs all of {list(members)} quantized or none."
             )
-        return GlowQLinearMethod(self.glowq, self.plan_layer(prefix, members))
+        plan = self.plan_layer(prefix, members)
+        for unit in plan.factor_units:
+            if unit != prefix and unit not in members:  # a shared expert's gate/up: B is the experts'
+                self.b_borrowers.setdefault(unit, []).append(layer)
+        return GlowQLinearMethod(self.glowq, plan)
+
+    def experts_method(self, layer: torch.nn.Module, prefix: str):
+        """GlowQ for an MoE expert layer (None, vLLM's unquantized method, if its experts were
+        kept in full precision)."""
+        from .moe import GlowQMoEMethod
+
+        gate = compat.expert_checkpoint_names(layer)[0]
+        if not self.glowq.is_quantized(f"{prefix}.0.{gate}"):
+            return None
+        if self.glowq.format_version < MOE_FORMAT_VERSION:
+            raise GlowQFormatError(
+                f"GlowQ checkpoint of format_version {self.glowq.format_version} cannot hold the experts of "
+                f"{prefix!r}: Mixture-of-Experts checkpoints are format_version {MOE_FORMAT_VERSION} "
+                "(re-calibrate with this glowq-calibrate)."
+            )
+        return GlowQMoEMethod(self.glowq, layer, prefix, self.b_borrowers)
 
     def member_names(self, prefix: str) -> tuple[str, ...]:
         """Checkpoint module names behind a vLLM layer, in shard order."""
@@ -108,7 +136,7 @@ class GlowQQuantConfig(QuantizationConfig):
             if not self.glowq.has_factors(unit):
                 member_unit.append(None)
                 continue
-            if unit != prefix and unit not in members:
+            if unit != prefix and unit not in members and not is_experts_unit(unit):
                 raise GlowQFormatError(
                     f"GlowQ unit {unit!r} (from module {member!r}) matches neither vLLM layer {prefix!r} "
                     f"nor its modules {list(members)}; this model's layer names are unsupported."

@@ -18,7 +18,8 @@ import torch
 
 from .format import FACTOR_A, FACTOR_B, GlowQConfig, GlowQFormatError
 
-ShardKey = str | int | None  # vLLM's shard id: "q"/"k"/"v", 0/1 (gate/up), or None (unfused)
+# vLLM's shard id: "q"/"k"/"v", 0/1 (gate/up), None (unfused); (shard, expert) for experts
+ShardKey = str | int | tuple[str, int] | None
 Transform = Callable[[torch.Tensor, ShardKey], torch.Tensor]
 
 
@@ -41,6 +42,9 @@ class ExpectedTensors:
 
     def expect(self, param_name: str, shard: ShardKey, tensor: ExpectedTensor) -> None:
         self._expected[(param_name, shard)] = tensor
+
+    def expects(self, param_name: str, shard: ShardKey) -> bool:
+        return (param_name, shard) in self._expected
 
     def wrap_loader(self, param_name: str, vllm_loader: Callable, transform: Transform | None = None) -> Callable:
         """A weight loader that validates and records, then delegates to `vllm_loader`.
@@ -113,9 +117,7 @@ def check_factors_are_declared(folder: Path, glowq: GlowQConfig) -> None:
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():
                 module, _, suffix = name.rpartition(".")
-                if suffix == FACTOR_B:
-                    found.add(module)
-                elif suffix == FACTOR_A:
+                if suffix in (FACTOR_A, FACTOR_B):  # B: a unit's own name, or its first expert's
                     found.add(glowq.unit_of(module))
     undeclared = sorted(found - set(glowq.lowrank_units))
     if undeclared:
