@@ -231,7 +231,7 @@ class GlowQMoEMethod(FusedMoEMethodBase):
 
     def process_weights_after_loading(self, layer) -> None:
         self.expected.raise_if_incomplete()
-        _log_fallback_once()
+        _log_fallback_once(layer.w13_qweight.device)
         for stem in ("w13", "w2"):
             dense = torch.stack([self._dequantize(layer, stem, e) for e in range(self.plan.num_experts)])
             for suffix in (QWEIGHT, SCALES, QZEROS):
@@ -321,12 +321,14 @@ def _expert_loader(method: GlowQMoEMethod, name: str, wrapped):
     return load
 
 
-def _log_fallback_once() -> None:
+def _log_fallback_once(device: torch.device) -> None:
     global _logged_fallback
-    if not _logged_fallback:
-        _logged_fallback = True
-        logger.warning("GlowQ: no int4 MoE kernel takes the correction before the activation here; the experts "
-                       "use dense dequantized weights (about 4x the memory of int4).")
+    if _logged_fallback:
+        return
+    _logged_fallback = True
+    why = ("int4 experts through vLLM's WNA16 (Marlin) MoE kernels are not implemented yet" if device.type == "cuda"
+           else "no int4 MoE kernel of this platform takes the correction before the activation")
+    logger.warning("GlowQ: %s; the experts use dense dequantized weights (about 4x the memory of int4).", why)
 
 
 # ----- the custom op --------------------------------------------------------------------------
