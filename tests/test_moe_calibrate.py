@@ -146,6 +146,16 @@ def test_rank_zero_and_partial_restoration(sources, tmp_path):
     load_reference_model(plain)
 
 
+def test_auto_restoration_switches_expert_units(sources, tmp_path):
+    """--restore auto measures perplexity while switching units on in the in-memory reference,
+    whose Mixtral experts live under `mlp` although checkpoints call the block `block_sparse_moe`."""
+    out = calibrate(sources["mixtral"], tmp_path / "auto", CalibrationOptions(**SMALL, restore="auto",
+                                                                              heldout_samples=2))
+    report = json.loads((out / "glowq_report.json").read_text())
+    assert len(report["selection"]["curve"]) == 15  # k = 0..14 units
+    assert any(".experts." in name for name in report["selection"]["ranking"])
+
+
 def test_dense_checkpoints_stay_format_version_1(tmp_path):
     dense = make_random_model(tmp_path / "llama", "llama")
     assert quantization_config(calibrate(dense, tmp_path / "ck", CalibrationOptions(**SMALL)))["format_version"] == 1

@@ -55,6 +55,26 @@ def test_moe_matches_reference_in_fp32(name, glowq_checkpoints, engine_results):
         assert not {"w13_qweight", "w2_qweight"} & set(params), layer  # dequantized once at load
 
 
+@pytest.mark.parametrize("name", ["mixtral-partial", "qwen3_moe-rtn"])
+def test_unrestored_expert_units_get_no_factors(name, glowq_checkpoints, engine_results):
+    """GlowQ-S and rank 0: an expert layer holds w13 (w2) factors only when its gate/up unit
+    (some expert's down unit) is restored, and still computes the reference's function."""
+    import json
+
+    checkpoint = glowq_checkpoints.get(name)
+    result = engine_results(standard_job(checkpoint))
+    units = set(json.loads((checkpoint / "config.json").read_text())["quantization_config"]["lowrank_units"])
+    for layer, params in _experts(result["layers"]).items():
+        block = layer.removesuffix(".experts.routed_experts")
+        has13 = any(u.startswith(f"{block}.experts.") and u.endswith(("gate_up_proj", "w13")) for u in units)
+        has2 = any(u.startswith(f"{block}.experts.") and u.endswith(("down_proj", "w2")) for u in units)
+        assert ({"w13_glowq_A", "w13_glowq_B"} <= set(params)) == has13, (layer, params)
+        assert ({"w2_glowq_A", "w2_glowq_B"} <= set(params)) == has2, (layer, params)
+    comparison = compare_with_reference(checkpoint, result["outputs"])
+    assert comparison["max_abs_diff"] < FP32_TOLERANCE, comparison
+    assert greedy_mismatches(comparison) == []
+
+
 @pytest.fixture(scope="module")
 def bf16_run(glowq_checkpoints, engine_results) -> dict:
     checkpoint = glowq_checkpoints.get("qwen2_moe")

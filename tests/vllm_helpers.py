@@ -151,6 +151,8 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2_moe": ("tiny:qwen2_moe", {}),  # with a shared expert
     "mixtral": ("tiny:mixtral", {}),
     "qwen3_moe-module": ("tiny:qwen3_moe", {"share": "module"}),  # one B per expert projection
+    "mixtral-partial": ("tiny:mixtral", {"restore": "0.5"}),  # GlowQ-S over expert units too
+    "qwen3_moe-rtn": ("tiny:qwen3_moe", {"rank": 0}),  # plain int4 experts, no factors
 }
 
 
@@ -181,7 +183,7 @@ class CheckpointFactory:
                 import pytest
 
                 pytest.skip(f"{model} is absent (../shared/data is not part of this clone)")
-            self._built[name] = calibrate(model, self.root / name, CalibrationOptions(**CALIBRATION, **extra))
+            self._built[name] = calibrate(model, self.root / name, CalibrationOptions(**{**CALIBRATION, **extra}))
         return self._built[name]
 
 

@@ -117,7 +117,7 @@ class GlowQMoEMethod(FusedMoEMethodBase):
                 raise GlowQFormatError(
                     f"GlowQ group_size={self.glowq.group_size} cannot be used for the experts of {plan.prefix!r} "
                     f"(in_features={features}): it must divide the hidden and the expert intermediate size.")
-        if g_i != plan.inter_full and (plan.inter_local % g_i or plan.inter_local % PACK_FACTOR):
+        if plan.inter_local % PACK_FACTOR or (g_i != plan.inter_full and plan.inter_local % g_i):
             raise GlowQFormatError(
                 f"the experts of {plan.prefix!r} are split across {tp_size} tensor-parallel ranks into "
                 f"{plan.inter_local} intermediate features each, which is not a multiple of group_size={g_i} "
