@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 from vllm_glowq.format import packable, unit_name
 
 from . import moe
-from .architectures import ArchitectureSpec, decoder_layers, layer_linears
+from .architectures import ArchitectureSpec, decoder_layers, layer_linears, spec_for
 from .factorize import UnitFactors, factorize_unit, whitening
 from .options import CalibrationOptions
 from .quantize import QuantizedWeight, quantize_rtn
+from .moe_reference import replace_experts
 from .reference import ReferenceLinear, linear_names, replace_linear
 from .statistics import InputStatistics
 
@@ -162,7 +163,7 @@ def calibrate_input_set(
 def check_rank(model, spec: ArchitectureSpec, options: CalibrationOptions) -> None:
     """Refuse a rank no unit can have, and experts the group size does not fit, before any
     calibration work (layers of one kind share one shape)."""
-    checked: set[bool] = set()
+    checked: set[bool] = set()  # is_moe_layer values seen: one layer of each kind is enough
     for index, layer in enumerate(decoder_layers(model, spec)):
         if spec.is_moe_layer(layer) in checked:
             continue
@@ -244,14 +245,12 @@ def calibrate_layers(
 def build_quantized_model(model, result: CalibrationResult, restored: Iterable[str]):
     """A copy of `model` computing the quantized function in memory (dequantized weights from
     the codes, fp16 factors of the restored units); needs `keep_dequantized=True`."""
-    from .architectures import spec_for
-    from .moe_reference import replace_experts
-
     restored = set(restored)
     factors = {}
     for unit in result.units:
         if unit.name in restored:
-            factors.update({m: (a.float(), unit.factors.b.float()) for m, a in zip(unit.members, unit.factors.a)})
+            b = unit.factors.b.float()  # one tensor for all members (an experts unit has hundreds)
+            factors.update({m: (a.float(), b) for m, a in zip(unit.members, unit.factors.a)})
     quantized = copy.deepcopy(model)
     spec = spec_for(model.config)
     for name in linear_names(quantized):

@@ -236,3 +236,43 @@ def test_unsupported_moe_architecture_lists_the_supported_ones(tmp_path, capsys)
     line = run_cli([str(model), "-o", str(tmp_path / "out")], capsys)
     assert "model_type 'olmoe' is not supported by glowq-calibrate; supported: llama, mistral, mixtral" in line
     assert "Qwen2-MoE, Qwen3-MoE, Mixtral" in line
+
+
+# ----- the format's MoE names, and the plugin's view of them (no engine) ------------------------
+
+
+@pytest.mark.parametrize(("module", "unit", "b_tensor"), [
+    ("model.layers.0.mlp.experts.3.up_proj", "model.layers.0.mlp.experts.gate_up_proj",
+     "model.layers.0.mlp.experts.0.gate_proj.glowq_B"),
+    ("model.layers.0.block_sparse_moe.experts.1.w3", "model.layers.0.block_sparse_moe.experts.w13",
+     "model.layers.0.block_sparse_moe.experts.0.w1.glowq_B"),
+    ("model.layers.0.mlp.shared_expert.gate_proj", "model.layers.0.mlp.experts.gate_up_proj",
+     "model.layers.0.mlp.experts.0.gate_proj.glowq_B"),
+    ("model.layers.0.mlp.experts.3.down_proj", "model.layers.0.mlp.experts.3.down_proj",
+     "model.layers.0.mlp.experts.3.down_proj.glowq_B"),
+    ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.gate_up_proj.glowq_B"),
+])
+def test_units_and_where_their_B_is_stored(module, unit, b_tensor):
+    from vllm_glowq.format import factor_b_name, unit_name
+
+    assert unit_name(module, "group") == unit and factor_b_name(unit) == b_tensor
+    assert unit_name(module, "module") == module
+
+
+def test_dense_mlp_of_an_moe_model_maps_to_gate_and_up():
+    """Qwen3-MoE's vLLM class leaves gate_up_proj out of packed_modules_mapping, although its
+    dense MLP layers (mlp_only_layers) and shared experts have one."""
+    from vllm_glowq.config import GlowQQuantConfig
+    from vllm_glowq.format import GlowQConfig
+
+    config = GlowQQuantConfig(GlowQConfig(group_size=32, rank=8, format_version=2))
+    config.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    assert config.member_names("model.layers.0.mlp.gate_up_proj") == (
+        "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")
+
+
+def test_version_1_config_with_expert_units_is_refused():
+    from vllm_glowq.format import GlowQConfig, GlowQFormatError
+
+    with pytest.raises(GlowQFormatError, match="format_version 1 has no Mixture-of-Experts units"):
+        GlowQConfig(rank=8, lowrank_units=["model.layers.0.mlp.experts.gate_up_proj"], format_version=1)

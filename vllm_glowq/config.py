@@ -19,7 +19,14 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 from . import compat
-from .format import MOE_FORMAT_VERSION, QUANT_METHOD, GlowQConfig, GlowQFormatError, is_experts_unit
+from .format import (
+    MOE_FORMAT_VERSION,
+    QUANT_METHOD,
+    SHARED_INPUT_GROUPS,
+    GlowQConfig,
+    GlowQFormatError,
+    is_experts_unit,
+)
 from .linear import GlowQLinearMethod, LayerPlan
 from .loading import check_factors_are_declared
 
@@ -123,7 +130,8 @@ class GlowQQuantConfig(QuantizationConfig):
     def member_names(self, prefix: str) -> tuple[str, ...]:
         """Checkpoint module names behind a vLLM layer, in shard order."""
         parent, _, leaf = prefix.rpartition(".")
-        packed = self.packed_modules_mapping.get(leaf)
+        # Some MoE models leave their dense MLPs' gate_up_proj out of the mapping (Qwen3-MoE).
+        packed = self.packed_modules_mapping.get(leaf) or SHARED_INPUT_GROUPS.get(leaf)
         if not packed:
             return (prefix,)
         return tuple(f"{parent}.{m}" if parent else m for m in packed)
