@@ -214,7 +214,9 @@ def correction_parameters(hidden: int, intermediate: int, num_experts: int, rank
     and up sharing it), `per_module` one per projection (`--share module`). Every down
     projection has its own (A, B) in all three."""
     gate_up_rows = 2 * (num_experts * intermediate + shared_intermediate)
-    downs = num_experts * rank * (intermediate + hidden) + (rank * (shared_intermediate + hidden) if shared_intermediate else 0)
+    downs = num_experts * rank * (intermediate + hidden)
+    if shared_intermediate:
+        downs += rank * (shared_intermediate + hidden)
     b = rank * hidden
     experts_with_b = num_experts + (1 if shared_intermediate else 0)
     return {

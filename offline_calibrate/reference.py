@@ -15,7 +15,6 @@ from safetensors import safe_open
 
 from vllm_glowq.format import (
     FACTOR_A,
-    FACTOR_B,
     QZEROS,
     QWEIGHT,
     SCALES,

@@ -18,7 +18,7 @@ QUANT_METHOD = "glowq"
 # the model has experts, and readers built before MoE keep reading every dense checkpoint.
 DENSE_FORMAT_VERSION = 1
 MOE_FORMAT_VERSION = 2
-FORMAT_VERSION = MOE_FORMAT_VERSION  # the newest version this code writes
+FORMAT_VERSION = MOE_FORMAT_VERSION  # the newest version this code reads and writes
 SUPPORTED_FORMAT_VERSIONS = (DENSE_FORMAT_VERSION, MOE_FORMAT_VERSION)
 SUPPORTED_BITS = (4,)
 
@@ -48,7 +48,6 @@ SHARED_INPUT_GROUPS: dict[str, tuple[str, ...]] = {
 # member, expert 0's gate projection. Each expert's down projection is its own unit.
 EXPERTS = "experts"
 EXPERT_GATE_UP: dict[str, tuple[str, str]] = {"gate_up_proj": ("gate_proj", "up_proj"), "w13": ("w1", "w3")}
-EXPERT_DOWN = ("down_proj", "w2")
 SHARED_EXPERT = "shared_expert"  # Qwen2-MoE's dense expert beside the routed ones
 SHARE_GROUP = "group"  # GlowQ: one B per input-sharing group
 SHARE_MODULE = "module"  # baseline (QERA-exact / EoRA objective): one B per module
@@ -150,7 +149,7 @@ class GlowQConfig:
     lowrank_units: list[str] = field(default_factory=list)
     modules_to_not_convert: list[str] = field(default_factory=list)
     producer: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    format_version: int = DENSE_FORMAT_VERSION  # the calibrator sets MOE_FORMAT_VERSION for MoE models
 
     def __post_init__(self) -> None:
         self.validate()
