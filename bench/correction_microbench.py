@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vllm_glowq import correction, correction_triton
+from vllm_glowq import correction
+from vllm_glowq.kernels import lowrank_triton
 
 RANK = 64
 GROUP = 128
@@ -136,7 +137,7 @@ def with_config(config, fused: bool):
         else:
             reduced, sync = F.linear(x, b), None
         out = torch.empty_like(y)
-        correction_triton.launch(x, b, a, y, out, reduced, sync, config)
+        lowrank_triton.launch(x, b, a, y, out, reduced, sync, config)
         return out
     return run
 
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{100 * moved / times['fused'] * 1e6 / bw:5.1f}% {base_us:8.2f}", flush=True)
                 if args.sweep and mode == "glowq":
                     fused = t <= correction.FUSED_MAX_TOKENS
-                    default = correction_triton.choose_config(t, k, n, b_rows, sm_count, fused)
+                    default = lowrank_triton.choose_config(t, k, n, b_rows, sm_count, fused)
                     for name, config in sweep_configs(default, sm_count, fused).items():
                         us = time_graph(with_config(config, fused), sets) * 1e6
                         result["sweep"].append({"layer": layer, "tokens": t, "config": name,

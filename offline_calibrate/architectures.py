@@ -3,30 +3,12 @@ read the same input (and so share one right factor B)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from vllm_glowq.format import SHARED_INPUT_GROUPS
-
-
-@dataclass(frozen=True)
-class ExpertsSpec:
-    """A Mixture-of-Experts block, as transformers 5 builds it and as checkpoints name it.
-
-    In memory the experts are one module (`block.experts`) with fused 3-D parameters
-    `gate_up_proj` [E, 2I, H] (gate rows first) and `down_proj` [E, H, I], called as
-    `experts(x, top_k_index, top_k_weights)`; checkpoints (and vLLM's loader) name each expert
-    `checkpoint_block.experts.{e}.{gate,up,down}`. The router and any other gate stay in full
-    precision; a shared expert (a dense MLP reading the block's input) joins the experts'
-    gate/up unit.
-    """
-
-    block: str  # the block's module path in a decoder layer
-    checkpoint_block: str  # the block's name in checkpoints
-    projections: tuple[str, str, str]  # an expert's gate, up and down names in checkpoints
-    full_precision: tuple[str, ...]  # linears of the block that are never quantized (routers)
-    shared_expert: str | None = None  # attribute of the block holding a shared expert MLP
+from vllm_glowq.moe_layout import EXPERTS_BY_MODEL_TYPE, ExpertsSpec
 
 
 @dataclass(frozen=True)
@@ -64,18 +46,11 @@ class ArchitectureSpec:
 
     def checkpoint_name(self, module_path: str) -> str:
         """A module's name in checkpoints (Mixtral's in-memory `mlp` is `block_sparse_moe`)."""
-        return _swap_block(module_path, self.experts, to_checkpoint=True)
+        return module_path if self.experts is None else self.experts.checkpoint_name(module_path)
 
     def module_path(self, checkpoint_name: str) -> str:
         """Inverse of checkpoint_name."""
-        return _swap_block(checkpoint_name, self.experts, to_checkpoint=False)
-
-
-def _swap_block(name: str, experts: ExpertsSpec | None, to_checkpoint: bool) -> str:
-    if experts is None or experts.block == experts.checkpoint_block:
-        return name
-    old, new = (experts.block, experts.checkpoint_block) if to_checkpoint else (experts.checkpoint_block, experts.block)
-    return name.replace(f".{old}.", f".{new}.")
+        return checkpoint_name if self.experts is None else self.experts.module_path(checkpoint_name)
 
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -84,7 +59,6 @@ _LLAMA_LIKE = ArchitectureSpec(
     layers_path="model.layers",
     input_sets=(_ATTN, ("self_attn.o_proj",), _MLP, ("mlp.down_proj",)),
 )
-_QWEN_EXPERTS = ExpertsSpec("mlp", "mlp", ("gate_proj", "up_proj", "down_proj"), ("gate",))
 # Qwen2/2.5 add a bias to q/k/v, Qwen3 adds q/k RMS norms: neither changes which linears share
 # an input, and biases and norms are carried over unquantized.
 SUPPORTED: dict[str, ArchitectureSpec] = {
@@ -92,18 +66,10 @@ SUPPORTED: dict[str, ArchitectureSpec] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "qwen3_moe": ArchitectureSpec(_LLAMA_LIKE.layers_path, _LLAMA_LIKE.input_sets, _QWEN_EXPERTS),
-    "qwen2_moe": ArchitectureSpec(
-        _LLAMA_LIKE.layers_path,
-        _LLAMA_LIKE.input_sets,
-        ExpertsSpec("mlp", "mlp", ("gate_proj", "up_proj", "down_proj"), ("gate", "shared_expert_gate"),
-                    shared_expert="shared_expert"),
-    ),
-    "mixtral": ArchitectureSpec(
-        _LLAMA_LIKE.layers_path,
-        (_ATTN, ("self_attn.o_proj",)),
-        ExpertsSpec("mlp", "block_sparse_moe", ("w1", "w3", "w2"), ("gate",)),
-    ),
+    "qwen3_moe": replace(_LLAMA_LIKE, experts=EXPERTS_BY_MODEL_TYPE["qwen3_moe"]),
+    "qwen2_moe": replace(_LLAMA_LIKE, experts=EXPERTS_BY_MODEL_TYPE["qwen2_moe"]),
+    # Mixtral's MLP is its experts: attention only, no dense gate/up/down in any layer.
+    "mixtral": replace(_LLAMA_LIKE, input_sets=_LLAMA_LIKE.input_sets[:2], experts=EXPERTS_BY_MODEL_TYPE["mixtral"]),
 }
 _FAMILIES = "Llama 2/3, Mistral, Qwen2/2.5/3 causal LMs; Qwen2-MoE, Qwen3-MoE, Mixtral"
 

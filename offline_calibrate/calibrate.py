@@ -12,42 +12,53 @@ from typing import Any
 import torch
 
 from vllm_glowq import __version__
-from vllm_glowq.format import (
-    DENSE_FORMAT_VERSION,
-    FACTOR_A,
-    MOE_FORMAT_VERSION,
-    GlowQConfig,
-    factor_b_name,
-    tensor_name,
-)
+from vllm_glowq.format import FACTOR_A, GlowQConfig, factor_b_name, format_version_for, tensor_name
+from vllm_glowq.moe_layout import checkpoint_state_dict
+from vllm_glowq.validate import CheckpointLinears
 
 from .architectures import spec_for
 from .data import calibration_windows
 from .loading import check_seq_len, load_config, load_model, load_tokenizer, resolve_model
-from .moe import checkpoint_state_dict
 from .options import CalibrationOptions
 from .pipeline import CalibrationResult, calibrate_layers, check_rank, phase
 from .selection import select_units
-from .writer import atomic_folder, check_output, save_tensors, write_json
+from .preflight import (
+    check_device,
+    check_free_space,
+    check_group_size_fits,
+    check_not_source,
+    check_writable,
+    estimated_checkpoint_bytes,
+    model_linears,
+    resolve_seq_len,
+    warn_without_chat_template,
+)
+from .writer import atomic_folder, check_output, output_lock, save_tensors, write_json
 
 _LOG = logging.getLogger(__name__)
 REPORT_FILE = "glowq_report.json"
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def prepare(model_ref: str, options: CalibrationOptions) -> tuple[str, Any, CheckpointLinears]:
+    """Every check that needs the config but no weights; returns (model path, HF config,
+    the model's linears under checkpoint names). Fills in the default --seq-len."""
+    options.validate()
+    check_device(options.device)
+    path = resolve_model(model_ref)
+    hf_config = load_config(path)
+    resolve_seq_len(options, hf_config)
+    check_seq_len(hf_config, options.seq_len)
+    linears = model_linears(hf_config)
+    check_group_size_fits(linears, options.group_size)
+    return path, hf_config, linears
 
 
 def run_calibration(model_ref: str, options: CalibrationOptions, keep_dequantized: bool = False):
     """Load the model and calibrate it in memory; returns (model, tokenizer, result, config, heldout)."""
-    options.validate()
     timings: dict[str, float] = {}
-    path = resolve_model(model_ref)
-    hf_config = load_config(path)
-    check_seq_len(hf_config, options.seq_len)
+    path, hf_config, linears = prepare(model_ref, options)
     tokenizer = load_tokenizer(path)
+    warn_without_chat_template(tokenizer)
     extra = options.heldout_samples if options.restore == "auto" else 0
     # Data problems (an empty file, too little text) are found before the weights are loaded.
     train, heldout = calibration_windows(
@@ -57,7 +68,7 @@ def run_calibration(model_ref: str, options: CalibrationOptions, keep_dequantize
         model = load_model(path, hf_config, options.seq_len)
     spec = spec_for(hf_config)
     check_rank(model, spec, options)
-    device = pick_device(options.device)
+    device = check_device(options.device)
     _place_outside_layers(model, spec.layers_path, device)
     keep_dequantized = keep_dequantized or options.restore == "auto"
     result = calibrate_layers(model, spec, train, options, device, keep_dequantized)
@@ -74,13 +85,9 @@ def run_calibration(model_ref: str, options: CalibrationOptions, keep_dequantize
         lowrank_units=selection.restored,
         modules_to_not_convert=sorted(result.skipped),
         producer=_producer(model_ref, options),
-        format_version=MOE_FORMAT_VERSION if _has_experts(model, spec) else DENSE_FORMAT_VERSION,
+        format_version=format_version_for(bool(linears.experts)),
     )
     return model, tokenizer, result, config, selection
-
-
-def _has_experts(model, spec) -> bool:
-    return any(spec.is_moe_layer(layer) for layer in model.get_submodule(spec.layers_path))
 
 
 def _place_outside_layers(model, layers_path: str, device: torch.device) -> None:
@@ -114,7 +121,7 @@ def _producer(model_ref: str, options: CalibrationOptions) -> dict[str, Any]:
 def checkpoint_tensors(model, result: CalibrationResult, config: GlowQConfig) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint under its format name."""
     restored = set(config.lowrank_units)
-    state = checkpoint_state_dict(model, spec_for(model.config))
+    state = checkpoint_state_dict(model, spec_for(model.config).experts)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     for name, quantized in result.quantized.items():
@@ -167,9 +174,18 @@ def calibrate(
     options = options or CalibrationOptions()
     output = Path(output).absolute()
     options.validate()
+    check_not_source(output, str(model))
     check_output(output, overwrite)
+    check_writable(output)
+    with output_lock(output):
+        _, hf_config, linears = prepare(str(model), options)
+        check_free_space(output, estimated_checkpoint_bytes(hf_config, linears, options))
+        return _calibrate_into(str(model), output, options, overwrite)
+
+
+def _calibrate_into(model: str, output: Path, options: CalibrationOptions, overwrite: bool) -> Path:
     start = time.perf_counter()
-    hf_model, tokenizer, result, config, selection = run_calibration(str(model), options)
+    hf_model, tokenizer, result, config, selection = run_calibration(model, options)
     with atomic_folder(output, overwrite) as staging:
         with phase(result.timings, "write"):
             save_tensors(staging, checkpoint_tensors(hf_model, result, config))

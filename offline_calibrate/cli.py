@@ -21,6 +21,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _window_length(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (a token and the next one to predict), got {text}")
+    return value
+
+
 def calibrate_parser() -> argparse.ArgumentParser:
     d = CalibrationOptions()
     p = argparse.ArgumentParser(
@@ -39,9 +46,10 @@ def calibrate_parser() -> argparse.ArgumentParser:
                    help="group: one B per input-sharing group (GlowQ); module: one B per module (baseline)")
     c = p.add_argument_group("calibration data")
     c.add_argument("--dataset", default=d.dataset,
-                   help="a .txt/.jsonl file, a `datasets` name (NAME[:CONFIG[:SPLIT]]), or 'random' tokens")
+                   help="a UTF-8 .txt/.jsonl/.json file, a `datasets` name (NAME[:CONFIG[:SPLIT]]), or 'random' tokens")
     c.add_argument("--samples", type=int, default=d.samples, help="calibration sequences")
-    c.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
+    c.add_argument("--seq-len", type=int, default=d.seq_len,
+                   help="tokens per sequence (default: 2048, or the model's max_position_embeddings when smaller)")
     c.add_argument("--seed", type=int, default=d.seed)
     c.add_argument("--shrinkage", type=float, default=d.shrinkage, help="covariance shrinkage toward identity")
     s = p.add_argument_group("factorization")
@@ -88,8 +96,8 @@ def calibrate_main(argv: list[str] | None = None) -> None:
 def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glowq-eval", description="Perplexity of an HF model or a GlowQ checkpoint.")
     p.add_argument("model", help="a Hugging Face model folder or a GlowQ checkpoint folder")
-    p.add_argument("--dataset", required=True, help="a .txt or .jsonl file")
-    p.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per window (BOS included)")
+    p.add_argument("--dataset", required=True, help="a UTF-8 .txt, .jsonl or .json file")
+    p.add_argument("--seq-len", type=_window_length, default=512, help="tokens per window (BOS included)")
     p.add_argument("--max-tokens", type=_positive_int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--sweep", metavar="OUT_PREFIX", default=None,
                    help="GlowQ-S sweep: perplexity vs restored units per metric -> OUT_PREFIX.csv and .png")

@@ -21,14 +21,15 @@ def is_glowq_checkpoint(path: str) -> bool:
 
 
 def load_for_eval(model_ref: str, seq_len: int):
-    """(model, tokenizer) for either kind of model folder, in fp32 on the CPU."""
+    """(model, tokenizer) for either kind of model folder, in fp32 on the CPU. The model comes
+    first: its config and (for a GlowQ checkpoint) every tensor header are checked before
+    anything else is read."""
     path = resolve_model(model_ref)
-    tokenizer = load_tokenizer(path)
     if is_glowq_checkpoint(path):
         model = load_reference_model(path, torch.float32)
     else:
         model = load_model(path, load_config(path), seq_len).float()
-    return model, tokenizer
+    return model, load_tokenizer(path)
 
 
 @torch.no_grad()
@@ -55,6 +56,8 @@ def eval_windows(dataset: str, tokenizer, seq_len: int, max_tokens: int | None) 
 
 
 def evaluate(model_ref: str, dataset: str, seq_len: int = 512, max_tokens: int | None = None) -> dict:
+    """Perplexity on the dataset's non-overlapping windows; `nll` is the mean next-token
+    negative log-likelihood in nats per predicted token, `perplexity` = exp(nll)."""
     model, tokenizer = load_for_eval(model_ref, seq_len)
     check_seq_len(model.config, seq_len)
     data = eval_windows(dataset, tokenizer, seq_len, max_tokens)

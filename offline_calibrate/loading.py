@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_glowq.format import QUANT_METHOD
+from vllm_glowq.format import QUANT_METHOD, GlowQFormatError
+from vllm_glowq.validate import read_json
 
 from .architectures import spec_for
 
@@ -17,11 +18,17 @@ class ModelLoadError(ValueError):
 
 
 def resolve_model(model: str) -> str:
-    """A local folder with config.json, or a hub id (`org/name`) when no such path exists."""
+    """A local folder with a readable config.json, or a hub id (`org/name`) when no such path
+    exists. The config is parsed here so that a broken one is blamed, not the tokenizer that
+    transformers happens to load first."""
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model folder {path} has no config.json: not a Hugging Face model folder")
+        try:
+            read_json(path / "config.json")
+        except GlowQFormatError as exc:
+            raise ModelLoadError(str(exc)) from None
         return str(path)
     looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
     if looks_local:

@@ -26,9 +26,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from vllm_glowq.format import packable
+from vllm_glowq.moe_layout import ExpertsSpec, is_fused_experts
 
-from .architectures import ArchitectureSpec, ExpertsSpec
+from .architectures import ArchitectureSpec
 from .options import CalibrationOptions
 from .statistics import SecondMoment
 
@@ -43,8 +43,7 @@ class MoEError(ValueError):
 def experts_module(layer: torch.nn.Module, spec: ExpertsSpec) -> torch.nn.Module:
     """The layer's fused experts module, after checking it is the transformers 5 layout."""
     experts = layer.get_submodule(f"{spec.block}.experts")
-    gate_up = getattr(experts, "gate_up_proj", None)
-    if not isinstance(gate_up, torch.Tensor) or gate_up.dim() != 3:
+    if not is_fused_experts(experts):
         raise MoEError(
             f"the experts module {type(experts).__name__} has no fused 3-D gate_up_proj parameter; "
             "glowq-calibrate needs the transformers 5 expert layout (upgrade transformers to >= 5)."
@@ -106,19 +105,6 @@ class ExpertStatistics:
         self._handle.remove()
 
 
-def check_block_fits(names: ExpertNames, experts: torch.nn.Module, group_size: int) -> None:
-    """Experts are quantized all or none (vLLM runs them as one layer): refuse a group size
-    that does not fit both of their in-feature sizes, before any work is done."""
-    _, two_i, hidden = experts.gate_up_proj.shape
-    for features in (hidden, two_i // 2):
-        reason = packable(features, group_size)
-        if reason:
-            raise MoEError(
-                f"the experts of {names.prefix} cannot be quantized: {reason}; choose a --group-size that "
-                f"divides both the hidden size ({hidden}) and the expert intermediate size ({two_i // 2})."
-            )
-
-
 def check_block_rank(names: ExpertNames, experts: torch.nn.Module, options: CalibrationOptions) -> None:
     _, two_i, hidden = experts.gate_up_proj.shape
     limit = min(hidden, two_i // 2)  # a down unit; and a gate/up unit with --share module
@@ -178,33 +164,6 @@ def _record_routing(names: ExpertNames, stats: ExpertStatistics, starved: list[i
                      "their correction rests on the covariance shrinkage.",
                      names.prefix, starved, names.spec.projections[2], features)
     result.experts[names.prefix] = {"tokens": list(stats.tokens), "without_tokens": unused, "few_tokens": starved}
-
-
-def checkpoint_state_dict(model: torch.nn.Module, spec: ArchitectureSpec) -> dict[str, torch.Tensor]:
-    """The model's tensors under checkpoint names: fused expert parameters split into
-    per-expert `.weight` tensors, the block renamed where checkpoints name it differently."""
-    state = {}
-    for name, tensor in model.state_dict().items():
-        parent, _, leaf = name.rpartition(".")
-        if spec.experts is not None and parent.endswith(f".{spec.experts.block}.experts"):
-            state.update(_split_experts(spec.checkpoint_name(parent), leaf, tensor, spec.experts))
-        else:
-            state[spec.checkpoint_name(name)] = tensor
-    return state
-
-
-def _split_experts(prefix: str, leaf: str, fused: torch.Tensor, spec: ExpertsSpec) -> dict[str, torch.Tensor]:
-    gate, up, down = spec.projections
-    out = {}
-    for e in range(fused.shape[0]):
-        if leaf == "gate_up_proj":
-            first, second = fused[e].chunk(2, dim=0)
-            out[f"{prefix}.{e}.{gate}.weight"], out[f"{prefix}.{e}.{up}.weight"] = first, second
-        elif leaf == "down_proj":
-            out[f"{prefix}.{e}.{down}.weight"] = fused[e]
-        else:
-            raise MoEError(f"unknown fused expert parameter {prefix}.{leaf}")
-    return out
 
 
 def correction_parameters(hidden: int, intermediate: int, num_experts: int, rank: int,

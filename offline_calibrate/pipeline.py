@@ -161,8 +161,8 @@ def calibrate_input_set(
 
 
 def check_rank(model, spec: ArchitectureSpec, options: CalibrationOptions) -> None:
-    """Refuse a rank no unit can have, and experts the group size does not fit, before any
-    calibration work (layers of one kind share one shape)."""
+    """Refuse a rank no unit can have before any calibration work (layers of one kind share
+    one shape; a group size that does not fit the experts was refused before loading them)."""
     checked: set[bool] = set()  # is_moe_layer values seen: one layer of each kind is enough
     for index, layer in enumerate(decoder_layers(model, spec)):
         if spec.is_moe_layer(layer) in checked:
@@ -180,7 +180,6 @@ def check_rank(model, spec: ArchitectureSpec, options: CalibrationOptions) -> No
                     )
         if spec.is_moe_layer(layer):
             names = moe.block_names(layer, f"{spec.layers_path}.{index}", spec)
-            moe.check_block_fits(names, moe.experts_module(layer, spec.experts), options.group_size)
             moe.check_block_rank(names, moe.experts_module(layer, spec.experts), options)
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from vllm_glowq import correction
 
-KERNEL_FILE = Path(correction.__file__).with_name("correction_triton.py")
+KERNEL_FILE = Path(correction.__file__).parent / "kernels" / "lowrank_triton.py"
 ERROR_FACTOR = 1.5
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels)")
 

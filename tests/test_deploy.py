@@ -176,8 +176,9 @@ def test_pinned_kubernetes_validate():
 
 
 def test_install_script_runs_deploy_tools_last():
-    lines = [s for s in (REPO / "scripts" / "install.sh").read_text().splitlines() if s.strip()]
-    assert lines[-1] == "bash scripts/install-deploy-tools.sh"
+    lines = (REPO / "scripts" / "install.sh").read_text().splitlines()
+    steps = [s.strip() for s in lines if s.strip().startswith(("run ", "pip_install "))]
+    assert steps[-1] == "run bash scripts/install-deploy-tools.sh"
 
 
 def test_overlays_exist():
@@ -373,6 +374,23 @@ def test_pdb_covers_the_servers(rendered, overlay):
     assert pdb["spec"]["maxUnavailable"] == 1
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_namespace_reaches_the_unauthenticated_endpoints(rendered, overlay):
+    """vLLM's API key covers /v1 only; /metrics, /tokenize, /version ... are open, so the server
+    pods admit pods of their own namespace (and, with autoscaling, Prometheus's) and nothing else."""
+    objs = rendered[overlay]
+    labels = server(objs)["spec"]["template"]["metadata"]["labels"]
+    policies = {o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "NetworkPolicy"}
+    assert set(policies) == ({"glowq-server", "glowq-metrics"} if "autoscaling" in overlay else {"glowq-server"})
+    for spec in policies.values():
+        assert spec["podSelector"]["matchLabels"].items() <= labels.items()
+        assert spec["policyTypes"] == ["Ingress"]
+        (rule,) = spec["ingress"]
+        assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert policies["glowq-server"]["ingress"][0]["from"] == [{"podSelector": {}}]
+    assert "--disable-fastapi-docs" in serve_args_tokens(SERVE_ARGS.read_text())
+
+
 # ---------------------------------------------------------------- one list of serve arguments
 
 def test_serve_args_file_is_one_file():
@@ -433,6 +451,16 @@ def test_glowq_serve_reads_comments_blanks_and_crlf(tmp_path):
     f = tmp_path / "args.txt"
     f.write_bytes(b"# c\r\n\r\n  --dtype \r\nbfloat16\r\n   # indented comment\n--max-model-len\n4096")
     assert run_glowq_serve(tmp_path, f, "/m") == ["serve", "/m", "--dtype", "bfloat16", "--max-model-len", "4096"]
+
+
+def test_glowq_serve_extra_flags_replace_the_files(tmp_path):
+    """vLLM warns "Found duplicate keys --port" when a flag comes twice; the quick start and the
+    e2e test give their own port, so the file's --port and its value must give way."""
+    f = tmp_path / "args.txt"
+    f.write_text("--quantization\nglowq\n--port\n8000\n--enforce-eager\n--max-model-len=4096\n")
+    argv = run_glowq_serve(tmp_path, f, "/m", "--port", "8765", "--max-model-len=512", "--enforce-eager")
+    assert argv == ["serve", "/m", "--quantization", "glowq", "--port", "8765", "--max-model-len=512",
+                    "--enforce-eager"]
 
 
 def test_glowq_serve_fails_without_the_file(tmp_path):

@@ -15,8 +15,10 @@ from safetensors import safe_open
 from offline_calibrate import CalibrationOptions, calibrate
 from offline_calibrate.calibrate import run_calibration
 from offline_calibrate.cli import calibrate_main
+from offline_calibrate.loading import load_config
 from offline_calibrate.moe import correction_parameters
 from offline_calibrate.pipeline import build_quantized_model
+from offline_calibrate.preflight import estimated_checkpoint_bytes, model_linears
 from offline_calibrate.reference import load_reference_model
 from offline_calibrate.tiny import make_random_model
 
@@ -128,6 +130,17 @@ def test_qwen3_30b_a3b_table_matches_the_formula():
         gate_up = (sizes["A_gate_up"] + sizes[key]) * 2 / 2**20
         total = (sizes["A_gate_up"] + sizes[key] + sizes["down"]) * 2 / 2**20
         assert f"| {gate_up:.2f} |" in docs and f"| {total:.2f} |" in docs, key
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_free_space_check_sizes_every_expert(arch, sources, checkpoints):
+    """Before loading weights the calibrator sizes the checkpoint from the config alone, with
+    the validator's expected tensors: every expert's codes and factors and the routers."""
+    hf_config = load_config(str(sources[arch]))
+    estimate = estimated_checkpoint_bytes(hf_config, model_linears(hf_config), CalibrationOptions(**SMALL))
+    file = checkpoints[arch] / "model.safetensors"
+    header_bytes = 8 + int.from_bytes(file.read_bytes()[:8], "little")
+    assert estimate == file.stat().st_size - header_bytes
 
 
 def test_rank_zero_and_partial_restoration(sources, tmp_path):

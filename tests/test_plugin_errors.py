@@ -1,10 +1,12 @@
 """Broken or foreign checkpoints fail to load with one clear GlowQ message.
 
 Every case is a real `vllm.LLM(...)` call on a real (edited) checkpoint; all of them run in
-one engine subprocess, each attempt reporting the exception the caller received. Config
-problems surface while vLLM builds its config (wrapped in its pydantic ValidationError, whose
-text is ours); tensor problems surface while weights load. The last tests check registration
-and config parsing without an engine (the fast tier).
+one engine subprocess, each attempt reporting the exception the caller received. Config and
+tensor problems alike surface while vLLM builds its config, before an engine starts (the
+plugin's front-end hook runs the checkpoint validator; vLLM wraps the error in its pydantic
+ValidationError, whose text is ours). The same checkpoints through `vllm serve`:
+test_serve_errors.py. The last tests check registration and config parsing without an engine
+(the fast tier).
 """
 
 from __future__ import annotations

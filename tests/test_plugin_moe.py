@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from test_serve_e2e import free_port, group_alive, serve_args, stop_by_pid, wait_healthy
+from test_serve_e2e import free_port, group_alive, start_glowq_serve, stop_by_pid, wait_healthy
 from vllm_helpers import (
     PROMPTS,
     compare_with_reference,
     copy_checkpoint,
-    engine_env,
     greedy_mismatches,
     reference_bf16_noise,
     run_load_attempts,
@@ -177,11 +173,7 @@ def test_broken_moe_checkpoint_fails_with_clear_error(attempts, case):
 def server(bf16_run, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve-moe") / "server.log"
-    command = [str(Path(sys.executable).parent / "vllm"), "serve", str(bf16_run["checkpoint"]), *serve_args(),
-               "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("w") as sink:
-        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT,
-                                env=engine_env(1, in_process_engine=False), start_new_session=True)
+    proc = start_glowq_serve(bf16_run["checkpoint"], port, log)
     try:
         wait_healthy(proc, port, log)
         yield {"port": port, "log": log}
@@ -193,6 +185,7 @@ def server(bf16_run, tmp_path_factory):
 
 
 def test_vllm_serve_answers_the_openai_client(server, bf16_run):
+    """Started as the image starts it (deploy/bin/glowq-serve), like test_serve_e2e's server."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"http://127.0.0.1:{server['port']}/v1", api_key="unused", max_retries=0, timeout=120)

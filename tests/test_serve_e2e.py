@@ -1,7 +1,8 @@
 """`vllm serve CKPT` with the deployment's arguments, driven by the official openai client.
 
-The server gets exactly deploy/serve-args.txt (which includes `--quantization glowq`) plus
-`--host 127.0.0.1 --port <free port>` and the checkpoint path. Expected answers come from the
+The server starts through the image's entrypoint, deploy/bin/glowq-serve, so it gets exactly
+deploy/serve-args.txt (which includes `--quantization glowq`) with `--host 127.0.0.1 --port
+<free port>` in place of the file's port, and the checkpoint path. Expected answers come from the
 offline engine on the same checkpoint with the same dtype and compile mode (its accuracy
 against the PyTorch reference is test_plugin_offline's job), requested by token id so the
 comparison never depends on detokenizing random byte tokens.
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,11 +29,6 @@ pytestmark = pytest.mark.slow
 MAX_TOKENS = 8
 STARTUP_TIMEOUT_S = 420
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me a story."}]
-
-
-def serve_args() -> list[str]:
-    lines = (REPO_ROOT / "deploy" / "serve-args.txt").read_text().splitlines()
-    return [token for line in lines if (token := line.split("#", 1)[0].strip())]
 
 
 def free_port() -> int:
@@ -106,15 +103,23 @@ def expected(checkpoint, chat_prompt_ids, engine_results) -> dict:
     return {"completions": [o["token_ids"] for o in outputs[:-1]], "chat": outputs[-1]["token_ids"]}
 
 
+def start_glowq_serve(checkpoint: Path, port: int, log: Path) -> subprocess.Popen:
+    """A server started as the image starts it: deploy/bin/glowq-serve with deploy/serve-args.txt,
+    on 127.0.0.1:port, in its own process group, its output in `log`."""
+    command = [str(REPO_ROOT / "deploy" / "bin" / "glowq-serve"), str(checkpoint), "--host", "127.0.0.1",
+               "--port", str(port)]
+    env = engine_env(1, in_process_engine=False)
+    env.update(GLOWQ_SERVE_ARGS_FILE=str(REPO_ROOT / "deploy" / "serve-args.txt"),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+    with log.open("w") as sink:
+        return subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    command = [str(Path(sys.executable).parent / "vllm"), "serve", str(checkpoint), *serve_args(),
-               "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("w") as sink:
-        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=engine_env(1, in_process_engine=False),
-                                start_new_session=True)
+    proc = start_glowq_serve(checkpoint, port, log)
     try:
         wait_healthy(proc, port, log)
         yield {"proc": proc, "port": port, "log": log}
@@ -168,6 +173,30 @@ def test_sixteen_concurrent_requests(client, expected):
         responses = list(pool.map(lambda p: complete(client, p), prompts))
     for i, response in enumerate(responses):
         assert response.choices[0].token_ids == expected["completions"][i % len(PROMPTS)], i
+
+
+def http_status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_api_docs_are_off_and_the_open_endpoints_are_as_documented(server):
+    """deploy/README.md: --disable-fastapi-docs removes /docs and /openapi.json; /version and
+    /metrics answer without an API key, which is why the manifests add a NetworkPolicy."""
+    port = server["port"]
+    assert {path: http_status(port, path) for path in ("/docs", "/openapi.json", "/version", "/metrics")} == {
+        "/docs": 404, "/openapi.json": 404, "/version": 200, "/metrics": 200}
+
+
+def test_server_log_has_no_false_alarms(server):
+    """Warnings a first-time reader would chase: a flag given twice, and one line per layer about
+    the zero points' int32 -> uint8 load (by design, see vllm_glowq.loading)."""
+    log = server["log"].read_text()
+    assert "quantization=glowq" in log and "Found duplicate keys" not in log
+    assert "qzeros with dtype" not in log
 
 
 def test_zz_server_stops_by_pid_and_leaves_nothing(server):

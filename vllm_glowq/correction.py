@@ -1,11 +1,14 @@
-"""A corrected GlowQ layer, `base(x) + A (B x)`, as one vLLM custom op: `torch.ops.glowq.linear`.
+"""GlowQ's custom ops: a corrected layer around one of vLLM's int4 kernels, `torch.ops.glowq.linear`
+(`base(x) + A (B x)`), and the project's own int4 GEMM with the correction fused in,
+`torch.ops.glowq.int4_linear` (kernels/w4a16.py; chosen per layer in kernel_choice.py).
 
-The op is opaque to torch.compile (its fake implementation gives the output's shape), so Dynamo
-traces one call per layer and CUDA graphs capture whatever the op launches. The layer is found
-by name (`register_layer`, done at load time), the way vLLM's attention op finds its layer,
-because the op runs the layer's int4 kernel itself: only then can the correction overlap it.
+Both ops are opaque to torch.compile (their fake implementations give the output's shape), so
+Dynamo traces one call per layer and CUDA graphs capture whatever the op launches. For `linear`
+the layer is found by name (`register_layer`, done at load time), the way vLLM's attention op
+finds its layer, because the op runs the layer's int4 kernel itself: only then can the
+correction overlap it.
 
-Inside, the path is chosen per call from the device, dtype and token count:
+Inside `linear`, the path is chosen per call from the device, dtype and token count:
 
 * `overlap` (CUDA, bf16/fp16, up to OVERLAP_MAX_TOKENS tokens: decode): C = A (B x) runs on a
   second stream while the int4 GEMM runs on the current one; the join adds C. At decode the
@@ -13,7 +16,7 @@ Inside, the path is chosen per call from the device, dtype and token count:
   layer on an H200 in series), so hiding it behind the GEMM leaves one elementwise add on the
   critical path. Both branches are captured into the CUDA graph as a fork and a join.
 * `fused` (CUDA, bf16/fp16, up to FUSED_MAX_TOKENS tokens): the GEMM, then one Triton launch for
-  the whole correction (`correction_triton`), in series.
+  the whole correction (`kernels.lowrank_triton`), in series.
 * `split` (CUDA, any token count): R = x B^T by cuBLAS on the second stream while the GEMM
   runs, then one Triton launch that writes y + R A^T; the prefill case, where the correction
   is bandwidth-bound and the shrink (reading all of x) hides behind the compute-bound GEMM.
@@ -156,7 +159,7 @@ def correct(x: torch.Tensor, y: torch.Tensor, factor_b: torch.Tensor, factor_a: 
     in series; `split` takes R = x B^T from `reduced` when the caller computed it already."""
     if path == "torch" or x.shape[0] == 0:
         return torch.addmm(y, F.linear(x, factor_b), factor_a.t())
-    from . import correction_triton
+    from .kernels import lowrank_triton
 
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = y if y.stride(-1) == 1 else y.contiguous()
@@ -165,13 +168,31 @@ def correct(x: torch.Tensor, y: torch.Tensor, factor_b: torch.Tensor, factor_a: 
     n, rank = factor_a.shape
     state = _device_state(x.device, rank)
     fused = path == "fused" and tokens <= FUSED_MAX_TOKENS  # the workspace's capacity
-    config = correction_triton.choose_config(tokens, k, n, rank, state.sm_count, fused)
+    config = lowrank_triton.choose_config(tokens, k, n, rank, state.sm_count, fused)
     if fused:
         reduced, sync = state.reduced, state.sync
     else:
         reduced, sync = (F.linear(x, factor_b) if reduced is None else reduced), None
-    correction_triton.launch(x, factor_b, factor_a, y, out, reduced, sync, config)
+    lowrank_triton.launch(x, factor_b, factor_a, y, out, reduced, sync, config)
     return out
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                bias: torch.Tensor | None, factor_b: torch.Tensor | None, factor_a: torch.Tensor | None,
+                group_size: int) -> torch.Tensor:
+    """The project's int4 GEMM with the correction fused in (kernels/w4a16.py), for x [T, K].
+
+    Takes its tensors as arguments (unlike `linear`, it calls no vLLM kernel, so it needs no
+    layer registry); the kernels' shared workspace was sized when the layer was loaded."""
+    from .kernels import w4a16
+
+    return w4a16.forward(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size)
+
+
+def _int4_linear_fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                      bias: torch.Tensor | None, factor_b: torch.Tensor | None, factor_a: torch.Tensor | None,
+                      group_size: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], qweight.shape[1]))
 
 
 def _register() -> None:
@@ -180,6 +201,8 @@ def _register() -> None:
     # CompositeExplicitAutograd: one implementation for every device (it picks the path itself)
     direct_register_custom_op("linear", linear, mutates_args=[], fake_impl=_linear_fake, target_lib=_library,
                               dispatch_key="CompositeExplicitAutograd")
+    direct_register_custom_op("int4_linear", int4_linear, mutates_args=[], fake_impl=_int4_linear_fake,
+                              target_lib=_library, dispatch_key="CompositeExplicitAutograd")
 
 
 # The op lives in its own namespace (torch.ops.glowq), so it cannot collide with vLLM's ops.

@@ -20,6 +20,13 @@ DENSE_FORMAT_VERSION = 1
 MOE_FORMAT_VERSION = 2
 FORMAT_VERSION = MOE_FORMAT_VERSION  # the newest version this code reads and writes
 SUPPORTED_FORMAT_VERSIONS = (DENSE_FORMAT_VERSION, MOE_FORMAT_VERSION)
+
+
+def format_version_for(has_experts: bool) -> int:
+    """The version a checkpoint is written as (see above: 2 only for models with experts)."""
+    return MOE_FORMAT_VERSION if has_experts else DENSE_FORMAT_VERSION
+
+
 SUPPORTED_BITS = (4,)
 
 # Per-module tensor suffixes (the GPTQ layout, so vLLM's W4A16 kernels can run the base GEMM).
@@ -129,6 +136,10 @@ def tensor_name(module_name: str, suffix: str) -> str:
     return f"{module_name}.{suffix}"
 
 
+_LISTED_NAMES = ("lowrank_units", "modules_to_not_convert")
+_NAME_SETS = "_name_sets_cache"
+
+
 @dataclass
 class GlowQConfig:
     """The `quantization_config` block of a GlowQ checkpoint's config.json.
@@ -189,18 +200,22 @@ class GlowQConfig:
         return unit_name(module_name, self.share)
 
     def has_factors(self, unit: str) -> bool:
-        return unit in self._lowrank_set
+        return unit in self._name_sets()[0]
 
     def is_quantized(self, module_name: str) -> bool:
-        return module_name not in self._skip_set
+        return module_name not in self._name_sets()[1]
 
-    @property
-    def _lowrank_set(self) -> frozenset[str]:
-        return frozenset(self.lowrank_units)
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in _LISTED_NAMES:
+            self.__dict__.pop(_NAME_SETS, None)  # rebuilt at the next lookup
 
-    @property
-    def _skip_set(self) -> frozenset[str]:
-        return frozenset(self.modules_to_not_convert)
+    def _name_sets(self) -> tuple[frozenset[str], frozenset[str]]:
+        """lowrank_units and modules_to_not_convert as sets, built once per assignment: an MoE
+        model asks about tens of thousands of modules against thousands of units."""
+        if _NAME_SETS not in self.__dict__:
+            self.__dict__[_NAME_SETS] = (frozenset(self.lowrank_units), frozenset(self.modules_to_not_convert))
+        return self.__dict__[_NAME_SETS]
 
     def to_dict(self) -> dict[str, Any]:
         return {

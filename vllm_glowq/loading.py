@@ -1,26 +1,28 @@
-"""Checkpoint-tensor bookkeeping for one GlowQ linear layer.
+"""Checkpoint-tensor bookkeeping for one GlowQ linear or expert layer.
 
 vLLM checks neither that every shard of a fused parameter arrived (a checkpoint without
 `up_proj.glowq_A` loads silently with zeros) nor, with a readable message, that shapes agree
 (its loaders `assert` deep inside). Every parameter's loader is therefore wrapped: the wrapper
 checks the full checkpoint tensor against the shape the config implies, records the shard,
 and only then hands it to vLLM's own loader. After loading, `raise_if_incomplete` names the
-first tensor that never came.
+first tensor that never came. These checks stay as a second line behind the front-end
+validator (validate.py), which normally refuses such checkpoints before an engine starts.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .format import FACTOR_A, FACTOR_B, GlowQConfig, GlowQFormatError
+from .format import QZEROS, GlowQFormatError
 
 # vLLM's shard id: "q"/"k"/"v", 0/1 (gate/up), None (unfused); (shard, expert) for experts
 ShardKey = str | int | tuple[str, int] | None
 Transform = Callable[[torch.Tensor, ShardKey], torch.Tensor]
+VLLM_WEIGHT_LOADING_LOGGER = "vllm.model_executor.models.utils"  # vLLM's AutoWeightsLoader
 
 
 @dataclass(frozen=True)
@@ -103,26 +105,28 @@ class ExpectedTensors:
             )
 
 
-def check_factors_are_declared(folder: Path, glowq: GlowQConfig) -> None:
-    """Refuse factor tensors for units that `lowrank_units` does not list.
+class ZeroPointDtypeNotice(logging.Filter):
+    """Drops vLLM's "Attempted to load weight ...qzeros with dtype torch.int32 into parameter
+    with dtype torch.uint8" warning, which it logs once per unfused layer and checkpoint.
 
-    Such a layer has no factor parameters, and a fused layer's `load_weights` then hands the
-    tensor to the layer object itself, which fails deep inside vLLM. Only the safetensors
-    headers are read, so this is cheap enough to run before any engine starts.
+    The difference is by design: zero points arrive packed (int32, eight per word) and the
+    parameter holds them unpacked (uint8) until loading ends, because packed words of fused
+    members cannot be concatenated when a member's out-features are not a multiple of 8. The
+    loader wrapper unpacks every one, so the warning reports nothing a user can act on; every
+    other dtype warning passes through.
     """
-    from safetensors import safe_open
 
-    found: set[str] = set()
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                module, _, suffix = name.rpartition(".")
-                if suffix in (FACTOR_A, FACTOR_B):  # B: a unit's own name, or its first expert's
-                    found.add(glowq.unit_of(module))
-    undeclared = sorted(found - set(glowq.lowrank_units))
-    if undeclared:
-        more = f" (and {len(undeclared) - 1} more)" if len(undeclared) > 1 else ""
-        raise GlowQFormatError(
-            f"GlowQ checkpoint {folder} has low-rank factors for unit {undeclared[0]!r}{more}, which "
-            "quantization_config.lowrank_units does not list; add the unit there or drop its tensors."
-        )
+    MESSAGE = "Attempted to load weight %s with dtype %s into parameter with dtype %s"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self.MESSAGE or not isinstance(record.args, tuple) or len(record.args) != 3:
+            return True
+        name, source, target = record.args
+        return not (str(name).endswith(f".{QZEROS}") and source == torch.int32 and target == torch.uint8)
+
+
+def quiet_zero_point_dtype_notices() -> None:
+    """Install the filter on the vLLM logger that emits the warning (once per process)."""
+    logger = logging.getLogger(VLLM_WEIGHT_LOADING_LOGGER)
+    if not any(isinstance(f, ZeroPointDtypeNotice) for f in logger.filters):
+        logger.addFilter(ZeroPointDtypeNotice())

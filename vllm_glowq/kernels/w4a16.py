@@ -1,0 +1,199 @@
+"""Host side of the project's W4A16 kernels (w4a16_triton.py): which layers they take, launch
+configurations, the per-device workspace, and the forward `x deq(Wq)^T + (x B^T) A^T + bias`.
+
+Up to GEMM_MAX_TOKENS tokens (decode, small batches) one `gemm_kernel` launch does everything.
+Above it the layer's weight, with the correction folded in, is dequantized into a shared dense
+workspace and multiplied by cuBLAS. On the H200 (bench/results/kernel/, 2026-12-01) the int4
+mainloop took 177 us per Llama-3-8B decoder layer at 16 tokens and 271 us at 64, while
+dequantizing costs about 101 us per layer (the 2048-token difference to bf16) on top of
+cuBLAS's 125 / 137 us: the crossover lies between 16 and 64 tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+GEMM_MAX_TOKENS = 16
+WORKSPACE_TOKENS = 256  # rows the gemm workspace holds (the microbenchmark times gemm up to here)
+PARTIAL_SUM_BYTES = 32 * 1024**2  # cap of the split-K workspace (fp32 partial tiles)
+_MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}  # bits and value of MAGIC
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tiles and grid of one `gemm_kernel` launch (block_* are Triton block sizes)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    block_r: int = 16  # rank block of the shrink and expand
+    shrink_block_k: int = 128
+    shrink_chunk: int = 512  # K columns per shrink program
+    prefetch: bool = False  # one-token path: load the next K block by hand first (not measured yet; the sweep tries it)
+
+
+def block_k_for(k: int, group_size: int) -> int | None:
+    """The K block: at most one group (scales apply per block), at least 16 (tl.dot), dividing K."""
+    for block in (128, 64, 32, 16):
+        if k % block == 0 and (group_size == k or group_size % block == 0):
+            return block
+    return None
+
+
+def unsupported_reason(k: int, n: int, group_size: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the kernels cannot run this layer, or None when they can."""
+    if device.type != "cuda":
+        return "the GlowQ int4 kernels run on CUDA GPUs only"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "the GlowQ int4 kernels need compute capability 8.0 (Ampere) or newer"
+    if dtype not in _MAGIC:
+        return f"the GlowQ int4 kernels take bfloat16 or float16 activations, not {dtype}"
+    if k % group_size:
+        return f"group_size={group_size} does not divide in_features={k}"
+    if block_k_for(k, group_size) is None:
+        return f"in_features={k} with group_size={group_size} has no K block of 16-128 that divides both"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed"
+    return None
+
+
+def choose_gemm_config(tokens: int, n: int, k: int, group_size: int, sm_count: int) -> GemmConfig:
+    """Launch configuration for `tokens` rows: split K until the grid holds a few programs per SM.
+
+    Tile shapes and warps follow the H200 sweep (bench/kernel_microbench.py --sweep, 2026-12-01):
+    one token runs the tensor-core-free path in wide tiles of two warps.
+    """
+    block_k = block_k_for(k, group_size)
+    if tokens == 1:
+        block_m, block_n, warps, stages = 1, 256, 2, 2
+    else:
+        block_m = 16 if tokens <= 16 else 32 if tokens <= 32 else 64
+        block_n, warps, stages = (128, 4, 3) if tokens <= 16 else (64, 4, 3)
+    tiles = math.ceil(tokens / block_m) * math.ceil(n / block_n)
+    wanted = max(1, math.ceil(4 * sm_count / tiles))
+    split = min(k // block_k, wanted, max(1, PARTIAL_SUM_BYTES // (4 * tokens * n)))
+    return GemmConfig(block_m, block_n, block_k, split, warps, stages)
+
+
+class Workspace:
+    """Per-device buffers shared by every layer in turn (kernels run one after another on one
+    stream). Sized at load time, before CUDA graphs are captured, so captured launches keep
+    pointing at live memory; every gemm launch leaves `reduced` and `sync` zeroed."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.partial = torch.empty(PARTIAL_SUM_BYTES // 4, dtype=torch.float32, device=device)
+        self.reduced = torch.zeros(0, dtype=torch.float32, device=device)
+        self.sync = torch.zeros(2, dtype=torch.int32, device=device)
+        self.dense: dict[torch.dtype, torch.Tensor] = {}
+        self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+
+    def reserve(self, n: int, k: int, rank: int, dtype: torch.dtype) -> None:
+        """Grow the buffers for a layer of N outputs, K inputs and this correction rank."""
+        if self.reduced.numel() < WORKSPACE_TOKENS * rank:
+            self.reduced = torch.zeros(WORKSPACE_TOKENS * rank, dtype=torch.float32, device=self.device)
+        tickets = 2 + math.ceil(WORKSPACE_TOKENS / 16) * math.ceil(n / 16)
+        if self.sync.numel() < tickets:
+            self.sync = torch.zeros(tickets, dtype=torch.int32, device=self.device)
+        if self.dense.get(dtype, torch.empty(0)).numel() < k * n:
+            self.dense[dtype] = torch.empty(k * n, dtype=dtype, device=self.device)
+
+
+_reported: set = set()
+_workspaces: dict[torch.device, Workspace] = {}
+
+
+def workspace(device: torch.device) -> Workspace:
+    if device not in _workspaces:
+        _workspaces[device] = Workspace(device)
+    return _workspaces[device]
+
+
+def forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+            bias: torch.Tensor | None, factor_b: torch.Tensor | None, factor_a: torch.Tensor | None,
+            group_size: int) -> torch.Tensor:
+    """x [T, K] -> [T, N]; qweight int32 [K/8, N], scales [G, N] (x's dtype), zeros uint8 [G, N] or None,
+    factors B [r, K] and A [N, r] or None (plain int4)."""
+    if x.shape[0] <= GEMM_MAX_TOKENS:
+        return gemm(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size)
+    dense = dequantize(qweight, scales, zeros, factor_b, factor_a, group_size, x.dtype)
+    return torch.mm(x, dense) if bias is None else torch.addmm(bias, x, dense)
+
+
+def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+         bias: torch.Tensor | None, factor_b: torch.Tensor | None, factor_a: torch.Tensor | None,
+         group_size: int, config: GemmConfig | None = None) -> torch.Tensor:
+    """One `gemm_kernel` launch, for up to WORKSPACE_TOKENS rows (forward() uses it up to GEMM_MAX_TOKENS)."""
+    from .w4a16_triton import gemm_kernel
+
+    tokens, k = x.shape
+    if tokens > WORKSPACE_TOKENS:
+        raise ValueError(f"gemm takes at most {WORKSPACE_TOKENS} rows, got {tokens}; forward() dequantizes above")
+    n = qweight.shape[1]
+    out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
+    if tokens == 0:
+        return out
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    correct = factor_a is not None
+    rank = factor_a.shape[1] if correct else 0
+    space = workspace(x.device)
+    config = config or choose_gemm_config(tokens, n, k, group_size, space.sm_count)
+    m_blocks = math.ceil(tokens / config.block_m)
+    shrink_block_m = max(16, config.block_m)  # tl.dot's smallest tile
+    shrink_programs = 0
+    if correct:
+        shrink_programs = (math.ceil(tokens / shrink_block_m) * math.ceil(rank / config.block_r)
+                           * math.ceil(k / config.shrink_chunk))
+    chunk_blocks = math.ceil(k // config.block_k / config.split_k)
+    split = math.ceil(k // config.block_k / chunk_blocks)  # every chunk non-empty
+    grid = shrink_programs + m_blocks * math.ceil(n / config.block_n) * split
+    magic, magic_value = _MAGIC[x.dtype]
+    dummy = space.sync
+    handle = gemm_kernel[(grid,)](
+        x, qweight, scales, dummy if zeros is None else zeros, dummy if bias is None else bias,
+        factor_b if correct else dummy, factor_a if correct else dummy, out, space.partial,
+        space.reduced, space.sync, tokens, n, k, rank, group_size, split, chunk_blocks * config.block_k, config.shrink_chunk,
+        shrink_programs, x.stride(0), qweight.stride(0), scales.stride(0),
+        0 if zeros is None else zeros.stride(0), factor_b.stride(0) if correct else 0,
+        factor_a.stride(0) if correct else 0, out.stride(0),
+        HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, CORRECT=correct,
+        BM=config.block_m, BN=config.block_n, BK=config.block_k,
+        BR=config.block_r, SBM=shrink_block_m, SBK=config.shrink_block_k, MAGIC=magic, MAGIC_VALUE=magic_value,
+        PREFETCH=config.prefetch, num_warps=config.num_warps, num_stages=config.num_stages)
+    if os.environ.get("GLOWQ_DEBUG") and config not in _reported:
+        _reported.add(config)
+        print(f"gemm {config}: regs {handle.n_regs} spills {handle.n_spills} smem {handle.metadata.shared}", flush=True)
+    return out
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+               factor_b: torch.Tensor | None, factor_a: torch.Tensor | None, group_size: int,
+               dtype: torch.dtype, block_n: int = 128) -> torch.Tensor:
+    """W_eff = deq(Wq) + (A B)^T as [K, N] in the shared dense workspace (valid until the next call)."""
+    from .w4a16_triton import dequantize_kernel
+
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    space = workspace(qweight.device)
+    space.reserve(n, k, 0, dtype)
+    dense = space.dense[dtype][: k * n].view(k, n)
+    block_k = block_k_for(k, group_size)
+    correct = factor_a is not None
+    magic, magic_value = _MAGIC[dtype]
+    dummy = space.sync
+    dequantize_kernel[(k // block_k, math.ceil(n / block_n))](
+        qweight, scales, dummy if zeros is None else zeros, factor_b if correct else dummy,
+        factor_a if correct else dummy, dense, n, k, factor_a.shape[1] if correct else 0, group_size,
+        qweight.stride(0), scales.stride(0), 0 if zeros is None else zeros.stride(0),
+        factor_b.stride(0) if correct else 0, factor_a.stride(0) if correct else 0, dense.stride(0),
+        HAS_ZEROS=zeros is not None, CORRECT=correct, BN=block_n, BK=block_k, BR=16, MAGIC=magic,
+        MAGIC_VALUE=magic_value, num_warps=4)
+    return dense

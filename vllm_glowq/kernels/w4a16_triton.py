@@ -1,0 +1,344 @@
+"""The project's W4A16 GEMM with GlowQ's correction fused in: `out = x deq(Wq)^T + (x B^T) A^T + bias`.
+
+Two kernels, both reading the GPTQ layout the checkpoint stores (qweight int32 [K / 8, N], eight
+consecutive input rows per word, low nibble first), so the plugin keeps one copy of the weights:
+
+* `gemm` (decode and small batches): one launch computes the int4 GEMM and the correction.
+  - The first `shrink_programs` programs compute R = x B^T, each over one (token block, rank
+    block, K chunk), added into an fp32 workspace with atomics; they are first in the grid, so
+    they are dispatched first and never wait for anything.
+  - Every other program computes one (token block, output tile, K chunk) of the int4 GEMM.
+    Split-K partial sums go to an fp32 workspace; the last program to finish a tile (a ticket
+    counter per tile) sums them and runs the epilogue, so no program waits for another's GEMM.
+  - The epilogue waits until R is complete (by then the shrink programs are long done), adds
+    R A_tile^T and the bias and writes the tile. The last epilogue zeroes R and the counters,
+    so every launch (the next layer, the next CUDA-graph replay) finds a clean workspace.
+  The correction's only cost on the critical path is one R A^T product per output tile, its
+  shrink hides behind the GEMM's weight stream, and B x is computed once per layer however
+  many modules share B (GlowQ's point).
+* `dequantize` (prefill): writes W_eff = deq(Wq) + (A B)^T as a dense [K, N] matrix into a
+  workspace for cuBLAS. At thousands of tokens the GEMM is compute-bound, cuBLAS's dense GEMM
+  beats any int4 mainloop here, and folding the correction into the weight makes it free.
+
+Dequantization uses exact small integers: a nibble q OR-ed into the mantissa of MAGIC
+(128.0 in bf16, 1024.0 in fp16) is the number MAGIC + q, two of them per 32-bit operation, and
+the tensor cores multiply those directly. Per K block the kernel subtracts (MAGIC + z) times
+the block's sum of x and multiplies by the group's scale: no per-weight float arithmetic.
+
+Only the launch configuration depends on the token count; every shape and pointer is an
+argument, so CUDA graphs capture one launch per batch size.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _sum(values, axis: tl.constexpr):
+    """tl.sum, through a builtin: the interpreter runs this file's kernels even when Triton was
+    imported before TRITON_INTERPRET was set (the tests), which tl.sum's own @jit prevents."""
+    return tl.reduce(values, axis, _add)
+
+
+@triton.jit
+def _interleave_rows(a, b):
+    """[R, C], [R, C] -> [2R, C] with rows a0, b0, a1, b1, ..."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (2 * a.shape[0], a.shape[1]))
+
+
+@triton.jit
+def _nibble_pair(words, shift: tl.constexpr, MAGIC: tl.constexpr, DTYPE: tl.constexpr):
+    """Nibbles `shift/4` and `shift/4 + 4` of each word as MAGIC + q in DTYPE (one and-or for both)."""
+    pair = ((words >> shift) & 0x000F000F) | (MAGIC | (MAGIC << 16))
+    low = (pair & 0xFFFF).to(tl.int16).to(DTYPE, bitcast=True)
+    high = (pair >> 16).to(tl.int16).to(DTYPE, bitcast=True)
+    return low, high
+
+
+@triton.jit
+def _unpack(words, MAGIC: tl.constexpr, DTYPE: tl.constexpr):
+    """int32 words [KW, C] -> [8 KW, C] values MAGIC + q, row 8 kk + p from nibble p of word kk."""
+    n0, n4 = _nibble_pair(words, 0, MAGIC, DTYPE)
+    n1, n5 = _nibble_pair(words, 4, MAGIC, DTYPE)
+    n2, n6 = _nibble_pair(words, 8, MAGIC, DTYPE)
+    n3, n7 = _nibble_pair(words, 12, MAGIC, DTYPE)
+    # rows 2kk + h  <- nibble j + 4h
+    p0 = _interleave_rows(n0, n4)
+    p1 = _interleave_rows(n1, n5)
+    p2 = _interleave_rows(n2, n6)
+    p3 = _interleave_rows(n3, n7)
+    # rows 4kk + 2h + h'  <- nibble a + 2h' + 4h
+    q0 = _interleave_rows(p0, p2)
+    q1 = _interleave_rows(p1, p3)
+    # rows 8kk + 4h + 2h' + h''  <- nibble h'' + 2h' + 4h
+    return _interleave_rows(q0, q1)
+
+
+@triton.jit
+def _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS: tl.constexpr, MAGIC_VALUE: tl.constexpr):
+    """MAGIC + z for one group and output tile (z = 8 for symmetric codes), float32 [BN]."""
+    if HAS_ZEROS:
+        zeros = tl.load(z_ptr + group * stride_zg + offs_n, mask=offs_n < N, other=0).to(tl.float32)
+    else:
+        zeros = tl.full(offs_n.shape, 8.0, tl.float32)
+    return zeros + MAGIC_VALUE
+
+
+@triton.jit
+def _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, k_end, M, N, group_size,
+                    stride_xm, stride_qk, stride_sg, stride_zg, acc,
+                    HAS_ZEROS: tl.constexpr, BK: tl.constexpr, MAGIC: tl.constexpr,
+                    MAGIC_VALUE: tl.constexpr, DTYPE: tl.constexpr):
+    """acc + sum over k in [k_start, k_end) of x[m, k] deq(W)[k, n] on the tensor cores (BK divides the group).
+
+    Up to 16 tokens (and K blocks of 128) each nibble position is its own plane: eight products of K = BK / 8 with
+    the matching strided columns of x, and no reordering of the unpacked weights (the H200 sweep
+    found this fastest there); for more tokens the nibbles are interleaved into one [BK, BN]
+    tile in GPTQ row order and multiplied once.
+    """
+    offs_kw = tl.arange(0, BK // 8)
+    offs_k = tl.arange(0, BK)
+    m_ok = offs_m[:, None] < M
+    n_ok = offs_n < N
+    for k0 in range(k_start, k_end, BK):
+        words = tl.load(qw_ptr + (k0 // 8 + offs_kw)[:, None] * stride_qk + offs_n[None, :],
+                        mask=n_ok[None, :], other=0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_ok, other=0.0)
+        if offs_m.shape[0] <= 16 and BK >= 128:  # each plane's K = BK / 8 must be at least 16 (tl.dot)
+            raw = tl.full((offs_m.shape[0], offs_n.shape[0]), 0.0, tl.float32)
+            for p in tl.static_range(4):
+                low, high = _nibble_pair(words, 4 * p, MAGIC, DTYPE)
+                rows = offs_m[:, None] * stride_xm + (k0 + 8 * offs_kw + p)[None, :]
+                raw = tl.dot(tl.load(x_ptr + rows, mask=m_ok, other=0.0), low, raw)
+                raw = tl.dot(tl.load(x_ptr + rows + 4, mask=m_ok, other=0.0), high, raw)
+        else:
+            raw = tl.dot(x, _unpack(words, MAGIC, DTYPE))
+        x_sum = _sum(x.to(tl.float32), axis=1)
+        group = k0 // group_size
+        scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, MAGIC_VALUE)
+        acc += (raw - x_sum[:, None] * zero_term[None, :]) * scale[None, :]
+    return acc
+
+
+@triton.jit
+def _gemv_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_start, k_end, N, group_size,
+                    stride_qk, stride_sg, stride_zg, acc, HAS_ZEROS: tl.constexpr, BK: tl.constexpr,
+                    PREFETCH: tl.constexpr):
+    """The one-token case without tensor cores: acc [1, BN] + x deq(W) over [k_start, k_end).
+
+    Two nibbles per and-or become the bf16 numbers 128 + q in the halves of a word; shifting
+    each half to the top gives the same number as float32, so every weight costs about one
+    integer operation and one fused multiply-add, and the sum over K stays inside each thread.
+    Triton pipelines only loads that feed tl.dot, so with PREFETCH the next block's words are
+    loaded by hand before this block's arithmetic, to keep a load in flight while it runs.
+    """
+    offs_kw = tl.arange(0, BK // 8)
+    n_ok = offs_n < N
+    total = tl.full(offs_n.shape, 0.0, tl.float32)
+    rows = offs_kw[:, None] * stride_qk + offs_n[None, :]
+    words = tl.load(qw_ptr + (k_start // 8) * stride_qk + rows, mask=n_ok[None, :], other=0)
+    for k0 in range(k_start, k_end, BK):
+        if PREFETCH:  # the last block loads itself once more rather than past the chunk
+            following = tl.load(qw_ptr + (tl.minimum(k0 + BK, k_end - BK) // 8) * stride_qk + rows,
+                                mask=n_ok[None, :], other=0)
+        else:
+            words = tl.load(qw_ptr + (k0 // 8) * stride_qk + rows, mask=n_ok[None, :], other=0)
+        raw = tl.full(offs_n.shape, 0.0, tl.float32)
+        x_sum = 0.0
+        for p in tl.static_range(4):
+            pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
+            low = (pair << 16).to(tl.float32, bitcast=True)
+            high = (pair & -65536).to(tl.float32, bitcast=True)
+            x_low = tl.load(x_ptr + k0 + 8 * offs_kw + p).to(tl.float32)
+            x_high = tl.load(x_ptr + k0 + 8 * offs_kw + p + 4).to(tl.float32)
+            raw += _sum(x_low[:, None] * low, axis=0) + _sum(x_high[:, None] * high, axis=0)
+            x_sum += _sum(x_low, axis=0) + _sum(x_high, axis=0)
+        group = k0 // group_size
+        scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, 128.0)
+        total += (raw - x_sum * zero_term) * scale
+        if PREFETCH:
+            words = following
+    return acc + total[None, :]
+
+
+@triton.jit
+def _shrink(x_ptr, b_ptr, r_ptr, item, M, K, RANK, stride_xm, stride_bk, shrink_chunk,
+            BM: tl.constexpr, BR: tl.constexpr, SBK: tl.constexpr):
+    """R[m block, r block] += x[m block, chunk] B[r block, chunk]^T for one shrink item."""
+    r_blocks = (RANK + BR - 1) // BR
+    k_chunks = (K + shrink_chunk - 1) // shrink_chunk
+    k_chunk = item % k_chunks
+    r_block = (item // k_chunks) % r_blocks
+    m_block = item // (k_chunks * r_blocks)
+    offs_m = m_block * BM + tl.arange(0, BM)
+    offs_r = r_block * BR + tl.arange(0, BR)
+    offs_k = tl.arange(0, SBK)
+    acc = tl.full((BM, BR), 0.0, tl.float32)
+    k_end = tl.minimum(K, (k_chunk + 1) * shrink_chunk)
+    for k0 in range(k_chunk * shrink_chunk, k_end, SBK):
+        k_ok = (k0 + offs_k) < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
+                    mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
+        b_t = tl.load(b_ptr + offs_r[None, :] * stride_bk + (k0 + offs_k)[:, None],
+                      mask=(offs_r[None, :] < RANK) & k_ok[:, None], other=0.0)
+        acc = tl.dot(x, b_t, acc)
+    tl.atomic_add(r_ptr + offs_m[:, None] * RANK + offs_r[None, :], acc,
+                  mask=(offs_m[:, None] < M) & (offs_r[None, :] < RANK), sem="relaxed")
+
+
+@triton.jit
+def _expand(r_ptr, a_ptr, offs_m, offs_n, M, N, RANK, stride_an, acc, BR: tl.constexpr, DTYPE: tl.constexpr):
+    """acc + R[m, :] A[n, :]^T, reading R from L2 (.cg), where the shrink's atomics landed."""
+    for r0 in range(0, RANK, BR):
+        offs_r = r0 + tl.arange(0, BR)
+        reduced = tl.load(r_ptr + offs_m[:, None] * RANK + offs_r[None, :],
+                          mask=(offs_m[:, None] < M) & (offs_r[None, :] < RANK), other=0.0, cache_modifier=".cg")
+        a_t = tl.load(a_ptr + offs_n[None, :] * stride_an + offs_r[:, None],
+                      mask=(offs_n[None, :] < N) & (offs_r[:, None] < RANK), other=0.0)
+        if offs_m.shape[0] == 1:
+            acc += _sum(reduced.to(DTYPE).to(tl.float32).reshape(BR, 1) * a_t.to(tl.float32), axis=0)[None, :]
+        else:
+            acc = tl.dot(reduced.to(DTYPE), a_t, acc)
+    return acc
+
+
+@triton.jit
+def _sum_partials(part_ptr, acc, own, offs_m, offs_n, M, N, split_k):
+    """This tile's partial sums from the other K chunks, added to the program's own."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    for split in range(split_k):
+        if split != own:
+            acc += tl.load(part_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :], mask=mask,
+                           other=0.0, cache_modifier=".cg")
+    return acc
+
+
+@triton.jit
+def _epilogue(r_ptr, a_ptr, bias_ptr, out_ptr, sync_ptr, acc, offs_m, offs_n, M, N, RANK, shrink_programs,
+              stride_an, stride_om, HAS_BIAS: tl.constexpr, CORRECT: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr, BR: tl.constexpr, DTYPE: tl.constexpr):
+    """Write acc (+ R A^T once R is complete, + bias); the last epilogue cleans the workspace."""
+    if CORRECT:
+        arrived = tl.atomic_add(sync_ptr, 0, sem="acquire")
+        while arrived < shrink_programs:
+            arrived = tl.atomic_add(sync_ptr, 0, sem="acquire")
+        acc = _expand(r_ptr, a_ptr, offs_m, offs_n, M, N, RANK, stride_an, acc, BR, DTYPE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(DTYPE),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    if CORRECT:
+        tiles = (M + BM - 1) // BM * ((N + BN - 1) // BN)
+        tl.debug_barrier()  # all of this program's reads of R are done
+        if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == tiles - 1:  # every epilogue has read R
+            zero = tl.full((BM, BR), 0.0, tl.float32)
+            for m0 in range(0, M, BM):
+                rows = m0 + tl.arange(0, BM)
+                for r0 in range(0, RANK, BR):
+                    cols = r0 + tl.arange(0, BR)
+                    tl.store(r_ptr + rows[:, None] * RANK + cols[None, :], zero,
+                             mask=(rows[:, None] < M) & (cols[None, :] < RANK))
+            tl.atomic_xchg(sync_ptr, 0)
+            tl.atomic_xchg(sync_ptr + 1, 0)
+
+
+@triton.jit(do_not_specialize=["M"])
+def gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
+                M, N, K, RANK, group_size, split_k, k_chunk, shrink_chunk, shrink_programs,
+                stride_xm, stride_qk, stride_sg, stride_zg, stride_bk, stride_an, stride_om,
+                HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, CORRECT: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                BR: tl.constexpr, SBM: tl.constexpr, SBK: tl.constexpr, MAGIC: tl.constexpr,
+                MAGIC_VALUE: tl.constexpr, PREFETCH: tl.constexpr):
+    """See the module docstring. sync_ptr: [0] shrink items done, [1] epilogues done, [2 + t] tile t's tickets."""
+    DTYPE = x_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    if CORRECT:
+        if pid < shrink_programs:
+            _shrink(x_ptr, b_ptr, r_ptr, pid, M, K, RANK, stride_xm, stride_bk, shrink_chunk, SBM, BR, SBK)
+            tl.debug_barrier()  # every thread's atomics into R precede the release of the count
+            tl.atomic_add(sync_ptr, 1, sem="release")
+        else:
+            _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
+                       pid - shrink_programs, M, N, K, RANK, group_size, split_k, k_chunk, shrink_programs,
+                       stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
+                       HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE, PREFETCH)
+    else:
+        _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
+                   pid, M, N, K, RANK, group_size, split_k, k_chunk, shrink_programs,
+                   stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
+                   HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE, PREFETCH)
+
+
+@triton.jit
+def _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
+               item, M, N, K, RANK, group_size, split_k, k_chunk, shrink_programs,
+               stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
+               HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, CORRECT: tl.constexpr, BM: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, MAGIC: tl.constexpr,
+               MAGIC_VALUE: tl.constexpr, DTYPE: tl.constexpr, PREFETCH: tl.constexpr):
+    """One (token block, output tile, K chunk) of the int4 GEMM; the tile's last chunk runs the epilogue."""
+    n_tiles = (N + BN - 1) // BN
+    split = item % split_k
+    tile = item // split_k
+    offs_m = (tile // n_tiles) * BM + tl.arange(0, BM)
+    offs_n = (tile % n_tiles) * BN + tl.arange(0, BN)
+    k_start = split * k_chunk
+    acc = tl.full((BM, BN), 0.0, tl.float32)
+    if BM == 1:
+        acc = _gemv_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_start, tl.minimum(K, k_start + k_chunk), N,
+                              group_size, stride_qk, stride_sg, stride_zg, acc, HAS_ZEROS, BK, PREFETCH)
+    else:
+        acc = _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, tl.minimum(K, k_start + k_chunk),
+                              M, N, group_size, stride_xm, stride_qk, stride_sg, stride_zg, acc,
+                              HAS_ZEROS, BK, MAGIC, MAGIC_VALUE, DTYPE)
+    if split_k == 1:
+        _epilogue(r_ptr, a_ptr, bias_ptr, out_ptr, sync_ptr, acc, offs_m, offs_n, M, N, RANK, shrink_programs,
+                  stride_an, stride_om, HAS_BIAS, CORRECT, BM, BN, BR, DTYPE)
+    else:
+        tl.store(part_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        # The barrier puts every thread's partial stores before the ticket's release; acq_rel
+        # publishes them and, for the last arrival, makes the others' visible.
+        tl.debug_barrier()
+        if tl.atomic_add(sync_ptr + 2 + tile, 1, sem="acq_rel") == split_k - 1:
+            tl.atomic_xchg(sync_ptr + 2 + tile, 0)
+            acc = _sum_partials(part_ptr, acc, split, offs_m, offs_n, M, N, split_k)
+            _epilogue(r_ptr, a_ptr, bias_ptr, out_ptr, sync_ptr, acc, offs_m, offs_n, M, N, RANK, shrink_programs,
+                      stride_an, stride_om, HAS_BIAS, CORRECT, BM, BN, BR, DTYPE)
+
+
+@triton.jit
+def dequantize_kernel(qw_ptr, s_ptr, z_ptr, b_ptr, a_ptr, w_ptr, N, K, RANK, group_size,
+                      stride_qk, stride_sg, stride_zg, stride_bk, stride_an, stride_wk,
+                      HAS_ZEROS: tl.constexpr, CORRECT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      BR: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VALUE: tl.constexpr):
+    """W_eff[k, n] = (q - z) s + sum_r B[r, k] A[n, r] for one [BK, BN] tile, into w_ptr [K, N]."""
+    DTYPE = w_ptr.dtype.element_ty
+    offs_k = tl.program_id(0) * BK + tl.arange(0, BK)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
+    words = tl.load(qw_ptr + (tl.program_id(0) * (BK // 8) + tl.arange(0, BK // 8))[:, None] * stride_qk
+                    + offs_n[None, :], mask=n_ok[None, :], other=0)
+    group = tl.program_id(0) * BK // group_size
+    scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, MAGIC_VALUE)
+    weight = (_unpack(words, MAGIC, DTYPE).to(tl.float32) - zero_term[None, :]) * scale[None, :]
+    if CORRECT:
+        for r0 in range(0, RANK, BR):
+            offs_r = r0 + tl.arange(0, BR)
+            b_t = tl.load(b_ptr + offs_r[None, :] * stride_bk + offs_k[:, None],
+                          mask=offs_r[None, :] < RANK, other=0.0)
+            a_t = tl.load(a_ptr + offs_n[None, :] * stride_an + offs_r[:, None],
+                          mask=n_ok[None, :] & (offs_r[:, None] < RANK), other=0.0)
+            weight = tl.dot(b_t, a_t, weight)
+    tl.store(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], weight.to(DTYPE), mask=n_ok[None, :])
