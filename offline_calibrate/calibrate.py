@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from vllm_glowq import __version__
-from vllm_glowq.format import FACTOR_A, FACTOR_B, GlowQConfig, tensor_name
+from vllm_glowq.format import FACTOR_A, GlowQConfig, factor_b_name, format_version_for, tensor_name
+from vllm_glowq.moe_layout import checkpoint_state_dict
+from vllm_glowq.validate import CheckpointLinears
 
 from .architectures import spec_for
 from .data import calibration_windows
@@ -37,9 +39,9 @@ _LOG = logging.getLogger(__name__)
 REPORT_FILE = "glowq_report.json"
 
 
-def prepare(model_ref: str, options: CalibrationOptions) -> tuple[str, Any, dict[str, tuple[int, int]]]:
+def prepare(model_ref: str, options: CalibrationOptions) -> tuple[str, Any, CheckpointLinears]:
     """Every check that needs the config but no weights; returns (model path, HF config,
-    the linears to quantize). Fills in the default --seq-len."""
+    the model's linears under checkpoint names). Fills in the default --seq-len."""
     options.validate()
     check_device(options.device)
     path = resolve_model(model_ref)
@@ -54,7 +56,7 @@ def prepare(model_ref: str, options: CalibrationOptions) -> tuple[str, Any, dict
 def run_calibration(model_ref: str, options: CalibrationOptions, keep_dequantized: bool = False):
     """Load the model and calibrate it in memory; returns (model, tokenizer, result, config, heldout)."""
     timings: dict[str, float] = {}
-    path, hf_config, _ = prepare(model_ref, options)
+    path, hf_config, linears = prepare(model_ref, options)
     tokenizer = load_tokenizer(path)
     warn_without_chat_template(tokenizer)
     extra = options.heldout_samples if options.restore == "auto" else 0
@@ -83,6 +85,7 @@ def run_calibration(model_ref: str, options: CalibrationOptions, keep_dequantize
         lowrank_units=selection.restored,
         modules_to_not_convert=sorted(result.skipped),
         producer=_producer(model_ref, options),
+        format_version=format_version_for(bool(linears.experts)),
     )
     return model, tokenizer, result, config, selection
 
@@ -118,7 +121,7 @@ def _producer(model_ref: str, options: CalibrationOptions) -> dict[str, Any]:
 def checkpoint_tensors(model, result: CalibrationResult, config: GlowQConfig) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint under its format name."""
     restored = set(config.lowrank_units)
-    state = dict(model.state_dict())
+    state = checkpoint_state_dict(model, spec_for(model.config).experts)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     for name, quantized in result.quantized.items():
@@ -126,7 +129,7 @@ def checkpoint_tensors(model, result: CalibrationResult, config: GlowQConfig) ->
         state.update({tensor_name(name, key): t for key, t in quantized.tensors().items()})
     for unit in result.units:
         if unit.name in restored:
-            state[tensor_name(unit.name, FACTOR_B)] = unit.factors.b
+            state[factor_b_name(unit.name)] = unit.factors.b
             for member, a in zip(unit.members, unit.factors.a):
                 state[tensor_name(member, FACTOR_A)] = a
     return state
@@ -157,6 +160,7 @@ def report(result: CalibrationResult, config: GlowQConfig, selection, options: C
         "options": options.to_dict(),
         "units": units,
         "skipped_modules": result.skipped,
+        "experts": result.experts,
         "selection": selection.summary(),
         "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
         "peak_memory_bytes": {"cpu_rss": peak_cpu, "gpu_allocated": peak_gpu},

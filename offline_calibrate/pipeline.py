@@ -22,10 +22,12 @@ from tqdm.auto import tqdm
 
 from vllm_glowq.format import packable, unit_name
 
-from .architectures import ArchitectureSpec, decoder_layers, layer_linears
+from . import moe
+from .architectures import ArchitectureSpec, decoder_layers, layer_linears, spec_for
 from .factorize import UnitFactors, factorize_unit, whitening
 from .options import CalibrationOptions
 from .quantize import QuantizedWeight, quantize_rtn
+from .moe_reference import replace_experts
 from .reference import ReferenceLinear, linear_names, replace_linear
 from .statistics import InputStatistics
 
@@ -50,6 +52,7 @@ class CalibrationResult:
     skipped: dict[str, str]  # module name -> why it stays full precision
     units: list[UnitResult]
     timings: dict[str, float] = field(default_factory=dict)
+    experts: dict[str, dict] = field(default_factory=dict)  # MoE block -> routed token counts
 
 
 class _StopForward(Exception):
@@ -122,10 +125,11 @@ def unit_metrics(weights, dequantized, factors: UnitFactors | None, white) -> di
     return metrics
 
 
-def _calibrate_input_set(
+def calibrate_input_set(
     names, modules, sigma, options: CalibrationOptions, result: CalibrationResult, keep_dequantized: bool
 ):
-    """Quantize the linears that read one input; factorize each unit among them."""
+    """Quantize the linears that read one input; factorize each unit among them. `modules`
+    need only `.weight` and `.in_features` (an expert's slice of a fused parameter will do)."""
     k = modules[0].in_features
     reason = packable(k, options.group_size)
     if reason:
@@ -157,18 +161,26 @@ def _calibrate_input_set(
 
 
 def check_rank(model, spec: ArchitectureSpec, options: CalibrationOptions) -> None:
-    """Refuse a rank no unit can have before any calibration work (every layer has one shape)."""
-    layer = decoder_layers(model, spec)[0]
-    for input_set in spec.input_sets:
-        names = [f"{spec.layers_path}.0.{m}" for m in input_set]
-        modules = layer_linears(layer, input_set)
-        for unit, idx in _units_of(names, options.share).items():
-            limit = min(sum(modules[i].out_features for i in idx), modules[0].in_features)
-            if options.rank > limit:
-                raise ValueError(
-                    f"--rank {options.rank} is larger than the error matrix of {unit} allows "
-                    f"(at most {limit} = min(out_features, in_features))"
-                )
+    """Refuse a rank no unit can have before any calibration work (layers of one kind share
+    one shape; a group size that does not fit the experts was refused before loading them)."""
+    checked: set[bool] = set()  # is_moe_layer values seen: one layer of each kind is enough
+    for index, layer in enumerate(decoder_layers(model, spec)):
+        if spec.is_moe_layer(layer) in checked:
+            continue
+        checked.add(spec.is_moe_layer(layer))
+        for input_set in spec.layer_input_sets(layer):
+            names = [f"{spec.layers_path}.{index}.{spec.checkpoint_name(m)}" for m in input_set]
+            modules = layer_linears(layer, input_set)
+            for unit, idx in _units_of(names, options.share).items():
+                limit = min(sum(modules[i].out_features for i in idx), modules[0].in_features)
+                if options.rank > limit:
+                    raise ValueError(
+                        f"--rank {options.rank} is larger than the error matrix of {unit} allows "
+                        f"(at most {limit} = min(out_features, in_features))"
+                    )
+        if spec.is_moe_layer(layer):
+            names = moe.block_names(layer, f"{spec.layers_path}.{index}", spec)
+            moe.check_block_rank(names, moe.experts_module(layer, spec.experts), options)
 
 
 def _units_of(names: list[str], share: str) -> dict[str, list[int]]:
@@ -199,21 +211,30 @@ def calibrate_layers(
     progress = tqdm(range(len(layers)), desc="calibrating layers", unit="layer")
     for index in progress:
         layer = layers[index].to(device)
-        stats = InputStatistics()
+        input_sets = spec.layer_input_sets(layer)
+        is_moe = spec.is_moe_layer(layer)
+        stats, expert_stats = InputStatistics(), None
         if options.rank > 0:  # plain round-to-nearest (rank 0) needs no input statistics
-            for input_set in spec.input_sets:
+            for input_set in input_sets:
                 stats.watch(input_set[0], layer_linears(layer, input_set)[0])
+            if is_moe:
+                expert_stats = moe.ExpertStatistics(moe.experts_module(layer, spec.experts))
         with torch.no_grad(), phase(result.timings, "forward_statistics"):
             outputs = run_layer(layer, hidden, kwargs)
         stats.remove()
+        if expert_stats is not None:
+            expert_stats.remove()
         with torch.no_grad(), phase(result.timings, "quantize_factorize"):
-            for input_set in spec.input_sets:
-                names = [f"{spec.layers_path}.{index}.{m}" for m in input_set]
+            for input_set in input_sets:
+                names = [f"{spec.layers_path}.{index}.{spec.checkpoint_name(m)}" for m in input_set]
                 moment = stats.moments.get(input_set[0])
                 sigma = None if moment is None else moment.finalize(options.shrinkage)
-                _calibrate_input_set(
+                calibrate_input_set(
                     names, layer_linears(layer, input_set), sigma, options, result, keep_dequantized
                 )
+            if is_moe:
+                names = moe.block_names(layer, f"{spec.layers_path}.{index}", spec)
+                moe.calibrate_block(layer, names, expert_stats, options, result, keep_dequantized)
         layers[index].to("cpu")
         hidden = outputs
         progress.set_postfix(units=len(result.units))
@@ -227,12 +248,21 @@ def build_quantized_model(model, result: CalibrationResult, restored: Iterable[s
     factors = {}
     for unit in result.units:
         if unit.name in restored:
-            factors.update({m: (a.float(), unit.factors.b.float()) for m, a in zip(unit.members, unit.factors.a)})
+            b = unit.factors.b.float()  # one tensor for all members (an experts unit has hundreds)
+            factors.update({m: (a.float(), b) for m, a in zip(unit.members, unit.factors.a)})
     quantized = copy.deepcopy(model)
+    spec = spec_for(model.config)
     for name in linear_names(quantized):
         if name in result.quantized:
-            module = quantized.get_submodule(name)
+            module = quantized.get_submodule(spec.module_path(name))
             weight = result.quantized[name].dequantized.to(module.weight.device, module.weight.dtype)
             bias = None if module.bias is None else module.bias.data
-            replace_linear(quantized, name, ReferenceLinear(weight, bias, *factors.get(name, (None, None))))
+            replace_linear(quantized, spec.module_path(name),
+                           ReferenceLinear(weight, bias, *factors.get(name, (None, None))))
+    dtype = next(model.parameters()).dtype
+
+    def member(name: str):
+        return (result.quantized[name].dequantized, *factors.get(name, (None, None)))
+
+    replace_experts(quantized, spec, member, dtype)
     return quantized

@@ -99,9 +99,12 @@ def elbow(points: list[tuple[int, float]]) -> int:
 
 def set_restored(model, units, restored: set[str]) -> None:
     """Switch the reference model's correction on for the restored units only."""
+    from .architectures import spec_for
+
+    spec = spec_for(model.config)
     for unit in units:
         for member in unit.members:
-            model.get_submodule(member).correct = unit.name in restored
+            model.get_submodule(spec.module_path(member)).correct = unit.name in restored
 
 
 def perplexity_curve(model, ranked, windows: torch.Tensor, ks: list[int], device, desc: str) -> list[dict]:

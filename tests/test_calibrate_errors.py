@@ -56,7 +56,8 @@ def test_unsupported_architecture(tmp_path, capsys):
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
     assert_one_error(calibrate_main, [str(model), "-o", str(tmp_path / "out")], capsys,
-                     "model_type 'bert' is not supported by glowq-calibrate; supported: llama, mistral, qwen2, qwen3")
+                     "model_type 'bert' is not supported by glowq-calibrate; supported: llama, mistral, mixtral, qwen2, "
+                     "qwen2_moe, qwen3, qwen3_moe")
 
 
 def test_glowq_checkpoint_as_source(tiny, tmp_path, capsys):

@@ -103,17 +103,23 @@ def expected(checkpoint, chat_prompt_ids, engine_results) -> dict:
     return {"completions": [o["token_ids"] for o in outputs[:-1]], "chat": outputs[-1]["token_ids"]}
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
+def start_glowq_serve(checkpoint: Path, port: int, log: Path) -> subprocess.Popen:
+    """A server started as the image starts it: deploy/bin/glowq-serve with deploy/serve-args.txt,
+    on 127.0.0.1:port, in its own process group, its output in `log`."""
     command = [str(REPO_ROOT / "deploy" / "bin" / "glowq-serve"), str(checkpoint), "--host", "127.0.0.1",
                "--port", str(port)]
     env = engine_env(1, in_process_engine=False)
     env.update(GLOWQ_SERVE_ARGS_FILE=str(REPO_ROOT / "deploy" / "serve-args.txt"),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
     with log.open("w") as sink:
-        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    proc = start_glowq_serve(checkpoint, port, log)
     try:
         wait_healthy(proc, port, log)
         yield {"proc": proc, "port": port, "log": log}
