@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from .checkpoint import StreamingCheckpoint
 from .data import calibration_windows
 from .heldout import HeldoutCurve, Inputs
 from .hub import fetch_weights
+from .memory import peak_memory_bytes, return_large_blocks_to_the_os
 from .loading import check_seq_len, load_config, load_tokenizer, resolve_model
 from .options import CalibrationOptions
 from .pipeline import CalibrationResult, calibrate_layers, capture_layer_inputs, check_rank, phase
@@ -208,8 +208,6 @@ def report(result: CalibrationResult, config: GlowQConfig, selection: Selection,
         if unit.fit is not None:
             entry.update(unit.fit)
         units.append(entry)
-    peak_cpu = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peak_gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     return {
         "format": config.to_dict(),
         "options": options.to_dict(),
@@ -218,7 +216,7 @@ def report(result: CalibrationResult, config: GlowQConfig, selection: Selection,
         "experts": result.experts,
         "selection": selection.summary(),
         "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
-        "peak_memory_bytes": {"cpu_rss": peak_cpu, "gpu_allocated": peak_gpu},
+        "peak_memory_bytes": peak_memory_bytes(),
     }
 
 
@@ -229,6 +227,7 @@ def calibrate(
     options = options or CalibrationOptions()
     output = Path(output).absolute()
     options.validate()
+    return_large_blocks_to_the_os()
     check_not_source(output, str(model))
     check_output(output, overwrite)
     check_writable(output)

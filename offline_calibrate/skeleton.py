@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .architectures import ArchitectureSpec
+from .loading import ModelLoadError
 from .source import WeightSource
 
 OUTPUT_EMBEDDING = "lm_head.weight"  # absent from checkpoints whose head is the embedding
@@ -23,12 +24,29 @@ def empty_model(hf_config, dtype: torch.dtype) -> torch.nn.Module:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    owners = {name.rpartition(".")[0] for name, _ in model.named_non_persistent_buffers()}
-    for owner in sorted(owners):
-        module = model.get_submodule(owner)
-        module.to_empty(device="cpu", recurse=False)
-        model._init_weights(module)
+    for path, module in model.named_modules():
+        if module._non_persistent_buffers_set:
+            _compute_buffers(model, path, module)
     return model.eval()
+
+
+def _compute_buffers(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    """Compute a module's non-persistent buffers on the CPU with transformers' `_init_weights`
+    (what from_pretrained does after building on the meta device); NaN before, so a buffer it
+    does not compute is caught instead of left as garbage."""
+    names = sorted(module._non_persistent_buffers_set)
+    for name in names:
+        meta = module._buffers[name]
+        module._buffers[name] = torch.full(meta.shape, float("nan"), dtype=meta.dtype) if meta.is_floating_point() \
+            else torch.zeros(meta.shape, dtype=meta.dtype)
+    model._init_weights(module)
+    if any(module._buffers[name].isnan().any() for name in names if module._buffers[name].is_floating_point()):
+        import transformers
+
+        raise ModelLoadError(
+            f"transformers {transformers.__version__} did not compute the buffers {names} of {path} for a model "
+            "built without its weights; glowq-calibrate needs transformers >= 5"
+        )
 
 
 def layer_state(model: torch.nn.Module, spec: ArchitectureSpec, index: int) -> dict[str, torch.Tensor]:
