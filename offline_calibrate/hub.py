@@ -14,8 +14,8 @@ from pathlib import Path
 
 from .loading import ModelLoadError
 from .shards import SAFETENSORS_INDEX, SINGLE_FILE
+from .source import BIN_FILE, BIN_INDEX
 
-BIN_FILE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 CONFIG_FILE = "config.json"
 METADATA_FILES = [
     CONFIG_FILE, "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

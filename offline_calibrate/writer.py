@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from .shards import MAX_SHARD_BYTES, SAFETENSORS_INDEX, ShardWriter
+
+from .shards import MAX_SHARD_BYTES, ShardWriter
 
 _LOG = logging.getLogger(__name__)
 
