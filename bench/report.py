@@ -317,6 +317,11 @@ def build(results: Path) -> str:
                    f"{verdict(cal['wall_s'] / 60, 5.0, False)} |")
         out.append(f"| calibration peak GPU memory <= 24 GiB | {cal['peak_gpu_allocated_gib']:.2f} GiB | "
                    f"{verdict(cal['peak_gpu_allocated_gib'], 24.0, False)} |")
+        out.append(f"| calibration peak host RSS <= 6 GiB (issue 14) | {cal['peak_cpu_rss_gib']:.2f} GiB | "
+                   f"{verdict(cal['peak_cpu_rss_gib'], 6.0, False)} |")
+        if "issue14" in cal:
+            out.append(f"| calibration time <= 1.10 x the in-memory 87 s (issue 14) | "
+                       f"{cal['issue14']['wall_vs_reference']:.3f} x | {verdict(cal['issue14']['wall_vs_reference'], 1.10, False)} |")
     out.append(f"| tensor-parallel 2 gives the same greedy tokens as 1 | {meta.get('tp2', 'not run')} | "
                f"{meta.get('tp2_verdict', 'not run')} |")
     out += ["", "Ratios are taken within one run (each run has its own GPTQ anchor). Other ratios: " + ", ".join(

@@ -13,7 +13,8 @@ from vllm_glowq.moe_layout import EXPERTS_BY_MODEL_TYPE, ExpertsSpec
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    """`input_sets` lists, per decoder layer, the linears that read one input, in stack order.
+    """`input_sets` lists, per decoder layer, the linears that read one input, in stack order;
+    the logits are the output head applied to `final_norm` of the last layer's output.
 
     With `experts`, a layer whose `experts.block` holds experts is an MoE layer: its input sets
     under that block are replaced by the experts (offline_calibrate/moe.py); layers whose block
@@ -23,6 +24,7 @@ class ArchitectureSpec:
     layers_path: str
     input_sets: tuple[tuple[str, ...], ...]
     experts: ExpertsSpec | None = None
+    final_norm: str = "model.norm"  # applied to the last layer's output before the head
 
     def is_moe_layer(self, layer: torch.nn.Module) -> bool:
         return self.experts is not None and hasattr(layer.get_submodule(self.experts.block), "experts")

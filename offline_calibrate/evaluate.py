@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import read_text, tokenize, windows
+from .hub import fetch_weights
 from .loading import check_seq_len, load_config, load_model, load_tokenizer, resolve_model
 from .reference import load_reference_model
 
@@ -28,7 +29,9 @@ def load_for_eval(model_ref: str, seq_len: int):
     if is_glowq_checkpoint(path):
         model = load_reference_model(path, torch.float32)
     else:
-        model = load_model(path, load_config(path), seq_len).float()
+        config = load_config(path)
+        fetch_weights(model_ref, Path(path))
+        model = load_model(path, config, seq_len).float()
     return model, load_tokenizer(path)
 
 

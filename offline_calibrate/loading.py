@@ -18,9 +18,9 @@ class ModelLoadError(ValueError):
 
 
 def resolve_model(model: str) -> str:
-    """A local folder with a readable config.json, or a hub id (`org/name`) when no such path
-    exists. The config is parsed here so that a broken one is blamed, not the tokenizer that
-    transformers happens to load first."""
+    """A local folder with a readable config.json, or for a hub id (`org/name`, when no such
+    path exists) the snapshot folder with its config and tokenizer. The config is parsed here
+    so that a broken one is blamed, not the tokenizer that transformers happens to load first."""
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -33,7 +33,9 @@ def resolve_model(model: str) -> str:
     looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
     if looks_local:
         raise ModelLoadError(f"model path {model} does not exist")
-    return model  # a hub id; transformers fetches it when the hub is reachable
+    from .hub import fetch_metadata
+
+    return fetch_metadata(model)  # a hub id: its snapshot folder, weights fetched later (hub.fetch_weights)
 
 
 def load_config(model: str):
@@ -52,18 +54,18 @@ def load_config(model: str):
     return config
 
 
-def load_model(model: str, config, seq_len: int):
+def load_model(model: str, config, seq_len: int, with_missing: bool = False):
     """The full-precision model on the CPU, after checking the config (from load_config) and
-    every weight."""
+    every weight; `with_missing` also returns the tensors the checkpoint lacked."""
     from transformers import AutoModelForCausalLM
 
     check_seq_len(config, seq_len)
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
+        hf_model, info = AutoModelForCausalLM.from_pretrained(model, dtype="auto", output_loading_info=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the weights of {model!r} ({type(exc).__name__}: {exc})") from None
     check_finite(hf_model)
-    return hf_model.eval()
+    return (hf_model.eval(), sorted(info["missing_keys"])) if with_missing else hf_model.eval()
 
 
 def check_seq_len(config, seq_len: int) -> None:

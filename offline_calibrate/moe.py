@@ -116,29 +116,40 @@ def check_block_rank(names: ExpertNames, experts: torch.nn.Module, options: Cali
         )
 
 
+def expert_weights(experts: torch.nn.Module, names: ExpertNames) -> dict[str, torch.Tensor]:
+    """Every expert projection's [out, in] weight, a view of the fused parameters, by name."""
+    half = experts.gate_up_proj.shape[1] // 2
+    out = {}
+    for e in range(names.num_experts):
+        out[names.projection(e, 0)] = experts.gate_up_proj.data[e, :half]
+        out[names.projection(e, 1)] = experts.gate_up_proj.data[e, half:]
+        out[names.projection(e, 2)] = experts.down_proj.data[e]
+    return out
+
+
 def _projection(weight: torch.Tensor) -> SimpleNamespace:
     """An expert's slice of a fused parameter, shaped like the nn.Linear the pipeline expects."""
     return SimpleNamespace(weight=weight, in_features=weight.shape[1])
 
 
 def calibrate_block(layer, names: ExpertNames, stats: ExpertStatistics | None, options: CalibrationOptions,
-                    result, keep_dequantized: bool) -> None:
+                    result, output) -> None:
     """Quantize and factorize one MoE block: the experts' gate/up unit, then each down unit."""
     from .pipeline import calibrate_input_set
 
     spec = names.spec
     experts = experts_module(layer, spec)
     half = experts.gate_up_proj.shape[1] // 2
-    modules = [_projection(experts.gate_up_proj.data[e, w * half:(w + 1) * half])
-               for e in range(names.num_experts) for w in (0, 1)]
+    weights = expert_weights(experts, names)
+    modules = [_projection(weights[names.projection(e, w)]) for e in range(names.num_experts) for w in (0, 1)]
     if spec.shared_expert is not None:
         shared = layer.get_submodule(f"{spec.block}.{spec.shared_expert}")
         modules += [shared.gate_proj, shared.up_proj]
     sigma = None if stats is None else stats.block_input.finalize(options.shrinkage)
-    calibrate_input_set(names.gate_up_members(), modules, sigma, options, result, keep_dequantized)
+    calibrate_input_set(names.gate_up_members(), modules, sigma, options, result, output)
     starved = []
     for e in range(names.num_experts):
-        down = [_projection(experts.down_proj.data[e])]
+        down = [_projection(weights[names.projection(e, 2)])]
         moment = None if stats is None else stats.down_inputs.get(e)
         expert_options = options
         if stats is not None and moment is None:
@@ -146,7 +157,7 @@ def calibrate_block(layer, names: ExpertNames, stats: ExpertStatistics | None, o
         elif stats is not None and stats.tokens[e] < half:
             starved.append(e)
         sigma = None if moment is None else moment.finalize(options.shrinkage)
-        calibrate_input_set([names.projection(e, 2)], down, sigma, expert_options, result, keep_dequantized)
+        calibrate_input_set([names.projection(e, 2)], down, sigma, expert_options, result, output)
     for router in spec.full_precision:
         result.skipped[f"{names.prefix}.{router}"] = ROUTER_REASON
     if stats is not None:

@@ -56,10 +56,15 @@ def build_experts(names: ExpertNames, act_fn, member: MemberWeights, dtype: torc
 
 def replace_experts(model: torch.nn.Module, spec: ArchitectureSpec, member: MemberWeights, dtype: torch.dtype) -> None:
     """Swap every MoE layer's fused experts for ReferenceExperts built from `member`."""
-    layers = model.get_submodule(spec.layers_path)
-    for index, layer in enumerate(layers):
-        if not spec.is_moe_layer(layer):
-            continue
-        names = block_names(layer, f"{spec.layers_path}.{index}", spec)
-        block = layer.get_submodule(spec.experts.block)
-        block.experts = build_experts(names, block.experts.act_fn, member, dtype)
+    for index, layer in enumerate(model.get_submodule(spec.layers_path)):
+        replace_layer_experts(layer, f"{spec.layers_path}.{index}", spec, member, dtype)
+
+
+def replace_layer_experts(layer: torch.nn.Module, prefix: str, spec: ArchitectureSpec, member: MemberWeights,
+                          dtype: torch.dtype) -> None:
+    """The same for one decoder layer (`prefix` is its name); nothing for a dense layer."""
+    if not spec.is_moe_layer(layer):
+        return
+    names = block_names(layer, prefix, spec)
+    block = layer.get_submodule(spec.experts.block)
+    block.experts = build_experts(names, block.experts.act_fn, member, dtype)

@@ -69,24 +69,44 @@ def checkpoint_state_dict(model: torch.nn.Module, experts: ExpertsSpec | None) -
     """The model's tensors under checkpoint names: fused expert parameters split into
     per-expert `.weight` tensors (views, so a meta-device model costs nothing), the block
     renamed where checkpoints name it differently."""
-    state = {}
-    for name, tensor in model.state_dict().items():
+    return checkpoint_tensors(model.state_dict(), experts)
+
+
+def checkpoint_tensors(state: dict[str, torch.Tensor], experts: ExpertsSpec | None) -> dict[str, torch.Tensor]:
+    """`checkpoint_state_dict` for any part of a model, given its state dict under full names
+    (`model.layers.3.mlp.experts.gate_up_proj`, ...)."""
+    out = {}
+    for name, tensor in state.items():
         parent, _, leaf = name.rpartition(".")
         if experts is not None and parent.endswith(f".{experts.block}.{EXPERTS}"):
-            state.update(_split_experts(experts.checkpoint_name(parent), leaf, tensor, experts))
+            out.update(_split_experts(experts.checkpoint_name(parent), leaf, tensor, experts))
         else:
-            state[name if experts is None else experts.checkpoint_name(name)] = tensor
-    return state
+            out[name if experts is None else experts.checkpoint_name(name)] = tensor
+    return out
 
 
 def _split_experts(prefix: str, leaf: str, fused: torch.Tensor, experts: ExpertsSpec) -> dict[str, torch.Tensor]:
-    gate, up, down = experts.projections
     out = {}
-    for e in range(fused.shape[0]):
-        if leaf == FUSED_GATE_UP:
-            out[f"{prefix}.{e}.{gate}.weight"], out[f"{prefix}.{e}.{up}.weight"] = fused[e].chunk(2, dim=0)
-        elif leaf == FUSED_DOWN:
-            out[f"{prefix}.{e}.{down}.weight"] = fused[e]
-        else:
-            raise ValueError(f"{prefix}.{leaf} is a fused expert parameter the GlowQ format does not know")
+    for e, names in enumerate(expert_tensor_names(prefix, leaf, fused.shape[0], experts)):
+        parts = fused[e].chunk(2, dim=0) if leaf == FUSED_GATE_UP else (fused[e],)
+        out.update(zip(names, parts))
     return out
+
+
+def expert_tensor_names(prefix: str, leaf: str, num_experts: int, experts: ExpertsSpec) -> list[tuple[str, ...]]:
+    """Per expert, the checkpoint tensors that make up its slice of the fused parameter `leaf`
+    of the experts module `prefix` (checkpoint name): (gate, up) for gate_up_proj, (down,)."""
+    gate, up, down = experts.projections
+    if leaf == FUSED_GATE_UP:
+        leaves: tuple[str, ...] = (gate, up)
+    elif leaf == FUSED_DOWN:
+        leaves = (down,)
+    else:
+        raise ValueError(f"{prefix}.{leaf} is a fused expert parameter the GlowQ format does not know")
+    return [tuple(f"{prefix}.{e}.{name}.weight" for name in leaves) for e in range(num_experts)]
+
+
+def fuse_experts(per_expert: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """The inverse of the split: one fused parameter from each expert's tensors, in the order
+    `expert_tensor_names` gives them (gate rows before up rows, as transformers 5 fuses them)."""
+    return torch.stack([torch.cat(parts, dim=0) for parts in per_expert])
