@@ -39,10 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vllm_helpers import (  # noqa: E402
     ENGINE_TIMEOUT_S,
     PROMPTS,
-    _top2_gaps,
+    agreeing_tokens,
+    compare_outputs,
     copy_checkpoint,
     engine_env,
     greedy_mismatches,
+    noise_tolerance,
     run_job_script,
     zero_factor_a,
 )
@@ -134,7 +136,7 @@ def reference(checkpoints):
 @pytest.fixture(scope="module")
 def noise(engine, reference) -> dict[str, float]:
     """bf16 noise: the unquantized model in vLLM-bf16 (eager) against HF-fp32."""
-    comparison = _compare(reference("base"), engine("base", "eager")["outputs"])
+    comparison = compare_outputs(reference("base"), engine("base", "eager")["outputs"])
     stats = {"mean": comparison["mean_abs_diff"], "max": comparison["max_abs_diff"]}
     SUMMARY["bf16 noise (unquantized, eager)"] = stats
     return stats
@@ -151,39 +153,6 @@ def _report_summary():
         Path(os.environ["GLOWQ_GPU_REPORT"]).write_text(text)
 
 
-def _tolerance(noise: dict[str, float]) -> dict[str, float]:
-    return {"mean": NOISE_FACTOR * noise["mean"] + MEAN_FLOOR, "max": NOISE_FACTOR * noise["max"] + MAX_FLOOR}
-
-
-def _compare(model: torch.nn.Module, outputs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Like vllm_helpers.compare_with_reference, for an already loaded fp32 model."""
-    diffs, per_prompt = [], []
-    for out in outputs:
-        ids = out["prompt_ids"] + out["token_ids"]
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
-            greedy = model.generate(torch.tensor([out["prompt_ids"]]), max_new_tokens=len(out["token_ids"]),
-                                    do_sample=False, pad_token_id=0)[0, len(out["prompt_ids"]):].tolist()
-        reference = logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
-        diffs.append((reference - torch.tensor(out["prompt_logprobs"] + out["logprobs"])).abs())
-        per_prompt.append({"reference_tokens": greedy, "vllm_tokens": out["token_ids"],
-                           "top2_gap": _top2_gaps(model, out["prompt_ids"], greedy)})
-    flat = torch.cat(diffs)
-    return {"max_abs_diff": flat.max().item(), "mean_abs_diff": flat.mean().item(), "prompts": per_prompt}
-
-
-def _agreeing_tokens(comparison: dict[str, Any]) -> tuple[int, int]:
-    """Generated tokens identical to the reference's greedy ones before the first divergence."""
-    same = total = 0
-    for p in comparison["prompts"]:
-        total += len(p["reference_tokens"])
-        for ref, got in zip(p["reference_tokens"], p["vllm_tokens"]):
-            if ref != got:
-                break
-            same += 1
-    return same, total
-
-
 # ----- tests -----------------------------------------------------------------------------------
 
 
@@ -194,10 +163,10 @@ def test_bf16_noise_of_the_unquantized_model_is_sane(noise):
 @pytest.mark.parametrize("name, mode, kernel", ENGINES)
 def test_int4_kernel_path_matches_reference(name, mode, kernel, engine, reference, noise):
     result = engine(name, mode, kernel)
-    comparison = _compare(reference(name), result["outputs"])
-    tolerance = _tolerance(noise)
+    comparison = compare_outputs(reference(name), result["outputs"])
+    tolerance = noise_tolerance(noise, NOISE_FACTOR, MEAN_FLOOR, MAX_FLOOR)
     near_tie = 2 * noise["max"]
-    same, total = _agreeing_tokens(comparison)
+    same, total = agreeing_tokens(comparison)
     key = f"{name}/{mode}/{kernel}"
     SUMMARY[key] = {"mean_abs_diff": comparison["mean_abs_diff"],
                                  "max_abs_diff": comparison["max_abs_diff"], "tolerance": tolerance,
@@ -227,8 +196,8 @@ def test_a_real_int4_kernel_runs_every_quantized_layer(name, mode, kernel, engin
 @pytest.mark.parametrize("mode, kernel", [("eager", "vllm"), ("compiled", "glowq")])
 def test_zeroed_factors_are_caught(mode, kernel, engine, reference, noise):
     """Negative control: the same comparison clearly fails with the correction switched off."""
-    comparison = _compare(reference("sym"), engine("sym-zeroed", mode, kernel)["outputs"])
-    tolerance = _tolerance(noise)
+    comparison = compare_outputs(reference("sym"), engine("sym-zeroed", mode, kernel)["outputs"])
+    tolerance = noise_tolerance(noise, NOISE_FACTOR, MEAN_FLOOR, MAX_FLOOR)
     SUMMARY[f"sym-zeroed/{mode}/{kernel} (negative control)"] = {"mean_abs_diff": comparison["mean_abs_diff"],
                                                       "max_abs_diff": comparison["max_abs_diff"]}
     assert comparison["mean_abs_diff"] > 2 * tolerance["mean"], comparison["mean_abs_diff"]

@@ -202,26 +202,60 @@ def zero_factor_a(tensors: dict[str, torch.Tensor]) -> None:
             tensors[name] = torch.zeros_like(tensors[name])
 
 
+def zero_expert_factor_a(tensors: dict[str, torch.Tensor]) -> None:
+    """Negative control for MoE: every expert's (and a shared expert's) A = 0; attention keeps its own."""
+    for name in tensors:
+        if name.endswith("glowq_A") and (".experts." in name or ".shared_expert." in name):
+            tensors[name] = torch.zeros_like(tensors[name])
+
+
 def compare_with_reference(checkpoint: Path, outputs: list[dict[str, Any]]) -> dict[str, Any]:
-    """vLLM's logprobs and greedy tokens against offline_calibrate's fp32 reference forward.
+    """vLLM's logprobs and greedy tokens against offline_calibrate's fp32 reference forward
+    (compare_outputs)."""
+    from offline_calibrate.reference import load_reference_model
+
+    return compare_outputs(load_reference_model(checkpoint, dtype=torch.float32), outputs)
+
+
+def compare_outputs(model, outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """vLLM's logprobs and greedy tokens against a loaded fp32 model (a reference forward, or
+    HF's model of an unquantized checkpoint).
 
     Returns max/mean |delta logprob| over every prompt and generated token, and per prompt the
     reference's greedy tokens and the top-2 logprob gap at each generated position.
     """
-    from offline_calibrate.reference import load_reference_model
-
-    model = load_reference_model(checkpoint, dtype=torch.float32)
     diffs, per_prompt = [], []
     for out in outputs:
         ids = out["prompt_ids"] + out["token_ids"]
         reference = token_logprobs(model, ids)
         diffs.append((reference - torch.tensor(out["prompt_logprobs"] + out["logprobs"])).abs())
-        greedy = model.generate(torch.tensor([out["prompt_ids"]]), max_new_tokens=len(out["token_ids"]),
-                                do_sample=False, pad_token_id=0)[0, len(out["prompt_ids"]):].tolist()
+        with torch.no_grad():
+            greedy = model.generate(torch.tensor([out["prompt_ids"]]), max_new_tokens=len(out["token_ids"]),
+                                    do_sample=False, pad_token_id=0)[0, len(out["prompt_ids"]):].tolist()
         per_prompt.append({"reference_tokens": greedy, "vllm_tokens": out["token_ids"],
                            "top2_gap": _top2_gaps(model, out["prompt_ids"], greedy)})
     flat = torch.cat(diffs)
     return {"max_abs_diff": flat.max().item(), "mean_abs_diff": flat.mean().item(), "prompts": per_prompt}
+
+
+def noise_tolerance(noise: dict[str, float], factor: float = 2.5, mean_floor: float = 0.01,
+                    max_floor: float = 0.05) -> dict[str, float]:
+    """What a quantized checkpoint may deviate from its fp32 reference in a bf16 engine: `factor`
+    times the unquantized model's own bf16 noise (vLLM-bf16 against HF-fp32), plus floors (nats)
+    for the extra bf16 roundings of scales and correction (tests/test_plugin_gpu.py)."""
+    return {"mean": factor * noise["mean"] + mean_floor, "max": factor * noise["max"] + max_floor}
+
+
+def agreeing_tokens(comparison: dict[str, Any]) -> tuple[int, int]:
+    """Generated tokens identical to the reference's greedy ones before the first divergence."""
+    same = total = 0
+    for p in comparison["prompts"]:
+        total += len(p["reference_tokens"])
+        for ref, got in zip(p["reference_tokens"], p["vllm_tokens"]):
+            if ref != got:
+                break
+            same += 1
+    return same, total
 
 
 def token_logprobs(model, ids: list[int]) -> torch.Tensor:
