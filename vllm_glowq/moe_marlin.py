@@ -136,6 +136,9 @@ def marlin_zero_points(zeros: torch.Tensor) -> torch.Tensor:
 def forward(experts: Int4Experts, factors: ExpertFactors, x: torch.Tensor, topk_weights: torch.Tensor,
             topk_ids: torch.Tensor, activation) -> torch.Tensor:
     """The routed experts' output [T, H] (router weights applied, top-k summed)."""
+    if x.shape[0] == 0:
+        return torch.zeros_like(x)
+    x = x.contiguous()  # Marlin's requirement (a no-op for vLLM's hidden states)
     topk_weights = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
     hooks = CorrectionHooks(factors, x, topk_weights, topk_ids, experts.num_experts) if factors.any else None
     return compat.fused_marlin_moe(

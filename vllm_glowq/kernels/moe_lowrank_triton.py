@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # one compiled kernel for every token count
 def _grouped_lowrank_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, sorted_ptr, expert_ptr, padded_ptr,
                             num_pairs, N, K, ROW_DIV, stride_xm, stride_we, stride_wn, stride_om,
                             ACCUMULATE: tl.constexpr, HAS_SCALE: tl.constexpr,
