@@ -27,7 +27,6 @@ reports, per linear layer, the MPLinear kernel class the plugin picked.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,13 +37,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vllm_helpers import (  # noqa: E402
     ENGINE_TIMEOUT_S,
+    GPU_SHAPE,
     PROMPTS,
     agreeing_tokens,
+    bf16_noise,
+    cached_runs,
     compare_outputs,
     copy_checkpoint,
     engine_env,
     greedy_mismatches,
     noise_tolerance,
+    reference_models,
+    report_summary,
     run_job_script,
     zero_factor_a,
 )
@@ -55,8 +59,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (vLLM's int4 kernels)"),
 ]
 
-SHAPE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
-             num_key_value_heads=4, head_dim=64, vocab_size=384, max_position_embeddings=1024)
+SHAPE = GPU_SHAPE
 INIT_STD = 0.1
 CALIBRATION = dict(group_size=128, rank=16, samples=4, seq_len=64, dataset="random", seed=0)
 DTYPE = "bfloat16"
@@ -96,61 +99,31 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def engine(checkpoints):
-    cache: dict[tuple[str, str], dict[str, Any]] = {}
-
     def run(name: str, mode: str, kernel: str = "vllm") -> dict[str, Any]:
-        if (name, mode, kernel) not in cache:
-            job = {"model": str(checkpoints[name]), "prompts": PROMPTS, "dtype": DTYPE, "max_tokens": MAX_TOKENS,
-                   "enforce_eager": MODES[mode]}
-            cache[name, mode, kernel] = _run_gpu_engine(job, KERNELS[kernel])
-        result = cache[name, mode, kernel]
-        if "error" in result:
-            pytest.fail(f"engine failed on {name}/{mode}: {result['error']}\n{result['log'][-4000:]}")
-        return result
+        job = {"model": str(checkpoints[name]), "prompts": PROMPTS, "dtype": DTYPE, "max_tokens": MAX_TOKENS,
+               "enforce_eager": MODES[mode]}
+        return _run_gpu_engine(job, KERNELS[kernel])
 
-    return run
+    return cached_runs(run)
 
 
 @pytest.fixture(scope="module")
 def reference(checkpoints):
-    """fp32 reference models on the CPU: HF for the unquantized model, offline_calibrate's
-    reference forward for GlowQ checkpoints (the zeroed control is compared with its source)."""
-    from transformers import AutoModelForCausalLM
-
-    from offline_calibrate.reference import load_reference_model
-
-    cache: dict[str, torch.nn.Module] = {}
-
-    def get(name: str) -> torch.nn.Module:
-        if name not in cache:
-            path = checkpoints[name]
-            if name == "base":
-                cache[name] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-            else:
-                cache[name] = load_reference_model(path, dtype=torch.float32)
-        return cache[name]
-
-    return get
+    """fp32 reference models on the CPU (the zeroed control is compared with its source's)."""
+    return reference_models(checkpoints)
 
 
 @pytest.fixture(scope="module")
 def noise(engine, reference) -> dict[str, float]:
     """bf16 noise: the unquantized model in vLLM-bf16 (eager) against HF-fp32."""
-    comparison = compare_outputs(reference("base"), engine("base", "eager")["outputs"])
-    stats = {"mean": comparison["mean_abs_diff"], "max": comparison["max_abs_diff"]}
-    SUMMARY["bf16 noise (unquantized, eager)"] = stats
+    SUMMARY["bf16 noise (unquantized, eager)"] = stats = bf16_noise(reference("base"), engine("base", "eager")["outputs"])
     return stats
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report_summary():
     yield
-    if not SUMMARY:
-        return
-    text = json.dumps(SUMMARY, indent=2)
-    print("\n===== GlowQ GPU check summary =====\n" + text)
-    if os.environ.get("GLOWQ_GPU_REPORT"):
-        Path(os.environ["GLOWQ_GPU_REPORT"]).write_text(text)
+    report_summary(SUMMARY, "GlowQ GPU check summary")
 
 
 # ----- tests -----------------------------------------------------------------------------------

@@ -13,20 +13,23 @@ same bar against its own reference. Every engine must hold the experts as repack
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from vllm_helpers import (
+    GPU_SHAPE,
     PROMPTS,
     agreeing_tokens,
+    bf16_noise,
+    cached_runs,
     compare_outputs,
     copy_checkpoint,
     greedy_mismatches,
     noise_tolerance,
+    reference_models,
+    report_summary,
     run_engine,
     zero_expert_factor_a,
 )
@@ -37,9 +40,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (vLLM's Marlin MoE kernels)"),
 ]
 
-SHAPE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
-             num_key_value_heads=4, head_dim=64, vocab_size=384, max_position_embeddings=1024,
-             num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128)
+SHAPE = dict(GPU_SHAPE, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128)
 INIT_STD = 0.1  # as tests/test_plugin_gpu.py: bf16 noise small enough for a tight bar
 CALIBRATION = dict(group_size=128, rank=16, samples=4, seq_len=64, dataset="random", seed=0)
 MODES = {"eager": True, "compiled": False}  # name -> enforce_eager
@@ -63,56 +64,30 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def engine(checkpoints):
-    cache: dict[tuple[str, str], dict[str, Any]] = {}
-
     def run(name: str, mode: str) -> dict[str, Any]:
-        if (name, mode) not in cache:
-            cache[name, mode] = run_engine({"model": str(checkpoints[name]), "prompts": PROMPTS, "dtype": "bfloat16",
-                                            "max_tokens": 12, "enforce_eager": MODES[mode], "inspect_layers": True})
-        result = cache[name, mode]
-        if "error" in result:
-            pytest.fail(f"engine failed on {name}/{mode}: {result['error']}\n{result['log'][-4000:]}")
-        return result
+        return run_engine({"model": str(checkpoints[name]), "prompts": PROMPTS, "dtype": "bfloat16", "max_tokens": 12,
+                           "enforce_eager": MODES[mode], "inspect_layers": True})
 
-    return run
+    return cached_runs(run)
 
 
 @pytest.fixture(scope="module")
 def reference(checkpoints):
-    """fp32 models on the CPU: HF's for the unquantized model, the reference forward for GlowQ
-    checkpoints (the zeroed control is compared with its source's)."""
-    from transformers import AutoModelForCausalLM
-
-    from offline_calibrate.reference import load_reference_model
-
-    cache: dict[str, torch.nn.Module] = {}
-
-    def get(name: str) -> torch.nn.Module:
-        if name not in cache:
-            path = checkpoints[name]
-            cache[name] = (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() if name == "base"
-                           else load_reference_model(path, dtype=torch.float32))
-        return cache[name]
-
-    return get
+    """fp32 models on the CPU (the zeroed control is compared with its source's)."""
+    return reference_models(checkpoints)
 
 
 @pytest.fixture(scope="module")
 def noise(engine, reference) -> dict[str, float]:
-    comparison = compare_outputs(reference("base"), engine("base", "eager")["outputs"])
-    stats = {"mean": comparison["mean_abs_diff"], "max": comparison["max_abs_diff"]}
-    SUMMARY["bf16 noise (unquantized MoE, eager)"] = stats
+    SUMMARY["bf16 noise (unquantized MoE, eager)"] = stats = bf16_noise(reference("base"),
+                                                                        engine("base", "eager")["outputs"])
     return stats
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report_summary():
     yield
-    if SUMMARY:
-        text = json.dumps(SUMMARY, indent=2)
-        print("\n===== GlowQ MoE GPU check summary =====\n" + text)
-        if os.environ.get("GLOWQ_GPU_REPORT"):
-            Path(os.environ["GLOWQ_GPU_REPORT"]).write_text(text)
+    report_summary(SUMMARY, "GlowQ MoE GPU check summary")
 
 
 def _experts(layers: dict[str, list[str]]) -> dict[str, list[str]]:
