@@ -247,6 +247,38 @@ def test_unsupported_shapes_are_named():
     assert moe_marlin.marlin_group_size(768, 6) == 128 and moe_marlin.marlin_group_size(768, 1) == -1
 
 
+def test_loaded_layer_hands_marlin_codes_and_factors_to_the_gpu_forward(monkeypatch):
+    """GlowQMoEMethod's GPU branch after loading (repack and forward stood in for): the codes
+    are replaced by what repack returns under the same names, the factors reach the forward in
+    the activation dtype, and the custom op's forward goes to moe_marlin.forward."""
+    from vllm_glowq import moe
+    from vllm_glowq.loading import ExpectedTensors
+
+    e, h, i, r = 4, 64, 32, 8
+    layer = torch.nn.Module()
+    for name, shape, dtype in (("w13_qweight", (e, h // 8, 2 * i), torch.int32), ("w2_qweight", (e, i // 8, h), torch.int32),
+                               ("w13_scales", (e, 1, 2 * i), torch.float16), ("w2_scales", (e, 1, h), torch.float16),
+                               ("w13_glowq_B", (r, h), torch.float16), ("w13_glowq_A", (e, 2 * i, r), torch.float16),
+                               ("w2_glowq_B", (e, r, i), torch.float16), ("w2_glowq_A", (e, h, r), torch.float16)):
+        layer.register_parameter(name, torch.nn.Parameter(torch.ones(shape, dtype=dtype), requires_grad=False))
+    layer.activation = "silu"
+    method = moe.GlowQMoEMethod.__new__(moe.GlowQMoEMethod)
+    method.prefix, method.on_gpu, method.params_dtype = "test.mlp.experts", True, torch.bfloat16
+    method.expected = ExpectedTensors(method.prefix)
+    marlin = [torch.full((e, 7), v) for v in range(4)]
+    monkeypatch.setattr(moe_marlin, "repack", lambda *args: moe_marlin.Int4Experts(*marlin, None, None, torch.zeros(2)))
+    method.process_weights_after_loading(layer)
+    assert layer.w13_qweight.data_ptr() == marlin[0].data_ptr() and layer.w2_scales.data_ptr() == marlin[3].data_ptr()
+    assert not hasattr(layer, "w13_qzeros")
+    factors = method.factors
+    assert factors.b13 is layer.w13_glowq_B and factors.a2 is layer.w2_glowq_A and factors.a13 is layer.w13_glowq_A
+    assert factors.b2.dtype == torch.bfloat16 and factors.any
+    seen = {}
+    monkeypatch.setattr(moe_marlin, "forward", lambda *args: seen.setdefault("args", args) and torch.zeros(1))
+    torch.ops.glowq.moe(torch.zeros(2, h), torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.int32), method.prefix)
+    assert seen["args"][0] is method.int4 and seen["args"][1] is factors and seen["args"][5] == "silu"
+
+
 # ----- GPU: the whole block through vLLM's Marlin MoE kernels -------------------------------------
 
 
