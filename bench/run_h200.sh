@@ -155,7 +155,9 @@ gpu_tests() {  # gpu_tests [TEST_FILE...] (default: all of GPU_TEST_FILES; more 
   ensure_plugin
   local files=("$@")
   [ ${#files[@]} -gt 0 ] || files=("${GPU_TEST_FILES[@]}")
-  (cd "$REPO" && timeout "${GLOWQ_GPU_TESTS_TIMEOUT_S:-540}" $PY -m pytest "${files[@]}" -m gpu -q -rA -s \
+  local select=()
+  [ -n "${GLOWQ_GPU_TESTS_SELECT:-}" ] && select=(-k "$GLOWQ_GPU_TESTS_SELECT")  # e.g. to split a file
+  (cd "$REPO" && timeout "${GLOWQ_GPU_TESTS_TIMEOUT_S:-540}" $PY -m pytest "${files[@]}" "${select[@]}" -m gpu -q -rA -s \
       -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -Ev "it/s]|layer/s" | tail -40)
 }
 

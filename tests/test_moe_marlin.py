@@ -2,7 +2,8 @@
 against a float64 reference.
 
 * CPU, Triton's interpreter: the grouped kernel on odd shapes (every mask, stale blocks past
-  the aligned pairs, router-weight scaling, accumulation); the correction callbacks around a
+  the aligned pairs, router-weight scaling, accumulation), and its launch configurations
+  compiled for sm_90 by Triton's NVIDIA backend (no GPU needed); the correction callbacks around a
   stand-in for vLLM's `fused_marlin_moe` that keeps its documented contract (one w13 row per
   (token, expert) pair, the activation callback, w2 rows scaled by the router weight, the
   top-k sum callback), for shared and per-module B, GlowQ-S layers with only one of the two
@@ -137,6 +138,34 @@ def test_grouped_kernel_matches_float64(grouped, case, per_token, scaled):
     if scaled:
         ref *= weights.reshape(-1, 1).double()
     assert torch.allclose(out.double(), before.double() + ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_grouped_kernel_compiles_for_hopper(dtype):
+    """The configurations `launch` picks, compiled for sm_90 by Triton's NVIDIA backend (no GPU
+    needed): what the interpreter cannot check (types, layouts, the scalar branch)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from vllm_glowq.kernels import moe_lowrank_triton
+
+    pointers = dict(x_ptr=dtype, w_ptr=dtype, out_ptr=dtype, scale_ptr="fp32", sorted_ptr="i32", expert_ptr="i32",
+                    padded_ptr="i32")
+    integers = ("num_pairs", "N", "K", "ROW_DIV", "stride_xm", "stride_we", "stride_wn", "stride_om")
+    for block_m in (16, 32, 64):
+        for block_n, accumulate, scaled in ((64, True, False), (16, False, False), (128, True, True)):
+            constexprs = dict(ACCUMULATE=accumulate, HAS_SCALE=scaled, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64)
+            signature = {**{k: f"*{v}" for k, v in pointers.items()}, **{k: "i32" for k in integers},
+                         **{k: "constexpr" for k in constexprs}}
+            source = ASTSource(fn=moe_lowrank_triton._grouped_lowrank_kernel, signature=signature, constexprs=constexprs)
+            try:
+                kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+            except RuntimeError as exc:
+                if "ptxas" in str(exc) or "backend" in str(exc).lower():
+                    pytest.skip(f"Triton cannot compile for NVIDIA GPUs here: {exc}")
+                raise
+            assert kernel.asm["cubin"], (block_m, block_n)
 
 
 def test_alignment_reference_has_vllms_layout(grouped):

