@@ -153,14 +153,16 @@ class CorrectionHooks:
     """The correction around one `fused_marlin_moe` call: built before it (R = B13 x once per
     token, the pairs sorted by expert), then called back by it (`activation`, `moe_sum`).
 
-    `align` and `activate` default to vLLM's ops; the CPU tests pass plain-torch stand-ins.
+    `align` and `activate` default to vLLM's ops and `kernels` to kernels/moe_lowrank_triton.py;
+    the CPU tests pass plain-torch stand-ins and the kernel module loaded into Triton's interpreter.
     """
 
     def __init__(self, factors: ExpertFactors, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                 num_experts: int, align: Callable | None = None, activate: Callable | None = None) -> None:
-        from .kernels import moe_lowrank_triton as grouped
-
-        self.grouped = grouped
+                 num_experts: int, align: Callable | None = None, activate: Callable | None = None,
+                 kernels=None) -> None:
+        if kernels is None:
+            from .kernels import moe_lowrank_triton as kernels
+        self.grouped = grouped = kernels
         self.factors, self.top_k = factors, topk_ids.shape[1]
         self.topk_weights = topk_weights
         pairs = topk_ids.numel()
