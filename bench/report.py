@@ -33,6 +33,7 @@ COMMANDS = {
     "gpu-tests": "bash bench/run_h200.sh gpu-tests",
     "kernel": "GLOWQ_BENCH_SWEEP=1 bash bench/run_h200.sh kernel",
     "issue10": "GLOWQ_BENCH_BUDGET_S=560 bash bench/run_h200.sh vllm gptq glowq lora int4_own",
+    **{stage: f"bash bench/run_h200.sh {stage}" for stage in ("moe-prepare", "moe-calibrate", "moe-vllm", "moe-vllm-rest")},
 }
 # Runs in report order; the targets come from the first run that measured them. Runs named
 # *before_op* are the previous session's (correction as two cuBLAS GEMMs in series).
@@ -300,7 +301,8 @@ def issue10_targets(figures: dict[str, float | None], sources: dict[str, str], m
 
 
 def build(results: Path) -> str:
-    runs = {f.stem: load(f) for f in sorted(results.glob("vllm*.json"), key=_run_rank)}
+    runs = {f.stem: load(f) for f in sorted(results.glob("vllm*.json"), key=_run_rank)
+            if not f.stem.startswith(MOE_RUN_PREFIX)}
     micro, cal = load(results / "micro.json"), load(results / "calibration.json")
     meta = load(results / "meta.json") or {}
     gpu = (results / "gpu.txt").read_text().strip() if (results / "gpu.txt").exists() else "unknown"
@@ -377,6 +379,7 @@ def build(results: Path) -> str:
         f"{k} {fmt(v, 3)}" for k, v in figures.items() if k not in {r[1] for r in rows}), ""]
     if meta.get("analysis"):
         out += ["## Why", ""] + meta["analysis"] + [""]
+    out += moe_section(results, meta)
     if cal:
         out += ["## Calibration on the H200", "", "`bench/calibrate_timed.py` (called by the `calibrate` stage).", ""]
         out += calibration_section(cal) + [""]
@@ -384,6 +387,68 @@ def build(results: Path) -> str:
         out += ["## Correction microbenchmark", "", "`python bench/correction_microbench.py` (the `prepare` stage).", ""]
         out += micro_section(micro) + [""]
     return "\n".join(out)
+
+
+# ----- Mixture-of-Experts (issue 11) ------------------------------------------------------------
+
+MOE_RUN_PREFIX = "vllm_moe"  # vllm_moe.json (gptq, glowq, bf16), vllm_moe_rest.json (gptq, int4, bf16)
+MOE_TARGET = 0.90  # GlowQ >= 0.90 x plain int4 MoE (vLLM's GPTQ-Marlin MoE) at decode and in throughput
+MOE_TARGETS = [(f"decode b={b}", "decode", b) for b in ("1", "16", "64")] + [("throughput", "throughput", None)]
+
+
+def moe_targets(run: dict | None) -> list[tuple[str, float | None]]:
+    """Issue 11's ratios from one run: GlowQ's speed over the plain int4 MoE engine's."""
+    variants = (run or {}).get("variants", {})
+    return [(label, ratio(_engine_value(variants.get("glowq"), measure, batch),
+                          _engine_value(variants.get("gptq"), measure, batch))) for label, measure, batch in MOE_TARGETS]
+
+
+def moe_section(results: Path, meta: dict) -> list[str]:
+    """The MoE benchmark when its files are there, otherwise what would run and "not run"."""
+    runs = {f.stem: load(f) for f in sorted(results.glob(f"{MOE_RUN_PREFIX}*.json"))}
+    cal, model = load(results / "calibration_moe.json"), load(results / "moe_model_config.json")
+    options = (cal or {}).get("options", {})
+    out = ["## Mixture-of-Experts: Qwen3-30B-A3B shapes (issue 11)", ""]
+    if model:
+        out += [f"Model: `qwen3_moe` with random bf16 weights (`bench/make_model.py --arch qwen3_moe --shape "
+                f"qwen3-30b-a3b --layers auto`): hidden {model.get('hidden_size')}, "
+                f"{model.get('num_experts', model.get('num_local_experts'))} experts, "
+                f"top-{model.get('num_experts_per_tok')}, expert intermediate {model.get('moe_intermediate_size')}, "
+                f"{model.get('num_attention_heads')}/{model.get('num_key_value_heads')} heads of "
+                f"{model.get('head_dim')}, vocab {model.get('vocab_size')}; **{model.get('num_hidden_layers')} of the "
+                "48 decoder layers** (as many as the disk held with the GlowQ checkpoint and the int4 codes: "
+                f"`moe_disk.txt`). int4 g{options.get('group_size', 128)} symmetric codes shared by GlowQ (rank "
+                f"{options.get('rank', 64)}, one B per layer for the experts' gate/up), the plugin's plain int4 and the "
+                "GPTQ copy that vLLM's in-tree GPTQ-Marlin MoE method runs.", ""]
+    out += [f"- {note}" for note in meta.get("moe_notes", [])]
+    out += ["Commands (each one device call): " + ", ".join(f"`{c}`" for k, c in COMMANDS.items() if k.startswith("moe"))
+            + ".", ""]
+    if cal:
+        out += ["Calibration (`bench/calibrate_timed.py`, the `moe-calibrate` stage):", ""] + calibration_section(cal) + [""]
+    else:
+        out += ["Calibration: not run.", ""]
+    for run_name, run in runs.items():
+        lines, _ = vllm_section(run)
+        out += [f"### vLLM serving speed: run `{run_name}`", ""] + lines + [""]
+        if run.get("skipped"):
+            out += [f"Skipped in this call (time limit): {', '.join(run['skipped'])}.", ""]
+        for c in run.get("token_checks", []):
+            out.append(f"- Greedy tokens {c['pair'][0]} vs {c['pair'][1]}: {c['identical_sequences']}/{c['sequences']} "
+                       f"sequences identical, {c['matching_tokens']}/{c['tokens']} tokens.")
+        out.append("")
+    if not runs:
+        out += ["vLLM serving speed: not run.", ""]
+    table = {}
+    out += ["### Targets (issue 11)", "", "| target | measured | verdict |", "| --- | ---: | --- |"]
+    for label, value in moe_targets(runs.get(MOE_RUN_PREFIX)):
+        table[label] = {"measured": None if value is None else round(value, 3), "target": MOE_TARGET,
+                        "met": value is not None and value >= MOE_TARGET}
+        shown = "not run" if value is None else f"{value:.3f}"
+        verdict_text = "not run" if value is None else verdict(value, MOE_TARGET, True)
+        out.append(f"| GlowQ {label} >= {MOE_TARGET:.2f} x plain int4 MoE (GPTQ-Marlin) | {shown} | {verdict_text} |")
+    (results / "targets_moe.json").write_text(json.dumps(table, indent=1) + "\n")
+    return out + ["", f"Ratios are speeds within run `{MOE_RUN_PREFIX}` (GlowQ and its GPTQ anchor measured minutes "
+                      "apart on one machine)."] + [""]
 
 
 def main(argv: list[str] | None = None) -> None:

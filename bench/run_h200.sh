@@ -16,7 +16,16 @@
 #   bash bench/run_h200.sh vllm NAME...   # any of: gptq glowq permodule glowq_s bf16 int4 marlin fp8
 #                                         #         glowq_own int4_own lora (anchors: bench/vllm_bench.py)
 #   bash bench/run_h200.sh kernel         # the project's W4A16 kernel vs vLLM's, per layer (+ launch sweep)
-#   bash bench/run_h200.sh gpu-tests      # the GPU tests: kernels + plugin through vLLM
+#   bash bench/run_h200.sh gpu-tests [TEST_FILE...]  # the GPU tests (default: every GPU test file)
+#
+# Mixture-of-Experts (issue 11), in $GLOWQ_BENCH_MOE_WORK (default /root/bench-moe), in this order:
+#
+#   bash bench/run_h200.sh moe-prepare    # random Qwen3-30B-A3B-shaped bf16 model, as many layers as the disk holds
+#   bash bench/run_h200.sh moe-calibrate  # GlowQ calibration (timed) + the plain int4 variants (GPTQ, plugin)
+#   bash bench/run_h200.sh moe-vllm       # vLLM: gptq (in-tree GPTQ-Marlin MoE), glowq, bf16 -> vllm_moe.json
+#   bash bench/run_h200.sh moe-vllm-rest  # vLLM: gptq again, int4 (the plugin, no factors), bf16 -> vllm_moe_rest.json
+#
+# The moe-vllm stages skip engines that would end after GLOWQ_BENCH_BUDGET_S (default 560) seconds.
 #
 # GLOWQ_BENCH_MICRO=0 skips the microbenchmark in `prepare`.
 # GLOWQ_BENCH_BUDGET_S=N makes the vLLM stage skip engines that would end after N seconds.
@@ -24,7 +33,7 @@
 # Results (JSON, logs) go to $OUT (default bench/results/raw); bench/report.py turns them into
 # docs/benchmarks.md.
 set -euo pipefail
-STAGE=${1:?usage: run_h200.sh prepare|calibrate|vllm-main|vllm-rest|vllm-issue10a|vllm-issue10b|vllm NAME...|kernel|gpu-tests|all}
+STAGE=${1:?usage: run_h200.sh prepare|calibrate|vllm-main|vllm-rest|vllm-issue10a|vllm-issue10b|vllm NAME...|kernel|gpu-tests [FILE...]|moe-prepare|moe-calibrate|moe-vllm|moe-vllm-rest|all}
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$HERE")
 WORK=${GLOWQ_BENCH_WORK:-/root/bench}
@@ -42,6 +51,10 @@ SAMPLES=${GLOWQ_BENCH_SAMPLES:-32}
 SEQ_LEN=${GLOWQ_BENCH_SEQ_LEN:-2048}
 PROFILE=${GLOWQ_BENCH_PROFILE:-h200}
 DEVICE=${GLOWQ_BENCH_DEVICE:-cuda}
+GROUP=${GLOWQ_BENCH_GROUP:-128}
+MOE_WORK=${GLOWQ_BENCH_MOE_WORK:-/root/bench-moe}
+MOE_SHAPE=${GLOWQ_BENCH_MOE_SHAPE:-qwen3-30b-a3b}
+MOE_LAYERS=${GLOWQ_BENCH_MOE_LAYERS:-auto}  # or a number; auto: bench/make_model.py's disk plan
 say() { echo "[$(date +%H:%M:%S)] $*"; }
 
 ensure_plugin() {  # the vllm.general_plugins entry point needs installed dist-info
@@ -77,29 +90,56 @@ calibrate() {
   df -h "$WORK" | tail -1
 }
 
-vllm_run() {
+vllm_run() {  # vllm_run RUN WORK_DIR VARIANT...: results in $OUT/RUN.json
+  local run=$1 work=$2
+  shift 2
   ensure_plugin
   local args=()
   for v in "$@"; do
     case $v in
-      bf16) args+=(--variant "bf16=$WORK/bf16") ;;
-      glowq) args+=(--variant "glowq=$WORK/glowq") ;;
-      glowq_own) args+=(--variant "glowq_own=$WORK/glowq") ;;
-      int4_own) args+=(--variant "int4_own=$WORK/v/int4") ;;
-      marlin) args+=(--variant "marlin=$WORK/v/gptq") ;;
-      fp8) args+=(--variant "fp8=$WORK/bf16") ;;
-      lora) args+=(--variant "lora=$WORK/v/gptq+$WORK/v/lora") ;;
-      *) args+=(--variant "$v=$WORK/v/$v") ;;
+      bf16) args+=(--variant "bf16=$work/bf16") ;;
+      glowq) args+=(--variant "glowq=$work/glowq") ;;
+      glowq_own) args+=(--variant "glowq_own=$work/glowq") ;;
+      int4_own) args+=(--variant "int4_own=$work/v/int4") ;;
+      marlin) args+=(--variant "marlin=$work/v/gptq") ;;
+      fp8) args+=(--variant "fp8=$work/bf16") ;;
+      lora) args+=(--variant "lora=$work/v/gptq+$work/v/lora") ;;
+      *) args+=(--variant "$v=$work/v/$v") ;;
     esac
   done
   local budget=()
   [ -n "${GLOWQ_BENCH_BUDGET_S:-}" ] && budget=(--budget-s "$GLOWQ_BENCH_BUDGET_S")
-  rm -rf "$WORK/logs"
-  $PY "$HERE/vllm_bench.py" --profile "$PROFILE" "${args[@]}" "${budget[@]}" --out "$OUT/vllm.json" --logs "$WORK/logs"
+  rm -rf "$work/logs"
+  $PY "$HERE/vllm_bench.py" --profile "$PROFILE" "${args[@]}" "${budget[@]}" --out "$OUT/$run.json" --logs "$work/logs"
   # keep the engine logs' interesting lines (not every file may come back from $OUT)
-  for f in "$WORK"/logs/*.log; do
+  local logs=$OUT/engine_logs.txt
+  [ "$run" = vllm ] || logs=$OUT/engine_logs_$run.txt
+  for f in "$work"/logs/*.log; do
     echo "===== $f"; grep -E "Using|took|GiB|graph|compile|Error|error|Traceback|glowq|GlowQ" "$f" | tail -60
-  done > "$OUT/engine_logs.txt" 2>/dev/null || true
+  done > "$logs" 2>/dev/null || true
+}
+
+moe_prepare() {
+  mkdir -p "$MOE_WORK"
+  say "building the random $MOE_SHAPE-shaped bf16 Qwen3-MoE model ($MOE_LAYERS layers)"
+  df -h "$MOE_WORK" | tee "$OUT/moe_disk.txt"
+  [ -f "$MOE_WORK/bf16/config.json" ] || $PY "$HERE/make_model.py" "$MOE_WORK/bf16" --arch qwen3_moe \
+      --shape "$MOE_SHAPE" --layers "$MOE_LAYERS" --work-root "$MOE_WORK" --group-size "$GROUP" --device "$DEVICE" | tee -a "$OUT/moe_disk.txt"
+  cp "$MOE_WORK/bf16/config.json" "$OUT/moe_model_config.json"
+  if [ "$DEVICE" = cuda ]; then
+    ensure_plugin
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+  fi
+}
+
+moe_calibrate() {
+  say "GlowQ calibration of the MoE model: rank 64, $SAMPLES x $SEQ_LEN random tokens, symmetric int4 g$GROUP"
+  $PY "$HERE/calibrate_timed.py" "$MOE_WORK/bf16" "$MOE_WORK/glowq" --json "$OUT/calibration_moe.json" \
+      --samples "$SAMPLES" --seq-len "$SEQ_LEN" --device "$DEVICE" --group-size "$GROUP" 2>&1 \
+      | grep -v '^calibrating layers' | tail -5
+  say "deriving the plain int4 checkpoints (GPTQ for vLLM's in-tree MoE, and the plugin's without factors)"
+  $PY "$HERE/variants.py" "$MOE_WORK/glowq" "$MOE_WORK/v" --only int4,gptq
+  df -h "$MOE_WORK" | tail -1 | tee -a "$OUT/moe_disk.txt"
 }
 
 kernel() {
@@ -108,23 +148,34 @@ kernel() {
       | tee "$OUT/kernel_micro.log" | grep -E "T=|copy"
 }
 
-gpu_tests() {
+GPU_TEST_FILES=(tests/test_kernels.py tests/test_correction.py tests/test_plugin_gpu.py tests/test_moe_marlin.py
+                tests/test_plugin_moe_gpu.py)
+
+gpu_tests() {  # gpu_tests [TEST_FILE...] (default: all of GPU_TEST_FILES; more than one call's worth)
   ensure_plugin
-  (cd "$REPO" && timeout "${GLOWQ_GPU_TESTS_TIMEOUT_S:-540}" $PY -m pytest tests/test_kernels.py tests/test_correction.py tests/test_plugin_gpu.py -m gpu -q -rA -s \
+  local files=("$@")
+  [ ${#files[@]} -gt 0 ] || files=("${GPU_TEST_FILES[@]}")
+  local select=()
+  [ -n "${GLOWQ_GPU_TESTS_SELECT:-}" ] && select=(-k "$GLOWQ_GPU_TESTS_SELECT")  # e.g. to split a file
+  (cd "$REPO" && timeout "${GLOWQ_GPU_TESTS_TIMEOUT_S:-540}" $PY -m pytest "${files[@]}" "${select[@]}" -m gpu -q -rA -s \
       -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -Ev "it/s]|layer/s" | tail -40)
 }
 
 case $STAGE in
   prepare) prepare ;;
   calibrate) calibrate ;;
-  vllm-main) vllm_run gptq glowq permodule glowq_s ;;
-  vllm-rest) vllm_run gptq bf16 int4 ;;  # gptq again: the anchor for this run's ratios
-  vllm-issue10a) vllm_run gptq marlin fp8 glowq ;;
-  vllm-issue10b) vllm_run gptq glowq_own int4_own lora ;;
+  vllm-main) vllm_run vllm "$WORK" gptq glowq permodule glowq_s ;;
+  vllm-rest) vllm_run vllm "$WORK" gptq bf16 int4 ;;  # gptq again: the anchor for this run's ratios
+  vllm-issue10a) vllm_run vllm "$WORK" gptq marlin fp8 glowq ;;
+  vllm-issue10b) vllm_run vllm "$WORK" gptq glowq_own int4_own lora ;;
   kernel) kernel ;;
-  vllm) shift; vllm_run "$@" ;;          # any list, e.g. vllm gptq glowq_s
-  gpu-tests) gpu_tests ;;
-  all) prepare; calibrate; vllm_run gptq glowq permodule glowq_s bf16 int4 ;;
+  vllm) shift; vllm_run vllm "$WORK" "$@" ;;          # any list, e.g. vllm gptq glowq_s
+  gpu-tests) shift; gpu_tests "$@" ;;
+  moe-prepare) moe_prepare ;;
+  moe-calibrate) moe_calibrate ;;
+  moe-vllm) GLOWQ_BENCH_BUDGET_S=${GLOWQ_BENCH_BUDGET_S:-560} vllm_run vllm_moe "$MOE_WORK" gptq glowq bf16 ;;
+  moe-vllm-rest) GLOWQ_BENCH_BUDGET_S=${GLOWQ_BENCH_BUDGET_S:-560} vllm_run vllm_moe_rest "$MOE_WORK" gptq int4 bf16 ;;
+  all) prepare; calibrate; vllm_run vllm "$WORK" gptq glowq permodule glowq_s bf16 int4 ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac
 say "stage $STAGE done"

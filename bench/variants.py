@@ -15,12 +15,15 @@ hard-linked into every folder:
 * `gptq`       the same codes in the AutoGPTQ layout for vLLM's in-tree GPTQ path
                (quant_method gptq, sym, desc_act false, group 128; qzeros 0x77777777, the
                GPTQ "zero - 1" encoding of the implicit zero point 8; g_idx = k // group).
+               Mixture-of-Experts models keep their routers' bf16 `weight`: vLLM's GPTQ config
+               lists the quantized modules from the tensors' dtypes (maybe_update_config), and
+               its experts run on vLLM's GPTQ-Marlin MoE method (AutoGPTQMoEMethod).
 * `lora`       the per-module correction as EoRA users serve it: a PEFT LoRA adapter
                (lora_A = B_i, lora_B = A_i, r = lora_alpha = rank, so the scaling is 1) for every
                q/k/v/o/gate/up/down projection, served on top of `gptq` with --enable-lora.
                Like `permodule`, each member carries its group's B, so speed is what it measures.
 
-    python bench/variants.py GLOWQ_CKPT OUT_ROOT [--only int4,gptq]
+    python bench/variants.py GLOWQ_CKPT OUT_ROOT [--only int4,gptq]   # (MoE: int4,gptq)
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from safetensors.torch import save_file
 
 from offline_calibrate.reference import read_tensors
 from offline_calibrate.writer import split_shards
+from vllm_glowq.moe_layout import EXPERTS_BY_MODEL_TYPE
 from vllm_glowq.format import (
     FACTOR_A,
     FACTOR_B,
@@ -131,7 +135,7 @@ def derive(source: str | Path, out_root: str | Path, only: tuple[str, ...] = VAR
         save_sharded(per_module, folder, "factors")
         made["permodule"] = folder
     if "gptq" in only:
-        made["gptq"] = _write_gptq(source, out_root / "gptq", base, base_files, glowq)
+        made["gptq"] = _write_gptq(source, out_root / "gptq", base, base_files, glowq, config["model_type"])
     if "lora" in only:
         made["lora"] = _write_lora(out_root / "lora", factors, glowq)
     return made
@@ -157,9 +161,14 @@ def _write_lora(out: Path, factors: dict[str, torch.Tensor], glowq: GlowQConfig)
     return out
 
 
-def _write_gptq(source: Path, out: Path, base: dict, base_files: list[Path], glowq: GlowQConfig) -> Path:
-    if not glowq.sym or glowq.modules_to_not_convert or glowq.group_size == -1:
-        raise ValueError("the GPTQ copy needs symmetric codes, a fixed group size and no full-precision modules")
+def _write_gptq(source: Path, out: Path, base: dict, base_files: list[Path], glowq: GlowQConfig,
+                model_type: str) -> Path:
+    experts = EXPERTS_BY_MODEL_TYPE.get(model_type)
+    routers = set(experts.full_precision) if experts else set()
+    kept = [m for m in glowq.modules_to_not_convert if m.rpartition(".")[2] not in routers]
+    if not glowq.sym or kept or glowq.group_size == -1:
+        raise ValueError("the GPTQ copy needs symmetric codes, a fixed group size and no full-precision modules "
+                         f"besides MoE routers (found {kept[:3]})")
     quant_config = {
         "quant_method": "gptq",
         "bits": glowq.bits,

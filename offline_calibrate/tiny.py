@@ -27,6 +27,10 @@ SHAPES: dict[str, dict[str, int]] = {
                  num_key_value_heads=2, head_dim=32, vocab_size=384, max_position_embeddings=1024),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192),
+    # Qwen/Qwen3-30B-A3B's config.json (its experts in MOE_SHAPES; intermediate_size is the
+    # dense MLP's, which no layer of it uses)
+    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, vocab_size=151936, max_position_embeddings=40960),
 }
 # Expert counts and sizes of the Mixture-of-Experts architectures, added to the shape's keys.
 # The tiny ones keep every expert size a multiple of 64, so group size 32 fits at TP=2.
@@ -36,6 +40,9 @@ MOE_SHAPES: dict[str, dict[str, dict[str, int]]] = {
         "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                           shared_expert_intermediate_size=128),
         "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
+    },
+    "qwen3-30b-a3b": {
+        "qwen3_moe": dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
     },
 }
 ARCHITECTURES = ("llama", "qwen2", "mistral", "qwen3", *MOE_SHAPES["tiny"])

@@ -17,8 +17,6 @@ plain PyTorch computation in the same dtype (the plugin's previous path), plus a
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from gpu_timing import capture  # noqa: E402
+from interpreter import load_interpreted  # noqa: E402
 import torch.nn.functional as F
 
 from vllm_glowq import correction
@@ -122,19 +121,7 @@ def interpreted():
     triton = pytest.importorskip("triton")
     if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
         pytest.skip(f"Triton {triton.__version__}'s interpreter cannot take program ids as range() bounds")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location("glowq_correction_interpreted", KERNEL_FILE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    yield module
+    yield load_interpreted(KERNEL_FILE, "glowq_correction_interpreted")
 
 
 # tokens, K, N, rank: odd sizes hit every mask (K not a multiple of the K block, N of the output

@@ -27,7 +27,6 @@ reports, per linear layer, the MPLinear kernel class the plugin picked.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,11 +37,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vllm_helpers import (  # noqa: E402
     ENGINE_TIMEOUT_S,
+    GPU_SHAPE,
     PROMPTS,
-    _top2_gaps,
+    agreeing_tokens,
+    bf16_noise,
+    cached_runs,
+    compare_outputs,
     copy_checkpoint,
     engine_env,
     greedy_mismatches,
+    noise_tolerance,
+    reference_models,
+    report_summary,
     run_job_script,
     zero_factor_a,
 )
@@ -53,8 +59,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (vLLM's int4 kernels)"),
 ]
 
-SHAPE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
-             num_key_value_heads=4, head_dim=64, vocab_size=384, max_position_embeddings=1024)
+SHAPE = GPU_SHAPE
 INIT_STD = 0.1
 CALIBRATION = dict(group_size=128, rank=16, samples=4, seq_len=64, dataset="random", seed=0)
 DTYPE = "bfloat16"
@@ -94,94 +99,31 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def engine(checkpoints):
-    cache: dict[tuple[str, str], dict[str, Any]] = {}
-
     def run(name: str, mode: str, kernel: str = "vllm") -> dict[str, Any]:
-        if (name, mode, kernel) not in cache:
-            job = {"model": str(checkpoints[name]), "prompts": PROMPTS, "dtype": DTYPE, "max_tokens": MAX_TOKENS,
-                   "enforce_eager": MODES[mode]}
-            cache[name, mode, kernel] = _run_gpu_engine(job, KERNELS[kernel])
-        result = cache[name, mode, kernel]
-        if "error" in result:
-            pytest.fail(f"engine failed on {name}/{mode}: {result['error']}\n{result['log'][-4000:]}")
-        return result
+        job = {"model": str(checkpoints[name]), "prompts": PROMPTS, "dtype": DTYPE, "max_tokens": MAX_TOKENS,
+               "enforce_eager": MODES[mode]}
+        return _run_gpu_engine(job, KERNELS[kernel])
 
-    return run
+    return cached_runs(run)
 
 
 @pytest.fixture(scope="module")
 def reference(checkpoints):
-    """fp32 reference models on the CPU: HF for the unquantized model, offline_calibrate's
-    reference forward for GlowQ checkpoints (the zeroed control is compared with its source)."""
-    from transformers import AutoModelForCausalLM
-
-    from offline_calibrate.reference import load_reference_model
-
-    cache: dict[str, torch.nn.Module] = {}
-
-    def get(name: str) -> torch.nn.Module:
-        if name not in cache:
-            path = checkpoints[name]
-            if name == "base":
-                cache[name] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-            else:
-                cache[name] = load_reference_model(path, dtype=torch.float32)
-        return cache[name]
-
-    return get
+    """fp32 reference models on the CPU (the zeroed control is compared with its source's)."""
+    return reference_models(checkpoints)
 
 
 @pytest.fixture(scope="module")
 def noise(engine, reference) -> dict[str, float]:
     """bf16 noise: the unquantized model in vLLM-bf16 (eager) against HF-fp32."""
-    comparison = _compare(reference("base"), engine("base", "eager")["outputs"])
-    stats = {"mean": comparison["mean_abs_diff"], "max": comparison["max_abs_diff"]}
-    SUMMARY["bf16 noise (unquantized, eager)"] = stats
+    SUMMARY["bf16 noise (unquantized, eager)"] = stats = bf16_noise(reference("base"), engine("base", "eager")["outputs"])
     return stats
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report_summary():
     yield
-    if not SUMMARY:
-        return
-    text = json.dumps(SUMMARY, indent=2)
-    print("\n===== GlowQ GPU check summary =====\n" + text)
-    if os.environ.get("GLOWQ_GPU_REPORT"):
-        Path(os.environ["GLOWQ_GPU_REPORT"]).write_text(text)
-
-
-def _tolerance(noise: dict[str, float]) -> dict[str, float]:
-    return {"mean": NOISE_FACTOR * noise["mean"] + MEAN_FLOOR, "max": NOISE_FACTOR * noise["max"] + MAX_FLOOR}
-
-
-def _compare(model: torch.nn.Module, outputs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Like vllm_helpers.compare_with_reference, for an already loaded fp32 model."""
-    diffs, per_prompt = [], []
-    for out in outputs:
-        ids = out["prompt_ids"] + out["token_ids"]
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
-            greedy = model.generate(torch.tensor([out["prompt_ids"]]), max_new_tokens=len(out["token_ids"]),
-                                    do_sample=False, pad_token_id=0)[0, len(out["prompt_ids"]):].tolist()
-        reference = logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
-        diffs.append((reference - torch.tensor(out["prompt_logprobs"] + out["logprobs"])).abs())
-        per_prompt.append({"reference_tokens": greedy, "vllm_tokens": out["token_ids"],
-                           "top2_gap": _top2_gaps(model, out["prompt_ids"], greedy)})
-    flat = torch.cat(diffs)
-    return {"max_abs_diff": flat.max().item(), "mean_abs_diff": flat.mean().item(), "prompts": per_prompt}
-
-
-def _agreeing_tokens(comparison: dict[str, Any]) -> tuple[int, int]:
-    """Generated tokens identical to the reference's greedy ones before the first divergence."""
-    same = total = 0
-    for p in comparison["prompts"]:
-        total += len(p["reference_tokens"])
-        for ref, got in zip(p["reference_tokens"], p["vllm_tokens"]):
-            if ref != got:
-                break
-            same += 1
-    return same, total
+    report_summary(SUMMARY, "GlowQ GPU check summary")
 
 
 # ----- tests -----------------------------------------------------------------------------------
@@ -194,10 +136,10 @@ def test_bf16_noise_of_the_unquantized_model_is_sane(noise):
 @pytest.mark.parametrize("name, mode, kernel", ENGINES)
 def test_int4_kernel_path_matches_reference(name, mode, kernel, engine, reference, noise):
     result = engine(name, mode, kernel)
-    comparison = _compare(reference(name), result["outputs"])
-    tolerance = _tolerance(noise)
+    comparison = compare_outputs(reference(name), result["outputs"])
+    tolerance = noise_tolerance(noise, NOISE_FACTOR, MEAN_FLOOR, MAX_FLOOR)
     near_tie = 2 * noise["max"]
-    same, total = _agreeing_tokens(comparison)
+    same, total = agreeing_tokens(comparison)
     key = f"{name}/{mode}/{kernel}"
     SUMMARY[key] = {"mean_abs_diff": comparison["mean_abs_diff"],
                                  "max_abs_diff": comparison["max_abs_diff"], "tolerance": tolerance,
@@ -227,8 +169,8 @@ def test_a_real_int4_kernel_runs_every_quantized_layer(name, mode, kernel, engin
 @pytest.mark.parametrize("mode, kernel", [("eager", "vllm"), ("compiled", "glowq")])
 def test_zeroed_factors_are_caught(mode, kernel, engine, reference, noise):
     """Negative control: the same comparison clearly fails with the correction switched off."""
-    comparison = _compare(reference("sym"), engine("sym-zeroed", mode, kernel)["outputs"])
-    tolerance = _tolerance(noise)
+    comparison = compare_outputs(reference("sym"), engine("sym-zeroed", mode, kernel)["outputs"])
+    tolerance = noise_tolerance(noise, NOISE_FACTOR, MEAN_FLOOR, MAX_FLOOR)
     SUMMARY[f"sym-zeroed/{mode}/{kernel} (negative control)"] = {"mean_abs_diff": comparison["mean_abs_diff"],
                                                       "max_abs_diff": comparison["max_abs_diff"]}
     assert comparison["mean_abs_diff"] > 2 * tolerance["mean"], comparison["mean_abs_diff"]

@@ -25,6 +25,7 @@ from vllm_helpers import (
     reference_bf16_noise,
     run_load_attempts,
     standard_job,
+    zero_expert_factor_a,
 )
 
 pytestmark = pytest.mark.slow
@@ -89,16 +90,9 @@ def test_moe_bf16_compiled_within_bf16_noise(bf16_run):
     assert greedy_mismatches(comparison, near_tie=tolerance["max"]) == []
 
 
-def _zero_expert_factors(tensors: dict[str, torch.Tensor]) -> None:
-    """Negative control: every expert's (and the shared expert's) A = 0; attention keeps its own."""
-    for name in tensors:
-        if name.endswith("glowq_A") and (".experts." in name or ".shared_expert." in name):
-            tensors[name] = torch.zeros_like(tensors[name])
-
-
 def test_zeroed_expert_factors_are_caught(glowq_checkpoints, engine_results, bf16_run, tmp_path):
     checkpoint = glowq_checkpoints.get("qwen2_moe")
-    zeroed = copy_checkpoint(checkpoint, tmp_path / "zeroed", edit_tensors=_zero_expert_factors)
+    zeroed = copy_checkpoint(checkpoint, tmp_path / "zeroed", edit_tensors=zero_expert_factor_a)
     comparison = compare_with_reference(checkpoint, engine_results(standard_job(zeroed))["outputs"])
     assert comparison["max_abs_diff"] > 50 * FP32_TOLERANCE, comparison
     assert comparison["mean_abs_diff"] > bf16_run["tolerance"]["mean"], comparison  # the bf16 test would fail too

@@ -156,6 +156,13 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# A tiny Llama-family shape the GPU int4 kernels take (K, N multiples of 128 where it matters):
+# hidden 512, 8 heads x 64, 4 KV heads; tests/test_plugin_gpu.py and, with experts added,
+# tests/test_plugin_moe_gpu.py.
+GPU_SHAPE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=4, head_dim=64, vocab_size=384, max_position_embeddings=1024)
+
+
 class CheckpointFactory:
     """Builds each GlowQ test checkpoint once per session, on first use, with glowq's own
     calibrator; `base(arch)` is the unquantized tiny model it started from."""
@@ -202,26 +209,114 @@ def zero_factor_a(tensors: dict[str, torch.Tensor]) -> None:
             tensors[name] = torch.zeros_like(tensors[name])
 
 
+def zero_expert_factor_a(tensors: dict[str, torch.Tensor]) -> None:
+    """Negative control for MoE: every expert's (and a shared expert's) A = 0; attention keeps its own."""
+    for name in tensors:
+        if name.endswith("glowq_A") and (".experts." in name or ".shared_expert." in name):
+            tensors[name] = torch.zeros_like(tensors[name])
+
+
 def compare_with_reference(checkpoint: Path, outputs: list[dict[str, Any]]) -> dict[str, Any]:
-    """vLLM's logprobs and greedy tokens against offline_calibrate's fp32 reference forward.
+    """vLLM's logprobs and greedy tokens against offline_calibrate's fp32 reference forward
+    (compare_outputs)."""
+    from offline_calibrate.reference import load_reference_model
+
+    return compare_outputs(load_reference_model(checkpoint, dtype=torch.float32), outputs)
+
+
+def compare_outputs(model, outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """vLLM's logprobs and greedy tokens against a loaded fp32 model (a reference forward, or
+    HF's model of an unquantized checkpoint).
 
     Returns max/mean |delta logprob| over every prompt and generated token, and per prompt the
     reference's greedy tokens and the top-2 logprob gap at each generated position.
     """
-    from offline_calibrate.reference import load_reference_model
-
-    model = load_reference_model(checkpoint, dtype=torch.float32)
     diffs, per_prompt = [], []
     for out in outputs:
         ids = out["prompt_ids"] + out["token_ids"]
         reference = token_logprobs(model, ids)
         diffs.append((reference - torch.tensor(out["prompt_logprobs"] + out["logprobs"])).abs())
-        greedy = model.generate(torch.tensor([out["prompt_ids"]]), max_new_tokens=len(out["token_ids"]),
-                                do_sample=False, pad_token_id=0)[0, len(out["prompt_ids"]):].tolist()
+        with torch.no_grad():
+            greedy = model.generate(torch.tensor([out["prompt_ids"]]), max_new_tokens=len(out["token_ids"]),
+                                    do_sample=False, pad_token_id=0)[0, len(out["prompt_ids"]):].tolist()
         per_prompt.append({"reference_tokens": greedy, "vllm_tokens": out["token_ids"],
                            "top2_gap": _top2_gaps(model, out["prompt_ids"], greedy)})
     flat = torch.cat(diffs)
     return {"max_abs_diff": flat.max().item(), "mean_abs_diff": flat.mean().item(), "prompts": per_prompt}
+
+
+def cached_runs(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """`run(*key)` (an engine job) once per key; a result holding an error fails the test that
+    asked for it, with the engine log's tail."""
+    cache: dict[tuple, dict[str, Any]] = {}
+
+    def get(*key: str) -> dict[str, Any]:
+        if key not in cache:
+            cache[key] = run(*key)
+        result = cache[key]
+        if "error" in result:
+            import pytest
+
+            pytest.fail(f"engine failed on {'/'.join(key)}: {result['error']}\n{result['log'][-4000:]}")
+        return result
+
+    return get
+
+
+def reference_models(paths: dict[str, Path]) -> Callable[[str], Any]:
+    """name -> fp32 model on the CPU, loaded once: HF's for the unquantized "base", the
+    reference forward (offline_calibrate) for GlowQ checkpoints."""
+    cache: dict[str, Any] = {}
+
+    def get(name: str):
+        if name not in cache:
+            from offline_calibrate.reference import load_reference_model
+
+            if name == "base":
+                from transformers import AutoModelForCausalLM
+
+                cache[name] = AutoModelForCausalLM.from_pretrained(paths[name], dtype=torch.float32).eval()
+            else:
+                cache[name] = load_reference_model(paths[name], dtype=torch.float32)
+        return cache[name]
+
+    return get
+
+
+def bf16_noise(model, outputs: list[dict[str, Any]]) -> dict[str, float]:
+    """mean/max |delta logprob| of an unquantized model's bf16 engine against its fp32 model."""
+    comparison = compare_outputs(model, outputs)
+    return {"mean": comparison["mean_abs_diff"], "max": comparison["max_abs_diff"]}
+
+
+def report_summary(summary: dict[str, Any], title: str) -> None:
+    """Print a GPU test module's summary (pytest -s) and write it to $GLOWQ_GPU_REPORT."""
+    if not summary:
+        return
+    text = json.dumps(summary, indent=2)
+    print(f"\n===== {title} =====\n" + text)
+    if os.environ.get("GLOWQ_GPU_REPORT"):
+        Path(os.environ["GLOWQ_GPU_REPORT"]).write_text(text)
+
+
+def noise_tolerance(noise: dict[str, float], factor: float = 2.5, mean_floor: float = 0.01,
+                    max_floor: float = 0.05) -> dict[str, float]:
+    """What a quantized checkpoint may deviate from its fp32 reference in a bf16 engine: `factor`
+    times the unquantized model's own bf16 noise (vLLM-bf16 against HF-fp32), plus floors (nats)
+    for the extra bf16 roundings of scales and correction (tests/test_plugin_gpu.py)."""
+    return {"mean": factor * noise["mean"] + mean_floor, "max": factor * noise["max"] + max_floor}
+
+
+def agreeing_tokens(comparison: dict[str, Any]) -> tuple[int, int]:
+    """Generated tokens identical to the reference's greedy ones before the first divergence."""
+    same = total = 0
+    for p in comparison["prompts"]:
+        total += len(p["reference_tokens"])
+        for ref, got in zip(p["reference_tokens"], p["vllm_tokens"]):
+            if ref != got:
+                break
+            same += 1
+    return same, total
 
 
 def token_logprobs(model, ids: list[int]) -> torch.Tensor:

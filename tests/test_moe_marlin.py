@@ -1,0 +1,387 @@
+"""The GPU path of the GlowQ experts (vllm_glowq/moe_marlin.py, kernels/moe_lowrank_triton.py)
+against a float64 reference.
+
+* CPU, Triton's interpreter: the grouped kernel on odd shapes (every mask, stale blocks past
+  the aligned pairs, router-weight scaling, accumulation), and its launch configurations
+  compiled for sm_90 by Triton's NVIDIA backend (no GPU needed); the correction callbacks around a
+  stand-in for vLLM's `fused_marlin_moe` that keeps its documented contract (one w13 row per
+  (token, expert) pair, the activation callback, w2 rows scaled by the router weight, the
+  top-k sum callback), for shared and per-module B, GlowQ-S layers with only one of the two
+  corrections, block sizes 16/32/64. float32 (exact indexing) and float16.
+* CPU, layout glue: the unpacked zero points the loader keeps give exactly what vLLM's own
+  conversion gives from the GPTQ-packed ones; the call into `fused_marlin_moe` binds to the
+  installed vLLM's signature; the shape checks.
+* GPU (skipped without CUDA): the whole block through vLLM's Marlin MoE GEMMs on repacked
+  codes, bf16 and fp16, 8 and 64 experts, top-2 and top-8, rank 0 and 16, shared and
+  per-module B, symmetric and asymmetric codes, 1 to 600 tokens; with the correction removed
+  the same comparison must fail (negative control); the block inside a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from gpu_timing import capture  # noqa: E402
+from interpreter import load_interpreted  # noqa: E402
+
+from vllm_glowq import moe_marlin
+from vllm_glowq.packing import dequantize, pack_cols, pack_rows
+
+KERNEL_FILE = Path(moe_marlin.__file__).parent / "kernels" / "moe_lowrank_triton.py"
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (vLLM's Marlin MoE kernels)")
+# relative Frobenius error against float64: the working dtype's rounding of the w13 output, the
+# activation and the w2 output (bf16 2^-9, fp16 2^-12 relative per element) with headroom
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+
+
+# ----- the float64 reference --------------------------------------------------------------------
+
+
+def make_factors(num_experts: int, hidden: int, inter: int, rank: int, share: str, has13: bool = True,
+                 has2: bool = True, seed: int = 0) -> dict[str, torch.Tensor | None]:
+    """float64 factors large enough that the correction moves the output far past the tolerance."""
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    f: dict[str, torch.Tensor | None] = dict(b13=None, a13=None, b2=None, a2=None)
+    if has13:
+        r13 = rank if share == "group" else 2 * rank
+        f["b13"] = randn(rank, hidden) / hidden**0.5 if share == "group" else randn(num_experts, r13, hidden) / hidden**0.5
+        f["a13"] = randn(num_experts, 2 * inter, r13) * 0.5 / r13**0.5
+        if share == "module":  # block-diagonal: gate rows read gate's B, up rows up's
+            f["a13"][:, :inter, rank:] = 0
+            f["a13"][:, inter:, :rank] = 0
+    if has2:
+        f["b2"] = randn(num_experts, rank, inter) / inter**0.5
+        f["a2"] = randn(num_experts, hidden, rank) * 0.5 / rank**0.5
+    return f
+
+
+def reference_block(x, w13, w2, factors, topk_weights, topk_ids) -> torch.Tensor:
+    """sum_k w_k [W2_e h + A2_e (B2_e h)],  h = silu(gate) * up of  W13_e x + A13_e (B13 x), in float64."""
+    x = x.double()
+    tokens = torch.arange(x.shape[0]).repeat_interleave(topk_ids.shape[1]).to(x.device)
+    experts = topk_ids.reshape(-1).long()
+    xp = x[tokens]
+    g = torch.einsum("pnk,pk->pn", w13[experts], xp)
+    if factors["a13"] is not None:
+        b13 = factors["b13"]
+        reduced = xp @ b13.t() if b13.dim() == 2 else torch.einsum("prk,pk->pr", b13[experts], xp)
+        g = g + torch.einsum("pnr,pr->pn", factors["a13"][experts], reduced)
+    gate, up = g.chunk(2, dim=-1)
+    h = F.silu(gate) * up
+    y = torch.einsum("pnk,pk->pn", w2[experts], h)
+    if factors["a2"] is not None:
+        y = y + torch.einsum("pnr,pr->pn", factors["a2"][experts], torch.einsum("prk,pk->pr", factors["b2"][experts], h))
+    y = y * topk_weights.reshape(-1, 1).double()
+    return y.view(x.shape[0], topk_ids.shape[1], -1).sum(dim=1)
+
+
+def routing(tokens: int, num_experts: int, top_k: int, seed: int = 0, device: str = "cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, num_experts, generator=gen)
+    weights, ids = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
+    return (weights / weights.sum(-1, keepdim=True)).to(device), ids.to(torch.int32).to(device)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all()
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def as_factors(f: dict, dtype: torch.dtype, device: str = "cpu") -> moe_marlin.ExpertFactors:
+    """The factors in the working dtype; `f` is rounded to it in place, so the reference sees
+    exactly the values the kernels multiply."""
+    for k, v in f.items():
+        if v is not None:
+            f[k] = v.to(dtype).double()
+    return moe_marlin.ExpertFactors(**{k: None if v is None else v.to(device, dtype).contiguous() for k, v in f.items()})
+
+
+# ----- CPU: the grouped kernel in Triton's interpreter ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grouped():
+    pytest.importorskip("triton")
+    return load_interpreted(KERNEL_FILE, "glowq_moe_lowrank_interpreted")
+
+
+# pairs' source rows per token (row_div = top_k) or per pair; N and K off the tile sizes
+KERNEL_CASES = [  # tokens, experts, top_k, N, K, block_m
+    (1, 4, 2, 48, 8, 16), (5, 4, 3, 100, 24, 16), (13, 8, 2, 70, 130, 32), (40, 3, 2, 64, 16, 64)]
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("per_token", [True, False], ids=["per-token", "per-pair"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "router-weighted"])
+def test_grouped_kernel_matches_float64(grouped, case, per_token, scaled):
+    tokens, experts, top_k, n, k, block_m = case
+    gen = torch.Generator().manual_seed(sum(case))
+    weights, ids = routing(tokens, experts, top_k, seed=tokens)
+    pairs = tokens * top_k
+    x = torch.randn(tokens if per_token else pairs, k, generator=gen)
+    w = torch.randn(experts, n, k, generator=gen)
+    out = torch.randn(pairs, n + 5, generator=gen)[:, :n]  # a row stride beyond N
+    before = out.clone()
+    scale = weights.reshape(-1).float() if scaled else None
+    grouped.launch(x, w, out, grouped.align_reference(ids, block_m, experts), row_div=top_k if per_token else 1,
+                   scale=scale, accumulate=True)
+    src = torch.arange(pairs) // top_k if per_token else torch.arange(pairs)
+    ref = torch.einsum("pnk,pk->pn", w.double()[ids.reshape(-1).long()], x.double()[src])
+    if scaled:
+        ref *= weights.reshape(-1, 1).double()
+    assert torch.allclose(out.double(), before.double() + ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_grouped_kernel_compiles_for_hopper(dtype):
+    """The configurations `launch` picks, compiled for sm_90 by Triton's NVIDIA backend (no GPU
+    needed): what the interpreter cannot check (types, layouts, the scalar branch)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from vllm_glowq.kernels import moe_lowrank_triton
+
+    pointers = dict(x_ptr=dtype, w_ptr=dtype, out_ptr=dtype, scale_ptr="fp32", sorted_ptr="i32", expert_ptr="i32",
+                    padded_ptr="i32")
+    integers = ("num_pairs", "N", "K", "ROW_DIV", "stride_xm", "stride_we", "stride_wn", "stride_om")
+    for block_m in (16, 32, 64):
+        for block_n, accumulate, scaled in ((64, True, False), (16, False, False), (128, True, True)):
+            constexprs = dict(ACCUMULATE=accumulate, HAS_SCALE=scaled, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64)
+            signature = {**{k: f"*{v}" for k, v in pointers.items()}, **{k: "i32" for k in integers},
+                         **{k: "constexpr" for k in constexprs}}
+            source = ASTSource(fn=moe_lowrank_triton._grouped_lowrank_kernel, signature=signature, constexprs=constexprs)
+            try:
+                kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+            except RuntimeError as exc:
+                if "ptxas" in str(exc) or "backend" in str(exc).lower():
+                    pytest.skip(f"Triton cannot compile for NVIDIA GPUs here: {exc}")
+                raise
+            assert kernel.asm["cubin"], (block_m, block_n)
+
+
+def test_alignment_reference_has_vllms_layout(grouped):
+    _, ids = routing(7, 5, 2)
+    a = grouped.align_reference(ids, 16, 5)
+    valid = a.sorted_ids[: a.padded.item()]
+    assert a.padded.item() % 16 == 0 and sorted(valid[valid < 14].tolist()) == list(range(14))
+    for block in range(a.padded.item() // 16):
+        members = valid[block * 16:(block + 1) * 16]
+        members = members[members < 14].long()
+        assert (ids.reshape(-1)[members] == a.expert_ids[block]).all()
+
+
+def test_block_size_follows_pairs_per_expert(grouped):
+    assert grouped.block_m_for(8, 128) == 16  # decode: top-8 of 128 experts
+    assert grouped.block_m_for(64 * 8, 128) == 16
+    assert grouped.block_m_for(300, 8) == 64
+    assert grouped.block_m_for(50, 2) == 32
+
+
+# ----- CPU: the callbacks around a stand-in for fused_marlin_moe ---------------------------------
+
+
+def simulated_marlin(x, w13, w2, topk_weights, topk_ids, activation_func, moe_sum):
+    """vLLM's fused_marlin_moe as its callbacks see it, on dense weights (working dtype)."""
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    tokens, top_k = topk_ids.shape
+    experts = topk_ids.reshape(-1).long()
+    xp = x[torch.arange(tokens).repeat_interleave(top_k)]
+    w13_out = torch.einsum("pnk,pk->pn", w13[experts], xp)
+    hidden = w13_out.new_empty((w13_out.shape[0], w13_out.shape[1] // 2))
+    activation_func(MoEActivation.SILU, hidden, w13_out, topk_ids=topk_ids, expert_map=None)
+    w2_out = torch.einsum("pnk,pk->pn", w2[experts], hidden) * topk_weights.reshape(-1, 1).to(x.dtype)
+    output = x.new_empty(x.shape)
+    if moe_sum is None:
+        return w2_out.view(tokens, top_k, -1).sum(dim=1)
+    return moe_sum(w2_out.view(tokens, top_k, -1), output, topk_ids, None)
+
+
+HOOK_CASES = [  # tokens, experts, top_k (block sizes 16, 32 and 64)
+    (1, 4, 2), (9, 4, 2), (60, 4, 2), (120, 3, 2)]
+
+
+@pytest.mark.parametrize("case", HOOK_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("share", ["group", "module"])
+@pytest.mark.parametrize("parts", ["both", "w13", "w2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_callbacks_add_the_correction(grouped, case, share, parts, dtype):
+    tokens, experts, top_k = case
+    hidden, inter, rank = 96, 64, 8
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).to(dtype).double()
+    w2 = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).to(dtype).double()
+    f = make_factors(experts, hidden, inter, rank, share, has13=parts != "w2", has2=parts != "w13", seed=tokens)
+    weights, ids = routing(tokens, experts, top_k, seed=tokens)
+    factors = as_factors(f, dtype)
+    align = lambda topk_ids, block_m, e: grouped.align_reference(topk_ids, block_m, e)  # noqa: E731
+    hooks = moe_marlin.CorrectionHooks(factors, x, weights, ids, experts, align=align, kernels=grouped)
+    out = simulated_marlin(x, w13.to(dtype), w2.to(dtype), weights, ids, hooks.activation,
+                           hooks.moe_sum if factors.a2 is not None else None)
+    ref = reference_block(x, w13, w2, f, weights, ids)
+    plain = reference_block(x, w13, w2, make_factors(experts, hidden, inter, rank, share, False, False), weights, ids)
+    error = relative_error(out, ref)
+    assert error < TOLERANCE[dtype], error
+    assert relative_error(plain.float(), ref) > 30 * TOLERANCE[torch.float16]  # the correction matters here
+
+
+# ----- CPU: layout glue ----------------------------------------------------------------------------
+
+
+def test_unpacked_zero_points_give_vllms_marlin_layout():
+    """The loader keeps zero points unpacked; Marlin's packing of them must equal what vLLM
+    makes of the same zero points in the packed GPTQ-style layout (our nibble order)."""
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import moe_packed_to_marlin_zero_points
+
+    zeros = torch.randint(0, 16, (3, 4, 256), dtype=torch.uint8)
+    packed = torch.stack([pack_cols(z) for z in zeros])
+    assert torch.equal(moe_marlin.marlin_zero_points(zeros), moe_packed_to_marlin_zero_points(packed, 4, 256, 4))
+
+
+def test_call_binds_to_the_installed_fused_marlin_moe(monkeypatch):
+    from vllm.model_executor.layers.fused_moe.experts import marlin_moe
+
+    seen = {}
+    signature = inspect.signature(marlin_moe.fused_marlin_moe)
+    monkeypatch.setattr(marlin_moe, "fused_marlin_moe", lambda **kw: seen.update(signature.bind(**kw).arguments))
+    int4 = moe_marlin.Int4Experts(*(torch.zeros(2, 4, 8) for _ in range(4)), None, None, torch.zeros(4))
+    moe_marlin.forward(int4, moe_marlin.ExpertFactors(), torch.zeros(3, 64), torch.ones(3, 2), torch.zeros(3, 2),
+                       activation="silu")
+    assert seen["quant_type_id"] == moe_marlin.compat.int4_weight_type(sym=True).id
+    assert "activation_func" not in seen and seen["moe_sum"] is None  # rank 0: Marlin alone
+
+
+def test_unsupported_shapes_are_named():
+    ok = moe_marlin.unsupported_reason(2048, 768, 128, 128, torch.bfloat16)
+    assert ok is None
+    assert "float32" in moe_marlin.unsupported_reason(2048, 768, 128, 128, torch.float32)
+    assert "multiple of 64" in moe_marlin.unsupported_reason(2048, 96, 128, 96, torch.bfloat16)
+    assert "multiple of 128" in moe_marlin.unsupported_reason(2000, 768, 80, 128, torch.bfloat16)
+    assert "group_size=256" in moe_marlin.unsupported_reason(2048, 768, 256, 256, torch.bfloat16)
+    assert moe_marlin.unsupported_reason(2048, 64, 128, 64, torch.float16) is None  # one group along I
+    assert moe_marlin.marlin_group_size(768, 6) == 128 and moe_marlin.marlin_group_size(768, 1) == -1
+
+
+def test_loaded_layer_hands_marlin_codes_and_factors_to_the_gpu_forward(monkeypatch):
+    """GlowQMoEMethod's GPU branch after loading (repack and forward stood in for): the codes
+    are replaced by what repack returns under the same names, the factors reach the forward in
+    the activation dtype, and the custom op's forward goes to moe_marlin.forward."""
+    from vllm_glowq import moe
+    from vllm_glowq.loading import ExpectedTensors
+
+    e, h, i, r = 4, 64, 32, 8
+    layer = torch.nn.Module()
+    for name, shape, dtype in (("w13_qweight", (e, h // 8, 2 * i), torch.int32), ("w2_qweight", (e, i // 8, h), torch.int32),
+                               ("w13_scales", (e, 1, 2 * i), torch.float16), ("w2_scales", (e, 1, h), torch.float16),
+                               ("w13_glowq_B", (r, h), torch.float16), ("w13_glowq_A", (e, 2 * i, r), torch.float16),
+                               ("w2_glowq_B", (e, r, i), torch.float16), ("w2_glowq_A", (e, h, r), torch.float16)):
+        layer.register_parameter(name, torch.nn.Parameter(torch.ones(shape, dtype=dtype), requires_grad=False))
+    layer.activation = "silu"
+    method = moe.GlowQMoEMethod.__new__(moe.GlowQMoEMethod)
+    method.prefix, method.on_gpu, method.params_dtype = "test.mlp.experts", True, torch.bfloat16
+    method.expected = ExpectedTensors(method.prefix)
+    marlin = [torch.full((e, 7), v) for v in range(4)]
+    monkeypatch.setattr(moe_marlin, "repack", lambda *args: moe_marlin.Int4Experts(*marlin, None, None, torch.zeros(2)))
+    method.process_weights_after_loading(layer)
+    assert layer.w13_qweight.data_ptr() == marlin[0].data_ptr() and layer.w2_scales.data_ptr() == marlin[3].data_ptr()
+    assert not hasattr(layer, "w13_qzeros")
+    factors = method.factors
+    assert factors.b13 is layer.w13_glowq_B and factors.a2 is layer.w2_glowq_A and factors.a13 is layer.w13_glowq_A
+    assert factors.b2.dtype == torch.bfloat16 and factors.any
+    seen = {}
+    monkeypatch.setattr(moe_marlin, "forward", lambda *args: seen.setdefault("args", args) and torch.zeros(1))
+    torch.ops.glowq.moe(torch.zeros(2, h), torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.int32), method.prefix)
+    assert seen["args"][0] is method.int4 and seen["args"][1] is factors and seen["args"][5] == "silu"
+
+
+# ----- GPU: the whole block through vLLM's Marlin MoE kernels -------------------------------------
+
+
+def make_codes(num_experts: int, k: int, n: int, group: int, sym: bool, dtype: torch.dtype, gen) -> dict:
+    """Random codes in the checkpoint layout (per expert), scales representable in `dtype` (the
+    kernel's scales), and the float64 dense weights [E, N, K] they stand for."""
+    groups = k // group
+    codes = torch.randint(0, 16, (num_experts, k, n), generator=gen)
+    scales = (torch.rand(num_experts, groups, n, generator=gen) * 0.01 + 0.004).to(dtype).to(torch.float16)
+    zeros = None if sym else torch.randint(0, 16, (num_experts, groups, n), generator=gen, dtype=torch.uint8)
+    qweight = torch.stack([pack_rows(c) for c in codes])
+    dense = torch.stack([dequantize(qweight[e], scales[e].float(), None if sym else pack_cols(zeros[e]),
+                                    dtype=torch.float64) for e in range(num_experts)])
+    return dict(qweight=qweight, scales=scales, zeros=zeros, dense=dense)
+
+
+GPU_CASES = [  # experts, top_k, rank, share, sym
+    (8, 2, 16, "group", True), (8, 2, 0, "group", True), (64, 8, 16, "group", False), (64, 8, 16, "module", True),
+    (64, 8, 0, "group", False), (8, 2, 16, "module", False)]
+GPU_TOKENS = [1, 3, 16, 64, 257, 600]
+GPU_SHAPE = dict(hidden=512, inter=256, group=128)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gpu_block_matches_float64(dtype, case):
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    experts, top_k, rank, share, sym = case
+    h, i, g = GPU_SHAPE["hidden"], GPU_SHAPE["inter"], GPU_SHAPE["group"]
+    gen = torch.Generator().manual_seed(experts + rank)
+    w13, w2 = make_codes(experts, h, 2 * i, g, sym, dtype, gen), make_codes(experts, i, h, g, sym, dtype, gen)
+    on = lambda t: None if t is None else t.cuda()  # noqa: E731
+    int4 = moe_marlin.repack(on(w13["qweight"]), on(w13["scales"]), on(w13["zeros"]), on(w2["qweight"]),
+                             on(w2["scales"]), on(w2["zeros"]), dtype)
+    f = make_factors(experts, h, i, rank, share, has13=rank > 0, has2=rank > 0)
+    plain = {k: None for k in f}
+    factors = as_factors(f, dtype, "cuda")
+    for tokens in GPU_TOKENS:
+        x = torch.randn(tokens, h, generator=gen).to(dtype)
+        weights, ids = routing(tokens, experts, top_k, seed=tokens)
+        out = moe_marlin.forward(int4, factors, x.cuda(), weights.cuda(), ids.cuda(), MoEActivation.SILU)
+        ref = reference_block(x, w13["dense"], w2["dense"], f, weights, ids)
+        error = relative_error(out.cpu(), ref)
+        assert error < TOLERANCE[dtype], (tokens, error)
+        if rank:  # negative control: without the correction the same bar must fail clearly
+            uncorrected = reference_block(x, w13["dense"], w2["dense"], plain, weights, ids)
+            assert relative_error(uncorrected.float(), ref) > 5 * TOLERANCE[dtype], tokens
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 16, 64])
+def test_gpu_block_inside_a_cuda_graph(tokens):
+    """Captured once, replayed on new inputs copied into the captured buffers."""
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    experts, top_k, rank, dtype = 64, 8, 16, torch.bfloat16
+    h, i, g = GPU_SHAPE["hidden"], GPU_SHAPE["inter"], GPU_SHAPE["group"]
+    gen = torch.Generator().manual_seed(tokens)
+    w13, w2 = make_codes(experts, h, 2 * i, g, True, dtype, gen), make_codes(experts, i, h, g, True, dtype, gen)
+    int4 = moe_marlin.repack(w13["qweight"].cuda(), w13["scales"].cuda(), None, w2["qweight"].cuda(),
+                             w2["scales"].cuda(), None, dtype)
+    f = make_factors(experts, h, i, rank, "group")
+    factors = as_factors(f, dtype, "cuda")
+    x = torch.zeros(tokens, h, device="cuda", dtype=dtype)
+    weights = torch.zeros(tokens, top_k, device="cuda")
+    ids = torch.zeros(tokens, top_k, device="cuda", dtype=torch.int32)
+    graph, out = capture(lambda: moe_marlin.forward(int4, factors, x, weights, ids, MoEActivation.SILU))
+    for seed in range(3):
+        fresh_x = torch.randn(tokens, h, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        fresh_w, fresh_ids = routing(tokens, experts, top_k, seed=seed + 10)
+        x.copy_(fresh_x)
+        weights.copy_(fresh_w)
+        ids.copy_(fresh_ids)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference_block(fresh_x, w13["dense"], w2["dense"], f, fresh_w, fresh_ids)
+        assert relative_error(out.cpu(), ref) < TOLERANCE[dtype], seed

@@ -1,0 +1,137 @@
+"""A grouped low-rank product for the experts' correction: `out[p] (+)= s_p * W_e x[src(p)]`
+for every (token, routed expert) pair p, W_e the pair's expert's factor.
+
+vLLM's Marlin MoE GEMMs write one row per pair, `p = token * top_k + k` (the rows of its
+`intermediate_cache1`, and of the w2 output before the top-k sum). This kernel walks the pairs
+in the order `moe_align_block_size` sorts them: blocks of BLOCK_M pairs that all belong to one
+expert (padding entries hold the pair count and are skipped), so each program loads a tile of
+its expert's factor once and multiplies it with up to BLOCK_M pairs on the tensor cores.
+The same launch serves every step of the correction (vllm_glowq/moe_marlin.py):
+
+* w13 expand: x = R = B13 x_t [T, r] (one row per token, `row_div = top_k`), W = A13 [E, 2I, r],
+  accumulated into the w13 output before the activation;
+* w2 shrink: x = h [P, I] (the activation's output), W = B2 [E, r, I], into S [P, r];
+* w2 expand: x = S, W = A2 [E, H, r], scaled by the pair's router weight and accumulated into
+  the w2 output before the top-k sum;
+* `--share module` checkpoints: the w13 shrink too, x = x_t, W = B13 [E, 2r, H].
+
+Like kernels/lowrank_triton.py it uses only Triton builtins (`tl.full`, integer division), so
+Triton's interpreter runs it on a CPU for the tests; the grid depends only on tensor shapes
+and the valid block count is read on the device, so CUDA graphs capture one launch per batch
+size. `align_reference` is a plain-torch copy of the alignment's layout for those tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["num_pairs"])  # one compiled kernel for every token count
+def _grouped_lowrank_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, sorted_ptr, expert_ptr, padded_ptr,
+                            num_pairs, N, K, ROW_DIV, stride_xm, stride_we, stride_wn, stride_om,
+                            ACCUMULATE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    block = tl.program_id(0)
+    tile = tl.program_id(1)
+    expert = tl.load(expert_ptr + block)
+    # blocks past the padded pair count hold stale ids; an expert of -1 is not on this rank
+    if (block * BLOCK_M < tl.load(padded_ptr)) & (expert >= 0):
+        pairs = tl.load(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = pairs < num_pairs
+        rows = tl.where(valid, pairs // ROW_DIV, 0).to(tl.int64)
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+                        mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
+            w_t = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None],
+                          mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)
+            acc = tl.dot(x.to(w_t.dtype), w_t, acc)
+        if HAS_SCALE:
+            acc = acc * tl.load(scale_ptr + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
+        safe = tl.where(valid, pairs, 0).to(tl.int64)
+        out_ptrs = out_ptr + safe[:, None] * stride_om + offs_n[None, :]
+        mask = valid[:, None] & (offs_n[None, :] < N)
+        if ACCUMULATE:
+            acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Pairs sorted by expert in blocks of `block_m` (vLLM's `moe_align_block_size` layout):
+    `sorted_ids` [>= padded] pair ids, padding = the pair count; `expert_ids` one expert per
+    block; `padded` [1] the number of valid entries of `sorted_ids` (a multiple of block_m)."""
+
+    sorted_ids: torch.Tensor
+    expert_ids: torch.Tensor
+    padded: torch.Tensor
+    block_m: int
+    num_pairs: int
+
+
+def block_m_for(num_pairs: int, num_experts: int) -> int:
+    """Pairs per block: about as many as an expert receives (16 is tl.dot's minimum), so
+    decode pads each expert's one or two pairs to 16 rows and prefill fills 64-row tiles."""
+    per_expert = num_pairs / max(1, num_experts)
+    for block in (16, 32):
+        if per_expert <= block:
+            return block
+    return 64
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, alignment: Alignment, row_div: int = 1,
+           scale: torch.Tensor | None = None, accumulate: bool = False, block_n: int | None = None) -> None:
+    """out[p, :N] (+)= scale[p] * weight[e_p] @ x[p // row_div] for every pair p.
+
+    x [rows, K] (rows = pairs / row_div), weight [E, N, K], out [pairs, >= N], all with unit
+    stride in their last dimension; scale [pairs] (float32, the router weights) or None.
+    """
+    _, n, k = weight.shape
+    if x.stride(-1) != 1 or weight.stride(-1) != 1 or out.stride(-1) != 1 or weight.stride(1) != k:
+        raise ValueError("grouped_lowrank needs row-major x, weight and out")
+    if block_n is None:
+        block_n = _pow2_between(n, 16, 64 if alignment.block_m <= 16 else 128)
+    block_k = _pow2_between(k, 16, 64)
+    blocks = alignment.expert_ids.numel()
+    grid = (blocks, triton.cdiv(n, block_n))
+    _grouped_lowrank_kernel[grid](
+        x, weight, out, out if scale is None else scale, alignment.sorted_ids, alignment.expert_ids, alignment.padded,
+        alignment.num_pairs, n, k, row_div, x.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
+        ACCUMULATE=accumulate, HAS_SCALE=scale is not None,
+        BLOCK_M=alignment.block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+
+
+def _pow2_between(value: int, low: int, high: int) -> int:
+    return max(low, min(high, triton.next_power_of_2(max(1, value))))
+
+
+def align_reference(topk_ids: torch.Tensor, block_m: int, num_experts: int) -> Alignment:
+    """vLLM's `moe_align_block_size` layout computed in torch (for the tests and Triton's CPU
+    interpreter; the GPU path calls vLLM's op): each expert's pairs in ascending order, padded
+    with the pair count to a multiple of block_m, experts in ascending order."""
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    pairs = flat.numel()
+    ids, experts = [], []
+    for e in range(num_experts):
+        mine = torch.nonzero(flat == e).flatten()
+        if mine.numel() == 0:
+            continue
+        blocks = -(-mine.numel() // block_m)
+        padded = torch.full((blocks * block_m,), pairs, dtype=torch.int64)
+        padded[: mine.numel()] = mine
+        ids.append(padded)
+        experts += [e] * blocks
+    count = sum(t.numel() for t in ids)
+    # like vLLM's op, leave stale entries past the valid blocks: the kernel must not read them
+    tail = 2 * block_m
+    sorted_ids = torch.cat([*ids, torch.full((tail,), 10**6, dtype=torch.int64)]).to(torch.int32)
+    expert_ids = torch.tensor(experts + [num_experts + 7] * (tail // block_m), dtype=torch.int32)
+    return Alignment(sorted_ids.to(topk_ids.device), expert_ids.to(topk_ids.device),
+                     torch.tensor([count], dtype=torch.int32, device=topk_ids.device), block_m, pairs)

@@ -1,0 +1,197 @@
+"""GlowQ experts on CUDA GPUs: vLLM's WNA16 Marlin MoE GEMMs on the checkpoint's int4 codes,
+with the correction added by a grouped Triton kernel of the project's own.
+
+Why this split. vLLM's `fused_marlin_moe` (experts/marlin_moe.py, a public function in every
+supported version) runs the whole expert block: it sorts the (token, expert) pairs by expert
+(`moe_align_block_size`), runs the w13 GEMM into one row per pair, calls its `activation_func`
+callback on that output, runs the w2 GEMM (which multiplies each pair's row by its router
+weight) and calls its `moe_sum` callback to add each token's top-k rows. Those two callbacks are
+exactly where the correction belongs, and they are the hooks vLLM's own MoE LoRA uses on Marlin
+(`activation_with_lora`, `moe_sum_with_lora`). So the plugin calls `fused_marlin_moe` with:
+
+* before the call, R = B13 x once per token ([T, r], one cuBLAS GEMM): never per pair, which is
+  the point of sharing B; and the pairs sorted by expert in blocks that suit tensor-core tiles
+  (vLLM's `moe_align_block_size` again, at the kernel's block size: Marlin's own sort is
+  internal to the call, and its blocks of 8 are smaller than `tl.dot` takes);
+* `activation_func`: for every pair p = (t, e), w13_out[p] += A13_e R[t] (one grouped launch),
+  then vLLM's activation (SiLU-and-mul) as usual;
+* `moe_sum`: S[p] = B2_e h[p] and w2_out[p] += w_p A2_e S[p] (two grouped launches, w_p the
+  router weight Marlin already applied to w2_out), then the top-k sum as usual.
+
+The alternatives were worse: calling the Marlin GEMM op (`moe_wna16_marlin_gemm`) directly means
+re-implementing vLLM's block-size choice, workspaces and activation plumbing, which changed
+between 0.26 and 0.32; building a `FusedMoEKernel` around a custom experts class is refused by
+`make_wna16_moe_kernel` (it checks the class against a list) and its prepare/finalize adds
+nothing without expert parallelism.
+
+The codes are repacked once at load time (`repack`, vLLM's `gptq_marlin_moe_repack` and scale
+and zero-point permutations), replacing the checkpoint layout: one copy of the int4 weights.
+Rank 0 (plain int4) layers call `fused_marlin_moe` without callbacks. Everything here runs on
+the current CUDA stream with shapes fixed by the token count, so the whole block is captured by
+CUDA graphs; torch.compile sees it through the `torch.ops.glowq.moe` custom op (vllm_glowq/moe.py).
+Launch shapes of the grouped kernel are not tuned on a GPU yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import compat
+
+MARLIN_GROUP_SIZES = (32, 64, 128)  # besides one group per row (channelwise, -1)
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class Int4Experts:
+    """An expert layer's codes in the Marlin MoE layout (from `repack`)."""
+
+    w13: torch.Tensor  # [E, H / 16, 4I] int32
+    w2: torch.Tensor  # [E, I / 16, 2H] int32
+    scales13: torch.Tensor  # [E, G13, 2I] activation dtype, permuted
+    scales2: torch.Tensor  # [E, G2, H]
+    zeros13: torch.Tensor | None  # [E, G13, 2I / 8] int32, Marlin's packing; None: symmetric (uint4b8)
+    zeros2: torch.Tensor | None
+    workspace: torch.Tensor  # Marlin's lock workspace (zeroed; the kernel leaves it zeroed)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def quant_type_id(self) -> int:
+        return compat.int4_weight_type(sym=self.zeros13 is None).id
+
+
+@dataclass
+class ExpertFactors:
+    """The correction of an expert layer in the activation dtype (None where it has none).
+
+    b13 [r, H] (one B for all experts) or [E, 2r, H] (`--share module`: gate's rows, then up's);
+    a13 [E, 2I, r] or [E, 2I, 2r] (block-diagonal); b2 [E, r, I]; a2 [E, H, r]."""
+
+    b13: torch.Tensor | None = None
+    a13: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
+    a2: torch.Tensor | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.a13 is not None or self.a2 is not None
+
+
+def marlin_group_size(features: int, groups: int) -> int:
+    """The group size Marlin is told for `features` input rows in `groups` scale groups."""
+    return -1 if groups == 1 else features // groups
+
+
+def unsupported_reason(hidden: int, inter_local: int, group_h: int, group_i: int, dtype: torch.dtype) -> str | None:
+    """Why the Marlin MoE kernels cannot run these experts (None when they can)."""
+    if dtype not in _DTYPES:
+        return f"the int4 MoE kernels take bfloat16 or float16 activations, not {dtype} (use --dtype bfloat16)"
+    if hidden % 128:
+        return f"hidden size {hidden} is not a multiple of 128 (vLLM's Marlin MoE kernels)"
+    if inter_local % 64:
+        return (f"the expert intermediate size per tensor-parallel rank, {inter_local}, is not a multiple of 64 "
+                "(vLLM's Marlin MoE kernels; GlowQ does not pad experts); use a smaller tensor_parallel_size")
+    for name, features, group in (("hidden", hidden, group_h), ("expert intermediate", inter_local, group_i)):
+        if group < features and group not in MARLIN_GROUP_SIZES:
+            return f"group_size={group} along the {name} size (Marlin takes {MARLIN_GROUP_SIZES} or one group per row)"
+    return None
+
+
+def repack(qweight13: torch.Tensor, scales13: torch.Tensor, zeros13: torch.Tensor | None, qweight2: torch.Tensor,
+           scales2: torch.Tensor, zeros2: torch.Tensor | None, dtype: torch.dtype) -> Int4Experts:
+    """Marlin's layout from the checkpoint's (per rank): qweight [E, K/8, N] int32 (GPTQ
+    packing along K), scales [E, K/g, N], zero points [E, K/g, N] unpacked (uint8) or None."""
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import (
+        marlin_make_workspace_new,
+        marlin_moe_permute_scales,
+    )
+
+    def one(qweight, scales, zeros):
+        k, n = qweight.shape[1] * 8, qweight.shape[2]
+        group = marlin_group_size(k, scales.shape[1])
+        codes = compat.marlin_moe_repack(qweight.contiguous(), size_k=k, size_n=n)
+        permuted = marlin_moe_permute_scales(scales.to(dtype).contiguous(), size_k=k, size_n=n, group_size=group)
+        return codes, permuted, None if zeros is None else marlin_zero_points(zeros)
+
+    w13, s13, z13 = one(qweight13, scales13, zeros13)
+    w2, s2, z2 = one(qweight2, scales2, zeros2)
+    return Int4Experts(w13, w2, s13, s2, z13, z2, marlin_make_workspace_new(qweight13.device, 4))
+
+
+def marlin_zero_points(zeros: torch.Tensor) -> torch.Tensor:
+    """Raw zero points [E, G, N] (w = (q - z) s) -> Marlin's permuted, packed int32 [E, G, N/8]."""
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import marlin_zero_points as permute
+
+    groups, n = zeros.shape[1:]
+    return torch.stack([permute(z.to(torch.int32), groups, n, 4) for z in zeros])
+
+
+def forward(experts: Int4Experts, factors: ExpertFactors, x: torch.Tensor, topk_weights: torch.Tensor,
+            topk_ids: torch.Tensor, activation) -> torch.Tensor:
+    """The routed experts' output [T, H] (router weights applied, top-k summed)."""
+    if x.shape[0] == 0:
+        return torch.zeros_like(x)
+    x = x.contiguous()  # Marlin's requirement (a no-op for vLLM's hidden states)
+    topk_weights = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
+    hooks = CorrectionHooks(factors, x, topk_weights, topk_ids, experts.num_experts) if factors.any else None
+    return compat.fused_marlin_moe(
+        hidden_states=x, w1=experts.w13, w2=experts.w2, w1_scale=experts.scales13, w2_scale=experts.scales2,
+        w1_zeros=experts.zeros13, w2_zeros=experts.zeros2, topk_weights=topk_weights, topk_ids=topk_ids,
+        quant_type_id=experts.quant_type_id, global_num_experts=experts.num_experts, activation=activation,
+        workspace=experts.workspace, activation_func=None if hooks is None else hooks.activation,
+        moe_sum=None if hooks is None or factors.a2 is None else hooks.moe_sum)
+
+
+class CorrectionHooks:
+    """The correction around one `fused_marlin_moe` call: built before it (R = B13 x once per
+    token, the pairs sorted by expert), then called back by it (`activation`, `moe_sum`).
+
+    `align` and `activate` default to vLLM's ops and `kernels` to kernels/moe_lowrank_triton.py;
+    the CPU tests pass plain-torch stand-ins and the kernel module loaded into Triton's interpreter.
+    """
+
+    def __init__(self, factors: ExpertFactors, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 num_experts: int, align: Callable | None = None, activate: Callable | None = None,
+                 kernels=None) -> None:
+        if kernels is None:
+            from .kernels import moe_lowrank_triton as kernels
+        self.grouped = grouped = kernels
+        self.factors, self.top_k = factors, topk_ids.shape[1]
+        self.topk_weights = topk_weights
+        pairs = topk_ids.numel()
+        block_m = grouped.block_m_for(pairs, num_experts)
+        self.alignment = (align or compat.moe_align)(topk_ids, block_m, num_experts)
+        self.activate = activate or compat.apply_moe_activation
+        self.reduced = None  # what A13 multiplies: R [T, r] (rows per token) or [P, 2r] (per pair)
+        if factors.a13 is not None:
+            if factors.b13.dim() == 2:
+                self.reduced = F.linear(x, factors.b13)
+            else:  # one B per expert projection: the shrink is per pair too
+                self.reduced = x.new_empty((pairs, factors.b13.shape[1]))
+                grouped.launch(x, factors.b13, self.reduced, self.alignment, row_div=self.top_k)
+        self.hidden = None  # the activation's output, the w2 GEMM's input
+
+    def activation(self, activation, output: torch.Tensor, w13_out: torch.Tensor, **kwargs) -> torch.Tensor:
+        """w13_out [P, 2I] += A13_e R before the activation (kwargs: vLLM's, passed through)."""
+        if self.reduced is not None:
+            row_div = self.top_k if self.factors.b13.dim() == 2 else 1  # R per token, or per pair
+            self.grouped.launch(self.reduced, self.factors.a13, w13_out, self.alignment, row_div=row_div,
+                                accumulate=True)
+        self.hidden = output
+        return self.activate(activation, output, w13_out, **kwargs)
+
+    def moe_sum(self, w2_out: torch.Tensor, output: torch.Tensor, topk_ids: torch.Tensor, expert_map) -> torch.Tensor:
+        """w2_out [T, top_k, H] += w_p A2_e (B2_e h_p), then the sum over top_k into output [T, H]."""
+        rows = w2_out.view(-1, w2_out.shape[-1])
+        shrunk = self.hidden.new_empty((rows.shape[0], self.factors.b2.shape[1]))
+        self.grouped.launch(self.hidden, self.factors.b2, shrunk, self.alignment)
+        self.grouped.launch(shrunk, self.factors.a2, rows, self.alignment, scale=self.topk_weights.reshape(-1),
+                            accumulate=True)
+        return torch.sum(w2_out, dim=1, out=output)
