@@ -16,10 +16,11 @@ from vllm_glowq.format import FACTOR_A, FACTOR_B, GlowQConfig, tensor_name
 
 from .architectures import spec_for
 from .data import calibration_windows
-from .loading import check_seq_len, load_config, load_model, load_tokenizer, resolve_model
+from .loading import check_seq_len, load_config, load_model, load_tokenizer
 from .options import CalibrationOptions
 from .pipeline import CalibrationResult, calibrate_layers, check_rank, phase
 from .selection import select_units
+from .sources import ModelSource, resolve_source
 from .preflight import (
     check_device,
     check_free_space,
@@ -37,25 +38,27 @@ _LOG = logging.getLogger(__name__)
 REPORT_FILE = "glowq_report.json"
 
 
-def prepare(model_ref: str, options: CalibrationOptions) -> tuple[str, Any, dict[str, tuple[int, int]]]:
-    """Every check that needs the config but no weights; returns (model path, HF config,
-    the linears to quantize). Fills in the default --seq-len."""
+def prepare(
+    model_ref: str | Path | ModelSource, options: CalibrationOptions
+) -> tuple[ModelSource, Any, dict[str, tuple[int, int]]]:
+    """Every check that needs the config but no weights; returns (the model's source, HF
+    config, the linears to quantize). Fills in the default --seq-len."""
     options.validate()
     check_device(options.device)
-    path = resolve_model(model_ref)
-    hf_config = load_config(path)
+    source = resolve_source(model_ref)
+    hf_config = load_config(source)
     resolve_seq_len(options, hf_config)
     check_seq_len(hf_config, options.seq_len)
     linears = model_linears(hf_config)
     check_group_size_fits(linears, options.group_size)
-    return path, hf_config, linears
+    return source, hf_config, linears
 
 
-def run_calibration(model_ref: str, options: CalibrationOptions, keep_dequantized: bool = False):
+def run_calibration(model_ref: str | Path | ModelSource, options: CalibrationOptions, keep_dequantized: bool = False):
     """Load the model and calibrate it in memory; returns (model, tokenizer, result, config, heldout)."""
     timings: dict[str, float] = {}
-    path, hf_config, _ = prepare(model_ref, options)
-    tokenizer = load_tokenizer(path)
+    source, hf_config, _ = prepare(model_ref, options)
+    tokenizer = load_tokenizer(source)
     warn_without_chat_template(tokenizer)
     extra = options.heldout_samples if options.restore == "auto" else 0
     # Data problems (an empty file, too little text) are found before the weights are loaded.
@@ -63,7 +66,7 @@ def run_calibration(model_ref: str, options: CalibrationOptions, keep_dequantize
         options.dataset, tokenizer, hf_config.vocab_size, options.samples, options.seq_len, options.seed, extra
     )
     with phase(timings, "load"):
-        model = load_model(path, hf_config, options.seq_len)
+        model = load_model(source, hf_config, options.seq_len)
     spec = spec_for(hf_config)
     check_rank(model, spec, options)
     device = check_device(options.device)
@@ -82,7 +85,7 @@ def run_calibration(model_ref: str, options: CalibrationOptions, keep_dequantize
         share=options.share,
         lowrank_units=selection.restored,
         modules_to_not_convert=sorted(result.skipped),
-        producer=_producer(model_ref, options),
+        producer=_producer(str(source), options),
     )
     return model, tokenizer, result, config, selection
 
@@ -164,9 +167,13 @@ def report(result: CalibrationResult, config: GlowQConfig, selection, options: C
 
 
 def calibrate(
-    model: str | Path, output: str | Path, options: CalibrationOptions | None = None, overwrite: bool = False
+    model: str | Path | ModelSource,
+    output: str | Path,
+    options: CalibrationOptions | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Calibrate `model` (a local HF folder or hub id) and write a GlowQ checkpoint to `output`."""
+    """Calibrate `model` (a local HF folder, a hub id, or a GGUF file: sources.resolve_source)
+    and write a GlowQ checkpoint to `output`."""
     options = options or CalibrationOptions()
     output = Path(output).absolute()
     options.validate()
@@ -174,12 +181,12 @@ def calibrate(
     check_output(output, overwrite)
     check_writable(output)
     with output_lock(output):
-        _, hf_config, linears = prepare(str(model), options)
+        source, hf_config, linears = prepare(model, options)
         check_free_space(output, estimated_checkpoint_bytes(hf_config, linears, options))
-        return _calibrate_into(str(model), output, options, overwrite)
+        return _calibrate_into(source, output, options, overwrite)
 
 
-def _calibrate_into(model: str, output: Path, options: CalibrationOptions, overwrite: bool) -> Path:
+def _calibrate_into(model: ModelSource, output: Path, options: CalibrationOptions, overwrite: bool) -> Path:
     start = time.perf_counter()
     hf_model, tokenizer, result, config, selection = run_calibration(model, options)
     with atomic_folder(output, overwrite) as staging:

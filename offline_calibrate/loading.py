@@ -1,68 +1,61 @@
-"""Loading the source model: path checks and config checks before any weight is read."""
+"""Loading the source model (found by sources.resolve_source): its config, checked before any
+weight is read, then its weights and tokenizer."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
-from vllm_glowq.format import QUANT_METHOD, GlowQFormatError
-from vllm_glowq.validate import read_json
+from vllm_glowq.format import QUANT_METHOD
 
-from .architectures import spec_for
-
-
-class ModelLoadError(ValueError):
-    pass
+from .architectures import SUPPORTED, spec_for
+from .sources import ModelLoadError, ModelSource, gguf_architecture
 
 
-def resolve_model(model: str) -> str:
-    """A local folder with a readable config.json, or a hub id (`org/name`) when no such path
-    exists. The config is parsed here so that a broken one is blamed, not the tokenizer that
-    transformers happens to load first."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"model folder {path} has no config.json: not a Hugging Face model folder")
-        try:
-            read_json(path / "config.json")
-        except GlowQFormatError as exc:
-            raise ModelLoadError(str(exc)) from None
-        return str(path)
-    looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
-    if looks_local:
-        raise ModelLoadError(f"model path {model} does not exist")
-    return model  # a hub id; transformers fetches it when the hub is reachable
-
-
-def load_config(model: str):
+def load_config(source: ModelSource):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model)
+        config = AutoConfig.from_pretrained(source.location, **source.pretrained_kwargs)
     except Exception as exc:  # transformers raises OSError, ValueError, HTTP errors...
-        raise ModelLoadError(f"cannot read the model config of {model!r} ({type(exc).__name__}: {exc})") from None
+        if source.gguf_file:
+            raise ModelLoadError(_unreadable_gguf_message(source, exc)) from None
+        raise ModelLoadError(f"cannot read the model config of {str(source)!r} ({type(exc).__name__}: {exc})") from None
     quant = getattr(config, "quantization_config", None)
     if quant is not None:
         method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
         what = "a GlowQ checkpoint" if method == QUANT_METHOD else f"already quantized ({method})"
-        raise ModelLoadError(f"{model} is {what}; calibrate from the full-precision model")
+        raise ModelLoadError(f"{source} is {what}; calibrate from the full-precision model")
     spec_for(config)
     return config
 
 
-def load_model(model: str, config, seq_len: int):
+def _unreadable_gguf_message(source: ModelSource, exc: Exception) -> str:
+    import transformers
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    takes = ", ".join(sorted(set(SUPPORTED) & set(GGUF_CONFIG_MAPPING)))
+    return (
+        f"transformers {transformers.__version__} cannot build a model from the GGUF file {source} of "
+        f"architecture {gguf_architecture(source)!r} ({type(exc).__name__}: {exc}); glowq-calibrate takes GGUF "
+        f"files of {takes}"
+    )
+
+
+def load_model(source: ModelSource, config, seq_len: int):
     """The full-precision model on the CPU, after checking the config (from load_config) and
-    every weight."""
+    every weight. A GGUF source is dequantized by transformers, into float32."""
     from transformers import AutoModelForCausalLM
 
     check_seq_len(config, seq_len)
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
+        hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype="auto", **source.pretrained_kwargs)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load the weights of {model!r} ({type(exc).__name__}: {exc})") from None
+        raise ModelLoadError(f"cannot load the weights of {str(source)!r} ({type(exc).__name__}: {exc})") from None
     check_finite(hf_model)
+    if not hf_model.config.architectures:  # a GGUF names none, and vLLM picks its model class by it
+        hf_model.config.architectures = [type(hf_model).__name__]
     return hf_model.eval()
 
 
@@ -78,10 +71,10 @@ def check_finite(model: torch.nn.Module) -> None:
             raise ModelLoadError(f"weight {name} contains NaN or Inf values; the model is corrupt")
 
 
-def load_tokenizer(model: str):
+def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model)
+        return AutoTokenizer.from_pretrained(source.location, **source.pretrained_kwargs)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load the tokenizer of {model!r} ({type(exc).__name__}: {exc})") from None
+        raise ModelLoadError(f"cannot load the tokenizer of {str(source)!r} ({type(exc).__name__}: {exc})") from None
