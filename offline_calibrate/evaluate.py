@@ -28,7 +28,7 @@ def load_for_eval(source: ModelSource, seq_len: int):
     if is_glowq_checkpoint(source):
         model = load_reference_model(source.location, torch.float32)
     else:
-        model = load_model(source, load_config(source), seq_len).float()
+        model = load_model(source, load_config(source), seq_len, dtype=torch.float32)
     return model, load_tokenizer(source)
 
 

@@ -43,14 +43,15 @@ def _unreadable_gguf_message(source: ModelSource, exc: Exception) -> str:
     )
 
 
-def load_model(source: ModelSource, config, seq_len: int):
-    """The full-precision model on the CPU, after checking the config (from load_config) and
-    every weight. A GGUF source is dequantized by transformers, into float32."""
+def load_model(source: ModelSource, config, seq_len: int, dtype: str | torch.dtype = "auto"):
+    """The full-precision model on the CPU in `dtype` ("auto": the checkpoint's), after checking
+    the config (from load_config) and every weight. A GGUF source is dequantized by
+    transformers, into float32 for "auto"."""
     from transformers import AutoModelForCausalLM
 
     check_seq_len(config, seq_len)
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype="auto", **source.pretrained_kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **source.pretrained_kwargs)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the weights of {str(source)!r} ({type(exc).__name__}: {exc})") from None
     check_finite(hf_model)
