@@ -32,14 +32,18 @@ def load_config(source: ModelSource):
 
 
 def _unreadable_gguf_message(source: ModelSource, exc: Exception) -> str:
+    """A GGUF file transformers cannot read: damaged, or of an architecture it does not build."""
     import transformers
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
-    takes = ", ".join(sorted(set(SUPPORTED) & set(GGUF_CONFIG_MAPPING)))
+    takes = sorted(set(SUPPORTED) & set(GGUF_CONFIG_MAPPING))
+    architecture = gguf_architecture(source)
+    reason = f"{type(exc).__name__}: {exc}"
+    if architecture in takes:
+        return f"cannot read the GGUF file {source} ({reason}): it is truncated or damaged; get it again"
     return (
         f"transformers {transformers.__version__} cannot build a model from the GGUF file {source} of "
-        f"architecture {gguf_architecture(source)!r} ({type(exc).__name__}: {exc}); glowq-calibrate takes GGUF "
-        f"files of {takes}"
+        f"architecture {architecture!r} ({reason}); glowq-calibrate takes GGUF files of {', '.join(takes)}"
     )
 
 

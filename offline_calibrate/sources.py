@@ -22,6 +22,9 @@ GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)
 GGUF_PACKAGES = ("gguf", "accelerate")  # transformers needs both to load a GGUF model
 GGUF_INSTALL_HINT = "pip install 'vllm-glowq[gguf]' (or: pip install gguf accelerate)"
+# Files transformers reads from a GGUF file's folder in preference to what the GGUF file holds.
+HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
 
 
 class ModelLoadError(ValueError):
@@ -84,6 +87,18 @@ def _gguf_file_source(path: Path, gguf_file: str | None) -> ModelSource:
     return ModelSource(str(path.parent), path.name)
 
 
+def _check_alone(gguf: Path) -> None:
+    """transformers, given a GGUF file, still reads tokenizer and generation files that sit
+    beside it, and a model built half from each is silently wrong (it loses its BOS token)."""
+    side_files = [name for name in HF_SIDE_FILES if (gguf.parent / name).is_file()]
+    if side_files:
+        raise ModelLoadError(
+            f"{gguf.parent} holds Hugging Face files ({', '.join(side_files)}) beside {gguf.name}, and transformers "
+            "would read them in place of the GGUF file's own tokenizer and settings: move the .gguf file into a "
+            "folder of its own (or, if that folder is the same model, calibrate it without --gguf-file)"
+        )
+
+
 def _folder_source(path: Path, gguf_file: str | None) -> ModelSource:
     if gguf_file:
         candidate = path / gguf_file
@@ -134,7 +149,9 @@ def require_gguf_packages(what: str) -> None:
 
 def check_gguf_file(path: Path) -> str:
     """The file's `general.architecture`, read from its header (the full metadata, tokenizer
-    included, takes transformers seconds to parse; this takes microseconds)."""
+    included, takes transformers seconds to parse; this takes microseconds), after checking that
+    no Hugging Face files beside it would be read in its place."""
+    _check_alone(path)
     try:
         with path.open("rb") as handle:
             architecture = _header_architecture(handle, path)

@@ -10,6 +10,7 @@ comparison never depends on detokenizing random byte tokens.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -103,12 +105,14 @@ def expected(checkpoint, chat_prompt_ids, engine_results) -> dict:
     return {"completions": [o["token_ids"] for o in outputs[:-1]], "chat": outputs[-1]["token_ids"]}
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
+@contextlib.contextmanager
+def glowq_server(checkpoint: Path, folder: Path, *extra: str) -> Iterator[dict]:
+    """`deploy/bin/glowq-serve CKPT` with deploy/serve-args.txt on a free port, healthy, stopped
+    on the way out; yields its process, port and log file."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
+    log = folder / "server.log"
     command = [str(REPO_ROOT / "deploy" / "bin" / "glowq-serve"), str(checkpoint), "--host", "127.0.0.1",
-               "--port", str(port)]
+               "--port", str(port), *extra]
     env = engine_env(1, in_process_engine=False)
     env.update(GLOWQ_SERVE_ARGS_FILE=str(REPO_ROOT / "deploy" / "serve-args.txt"),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
@@ -121,7 +125,13 @@ def server(checkpoint, tmp_path_factory):
         if proc.poll() is None:
             stop_by_pid(proc)
         if group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)  # only reached when the test below already failed
+            os.killpg(proc.pid, signal.SIGKILL)  # only reached when a test already failed
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    with glowq_server(checkpoint, tmp_path_factory.mktemp("serve")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
