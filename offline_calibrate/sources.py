@@ -22,8 +22,9 @@ GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)
 GGUF_PACKAGES = ("gguf", "accelerate")  # transformers needs both to load a GGUF model
 GGUF_INSTALL_HINT = "pip install 'vllm-glowq[gguf]' (or: pip install gguf accelerate)"
-# Files transformers reads from a GGUF file's folder in preference to what the GGUF file holds.
-HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+# Files transformers reads from a GGUF file's folder in preference to what the GGUF file holds
+# (config.json is not among them: the model config comes from the GGUF metadata alone).
+HF_SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
 
 
@@ -42,14 +43,6 @@ class ModelSource:
     @property
     def pretrained_kwargs(self) -> dict[str, str]:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
-
-    @property
-    def local_path(self) -> Path | None:
-        """The folder or GGUF file on disk; None for a hub id."""
-        path = Path(self.location).expanduser()
-        if not path.exists():
-            return None
-        return path / self.gguf_file if self.gguf_file else path
 
     def __str__(self) -> str:
         return str(Path(self.location) / self.gguf_file) if self.gguf_file else self.location
@@ -85,18 +78,6 @@ def _gguf_file_source(path: Path, gguf_file: str | None) -> ModelSource:
         )
     check_gguf_file(path)
     return ModelSource(str(path.parent), path.name)
-
-
-def _check_alone(gguf: Path) -> None:
-    """transformers, given a GGUF file, still reads tokenizer and generation files that sit
-    beside it, and a model built half from each is silently wrong (it loses its BOS token)."""
-    side_files = [name for name in HF_SIDE_FILES if (gguf.parent / name).is_file()]
-    if side_files:
-        raise ModelLoadError(
-            f"{gguf.parent} holds Hugging Face files ({', '.join(side_files)}) beside {gguf.name}, and transformers "
-            "would read them in place of the GGUF file's own tokenizer and settings: move the .gguf file into a "
-            "folder of its own (or, if that folder is the same model, calibrate it without --gguf-file)"
-        )
 
 
 def _folder_source(path: Path, gguf_file: str | None) -> ModelSource:
@@ -210,7 +191,21 @@ def _skip_value(handle: BinaryIO, value_type: int) -> None:
         raise struct.error(f"unknown GGUF value type {value_type}")
 
 
+def _check_alone(gguf_path: Path) -> None:
+    """transformers, given a GGUF file, still reads tokenizer and generation files that sit
+    beside it, and a model built half from each is silently wrong (it loses its BOS token)."""
+    side_files = [name for name in HF_SIDE_FILES if (gguf_path.parent / name).is_file()]
+    if side_files:
+        raise ModelLoadError(
+            f"{gguf_path.parent} holds Hugging Face files ({', '.join(side_files)}) beside {gguf_path.name}, and "
+            "transformers would read them in place of the GGUF file's own tokenizer and settings: move the .gguf "
+            "file into a folder of its own (or calibrate the Hugging Face model in that folder, if it is the same)"
+        )
+
+
 def gguf_architecture(source: ModelSource) -> str | None:
     """`general.architecture` of a local GGUF source (None for other sources)."""
-    path = source.local_path
-    return check_gguf_file(path) if source.gguf_file and path is not None else None
+    if not source.gguf_file:
+        return None
+    path = Path(source.location).expanduser() / source.gguf_file
+    return check_gguf_file(path) if path.is_file() else None

@@ -79,7 +79,7 @@ def test_a_gguf_file_beside_hugging_face_files(tiny, tiny_gguf, tmp_path, capsys
     shutil.copy(tiny_gguf, folder / "model.gguf")
     for argv in ([str(folder / "model.gguf")], [str(folder), "--gguf-file", "model.gguf"]):
         assert_one_error(calibrate_main, [*argv, "-o", str(tmp_path / "out"), *FAST], capsys,
-                         f"{folder} holds Hugging Face files (config.json, generation_config.json, tokenizer.json, "
+                         f"{folder} holds Hugging Face files (generation_config.json, tokenizer.json, "
                          "tokenizer_config.json, chat_template.jinja) beside model.gguf")
 
 
