@@ -9,13 +9,14 @@ WikiText-2:
 
     python bench/accuracy_smollm2.py [--out docs/accuracy_smollm2.json]
 
-Prints a markdown table; the README quotes it. Takes about an hour and a half on 2 CPU cores.
+Prints a markdown table; the README quotes it. Takes about an hour on 2 CPU cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from tqdm.auto import tqdm
 
 from offline_calibrate import CalibrationOptions, calibrate
 from offline_calibrate.demo_model import from_pypi
-from offline_calibrate.evaluate import evaluate
+from offline_calibrate.evaluate import eval_windows, load_for_eval, mean_nll
+from offline_calibrate.loading import load_tokenizer
+from offline_calibrate.sources import resolve_source
 from vllm_glowq.format import FACTOR_A, FACTOR_B
 
 GROUP_SIZES = (64, 32, -1)
@@ -82,10 +85,14 @@ def run(samples: int, seq_len: int, max_tokens: int) -> dict:
     rank_for_bytes = matched_rank(HIDDEN, INTERMEDIATE, KV_WIDTH)
     with tempfile.TemporaryDirectory() as tmp:
         calib, heldout = split_text(DATA / "tinystories_val.txt", Path(tmp))
-        evals = {"TinyStories (held out)": str(heldout), "WikiText-2": str(DATA / "wikitext2_test.raw")}
+        texts = {"TinyStories (held out)": heldout, "WikiText-2": DATA / "wikitext2_test.raw"}
+        # Every checkpoint carries the source's tokenizer, so one tokenization serves them all.
+        tokenizer = load_tokenizer(resolve_source(model))
+        windows = {name: eval_windows(str(text), tokenizer, seq_len, max_tokens) for name, text in texts.items()}
 
-        def perplexities(path) -> dict:
-            return {name: evaluate(path, text, seq_len, max_tokens)["perplexity"] for name, text in evals.items()}
+        def perplexities(path: Path) -> dict:
+            evaluated, _ = load_for_eval(resolve_source(path), seq_len)
+            return {name: math.exp(mean_nll(evaluated, w, progress=True)) for name, w in windows.items()}
 
         rows = [{"model": "dequantized source (Q4_1 GGUF, fp32)", "perplexity": perplexities(model)}]
         for settings in tqdm(variants(rank_for_bytes), desc="variants", unit="checkpoint"):
@@ -116,7 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--max-tokens", type=int, default=20000)
+    parser.add_argument("--max-tokens", type=int, default=10000)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     args = parser.parse_args()
     result = run(args.samples, args.seq_len, args.max_tokens)
