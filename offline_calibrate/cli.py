@@ -13,10 +13,8 @@ from .sources import ModelSource
 
 # Errors a user can cause (bad paths, configs, options, data): printed as one line, exit 2.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
-
-
 MODEL_HELP = "a Hugging Face model folder, a .gguf file, or a hub id when the hub is reachable"
-GGUF_FILE_HELP = "the GGUF file to read, inside the MODEL folder or hub repository (needs the gguf and accelerate packages)"
+GGUF_FILE_HELP = "the GGUF file inside the MODEL folder or hub repository (needs the gguf and accelerate packages)"
 
 
 def _positive_int(text: str) -> int:
@@ -100,7 +98,9 @@ def calibrate_main(argv: list[str] | None = None) -> None:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="glowq-eval", description="Perplexity of a GlowQ checkpoint or of a plain model (HF folder or GGUF file).")
+    p = argparse.ArgumentParser(
+        prog="glowq-eval", description="Perplexity of a GlowQ checkpoint or of a plain model (HF folder or GGUF file)."
+    )
     p.add_argument("model", help=f"a GlowQ checkpoint folder, or {MODEL_HELP}")
     p.add_argument("--gguf-file", default=None, help=GGUF_FILE_HELP)
     p.add_argument("--dataset", required=True, help="a UTF-8 .txt, .jsonl or .json file")
@@ -116,7 +116,8 @@ def eval_main(argv: list[str] | None = None) -> None:
     parser = eval_parser()
     args = parser.parse_args(argv)
     if args.sweep and args.gguf_file:
-        parser.error("--sweep takes a GlowQ checkpoint calibrated with --restore all, not a GGUF file; drop --gguf-file")
+        parser.error("--sweep takes a GlowQ checkpoint calibrated with --restore all, not a GGUF file; "
+                     "drop --gguf-file")
 
     def run() -> None:
         if args.sweep:

@@ -137,7 +137,9 @@ def check_gguf_file(path: Path) -> str:
         with path.open("rb") as handle:
             architecture = _header_architecture(handle, path)
     except (EOFError, struct.error, UnicodeDecodeError):
-        raise ModelLoadError(f"{path} ends inside its GGUF header: the file is truncated or damaged; get it again") from None
+        raise ModelLoadError(
+            f"{path} ends inside its GGUF header: the file is truncated or damaged; get it again"
+        ) from None
     require_gguf_packages(str(path))
     return architecture
 

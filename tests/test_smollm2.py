@@ -41,7 +41,8 @@ def gguf() -> Path:
 @pytest.fixture(scope="module")
 def calibration_text(tmp_path_factory) -> Path:
     """The documentation the repository ships: real English text that is always there."""
-    documents = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md")), REPO_ROOT / "deploy" / "README.md"]
+    documents = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md")),
+                 REPO_ROOT / "deploy" / "README.md"]
     path = tmp_path_factory.mktemp("text") / "calibration.txt"
     path.write_text("\n\n".join(doc.read_text() for doc in documents))
     return path
