@@ -28,7 +28,7 @@ from offline_calibrate import CalibrationOptions, calibrate
 from offline_calibrate.demo_model import from_pypi
 from offline_calibrate.evaluate import eval_windows, load_for_eval, mean_nll
 from offline_calibrate.loading import load_tokenizer
-from offline_calibrate.sources import resolve_source
+from offline_calibrate.source import resolve_source
 from vllm_glowq.format import FACTOR_A, FACTOR_B
 
 GROUP_SIZES = (64, 32, -1)

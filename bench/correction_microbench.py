@@ -28,12 +28,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from gpu_timing import copy_bandwidth, seconds_per_call
 from vllm_glowq import correction
 from vllm_glowq.kernels import lowrank_triton
 
@@ -47,23 +47,6 @@ LAYERS = {
     "down_proj": (14336, (4096,)),
 }
 ROTATE_BYTES = 512 * 1024**2  # > 8x the H200's 60 MB L2
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 2 * 1024**3, reps: int = 10) -> float:
-    """Device-to-device copy, bytes read + written per second."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * nbytes / statistics.median(times)
 
 
 def factors(k: int, sizes: tuple[int, ...], mode: str, device, dtype=torch.bfloat16):
@@ -104,28 +87,8 @@ def int4_weight_bytes(k: int, n: int) -> int:
 
 
 def time_graph(fn, sets: list[tuple], replays: int = 10) -> float:
-    """Seconds per call of fn(*set), from CUDA-graph replays over all sets."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for s in sets[:2]:
-            fn(*s)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for s in sets:
-            fn(*s)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times) / len(sets)
+    """Seconds per call of fn over the rotating sets (gpu_timing.seconds_per_call)."""
+    return seconds_per_call([lambda s=s: fn(*s) for s in sets], replays)
 
 
 def with_config(config, fused: bool):
@@ -183,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
     correction._device_state(device, 3 * RANK)
-    bw = copy_bandwidth(device)
+    bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}, {sm_count} SMs, copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "rank": RANK, "sm_count": sm_count, "copy_bandwidth_Bps": bw,

@@ -6,6 +6,8 @@ token count it times, in microseconds per call:
 * `glowq`: the project's kernel with the correction fused in (vllm_glowq/kernels/w4a16.py;
   above GEMM_MAX_TOKENS: dequantize with the correction folded in + cuBLAS);
 * `int4`: the same kernel without a correction (plain int4 checkpoints);
+* `glowq_mainloop`: the GEMM kernel itself where forward() dequantizes instead (GEMM_MAX_TOKENS
+  < tokens <= WORKSPACE_TOKENS), to place that threshold;
 * `machete`, `marlin`: vLLM's int4 kernels on the same codes (when vLLM is installed);
 * `machete+corr`: the plugin's previous path, Machete with the correction on a side stream
   (torch.ops.glowq.linear, `overlap` / `split`);
@@ -15,8 +17,8 @@ Achieved bandwidth is the bytes a kernel must move (int4 codes and scales, facto
 the dense weight) over its time, as a fraction of the measured device-to-device copy bandwidth.
 Correctness: each kernel's output against a float64 reference on fresh inputs.
 
-Timing: one CUDA graph per case that calls the kernel once per weight copy, with enough copies
-to overflow L2 (so weights come from HBM, as in a model), median of several replays.
+Timing: gpu_timing.py (one CUDA graph per case that calls the kernel once per weight copy, with
+enough copies to overflow L2, median of several replays).
 `--sweep` also times launch configurations around the default one and reports the fastest.
 
     python bench/kernel_microbench.py --out kernel_micro.json [--tokens 1,16,64,256,2048] [--sweep]
@@ -28,7 +30,6 @@ import argparse
 import dataclasses
 import json
 import math
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +37,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gpu_timing import copy_bandwidth, seconds_per_call
 from vllm_glowq.kernels import w4a16
+from vllm_glowq.packing import repack_planes
 
 RANK = 64
 GROUP = 128
@@ -49,25 +52,10 @@ LAYERS = {  # Llama-3-8B: name -> (K, N)
 ROTATE_BYTES = 400 * 1024**2  # weights cycled through per graph: several times the 60 MB L2
 
 
-def copy_bandwidth(nbytes: int = 2 * 1024**3) -> float:
-    """Device-to-device copy, bytes read + written per second (median of 10)."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    times = []
-    for rep in range(13):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        if rep >= 3:
-            times.append(start.elapsed_time(end) / 1e3)
-    return 2 * nbytes / statistics.median(times)
-
-
 @dataclasses.dataclass
 class LayerCopy:
-    qweight: torch.Tensor
+    qweight: torch.Tensor  # the checkpoint's GPTQ layout (vLLM's kernels repack it themselves)
+    kernel_qweight: torch.Tensor  # the same codes in the project's kernel layout
     scales: torch.Tensor
     factor_b: torch.Tensor
     factor_a: torch.Tensor
@@ -80,7 +68,8 @@ def make_copies(k: int, n: int, count: int) -> list[LayerCopy]:
         scales = (torch.rand(k // GROUP, n, device="cuda") * 0.004 + 0.001).to(torch.bfloat16)
         factor_b = (torch.randn(RANK, k, device="cuda") * 0.02).to(torch.bfloat16)
         factor_a = (torch.randn(n, RANK, device="cuda") * 0.02).to(torch.bfloat16)
-        copies.append(LayerCopy(qweight, scales, factor_b, factor_a))
+        kernel_qweight = repack_planes(qweight, w4a16.block_k_for(k, GROUP))
+        copies.append(LayerCopy(qweight, kernel_qweight, scales, factor_b, factor_a))
     return copies
 
 
@@ -105,28 +94,8 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def time_per_call(calls: list[Callable[[], torch.Tensor]], replays: int = 7) -> float:
-    """Microseconds per call: one CUDA graph runs every call once (one per weight copy)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    del graph
-    return statistics.median(times)
+    """Microseconds per call (gpu_timing.seconds_per_call)."""
+    return seconds_per_call(calls, replays) * 1e6
 
 
 # ----- vLLM's kernels --------------------------------------------------------------------------
@@ -177,7 +146,7 @@ def bytes_moved(kind: str, tokens: int, k: int, n: int) -> int:
     if kind == "bf16":
         return 2 * k * n + act
     int4 = k * n // 2 + 2 * (k // GROUP) * n
-    factors = 2 * RANK * (k + n) if kind in ("glowq", "machete+corr") else 0
+    factors = 2 * RANK * (k + n) if kind in ("glowq", "glowq_mainloop", "machete+corr") else 0
     return int4 + factors + act
 
 
@@ -199,12 +168,16 @@ def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm:
     for tokens in tokens_list:
         xs = [torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16) for _ in copies]
         kernels: dict[str, list[Callable[[], torch.Tensor]]] = {
-            "glowq": [lambda c=c, x=x: w4a16.forward(x, c.qweight, c.scales, None, None, c.factor_b, c.factor_a, GROUP)
-                      for c, x in zip(copies, xs)],
-            "int4": [lambda c=c, x=x: w4a16.forward(x, c.qweight, c.scales, None, None, None, None, GROUP)
+            "glowq": [lambda c=c, x=x: w4a16.forward(x, c.kernel_qweight, c.scales, None, None, c.factor_b,
+                                                     c.factor_a, GROUP) for c, x in zip(copies, xs)],
+            "int4": [lambda c=c, x=x: w4a16.forward(x, c.kernel_qweight, c.scales, None, None, None, None, GROUP)
                      for c, x in zip(copies, xs)],
             "bf16": [lambda w=w, x=x: F.linear(x, w) for w, x in zip(dense, xs)],
         }
+        if w4a16.GEMM_MAX_TOKENS < tokens <= w4a16.WORKSPACE_TOKENS:  # where forward() dequantizes instead
+            kernels["glowq_mainloop"] = [
+                lambda c=c, x=x: w4a16.gemm(x, c.kernel_qweight, c.scales, None, None, c.factor_b, c.factor_a, GROUP)
+                for c, x in zip(copies, xs)]
         for name, short in (("MacheteLinearKernel", "machete"), ("MarlinLinearKernel", "marlin")):
             if name in vllm_layers:
                 kernels[short] = [lambda lk=lk, x=x: lk[1].apply_weights(lk[0], x, None)
@@ -213,7 +186,7 @@ def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm:
             kernels["machete+corr"] = corrected_vllm_calls(vllm_layers["MacheteLinearKernel"], copies, xs, layer)
         row = {"layer": layer, "tokens": tokens, "k": k, "n": n, "us": {}, "error": {}, "bandwidth_fraction": {}}
         for name, calls in kernels.items():
-            correct = name in ("glowq", "machete+corr")
+            correct = name in ("glowq", "glowq_mainloop", "machete+corr")
             x0 = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
             xs[0].copy_(x0)
             got = calls[0]().clone()
@@ -250,7 +223,8 @@ def sweep_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
     default = w4a16.choose_gemm_config(tokens, n, k, GROUP, space.sm_count)
 
     def timed(config: w4a16.GemmConfig) -> float:
-        calls = [lambda c=c, x=x: w4a16.gemm(x, c.qweight, c.scales, None, None, c.factor_b, c.factor_a, GROUP, config)
+        calls = [lambda c=c, x=x: w4a16.gemm(x, c.kernel_qweight, c.scales, None, None, c.factor_b, c.factor_a, GROUP,
+                                             config)
                  for c, x in zip(copies, xs)]
         try:
             return time_per_call(calls, replays=5)
@@ -271,6 +245,16 @@ def sweep_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
             config = dataclasses.replace(best, num_warps=warps, num_stages=stages)
             if config not in results:
                 results[config] = timed(config)
+    if gemv:  # the hand-written prefetch against Triton's own schedule, and the tensor-core tile
+        best = min(results, key=results.get)
+        config = dataclasses.replace(best, prefetch=not best.prefetch)
+        results[config] = timed(config)
+        tensor_core = w4a16.choose_gemm_config(16, n, k, GROUP, space.sm_count)
+        for block_n in (64, 128):
+            for factor in (1, 2):
+                config = dataclasses.replace(tensor_core, block_n=block_n,
+                                             split_k=max(1, min(k // tensor_core.block_k, tensor_core.split_k * factor)))
+                results[config] = timed(config)
     best = min(results, key=results.get)
     return {"default": dataclasses.asdict(default), "default_us": results[default],
             "best": dataclasses.asdict(best), "best_us": results[best],
@@ -284,7 +268,7 @@ def format_row(row: dict) -> str:
     if "sweep" in row:
         best = row["sweep"]["best"]
         parts.append(f"sweep best {row['sweep']['best_us']:.2f}us (BN {best['block_n']} split {best['split_k']} "
-                     f"w{best['num_warps']} s{best['num_stages']})")
+                     f"w{best['num_warps']} s{best['num_stages']}{' prefetch' if best['prefetch'] else ''})")
     return " | ".join(parts)
 
 

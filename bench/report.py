@@ -141,6 +141,51 @@ def _sweep_names(micro: dict) -> list[str]:
     return list(dict.fromkeys(s["config"] for s in micro["sweep"]))
 
 
+KERNEL_COLUMNS = ("glowq", "int4", "machete", "marlin", "machete+corr", "bf16")
+LAYER_ORDER = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def kernel_section(micro: dict) -> tuple[list[str], dict[str, float | None]]:
+    """The project's W4A16 kernel beside vLLM's, per layer and per decoder layer (issue 10)."""
+    bw = micro["copy_bandwidth"]
+    lines = [
+        f"`python bench/kernel_microbench.py` on {micro['device']} (Triton {micro['triton']}, torch {micro['torch']}), "
+        f"Llama-3-8B layer shapes, int4 g{micro['group_size']} symmetric, rank {micro['rank']}, bf16; copy bandwidth "
+        f"{bw / 1e12:.2f} TB/s. Microseconds per call, each from one CUDA graph that calls the kernel once per weight "
+        "copy (enough copies to overflow L2), median of 7 replays; in brackets the bytes the kernel must move over its "
+        "time, as a percentage of the copy bandwidth. `glowq` / `int4`: the project's kernel with / without the "
+        "correction (up to 16 tokens one launch; above, dequantize with the correction folded in + cuBLAS); "
+        "`machete`, `marlin`: vLLM 0.26's int4 kernels on the same codes; `machete+corr`: the plugin's default path "
+        "(Machete with the correction on a side stream, torch.ops.glowq.linear); `bf16`: cuBLAS on the dense weight.",
+        "",
+        "| layer | tokens | " + " | ".join(KERNEL_COLUMNS) + " |",
+        "| --- | ---: |" + " ---: |" * len(KERNEL_COLUMNS),
+    ]
+    totals: dict[int, dict[str, float]] = {}
+    for r in micro["rows"]:
+        cells = []
+        for name in KERNEL_COLUMNS:
+            us = r["us"].get(name)
+            cells.append("n/a" if us is None else f"{us:.1f} ({100 * r['bandwidth_fraction'][name]:.0f}%)")
+            if us is not None:
+                totals.setdefault(r["tokens"], {}).setdefault(name, 0.0)
+                totals[r["tokens"]][name] += us
+        lines.append(f"| {r['layer']} | {r['tokens']} | " + " | ".join(cells) + " |")
+    lines += ["", "Per decoder layer (the four layers' sum), and the project's kernel against vLLM's best:", "",
+              "| tokens | " + " | ".join(KERNEL_COLUMNS) + " | int4: ours / best vLLM | glowq / machete+corr |",
+              "| ---: |" + " ---: |" * (len(KERNEL_COLUMNS) + 2)]
+    figures: dict[str, float | None] = {}
+    for tokens, t in sorted(totals.items()):
+        best = min(t.get("machete", float("inf")), t.get("marlin", float("inf")))
+        own = ratio(best, t.get("int4"))  # speed ratio: > 1 means the project's kernel is faster
+        corr = ratio(t.get("machete+corr"), t.get("glowq"))
+        figures[f"kernel_int4_vs_best_vllm_t{tokens}"] = own
+        figures[f"kernel_glowq_vs_machete_corr_t{tokens}"] = corr
+        lines.append(f"| {tokens} | " + " | ".join(fmt(t.get(n), 1) for n in KERNEL_COLUMNS)
+                     + f" | {fmt(own)} x | {fmt(corr)} x |")
+    return lines, figures
+
+
 def calibration_section(cal: dict) -> list[str]:
     t = cal["timings_s"]
     o = cal["options"]
@@ -157,6 +202,54 @@ def calibration_section(cal: dict) -> list[str]:
     ]
 
 
+# Issue 10's targets: (name, what, target, higher is better, figure key or None for engine runs)
+ISSUE10_TARGETS = [
+    ("glowq_decode_vs_int4_default_b1", "GlowQ decode b=1 / plain int4 (vLLM default kernel)", 1.00, True, None),
+    ("glowq_decode_vs_int4_default_b16", "GlowQ decode b=16 / plain int4 (vLLM default kernel)", 1.00, True, None),
+    ("glowq_decode_vs_int4_default_b64", "GlowQ decode b=64 / plain int4 (vLLM default kernel)", 1.00, True, None),
+    ("glowq_decode_vs_int4_marlin_b1", "GlowQ decode b=1 / plain int4 on Marlin", 1.00, True, None),
+    ("glowq_decode_vs_int4_marlin_b16", "GlowQ decode b=16 / plain int4 on Marlin", 1.00, True, None),
+    ("glowq_decode_vs_fp8_b1", "GlowQ decode b=1 / FP8", 1.00, True, None),
+    ("glowq_decode_vs_fp8_b16", "GlowQ decode b=16 / FP8", 1.00, True, None),
+    ("glowq_throughput_vs_int4_default", "GlowQ output throughput / plain int4 (default kernel)", 0.95, True, None),
+    ("glowq_ttft_vs_int4_default", "GlowQ TTFT / plain int4 (default kernel)", 1.05, False, None),
+    ("glowq_decode_vs_lora_b16", "GlowQ decode b=16 / per-module correction as a LoRA adapter", 1.30, True, None),
+    ("glowq_decode_vs_lora_b64", "GlowQ decode b=64 / per-module correction as a LoRA adapter", 1.30, True, None),
+    ("own_int4_vs_best_vllm_b1", "plain int4 decode b=1, project's kernel / vLLM's best int4", 1.10, True, None),
+    ("own_int4_vs_best_vllm_b16", "plain int4 decode b=16, project's kernel / vLLM's best int4", 1.10, True, None),
+    ("kernel_int4_vs_best_vllm_t1", "kernel only, per decoder layer, 1 token: plain int4, ours / best vLLM (speed)",
+     1.10, True, "kernel_int4_vs_best_vllm_t1"),
+    ("kernel_int4_vs_best_vllm_t16", "kernel only, per decoder layer, 16 tokens: plain int4, ours / best vLLM (speed)",
+     1.10, True, "kernel_int4_vs_best_vllm_t16"),
+    ("kernel_glowq_vs_machete_corr_t1", "kernel only, per decoder layer, 1 token: GlowQ, ours / Machete + side-stream "
+     "correction (speed)", 1.00, True, "kernel_glowq_vs_machete_corr_t1"),
+    ("kernel_glowq_vs_machete_corr_t16", "kernel only, per decoder layer, 16 tokens: GlowQ, ours / Machete + "
+     "side-stream correction (speed)", 1.00, True, "kernel_glowq_vs_machete_corr_t16"),
+    ("kernel_glowq_vs_machete_corr_t64", "kernel only, per decoder layer, 64 tokens: GlowQ, ours / Machete + "
+     "side-stream correction (speed)", 1.00, True, "kernel_glowq_vs_machete_corr_t64"),
+]
+
+
+def issue10_targets(figures: dict[str, float | None], meta: dict, results: Path) -> list[str]:
+    """The target table, also written as results/targets.json ({name: {measured, target, met, note}})."""
+    notes = meta.get("issue10_notes", {})
+    table, lines = {}, ["### Targets (issue 10)", "", "| target | measured | target | verdict |",
+                        "| --- | ---: | ---: | --- |"]
+    for name, what, target, higher, key in ISSUE10_TARGETS:
+        measured = figures.get(key) if key else None
+        met = measured is not None and (measured >= target if higher else measured <= target)
+        note = notes.get(name) or ("" if key else notes.get("engine_runs", "not run"))
+        table[name] = {"measured": None if measured is None else round(measured, 3), "target": target, "met": met,
+                       "note": note}
+        if measured is None:
+            shown, verdict_text = "not run", note
+        else:
+            shown, verdict_text = f"{measured:.2f}", ("met" if met else "**missed**") + (f"; {note}" if note else "")
+        lines.append(f"| {what} | {shown} | {'>=' if higher else '<='} {target:.2f} | {verdict_text} |")
+    (results / "targets.json").write_text(json.dumps(table, indent=1) + "\n")
+    return lines + [""]
+
+
 def build(results: Path) -> str:
     runs = {f.stem: load(f) for f in sorted(results.glob("vllm*.json"), key=_run_rank)}
     micro, cal = load(results / "micro.json"), load(results / "calibration.json")
@@ -166,11 +259,19 @@ def build(results: Path) -> str:
     for run in runs.values():
         for v in run.get("variants", {}).values():
             versions = v.get("versions") or versions
-    out = ["# GPU benchmark (issue 5)", ""]
+    out = ["# GPU benchmarks", ""]
     out += [f"Machine: `{gpu.splitlines()[-1] if gpu else gpu}`; vLLM {versions.get('vllm', '?')}, "
             f"torch {versions.get('torch', '?')}. Model: Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 layers, "
             "32 heads / 8 KV heads, vocab 128256), random bf16 weights (`bench/make_model.py`), int4 g128 symmetric "
             "codes shared by every int4 checkpoint. Raw results: `bench/results/`.", ""]
+    kernel = load(results / "kernel" / "micro_vs_vllm.json")
+    kernel_figures: dict[str, float | None] = {}
+    if kernel:
+        lines, kernel_figures = kernel_section(kernel)
+        out += ["## The project's W4A16 kernel (issue 10)", ""] + [f"- {n}" for n in meta.get("kernel_notes", [])]
+        out += [""] + lines + [""] + meta.get("kernel_analysis", []) + [""]
+        out += issue10_targets(kernel_figures, meta, results)
+    out += ["## The correction beside vLLM's kernels (issue 5)", ""]
     if meta.get("notes"):
         out += [f"- {note}" for note in meta["notes"]] + [""]
     out += ["## Commands", "", "On the H200 machine, after installing vLLM 0.26 into /tmp/site "
@@ -216,6 +317,11 @@ def build(results: Path) -> str:
                    f"{verdict(cal['wall_s'] / 60, 5.0, False)} |")
         out.append(f"| calibration peak GPU memory <= 24 GiB | {cal['peak_gpu_allocated_gib']:.2f} GiB | "
                    f"{verdict(cal['peak_gpu_allocated_gib'], 24.0, False)} |")
+        out.append(f"| calibration peak host RSS <= 6 GiB (issue 14) | {cal['peak_cpu_rss_gib']:.2f} GiB | "
+                   f"{verdict(cal['peak_cpu_rss_gib'], 6.0, False)} |")
+        if "issue14" in cal:
+            out.append(f"| calibration time <= 1.10 x the in-memory 87 s (issue 14) | "
+                       f"{cal['issue14']['wall_vs_reference']:.3f} x | {verdict(cal['issue14']['wall_vs_reference'], 1.10, False)} |")
     out.append(f"| tensor-parallel 2 gives the same greedy tokens as 1 | {meta.get('tp2', 'not run')} | "
                f"{meta.get('tp2_verdict', 'not run')} |")
     out += ["", "Ratios are taken within one run (each run has its own GPTQ anchor). Other ratios: " + ", ".join(

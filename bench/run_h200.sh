@@ -11,8 +11,12 @@
 #   bash bench/run_h200.sh calibrate      # GlowQ calibration (timed) + derived variants
 #   bash bench/run_h200.sh vllm-main      # vLLM: gptq, glowq, permodule, glowq_s (the target ratios)
 #   bash bench/run_h200.sh vllm-rest      # vLLM: gptq again (this run's anchor), bf16, int4 through the plugin
-#   bash bench/run_h200.sh vllm NAME...   # any of: gptq glowq permodule glowq_s bf16 int4
-#   bash bench/run_h200.sh gpu-tests      # the GPU tests: correction kernels + plugin through vLLM
+#   bash bench/run_h200.sh vllm-issue10a  # vLLM: gptq (Machete), marlin, fp8, glowq (the plugin's choice)
+#   bash bench/run_h200.sh vllm-issue10b  # vLLM: gptq again, glowq_own and int4_own (the project's kernel), lora
+#   bash bench/run_h200.sh vllm NAME...   # any of: gptq glowq permodule glowq_s bf16 int4 marlin fp8
+#                                         #         glowq_own int4_own lora (anchors: bench/vllm_bench.py)
+#   bash bench/run_h200.sh kernel         # the project's W4A16 kernel vs vLLM's, per layer (+ launch sweep)
+#   bash bench/run_h200.sh gpu-tests      # the GPU tests: kernels + plugin through vLLM
 #
 # GLOWQ_BENCH_MICRO=0 skips the microbenchmark in `prepare`.
 # GLOWQ_BENCH_BUDGET_S=N makes the vLLM stage skip engines that would end after N seconds.
@@ -20,7 +24,7 @@
 # Results (JSON, logs) go to $OUT (default bench/results/raw); bench/report.py turns them into
 # docs/benchmarks.md.
 set -euo pipefail
-STAGE=${1:?usage: run_h200.sh prepare|calibrate|vllm-main|vllm-rest|vllm NAME...|gpu-tests|all}
+STAGE=${1:?usage: run_h200.sh prepare|calibrate|vllm-main|vllm-rest|vllm-issue10a|vllm-issue10b|vllm NAME...|kernel|gpu-tests|all}
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$HERE")
 WORK=${GLOWQ_BENCH_WORK:-/root/bench}
@@ -80,6 +84,11 @@ vllm_run() {
     case $v in
       bf16) args+=(--variant "bf16=$WORK/bf16") ;;
       glowq) args+=(--variant "glowq=$WORK/glowq") ;;
+      glowq_own) args+=(--variant "glowq_own=$WORK/glowq") ;;
+      int4_own) args+=(--variant "int4_own=$WORK/v/int4") ;;
+      marlin) args+=(--variant "marlin=$WORK/v/gptq") ;;
+      fp8) args+=(--variant "fp8=$WORK/bf16") ;;
+      lora) args+=(--variant "lora=$WORK/v/gptq+$WORK/v/lora") ;;
       *) args+=(--variant "$v=$WORK/v/$v") ;;
     esac
   done
@@ -93,9 +102,15 @@ vllm_run() {
   done > "$OUT/engine_logs.txt" 2>/dev/null || true
 }
 
+kernel() {
+  ensure_plugin
+  timeout 540 $PY "$HERE/kernel_microbench.py" ${GLOWQ_BENCH_SWEEP:+--sweep} --out "$OUT/kernel_micro.json" 2>&1 \
+      | tee "$OUT/kernel_micro.log" | grep -E "T=|copy"
+}
+
 gpu_tests() {
   ensure_plugin
-  (cd "$REPO" && timeout "${GLOWQ_GPU_TESTS_TIMEOUT_S:-540}" $PY -m pytest tests/test_correction.py tests/test_plugin_gpu.py -m gpu -q -rA -s \
+  (cd "$REPO" && timeout "${GLOWQ_GPU_TESTS_TIMEOUT_S:-540}" $PY -m pytest tests/test_kernels.py tests/test_correction.py tests/test_plugin_gpu.py -m gpu -q -rA -s \
       -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -Ev "it/s]|layer/s" | tail -40)
 }
 
@@ -104,6 +119,9 @@ case $STAGE in
   calibrate) calibrate ;;
   vllm-main) vllm_run gptq glowq permodule glowq_s ;;
   vllm-rest) vllm_run gptq bf16 int4 ;;  # gptq again: the anchor for this run's ratios
+  vllm-issue10a) vllm_run gptq marlin fp8 glowq ;;
+  vllm-issue10b) vllm_run gptq glowq_own int4_own lora ;;
+  kernel) kernel ;;
   vllm) shift; vllm_run "$@" ;;          # any list, e.g. vllm gptq glowq_s
   gpu-tests) gpu_tests ;;
   all) prepare; calibrate; vllm_run gptq glowq permodule glowq_s bf16 int4 ;;

@@ -15,6 +15,10 @@ hard-linked into every folder:
 * `gptq`       the same codes in the AutoGPTQ layout for vLLM's in-tree GPTQ path
                (quant_method gptq, sym, desc_act false, group 128; qzeros 0x77777777, the
                GPTQ "zero - 1" encoding of the implicit zero point 8; g_idx = k // group).
+* `lora`       the per-module correction as EoRA users serve it: a PEFT LoRA adapter
+               (lora_A = B_i, lora_B = A_i, r = lora_alpha = rank, so the scaling is 1) for every
+               q/k/v/o/gate/up/down projection, served on top of `gptq` with --enable-lora.
+               Like `permodule`, each member carries its group's B, so speed is what it measures.
 
     python bench/variants.py GLOWQ_CKPT OUT_ROOT [--only int4,gptq]
 """
@@ -45,7 +49,7 @@ from vllm_glowq.format import (
     unit_members,
 )
 
-VARIANTS = ("int4", "glowq_s", "permodule", "gptq")
+VARIANTS = ("int4", "glowq_s", "permodule", "gptq", "lora")
 GPTQ_SYM_ZEROS = 0x77777777  # eight nibbles of 7 (fits a signed int32)
 SKIP_FILES = ("config.json", "glowq_report.json", "model.safetensors.index.json")
 
@@ -128,7 +132,29 @@ def derive(source: str | Path, out_root: str | Path, only: tuple[str, ...] = VAR
         made["permodule"] = folder
     if "gptq" in only:
         made["gptq"] = _write_gptq(source, out_root / "gptq", base, base_files, glowq)
+    if "lora" in only:
+        made["lora"] = _write_lora(out_root / "lora", factors, glowq)
     return made
+
+
+def _write_lora(out: Path, factors: dict[str, torch.Tensor], glowq: GlowQConfig) -> Path:
+    """A PEFT LoRA adapter holding every member's (B, A) as (lora_A, lora_B)."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    tensors, targets = {}, set()
+    for unit in glowq.lowrank_units:
+        b = factors[tensor_name(unit, FACTOR_B)]
+        for member in unit_members(unit, SHARE_GROUP):
+            prefix = f"base_model.model.{member}"
+            tensors[f"{prefix}.lora_A.weight"] = b.clone()
+            tensors[f"{prefix}.lora_B.weight"] = factors[tensor_name(member, FACTOR_A)]
+            targets.add(member.rpartition(".")[2])
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": glowq.rank, "lora_alpha": glowq.rank,
+              "lora_dropout": 0.0, "bias": "none", "target_modules": sorted(targets), "fan_in_fan_out": False}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
 
 
 def _write_gptq(source: Path, out: Path, base: dict, base_files: list[Path], glowq: GlowQConfig) -> Path:

@@ -45,6 +45,15 @@ PROFILES: dict[str, dict[str, Any]] = {
         enforce_eager=True, cudagraph_capture_sizes=None,
     ),
 }
+# Engine settings of the anchors, by variant name, beyond the checkpoint (a variant is
+# NAME=MODEL, or NAME=MODEL+ADAPTER for a LoRA adapter served on MODEL):
+VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
+    "marlin": {"env": {"VLLM_DISABLED_KERNELS": "MacheteLinearKernel"}},  # vLLM's GPTQ path on Marlin
+    "fp8": {"engine": {"quantization": "fp8"}},  # vLLM's FP8 (CUTLASS) on the bf16 model
+    "glowq_own": {"env": {"VLLM_GLOWQ_KERNEL": "glowq"}},  # the project's kernel, correction fused in
+    "int4_own": {"env": {"VLLM_GLOWQ_KERNEL": "glowq"}},  # plain int4 through the project's kernel
+    "lora": {"engine": {"enable_lora": True, "max_lora_rank": 64, "max_loras": 1}},  # EoRA as users serve it
+}
 CHECK_PROMPTS = 4
 CHECK_TOKENS = 16
 ENGINE_TIMEOUT_S = 900
@@ -62,12 +71,15 @@ def _random_prompts(count: int, length: int, vocab: int, seed: int):
     return [TokensPrompt(prompt_token_ids=row) for row in ids]
 
 
+_LORA: list = []  # the engine's LoRA request (one adapter for every prompt), if it serves one
+
+
 def _generate(llm, prompts, tokens: int) -> tuple[float, list]:
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True, detokenize=False)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=_LORA[0] if _LORA else None)
     elapsed = time.perf_counter() - start
     for out in outputs:
         got = len(out.outputs[0].token_ids)
@@ -91,6 +103,11 @@ def _engine(job: dict[str, Any], result: dict[str, Any]) -> None:
     )
     if p["cudagraph_capture_sizes"]:
         kwargs["compilation_config"] = {"cudagraph_capture_sizes": p["cudagraph_capture_sizes"]}
+    kwargs.update(job.get("engine", {}))
+    if job.get("adapter"):
+        from vllm.lora.request import LoRARequest
+
+        _LORA.append(LoRARequest("correction", 1, job["adapter"]))
     start = time.perf_counter()
     llm = LLM(**kwargs)
     result["engine_start_s"] = round(time.perf_counter() - start, 2)
@@ -157,7 +174,7 @@ def _engine_main(job_path: str, out_path: str) -> None:
 # ----- the parent: one engine per variant, sequentially ----------------------------------------
 
 _LOG_PATTERNS = {
-    "kernels": re.compile(r"Using (\w+Kernel) for"),
+    "kernels": re.compile(r"Using (\w+Kernel) for|run (\w+) \("),
     "model_loading_gib": re.compile(r"Model loading took ([\d.]+) Gi?B"),
     "torch_compile_s": re.compile(r"torch\.compile takes ([\d.]+) s in total"),
     "graph_capture_s": re.compile(r"Graph capturing finished in ([\d.]+) secs"),
@@ -168,20 +185,26 @@ def parse_log(text: str) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for key, pattern in _LOG_PATTERNS.items():
         hits = pattern.findall(text)
-        if hits:
-            found[key] = sorted(set(hits)) if key == "kernels" else float(hits[-1])
+        if hits and key == "kernels":  # vLLM's "Using X for", the plugin's "run X (why)"
+            found[key] = sorted({next(g for g in hit if g) for hit in hits})
+        elif hits:
+            found[key] = float(hits[-1])
     return found
 
 
 def run_variant(name: str, model: str, profile: dict, logs: Path, tp: int = 1) -> dict[str, Any]:
     logs.mkdir(parents=True, exist_ok=True)
     job_path, out_path, log_path = logs / f"{name}.job.json", logs / f"{name}.out.json", logs / f"{name}.log"
-    job_path.write_text(json.dumps({"name": name, "model": model, "profile": profile, "tensor_parallel_size": tp}))
+    model, _, adapter = model.partition("+")
+    options = VARIANT_OPTIONS.get(name, {})
+    job_path.write_text(json.dumps({"name": name, "model": model, "adapter": adapter or None, "profile": profile,
+                                    "tensor_parallel_size": tp, "engine": options.get("engine", {})}))
     out_path.unlink(missing_ok=True)
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, __file__, "--engine-job", str(job_path), str(out_path)],
-                              stdout=log, stderr=subprocess.STDOUT, timeout=ENGINE_TIMEOUT_S)
+                              stdout=log, stderr=subprocess.STDOUT, timeout=ENGINE_TIMEOUT_S,
+                              env={**os.environ, **options.get("env", {})})
     text = log_path.read_text(errors="replace")
     result = json.loads(out_path.read_text()) if out_path.exists() else {"error": f"engine exited rc={proc.returncode}"}
     if "error" in result:

@@ -9,11 +9,10 @@ import sys
 from collections.abc import Callable
 
 from .options import CalibrationOptions
-from .sources import ModelSource
 
 # Errors a user can cause (bad paths, configs, options, data): printed as one line, exit 2.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
-MODEL_HELP = "a Hugging Face model folder, a .gguf file, or a hub id when the hub is reachable"
+MODEL_HELP = "a Hugging Face model folder, a .gguf file, or a hub id (from the hub, or its cache offline)"
 GGUF_FILE_HELP = "the GGUF file inside the MODEL folder or hub repository (needs the gguf and accelerate packages)"
 
 
@@ -91,7 +90,7 @@ def calibrate_main(argv: list[str] | None = None) -> None:
 
         fields = CalibrationOptions.__dataclass_fields__
         options = CalibrationOptions(**{k: v for k, v in vars(args).items() if k in fields})
-        out = calibrate(ModelSource(args.model, args.gguf_file), args.output, options, overwrite=args.overwrite)
+        out = calibrate(args.model, args.output, options, overwrite=args.overwrite, gguf_file=args.gguf_file)
         print(out)
 
     _run(run, "glowq-calibrate")
@@ -128,7 +127,7 @@ def eval_main(argv: list[str] | None = None) -> None:
         else:
             from .evaluate import evaluate
 
-            result = evaluate(ModelSource(args.model, args.gguf_file), args.dataset, args.seq_len, args.max_tokens)
+            result = evaluate(args.model, args.dataset, args.seq_len, args.max_tokens, args.gguf_file)
         print(json.dumps(result, indent=2))
 
     _run(run, "glowq-eval")

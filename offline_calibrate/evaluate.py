@@ -1,4 +1,5 @@
-"""Perplexity of a plain HF model or a GlowQ checkpoint (through the PyTorch reference forward)."""
+"""Perplexity of a plain model (HF folder, hub id, GGUF file) or a GlowQ checkpoint (through the
+PyTorch reference forward)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from tqdm.auto import tqdm
 from .data import read_text, tokenize, windows
 from .loading import check_seq_len, load_config, load_model, load_tokenizer
 from .reference import load_reference_model
-from .sources import ModelSource, resolve_source
+from .source import ModelSource, fetch_weights, resolve_source
 
 
 def is_glowq_checkpoint(source: ModelSource) -> bool:
-    config = Path(source.location) / "config.json"
+    config = source.folder / "config.json"
     return not source.gguf_file and config.is_file() and "quantization_config" in json.loads(config.read_text())
 
 
@@ -26,9 +27,11 @@ def load_for_eval(source: ModelSource, seq_len: int):
     the CPU. The model comes first: its config and (for a GlowQ checkpoint) every tensor header
     are checked before anything else is read."""
     if is_glowq_checkpoint(source):
-        model = load_reference_model(source.location, torch.float32)
+        model = load_reference_model(source.folder, torch.float32)
     else:
-        model = load_model(source, load_config(source), seq_len, dtype=torch.float32)
+        config = load_config(source)
+        fetch_weights(source)
+        model = load_model(source, config, seq_len, dtype=torch.float32)
     return model, load_tokenizer(source)
 
 
@@ -56,15 +59,17 @@ def eval_windows(dataset: str, tokenizer, seq_len: int, max_tokens: int | None) 
 
 
 def evaluate(
-    model_ref: str | Path | ModelSource, dataset: str, seq_len: int = 512, max_tokens: int | None = None
+    model: str | Path | ModelSource, dataset: str, seq_len: int = 512, max_tokens: int | None = None,
+    gguf_file: str | None = None,
 ) -> dict:
-    """Perplexity on the dataset's non-overlapping windows; `nll` is the mean next-token
-    negative log-likelihood in nats per predicted token, `perplexity` = exp(nll)."""
-    source = resolve_source(model_ref)
-    model, tokenizer = load_for_eval(source, seq_len)
-    check_seq_len(model.config, seq_len)
+    """Perplexity of `model` (a GlowQ checkpoint, or what source.resolve_source takes) on the
+    dataset's non-overlapping windows; `nll` is the mean next-token negative log-likelihood in
+    nats per predicted token, `perplexity` = exp(nll)."""
+    source = resolve_source(model, gguf_file)
+    loaded, tokenizer = load_for_eval(source, seq_len)
+    check_seq_len(loaded.config, seq_len)
     data = eval_windows(dataset, tokenizer, seq_len, max_tokens)
-    nll = mean_nll(model, data, progress=True)
+    nll = mean_nll(loaded, data, progress=True)
     return {
         "model": str(source),
         "kind": "glowq" if is_glowq_checkpoint(source) else "gguf" if source.gguf_file else "hf",

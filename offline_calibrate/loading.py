@@ -1,26 +1,35 @@
-"""Loading the source model (found by sources.resolve_source): its config, checked before any
+"""Loading the source model (found by source.resolve_source): its config, checked before any
 weight is read, then its weights and tokenizer."""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from vllm_glowq.format import QUANT_METHOD
 
-from .architectures import SUPPORTED, spec_for
-from .sources import ModelLoadError, ModelSource, gguf_architecture
+from .architectures import spec_for
+
+if TYPE_CHECKING:
+    from .source import ModelSource
+
+
+class ModelLoadError(ValueError):
+    pass
 
 
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(source.location, **source.pretrained_kwargs)
+        config = AutoConfig.from_pretrained(source.folder, **source.pretrained_kwargs)
     except Exception as exc:  # transformers raises OSError, ValueError, HTTP errors...
         if source.gguf_file:
-            raise ModelLoadError(_unreadable_gguf_message(source, exc)) from None
+            from .gguf_file import unreadable_gguf_message
+
+            raise ModelLoadError(unreadable_gguf_message(source.folder / source.gguf_file, exc)) from None
         raise ModelLoadError(f"cannot read the model config of {str(source)!r} ({type(exc).__name__}: {exc})") from None
     quant = getattr(config, "quantization_config", None)
     if quant is not None:
@@ -28,40 +37,28 @@ def load_config(source: ModelSource):
         what = "a GlowQ checkpoint" if method == QUANT_METHOD else f"already quantized ({method})"
         raise ModelLoadError(f"{source} is {what}; calibrate from the full-precision model")
     spec_for(config)
+    if source.gguf_file and not config.architectures:  # a GGUF names none; vLLM picks its model class by it
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     return config
 
 
-def _unreadable_gguf_message(source: ModelSource, exc: Exception) -> str:
-    """A GGUF file transformers cannot read: damaged, or of an architecture it does not build."""
-    import transformers
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-
-    takes = sorted(set(SUPPORTED) & set(GGUF_CONFIG_MAPPING))
-    architecture = gguf_architecture(source)
-    reason = f"{type(exc).__name__}: {exc}"
-    if architecture in takes:
-        return f"cannot read the GGUF file {source} ({reason}): it is truncated or damaged; get it again"
-    return (
-        f"transformers {transformers.__version__} cannot build a model from the GGUF file {source} of "
-        f"architecture {architecture!r} ({reason}); glowq-calibrate takes GGUF files of {', '.join(takes)}"
-    )
-
-
-def load_model(source: ModelSource, config, seq_len: int, dtype: str | torch.dtype = "auto"):
-    """The full-precision model on the CPU in `dtype` ("auto": the checkpoint's), after checking
-    the config (from load_config) and every weight. A GGUF source is dequantized by
-    transformers, into float32 for "auto"."""
+def load_model(source: ModelSource, config, seq_len: int, dtype: str | torch.dtype = "auto",
+               with_missing: bool = False):
+    """The full-precision model on the CPU in `dtype` ("auto": the checkpoint's; a GGUF file is
+    dequantized into float32), after checking the config (from load_config) and every weight;
+    `with_missing` also returns the tensors the checkpoint lacked."""
     from transformers import AutoModelForCausalLM
 
     check_seq_len(config, seq_len)
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **source.pretrained_kwargs)
+        hf_model, info = AutoModelForCausalLM.from_pretrained(
+            source.folder, dtype=dtype, output_loading_info=True, **source.pretrained_kwargs)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the weights of {str(source)!r} ({type(exc).__name__}: {exc})") from None
     check_finite(hf_model)
-    if not hf_model.config.architectures:  # a GGUF names none, and vLLM picks its model class by it
-        hf_model.config.architectures = [type(hf_model).__name__]
-    return hf_model.eval()
+    return (hf_model.eval(), sorted(info["missing_keys"])) if with_missing else hf_model.eval()
 
 
 def check_seq_len(config, seq_len: int) -> None:
@@ -80,6 +77,6 @@ def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source.location, **source.pretrained_kwargs)
+        return AutoTokenizer.from_pretrained(source.folder, **source.pretrained_kwargs)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the tokenizer of {str(source)!r} ({type(exc).__name__}: {exc})") from None

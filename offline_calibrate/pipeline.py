@@ -1,32 +1,35 @@
 """The calibration pipeline: a sequential pass over the decoder layers.
 
-Only one decoder layer and its input activations sit on the compute device at a time: the
-layer's inputs are captured, its linears' input second moments are collected by hooks while the
-full-precision layer runs, then each unit is quantized and factorized, and the layer's
-full-precision outputs become the next layer's inputs (statistics come from the original
-model, as in GlowQ).
+The model is an empty skeleton (skeleton.py); each decoder layer is read from the source when
+its turn comes, and only it and the activations are held: its linears' input second moments
+are collected by hooks while the full-precision layer runs, each unit is quantized and
+factorized, the layer's checkpoint tensors go to the sink (written, not kept), the layer is
+emptied again, and its full-precision outputs become the next layer's inputs (statistics come
+from the original model, as in GlowQ). Plain round-to-nearest (rank 0) needs no statistics, so
+it runs no forward pass at all.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
-from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from vllm_glowq.format import packable, unit_name
+from vllm_glowq.format import FACTOR_A, factor_b_name, packable, tensor_name, unit_name
+from vllm_glowq.moe_layout import checkpoint_tensors
 
+from . import moe
 from .architectures import ArchitectureSpec, decoder_layers, layer_linears
 from .factorize import UnitFactors, factorize_unit, whitening
 from .options import CalibrationOptions
 from .quantize import QuantizedWeight, quantize_rtn
-from .reference import ReferenceLinear, linear_names, replace_linear
+from .skeleton import empty, fill, layer_state
+from .source import WeightSource
 from .statistics import InputStatistics
 
 _LOG = logging.getLogger(__name__)
@@ -35,21 +38,45 @@ FACTOR_DTYPE = torch.float16
 
 @dataclass
 class UnitResult:
-    """One restoration unit: its members, factors (None for rank 0) and importance metrics."""
+    """One restoration unit: its members, importance metrics, and what its factors achieved
+    (`fit`: None without factors, i.e. rank 0). The factors themselves go to the sink."""
 
     name: str
     members: list[str]
-    factors: UnitFactors | None
     metrics: dict[str, float]
     extra_params: int
+    fit: dict[str, Any] | None
+
+    @property
+    def has_factors(self) -> bool:
+        return self.fit is not None
+
+    def factor_tensors(self) -> list[str]:
+        """The checkpoint names of the unit's factors: its B, then each member's A."""
+        return [factor_b_name(self.name), *(tensor_name(m, FACTOR_A) for m in self.members)]
 
 
 @dataclass
 class CalibrationResult:
-    quantized: dict[str, QuantizedWeight]
     skipped: dict[str, str]  # module name -> why it stays full precision
     units: list[UnitResult]
     timings: dict[str, float] = field(default_factory=dict)
+    experts: dict[str, dict] = field(default_factory=dict)  # MoE block -> routed token counts
+
+
+@dataclass
+class LayerOutput:
+    """What one decoder layer adds to the checkpoint: packed weights and factor tensors."""
+
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # module name -> codes
+    factors: dict[str, torch.Tensor] = field(default_factory=dict)  # checkpoint name -> fp16 A or B
+
+
+class LayerSink(Protocol):
+    """Takes a finished layer's tensors (under checkpoint names) and its factors."""
+
+    def write_layer(self, index: int, tensors: dict[str, torch.Tensor], factors: dict[str, torch.Tensor]) -> None:
+        ...
 
 
 class _StopForward(Exception):
@@ -122,10 +149,10 @@ def unit_metrics(weights, dequantized, factors: UnitFactors | None, white) -> di
     return metrics
 
 
-def _calibrate_input_set(
-    names, modules, sigma, options: CalibrationOptions, result: CalibrationResult, keep_dequantized: bool
-):
-    """Quantize the linears that read one input; factorize each unit among them."""
+def calibrate_input_set(names, modules, sigma, options: CalibrationOptions, result: CalibrationResult,
+                        output: LayerOutput) -> None:
+    """Quantize the linears that read one input; factorize each unit among them. `modules`
+    need only `.weight` and `.in_features` (an expert's slice of a fused parameter will do)."""
     k = modules[0].in_features
     reason = packable(k, options.group_size)
     if reason:
@@ -133,42 +160,59 @@ def _calibrate_input_set(
             result.skipped[name] = reason
             _LOG.warning("%s stays in full precision: %s", name, reason)
         return
-    for name, module in zip(names, modules):
-        result.quantized[name] = quantize_rtn(module.weight.data, options.group_size, options.sym)
+    quantized = {name: quantize_rtn(module.weight.data, options.group_size, options.sym)
+                 for name, module in zip(names, modules)}
     white = whitening(sigma) if options.rank > 0 else None
     for unit, idx in _units_of(names, options.share).items():
         weights = [modules[i].weight.data.float() for i in idx]
-        deq = [result.quantized[names[i]].dequantized.to(weights[0].device) for i in idx]
+        deq = [quantized[names[i]].dequantized.to(weights[0].device) for i in idx]
         factors = None
         if options.rank > 0:
             factors = factorize_unit(
                 [w - d for w, d in zip(weights, deq)], weights, white, options.rank,
                 options.svd, options.oversample, options.power_iters, options.seed,
             )
-            factors.a = [a.to(FACTOR_DTYPE).cpu() for a in factors.a]
-            factors.b = factors.b.to(FACTOR_DTYPE).cpu()
         factor = white.factor if factors is not None else None
-        extra = 0 if factors is None else factors.b.numel() + sum(a.numel() for a in factors.a)
-        result.units.append(
-            UnitResult(unit, [names[i] for i in idx], factors, unit_metrics(weights, deq, factors, factor), extra)
-        )
-    for name in names:
-        result.quantized[name] = result.quantized[name].to_cpu(keep_dequantized)
+        metrics = unit_metrics(weights, deq, factors, factor)
+        result.units.append(_unit_result(unit, [names[i] for i in idx], factors, metrics, output))
+    output.quantized.update({name: q.to_cpu() for name, q in quantized.items()})
+
+
+def _unit_result(unit: str, members: list[str], factors: UnitFactors | None, metrics: dict[str, float],
+                 output: LayerOutput) -> UnitResult:
+    """The unit's entry; its fp16 factors (if any) go to the layer's output."""
+    if factors is None:
+        return UnitResult(unit, members, metrics, 0, None)
+    b = factors.b.to(FACTOR_DTYPE).cpu().contiguous()
+    a = [x.to(FACTOR_DTYPE).cpu().contiguous() for x in factors.a]
+    result = UnitResult(unit, members, metrics, b.numel() + sum(x.numel() for x in a),
+                        {"whitened_error_before": factors.whitened_error_before,
+                         "whitened_error_after": factors.whitened_error_after, "whitening": factors.whitening})
+    output.factors.update(zip(result.factor_tensors(), [b, *a]))
+    return result
 
 
 def check_rank(model, spec: ArchitectureSpec, options: CalibrationOptions) -> None:
-    """Refuse a rank no unit can have before any calibration work (every layer has one shape)."""
-    layer = decoder_layers(model, spec)[0]
-    for input_set in spec.input_sets:
-        names = [f"{spec.layers_path}.0.{m}" for m in input_set]
-        modules = layer_linears(layer, input_set)
-        for unit, idx in _units_of(names, options.share).items():
-            limit = min(sum(modules[i].out_features for i in idx), modules[0].in_features)
-            if options.rank > limit:
-                raise ValueError(
-                    f"--rank {options.rank} is larger than the error matrix of {unit} allows "
-                    f"(at most {limit} = min(out_features, in_features))"
-                )
+    """Refuse a rank no unit can have before any calibration work (layers of one kind share
+    one shape; a group size that does not fit the experts was refused before loading them)."""
+    checked: set[bool] = set()  # is_moe_layer values seen: one layer of each kind is enough
+    for index, layer in enumerate(decoder_layers(model, spec)):
+        if spec.is_moe_layer(layer) in checked:
+            continue
+        checked.add(spec.is_moe_layer(layer))
+        for input_set in spec.layer_input_sets(layer):
+            names = [f"{spec.layers_path}.{index}.{spec.checkpoint_name(m)}" for m in input_set]
+            modules = layer_linears(layer, input_set)
+            for unit, idx in _units_of(names, options.share).items():
+                limit = min(sum(modules[i].out_features for i in idx), modules[0].in_features)
+                if options.rank > limit:
+                    raise ValueError(
+                        f"--rank {options.rank} is larger than the error matrix of {unit} allows "
+                        f"(at most {limit} = min(out_features, in_features))"
+                    )
+        if spec.is_moe_layer(layer):
+            names = moe.block_names(layer, f"{spec.layers_path}.{index}", spec)
+            moe.check_block_rank(names, moe.experts_module(layer, spec.experts), options)
 
 
 def _units_of(names: list[str], share: str) -> dict[str, list[int]]:
@@ -182,57 +226,68 @@ def _units_of(names: list[str], share: str) -> dict[str, list[int]]:
 def calibrate_layers(
     model,
     spec: ArchitectureSpec,
-    windows: torch.Tensor,
+    inputs: tuple[list[torch.Tensor], dict] | None,
     options: CalibrationOptions,
     device: torch.device,
-    keep_dequantized: bool = False,
+    source: WeightSource,
+    sink: LayerSink,
 ) -> CalibrationResult:
-    """Quantize and factorize every decoder layer, one layer on `device` at a time.
-
-    `keep_dequantized` keeps each module's dequantized fp32 weight on the CPU (to build the
-    in-memory quantized model); it costs 4 bytes per weight, so it is off by default.
-    """
-    result = CalibrationResult({}, {}, [])
+    """Quantize and factorize every decoder layer of the empty `model`, reading each from
+    `source` onto `device` when its turn comes. `inputs` (the first layer's captured inputs
+    and keyword arguments) is None for rank 0, which runs no layer."""
+    result = CalibrationResult({}, [])
     layers = decoder_layers(model, spec)
-    with torch.no_grad(), phase(result.timings, "capture_inputs"):
-        hidden, kwargs = capture_layer_inputs(model, layers, windows, device)
+    hidden, kwargs = inputs if inputs is not None else (None, {})
     progress = tqdm(range(len(layers)), desc="calibrating layers", unit="layer")
     for index in progress:
-        layer = layers[index].to(device)
-        stats = InputStatistics()
-        if options.rank > 0:  # plain round-to-nearest (rank 0) needs no input statistics
-            for input_set in spec.input_sets:
-                stats.watch(input_set[0], layer_linears(layer, input_set)[0])
-        with torch.no_grad(), phase(result.timings, "forward_statistics"):
-            outputs = run_layer(layer, hidden, kwargs)
-        stats.remove()
-        with torch.no_grad(), phase(result.timings, "quantize_factorize"):
-            for input_set in spec.input_sets:
-                names = [f"{spec.layers_path}.{index}.{m}" for m in input_set]
-                moment = stats.moments.get(input_set[0])
-                sigma = None if moment is None else moment.finalize(options.shrinkage)
-                _calibrate_input_set(
-                    names, layer_linears(layer, input_set), sigma, options, result, keep_dequantized
-                )
-        layers[index].to("cpu")
+        prefix = f"{spec.layers_path}.{index}"
+        with phase(result.timings, "load"):
+            fill(model, layer_state(model, spec, index), source, device)
+        layer = layers[index]
+        output = LayerOutput()
+        outputs = _calibrate_layer(layer, prefix, spec, hidden, kwargs, options, result, output)
+        with phase(result.timings, "write"):
+            sink.write_layer(index, layer_tensors(layer, prefix, spec, output.quantized), output.factors)
+        empty(layer)
         hidden = outputs
         progress.set_postfix(units=len(result.units))
     return result
 
 
-def build_quantized_model(model, result: CalibrationResult, restored: Iterable[str]):
-    """A copy of `model` computing the quantized function in memory (dequantized weights from
-    the codes, fp16 factors of the restored units); needs `keep_dequantized=True`."""
-    restored = set(restored)
-    factors = {}
-    for unit in result.units:
-        if unit.name in restored:
-            factors.update({m: (a.float(), unit.factors.b.float()) for m, a in zip(unit.members, unit.factors.a)})
-    quantized = copy.deepcopy(model)
-    for name in linear_names(quantized):
-        if name in result.quantized:
-            module = quantized.get_submodule(name)
-            weight = result.quantized[name].dequantized.to(module.weight.device, module.weight.dtype)
-            bias = None if module.bias is None else module.bias.data
-            replace_linear(quantized, name, ReferenceLinear(weight, bias, *factors.get(name, (None, None))))
-    return quantized
+def _calibrate_layer(layer, prefix: str, spec: ArchitectureSpec, hidden: list[torch.Tensor] | None, kwargs: dict,
+                     options: CalibrationOptions, result: CalibrationResult, output: LayerOutput):
+    """One filled layer: statistics from its forward pass (unless rank 0), then every input set
+    quantized and factorized into `output`; returns the layer's outputs (None for rank 0)."""
+    input_sets = spec.layer_input_sets(layer)
+    is_moe = spec.is_moe_layer(layer)
+    stats, expert_stats, outputs = InputStatistics(), None, None
+    if hidden is not None:
+        for input_set in input_sets:
+            stats.watch(input_set[0], layer_linears(layer, input_set)[0])
+        if is_moe:
+            expert_stats = moe.ExpertStatistics(moe.experts_module(layer, spec.experts))
+        with torch.no_grad(), phase(result.timings, "forward_statistics"):
+            outputs = run_layer(layer, hidden, kwargs)
+        stats.remove()
+        if expert_stats is not None:
+            expert_stats.remove()
+    with torch.no_grad(), phase(result.timings, "quantize_factorize"):
+        for input_set in input_sets:
+            names = [f"{prefix}.{spec.checkpoint_name(m)}" for m in input_set]
+            moment = stats.moments.get(input_set[0])
+            sigma = None if moment is None else moment.finalize(options.shrinkage)
+            calibrate_input_set(names, layer_linears(layer, input_set), sigma, options, result, output)
+        if is_moe:
+            names = moe.block_names(layer, prefix, spec)
+            moe.calibrate_block(layer, names, expert_stats, options, result, output)
+    return outputs
+
+
+def layer_tensors(layer, prefix: str, spec: ArchitectureSpec, quantized: dict[str, QuantizedWeight]):
+    """A calibrated layer's checkpoint tensors but its factors: each quantized module's packed
+    tensors in place of its weight, everything else (norms, biases, routers) as it is."""
+    state = checkpoint_tensors({f"{prefix}.{k}": v for k, v in layer.state_dict().items()}, spec.experts)
+    for name, packed in quantized.items():
+        state.pop(tensor_name(name, "weight"))
+        state.update({tensor_name(name, key): t for key, t in packed.tensors().items()})
+    return state

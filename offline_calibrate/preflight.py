@@ -16,8 +16,15 @@ from typing import Any
 
 import torch
 
-from vllm_glowq.format import PACK_FACTOR, GlowQConfig, packable
-from vllm_glowq.validate import CHECKPOINT_FLOAT, PACKED_DTYPE, expected_tensors, meta_model, quantizable_linears
+from vllm_glowq.format import PACK_FACTOR, GlowQConfig, format_version_for, packable
+from vllm_glowq.validate import (
+    CHECKPOINT_FLOAT,
+    PACKED_DTYPE,
+    CheckpointLinears,
+    checkpoint_linears,
+    expected_tensors,
+    meta_model,
+)
 
 from .options import CalibrationOptions, OptionsError
 
@@ -57,35 +64,45 @@ def resolve_seq_len(options: CalibrationOptions, hf_config) -> None:
                   options.seq_len, DEFAULT_SEQ_LEN)
 
 
-def model_linears(hf_config) -> dict[str, tuple[int, int]]:
-    """name -> (in_features, out_features) of every linear the checkpoint quantizes."""
-    return quantizable_linears(meta_model(hf_config.to_dict()))
+def model_linears(hf_config) -> CheckpointLinears:
+    """The model's linears under checkpoint names: those the checkpoint quantizes (every
+    expert's projections included) and the MoE routers, which it never does."""
+    return checkpoint_linears(meta_model(hf_config.to_dict()))
 
 
-def check_group_size_fits(linears: dict[str, tuple[int, int]], group_size: int) -> None:
+def check_group_size_fits(linears: CheckpointLinears, group_size: int) -> None:
     """Refuse a group size that leaves every linear in full precision (an 'int4' checkpoint
-    that is not quantized at all)."""
-    if any(packable(k, group_size) is None for k, _ in linears.values()):
-        return
-    widths = sorted({k for k, _ in linears.values()})
-    raise OptionsError(
-        f"--group-size {group_size} fits none of the model's linears (in-features {widths}): each must be a "
-        f"multiple of the group size and of {PACK_FACTOR}, so nothing would be quantized; use a group size "
-        f"that divides them, e.g. 32, 64 or 128, or -1 (one group per row)"
-    )
+    that is not quantized at all), or that does not fit a block's experts (quantized all or
+    none, as vLLM runs them as one layer)."""
+    widths = sorted({k for k, _ in linears.quantizable.values()})
+    if all(packable(k, group_size) for k in widths):
+        raise OptionsError(
+            f"--group-size {group_size} fits none of the model's linears (in-features {widths}): each must be a "
+            f"multiple of the group size and of {PACK_FACTOR}, so nothing would be quantized; use a group size "
+            f"that divides them, e.g. 32, 64 or 128, or -1 (one group per row)"
+        )
+    for block, (gate, *_, down) in linears.experts.items():
+        hidden, intermediate = linears.quantizable[gate][0], linears.quantizable[down][0]
+        reason = packable(hidden, group_size) or packable(intermediate, group_size)
+        if reason:
+            raise OptionsError(
+                f"the experts of {block} cannot be quantized: {reason}; choose a --group-size that divides both "
+                f"the hidden size ({hidden}) and the expert intermediate size ({intermediate})"
+            )
 
 
-def planned_config(linears: dict[str, tuple[int, int]], options: CalibrationOptions) -> GlowQConfig:
+def planned_config(linears: CheckpointLinears, options: CalibrationOptions) -> GlowQConfig:
     """The checkpoint's config if every unit keeps its correction (the largest it can be)."""
-    kept = sorted(name for name, (k, _) in linears.items() if packable(k, options.group_size))
+    unpackable = [name for name, (k, _) in linears.quantizable.items() if packable(k, options.group_size)]
     config = GlowQConfig(bits=options.bits, group_size=options.group_size, sym=options.sym, rank=options.rank,
-                         share=options.share, modules_to_not_convert=kept)
+                         share=options.share, modules_to_not_convert=sorted([*unpackable, *linears.routers]),
+                         format_version=format_version_for(bool(linears.experts)))
     if options.rank > 0:
-        config.lowrank_units = sorted({config.unit_of(name) for name in linears if name not in kept})
+        config.lowrank_units = sorted({config.unit_of(name) for name in linears.quantizable if name not in unpackable})
     return config
 
 
-def estimated_checkpoint_bytes(hf_config, linears: dict[str, tuple[int, int]], options: CalibrationOptions) -> int:
+def estimated_checkpoint_bytes(hf_config, linears: CheckpointLinears, options: CalibrationOptions) -> int:
     """Bytes of the checkpoint's tensors, from their shapes, with every unit restored."""
     model_config: dict[str, Any] = hf_config.to_dict()
     model_dtype = str(model_config.get("dtype") or model_config.get("torch_dtype") or "float32")

@@ -24,12 +24,10 @@ class QuantizedWeight:
     qzeros: torch.Tensor | None  # int32 [G, ceil(N / 8)], None when symmetric
     dequantized: torch.Tensor | None  # float32 [N, K], exactly what the packed tensors decode to
 
-    def to_cpu(self, keep_dequantized: bool) -> QuantizedWeight:
+    def to_cpu(self) -> QuantizedWeight:
+        """The packed tensors on the CPU, without the dequantized weight (4 bytes a weight)."""
         return QuantizedWeight(
-            self.qweight.cpu(),
-            self.scales.cpu(),
-            None if self.qzeros is None else self.qzeros.cpu(),
-            self.dequantized.cpu() if keep_dequantized else None,
+            self.qweight.cpu(), self.scales.cpu(), None if self.qzeros is None else self.qzeros.cpu(), None
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:

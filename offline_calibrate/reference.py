@@ -14,11 +14,11 @@ from safetensors import safe_open
 
 from vllm_glowq.format import (
     FACTOR_A,
-    FACTOR_B,
     QZEROS,
     QWEIGHT,
     SCALES,
     GlowQConfig,
+    factor_b_name,
     tensor_name,
 )
 from vllm_glowq.packing import dequantize
@@ -52,12 +52,14 @@ class ReferenceLinear(torch.nn.Module):
 
 
 def linear_names(model: torch.nn.Module) -> list[str]:
-    """Names of the decoder layers' linears, in the architecture's order."""
+    """Checkpoint names of the decoder layers' linears (not the experts, which are no
+    nn.Linear: moe_reference), in the architecture's order."""
     spec = spec_for(model.config)
     names = []
-    for index in range(len(decoder_layers(model, spec))):
-        for input_set in spec.input_sets:
-            names += [f"{spec.layers_path}.{index}.{member}" for member in input_set]
+    for index, layer in enumerate(decoder_layers(model, spec)):
+        paths = [member for input_set in spec.layer_input_sets(layer) for member in input_set]
+        paths += list(spec.shared_expert_gate_up(layer))
+        names += [f"{spec.layers_path}.{index}.{spec.checkpoint_name(path)}" for path in paths]
     return names
 
 
@@ -87,7 +89,7 @@ def _reference_module(
     unit = config.unit_of(name)
     if not config.has_factors(unit):
         return ReferenceLinear(weight.to(dtype), bias)
-    a, b = tensors.pop(tensor_name(name, FACTOR_A)), tensors[tensor_name(unit, FACTOR_B)]
+    a, b = tensors.pop(tensor_name(name, FACTOR_A)), tensors[factor_b_name(unit)]
     return ReferenceLinear(weight.to(dtype), bias, a.float(), b.float())
 
 
@@ -95,21 +97,33 @@ def load_reference_model(checkpoint: str | Path, dtype: torch.dtype = torch.floa
     """A transformers model computing the GlowQ checkpoint's function (no vLLM involved)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .moe_reference import replace_experts  # it builds on this module's ReferenceLinear
+
     checkpoint = Path(checkpoint)
     raw, config = check_checkpoint(checkpoint)  # names, dtypes and shapes, before any tensor is read
     hf_config = AutoConfig.for_model(**raw)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    spec = spec_for(model.config)
     tensors = read_tensors(checkpoint)
+    for unit in config.lowrank_units:  # converted once: every member then shares one B tensor
+        tensors[factor_b_name(unit)] = tensors[factor_b_name(unit)].to(dtype)
     for name in linear_names(model):
-        replace_linear(model, name, _reference_module(tensors, name, config, dtype))
+        replace_linear(model, spec.module_path(name), _reference_module(tensors, name, config, dtype))
+
+    def expert(name: str):
+        module = _reference_module(tensors, name, config, dtype)
+        return module.weight.data, module.a, module.b
+
+    replace_experts(model, spec, expert, dtype)
     for unit in config.lowrank_units:
-        tensors.pop(tensor_name(unit, FACTOR_B), None)
-    _load_rest(model, tensors, dtype)
+        tensors.pop(factor_b_name(unit), None)
+    _load_rest(model, {spec.module_path(k): v for k, v in tensors.items()}, dtype)
     return model.eval()
 
 
 def _load_rest(model: torch.nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Embeddings, norms and the LM head (validated already); a tied head shares the embedding."""
+    """Embeddings, norms, routers and the LM head (validated already); a tied head shares the
+    embedding."""
     model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
     if model.config.tie_word_embeddings:
         model.tie_weights()

@@ -2,13 +2,15 @@
 
 Units are ranked by an importance metric (computed per unit during calibration) and the top
 ones are restored. How many: all, a fraction, a count, a byte budget, or `auto`, which
-measures held-out perplexity while adding units in importance order and takes the elbow of
-that curve (see `elbow`).
+measures held-out perplexity while adding units in importance order (heldout.py, one layer at
+a time) and takes the elbow of that curve (see `elbow`). `glowq-eval --sweep` draws the same
+curves for a whole checkpoint in memory (`perplexity_curve`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -72,7 +74,7 @@ def validate_selection_options(options) -> None:
 
 def rank_units(units, metric: str) -> list:
     """Units with factors, most important first (ties keep layer order)."""
-    with_factors = [u for u in units if u.factors is not None]
+    with_factors = [u for u in units if u.has_factors]
     return sorted(with_factors, key=lambda u: -u.metrics[metric])
 
 
@@ -99,9 +101,12 @@ def elbow(points: list[tuple[int, float]]) -> int:
 
 def set_restored(model, units, restored: set[str]) -> None:
     """Switch the reference model's correction on for the restored units only."""
+    from .architectures import spec_for
+
+    spec = spec_for(model.config)
     for unit in units:
         for member in unit.members:
-            model.get_submodule(member).correct = unit.name in restored
+            model.get_submodule(spec.module_path(member)).correct = unit.name in restored
 
 
 def perplexity_curve(model, ranked, windows: torch.Tensor, ks: list[int], device, desc: str) -> list[dict]:
@@ -134,8 +139,9 @@ def _budget_count(ranked, max_bytes: int) -> int:
     return count
 
 
-def select_units(model, result, options, heldout: torch.Tensor, device) -> Selection:
-    """Apply --restore / --max-extra-bytes / --metric to the calibrated units."""
+def select_units(result, options, measure_curve: Callable[[list, list[int]], list[dict]] | None) -> Selection:
+    """Apply --restore / --max-extra-bytes / --metric to the calibrated units. For `auto`,
+    `measure_curve(ranked units, ks)` gives the held-out perplexity with the top k restored."""
     ranked = rank_units(result.units, options.metric) if options.rank > 0 else []
     kind, value = parse_restore(options.restore)
     if kind == "count" and value > len(ranked):
@@ -148,11 +154,8 @@ def select_units(model, result, options, heldout: torch.Tensor, device) -> Selec
     }.get(kind)
     curve: list[dict] = []
     if kind == "auto":
-        from .pipeline import build_quantized_model
-
-        reference = build_quantized_model(model, result, names).to(device)
-        curve = perplexity_curve(reference, ranked, heldout, curve_points(len(ranked)), device, "GlowQ-S auto")
-        count = elbow([(p["k"], p["perplexity"]) for p in curve])
+        curve = measure_curve(ranked, curve_points(len(ranked))) if ranked else []
+        count = elbow([(p["k"], p["perplexity"]) for p in curve]) if curve else 0
     if options.max_extra_bytes is not None:
         count = min(count, _budget_count(ranked, options.max_extra_bytes))
     rule = options.restore if options.max_extra_bytes is None else f"{options.restore}, <= {options.max_extra_bytes} B"

@@ -28,7 +28,17 @@ SHAPES: dict[str, dict[str, int]] = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192),
 }
-ARCHITECTURES = ("llama", "qwen2", "mistral", "qwen3")
+# Expert counts and sizes of the Mixture-of-Experts architectures, added to the shape's keys.
+# The tiny ones keep every expert size a multiple of 64, so group size 32 fits at TP=2.
+MOE_SHAPES: dict[str, dict[str, dict[str, int]]] = {
+    "tiny": {
+        "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64),
+        "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                          shared_expert_intermediate_size=128),
+        "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
+    },
+}
+ARCHITECTURES = ("llama", "qwen2", "mistral", "qwen3", *MOE_SHAPES["tiny"])
 
 
 def build_tokenizer():
@@ -59,6 +69,8 @@ def build_config(arch: str, shape: str | dict[str, int], dtype: torch.dtype):
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose from {list(ARCHITECTURES)}")
     dims = dict(SHAPES[shape]) if isinstance(shape, str) else dict(shape)
+    if isinstance(shape, str) and arch in MOE_SHAPES.get(shape, {}):
+        dims.update(MOE_SHAPES[shape][arch])
     extra = {"attention_bias": False} if arch == "llama" else {}
     config = AutoConfig.for_model(
         arch,

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+
+from .shards import MAX_SHARD_BYTES, ShardWriter
 
 _LOG = logging.getLogger(__name__)
-MAX_SHARD_BYTES = 4 * 1024**3
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 class OutputExistsError(FileExistsError):
@@ -120,19 +119,11 @@ def split_shards(tensors: dict[str, torch.Tensor], max_bytes: int = MAX_SHARD_BY
     return shards
 
 
-def save_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """model.safetensors, or numbered shards with an index when larger than MAX_SHARD_BYTES."""
-    shards = split_shards(tensors)
-    if len(shards) == 1:
-        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / filename, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, filename))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    write_json(folder / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+def save_tensors(folder: Path, tensors: dict[str, torch.Tensor], max_bytes: int = MAX_SHARD_BYTES) -> None:
+    """model.safetensors, or numbered shards with an index when larger than max_bytes."""
+    shards = ShardWriter(folder, max_bytes)
+    shards.add(tensors)
+    shards.finish()
 
 
 def write_json(path: Path, data: Any) -> None:

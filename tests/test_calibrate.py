@@ -1,10 +1,12 @@
-"""glowq-calibrate end to end on tiny random models: the checkpoint's contents, read-back
-logits, determinism, and modules whose in-features do not fit the group size."""
+"""glowq-calibrate end to end on tiny random models: the checkpoint's contents, the in-memory
+quantized model against the checkpoint read back, determinism, and modules whose in-features
+do not fit the group size."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,12 @@ import torch
 from safetensors import safe_open
 
 from offline_calibrate import CalibrationOptions, calibrate
-from offline_calibrate.calibrate import run_calibration
-from offline_calibrate.pipeline import build_quantized_model
+from offline_calibrate.calibrate import load_report
+from offline_calibrate.data import calibration_windows
+from offline_calibrate.evaluate import mean_nll
+from offline_calibrate.loading import load_tokenizer
 from offline_calibrate.reference import load_reference_model
+from offline_calibrate.source import resolve_source
 from offline_calibrate.tiny import make_random_model
 from vllm_glowq.format import GlowQConfig
 
@@ -61,31 +66,49 @@ def test_checkpoint_is_a_complete_model_folder(tiny_llama, tmp_path):
     assert report["peak_memory_bytes"]["cpu_rss"] > 0
 
 
+def heldout_windows(source: Path, options: CalibrationOptions) -> torch.Tensor:
+    """The held-out windows `--restore auto` measured on (the same seed draws the same)."""
+    vocab = json.loads((source / "config.json").read_text())["vocab_size"]
+    return calibration_windows(options.dataset, load_tokenizer(resolve_source(source)), vocab, options.samples,
+                               options.seq_len, options.seed, options.heldout_samples)[1]
+
+
+def assert_curve_ends_match_the_checkpoints(source: Path, tmp_path: Path, rel: float) -> dict:
+    """`--restore auto` measures its curve on the quantized model in memory, one layer at a time
+    (offline_calibrate/heldout.py); at k = 0 and k = all units it must give the perplexity of the
+    checkpoints restoring none and all units, read back by the reference forward."""
+    options = CalibrationOptions(**SMALL, restore="auto", heldout_samples=2)
+    curve = load_report(calibrate(source, tmp_path / "auto", options))["selection"]["curve"]
+    windows = heldout_windows(source, options)
+    models = {}
+    for point, restore in ((curve[0], "0"), (curve[-1], "all")):
+        models[restore] = load_reference_model(calibrate(source, tmp_path / restore,
+                                                         CalibrationOptions(**SMALL, restore=restore)))
+        assert math.exp(mean_nll(models[restore], windows)) == pytest.approx(point["perplexity"], rel=rel), restore
+    assert curve[0]["perplexity"] != curve[-1]["perplexity"]
+    return models
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_read_back_checkpoint_gives_the_in_memory_logits(arch, tiny_llama, tiny_qwen2, tmp_path):
+def test_in_memory_quantized_model_is_the_checkpoint(arch, tiny_llama, tiny_qwen2, tmp_path):
     source = {"llama": tiny_llama, "qwen2": tiny_qwen2}[arch]
-    model, _, result, config, _ = run_calibration(str(source), CalibrationOptions(**SMALL), keep_dequantized=True)
-    in_memory = build_quantized_model(model, result, config.lowrank_units)
-    out = calibrate(source, tmp_path / "ckpt", CalibrationOptions(**SMALL))
-    read_back = load_reference_model(out)
-    ids = torch.randint(3, 259, (2, 48), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected, got = in_memory(ids).logits, read_back(ids).logits
-        unquantized = model(ids).logits
-    assert torch.equal(got, expected)
-    assert not torch.allclose(got, unquantized, atol=1e-3)  # the quantization did happen
+    models = assert_curve_ends_match_the_checkpoints(source, tmp_path, rel=1e-6)
     if arch == "qwen2":
-        assert read_back.model.layers[0].self_attn.q_proj.bias is not None
+        assert models["all"].model.layers[0].self_attn.q_proj.bias is not None
 
 
-def test_correction_reduces_the_output_error(tiny_llama):
-    model, _, result, config, _ = run_calibration(str(tiny_llama), CalibrationOptions(**SMALL), keep_dequantized=True)
+def test_correction_reduces_the_output_error(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
     ids = torch.randint(3, 259, (2, 64), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        reference = model(ids).logits
-        corrected = build_quantized_model(model, result, config.lowrank_units)(ids).logits
-        plain = build_quantized_model(model, result, [])(ids).logits
-    assert (corrected - reference).norm() < (plain - reference).norm()
+    logits = {}
+    for restore in ("all", "0"):
+        out = calibrate(tiny_llama, tmp_path / restore, CalibrationOptions(**SMALL, restore=restore))
+        with torch.no_grad():
+            logits[restore] = load_reference_model(out)(ids).logits
+            reference = AutoModelForCausalLM.from_pretrained(tiny_llama)(ids).logits
+    assert (logits["all"] - reference).norm() < (logits["0"] - reference).norm()
+    assert not torch.allclose(logits["all"], reference, atol=1e-3)  # the quantization did happen
 
 
 def test_same_seed_gives_the_same_bytes(tiny_llama, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from offline_calibrate import writer
+from offline_calibrate import shards
 from offline_calibrate.cli import calibrate_main, eval_main
 from offline_calibrate.tiny import make_random_model
 
@@ -56,7 +56,8 @@ def test_unsupported_architecture(tmp_path, capsys):
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
     assert_one_error(calibrate_main, [str(model), "-o", str(tmp_path / "out")], capsys,
-                     "model_type 'bert' is not supported by glowq-calibrate; supported: llama, mistral, qwen2, qwen3")
+                     "model_type 'bert' is not supported by glowq-calibrate; supported: llama, mistral, mixtral, qwen2, "
+                     "qwen2_moe, qwen3, qwen3_moe")
 
 
 def test_glowq_checkpoint_as_source(tiny, tmp_path, capsys):
@@ -135,13 +136,13 @@ def test_existing_output_is_refused_unless_overwrite(tiny, tmp_path, capsys):
 
 def test_interrupted_write_leaves_no_checkpoint(tiny, tmp_path, monkeypatch):
     """Ctrl-C while the weights are being written: no output folder, no temporary folder."""
-    real_save = writer.save_file
+    real_add = shards._Shard.add
 
-    def save_then_interrupt(*args, **kwargs):
-        real_save(*args, **kwargs)
+    def add_then_interrupt(*args, **kwargs):
+        real_add(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer, "save_file", save_then_interrupt)
+    monkeypatch.setattr(shards._Shard, "add", add_then_interrupt)
     with pytest.raises(SystemExit) as exit_info:
         calibrate_main([str(tiny), "-o", str(tmp_path / "out"), *FAST])
     assert exit_info.value.code == 130
@@ -153,7 +154,7 @@ def test_interrupted_overwrite_keeps_the_old_checkpoint(tiny, tmp_path, monkeypa
     out = tmp_path / "out"
     calibrate_main([str(tiny), "-o", str(out), *FAST])
     before = (out / "model.safetensors").read_bytes()
-    monkeypatch.setattr(writer, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(shards._Shard, "close", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(SystemExit):
         calibrate_main([str(tiny), "-o", str(out), *FAST, "--rank", "2", "--overwrite"])
     assert (out / "model.safetensors").read_bytes() == before

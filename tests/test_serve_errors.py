@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from test_serve_e2e import free_port
-from test_validate import BROKEN, make_broken
+from test_validate import BROKEN, MOE_BROKEN, make_broken
 from vllm_helpers import engine_env
 
 pytestmark = pytest.mark.slow
@@ -26,6 +26,7 @@ FAIL_WITHIN_S = 30
 LAST_LINES = 5
 SERVED = ["missing factor", "mis-shaped factor", "config rank", "config group size", "truncated file",
           "format version", "bits"]
+MOE_SERVED = ["missing expert A", "shared B of the wrong shape", "shared B under another expert"]
 
 
 def serve_until_exit(model: Path, *extra: str) -> tuple[int | None, float, list[str]]:
@@ -66,6 +67,13 @@ def assert_fails_fast(status: int | None, seconds: float, tail: list[str], expec
 def test_vllm_serve_refuses_a_broken_checkpoint_quickly(glowq_checkpoints, tmp_path, case):
     edit, expected = BROKEN[case]
     broken = make_broken(glowq_checkpoints.get("llama"), tmp_path / "broken", **edit)
+    assert_fails_fast(*serve_until_exit(broken), expected)
+
+
+@pytest.mark.parametrize("case", MOE_SERVED)
+def test_vllm_serve_refuses_a_broken_moe_checkpoint_quickly(glowq_checkpoints, tmp_path, case):
+    recipe, edit, expected = MOE_BROKEN[case]
+    broken = make_broken(glowq_checkpoints.get(recipe), tmp_path / "broken", **edit)
     assert_fails_fast(*serve_until_exit(broken), expected)
 
 

@@ -20,7 +20,7 @@ from vllm_helpers import REPO_ROOT, SHARED_DATA
 from offline_calibrate import CalibrationOptions, calibrate
 from offline_calibrate.demo_model import DemoModelUnavailable, from_pypi
 from offline_calibrate.evaluate import eval_windows, load_for_eval, mean_nll
-from offline_calibrate.sources import resolve_source
+from offline_calibrate.source import resolve_source
 
 pytestmark = pytest.mark.slow
 

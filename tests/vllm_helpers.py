@@ -147,6 +147,12 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "stories": ("shared:stories260k-vllm", {"sym": True}),
     "llama-module": ("tiny:llama", {"share": "module"}),
     "llama-partial": ("tiny:llama", {"restore": "0.5"}),  # GlowQ-S: half the units keep factors
+    "qwen3_moe": ("tiny:qwen3_moe", {}),
+    "qwen2_moe": ("tiny:qwen2_moe", {}),  # with a shared expert
+    "mixtral": ("tiny:mixtral", {}),
+    "qwen3_moe-module": ("tiny:qwen3_moe", {"share": "module"}),  # one B per expert projection
+    "mixtral-partial": ("tiny:mixtral", {"restore": "0.5"}),  # GlowQ-S over expert units too
+    "qwen3_moe-rtn": ("tiny:qwen3_moe", {"rank": 0}),  # plain int4 experts, no factors
 }
 
 
@@ -177,7 +183,7 @@ class CheckpointFactory:
                 import pytest
 
                 pytest.skip(f"{model} is absent (../shared/data is not part of this clone)")
-            self._built[name] = calibrate(model, self.root / name, CalibrationOptions(**CALIBRATION, **extra))
+            self._built[name] = calibrate(model, self.root / name, CalibrationOptions(**{**CALIBRATION, **extra}))
         return self._built[name]
 
 
@@ -208,9 +214,7 @@ def compare_with_reference(checkpoint: Path, outputs: list[dict[str, Any]]) -> d
     diffs, per_prompt = [], []
     for out in outputs:
         ids = out["prompt_ids"] + out["token_ids"]
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
-        reference = logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        reference = token_logprobs(model, ids)
         diffs.append((reference - torch.tensor(out["prompt_logprobs"] + out["logprobs"])).abs())
         greedy = model.generate(torch.tensor([out["prompt_ids"]]), max_new_tokens=len(out["token_ids"]),
                                 do_sample=False, pad_token_id=0)[0, len(out["prompt_ids"]):].tolist()
@@ -218,6 +222,27 @@ def compare_with_reference(checkpoint: Path, outputs: list[dict[str, Any]]) -> d
                            "top2_gap": _top2_gaps(model, out["prompt_ids"], greedy)})
     flat = torch.cat(diffs)
     return {"max_abs_diff": flat.max().item(), "mean_abs_diff": flat.mean().item(), "prompts": per_prompt}
+
+
+def token_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """The model's logprob of every token of `ids` after the first."""
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    return logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+
+
+def reference_bf16_noise(checkpoint: Path, outputs: list[dict[str, Any]]) -> dict[str, float]:
+    """How far bf16 arithmetic alone moves the reference's logprobs on these token sequences:
+    max/mean |reference in bf16 - reference in fp32|, the scale of a bf16 engine's tolerance."""
+    from offline_calibrate.reference import load_reference_model
+
+    models = [load_reference_model(checkpoint, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)]
+    diffs = []
+    for out in outputs:
+        ids = out["prompt_ids"] + out["token_ids"]
+        diffs.append((token_logprobs(models[0], ids) - token_logprobs(models[1], ids)).abs())
+    flat = torch.cat(diffs)
+    return {"max": flat.max().item(), "mean": flat.mean().item()}
 
 
 def _top2_gaps(model, prompt_ids: list[int], greedy: list[int]) -> list[float]:
@@ -312,12 +337,15 @@ def _summarize(output) -> dict[str, Any]:
 
 
 def linear_parameter_names(model) -> dict[str, list[str]]:
+    """Parameter names of every linear and expert layer (vLLM names the latter `...experts`,
+    holding the `RoutedExperts` as `routed_experts`)."""
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
     from vllm.model_executor.layers.linear import LinearBase
 
     return {
         name: sorted(n for n, _ in module.named_parameters(recurse=False))
         for name, module in model.named_modules()
-        if isinstance(module, LinearBase)
+        if isinstance(module, (LinearBase, RoutedExperts))
     }
 
 

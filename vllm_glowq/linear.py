@@ -37,7 +37,7 @@ from vllm.model_executor.parameter import (
     RowvLLMParameter,
 )
 
-from . import compat, correction
+from . import compat, correction, kernel_choice
 from .format import (
     FACTOR_A,
     FACTOR_B,
@@ -50,13 +50,14 @@ from .format import (
     tensor_name,
 )
 from .loading import ExpectedTensor, ExpectedTensors, ShardKey
-from .packing import dequantize, pack_cols, pack_rows, unpack_cols
+from .packing import dequantize, pack_cols, pack_rows, repack_planes, unpack_cols
 
 # The format stores scales and factors as float16; parameters keep that dtype while loading
 # (vLLM warns on every dtype-changing load) and are cast to the model dtype afterwards.
 CHECKPOINT_FLOAT = torch.float16
 logger = logging.getLogger("vllm.glowq")  # a child of vLLM's logger: same handler and format
-_logged_fallback_reasons: set[str] = set()
+_logged_choices: set[tuple] = set()
+GLOWQ_KERNEL_NAME = "GlowQW4A16"  # how the project's kernel is named in logs and kernel reports
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ class GlowQLinearMethod(LinearMethodBase):
         self.plan = plan
         self.expected = ExpectedTensors(plan.prefix)
         self.has_factors = bool(plan.factor_units)
-        self.kernel = None  # vLLM MPLinearKernel, or None for the dense fallback
+        self.kernel = None  # vLLM MPLinearKernel when vLLM's kernel runs the layer
+        self.kernel_name = "dense-fallback"  # vLLM's kernel class, GLOWQ_KERNEL_NAME or dense-fallback
 
     # ----- weights -------------------------------------------------------------------------
 
@@ -213,6 +215,8 @@ class GlowQLinearMethod(LinearMethodBase):
         layer.register_parameter(FACTOR_B, b)
         layer.register_parameter(FACTOR_A, a)
         for unit in self.plan.factor_units:
+            if unit != self.plan.prefix and unit not in self.plan.members:
+                continue  # the experts' B (a shared expert's gate/up): the expert layer copies it in
             key = None if unit == self.plan.prefix else geo.shard_keys[self.plan.members.index(unit)]
             self.expected.expect(FACTOR_B, key, ExpectedTensor(tensor_name(unit, FACTOR_B), (rank, geo.k_full), False))
         for i, (member, key) in enumerate(zip(self.plan.members, geo.shard_keys)):
@@ -245,16 +249,24 @@ class GlowQLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         self.expected.raise_if_incomplete()
-        kernel_cls, reason = self._choose_kernel()
-        if kernel_cls is None:
-            _log_fallback_once(reason)
-            self._use_dense_fallback(layer)
-        else:
-            self._use_kernel(layer, kernel_cls)
+        vllm_kernel, vllm_refusal = self._choose_vllm_kernel()
+        geo = self.geometry
+        glowq_refusal = self._glowq_kernel_refusal(layer)
+        choice = kernel_choice.choose(kernel_choice.kernel_mode(), vllm_kernel and vllm_kernel.__name__,
+                                      vllm_refusal, glowq_refusal)
         if self.has_factors:
             for name in (FACTOR_A, FACTOR_B):  # plain Parameters for torch.compile (notes §7.2)
                 data = getattr(layer, name).data.to(self.params_dtype)
                 layer.register_parameter(name, torch.nn.Parameter(data.contiguous(), requires_grad=False))
+        if choice.kind == kernel_choice.GLOWQ:
+            self._use_glowq_kernel(layer)
+        elif choice.kind == kernel_choice.VLLM:
+            self._use_kernel(layer, vllm_kernel)
+        else:
+            self._use_dense_fallback(layer)
+        _log_choice_once((geo.k_local, geo.n_local, self.glowq.group_size, self.has_factors), self.kernel_name,
+                         choice.why)
+        if self.has_factors and choice.kind != kernel_choice.GLOWQ:
             correction.register_layer(self.plan.prefix, layer, self._base_forward)
 
     def _kernel_config(self):
@@ -268,11 +280,37 @@ class GlowQLinearMethod(LinearMethodBase):
             zero_points=not self.glowq.sym,
         )
 
-    def _choose_kernel(self) -> tuple[type | None, str]:
+    def _choose_vllm_kernel(self) -> tuple[type | None, str]:
         if not self.glowq.sym and self.geometry.n_local % PACK_FACTOR:
             return None, f"asymmetric zero points need out_features % {PACK_FACTOR} == 0 per rank"
         kernel_cls, reason = compat.choose_int4_kernel(self._kernel_config())
         return kernel_cls, reason or ""
+
+    def _glowq_kernel_refusal(self, layer: torch.nn.Module) -> str | None:
+        """Why the project's kernel cannot run this layer here, or None (imports no Triton on CPUs)."""
+        device = layer.qweight.device
+        if device.type != "cuda":
+            return "the GlowQ int4 kernel runs on CUDA GPUs only"
+        from .kernels import w4a16
+
+        return w4a16.unsupported_reason(self.geometry.k_local, self.geometry.n_local, self._glowq_group_size(),
+                                        self.params_dtype, device)
+
+    def _glowq_group_size(self) -> int:
+        return self.geometry.k_local if self.kernel_group_size == -1 else self.kernel_group_size
+
+    def _use_glowq_kernel(self, layer: torch.nn.Module) -> None:
+        """qweight repacked in place into the kernel layout (same shape), scales [G, N] in the
+        activation dtype, zero points uint8 [G, N] (as loaded); the shared workspace grows."""
+        from .kernels import w4a16
+
+        block_k = w4a16.block_k_for(self.geometry.k_local, self._glowq_group_size())
+        layer.qweight.data = repack_planes(layer.qweight.data, block_k)
+        layer.scales.data = layer.scales.data.to(self.params_dtype)
+        rank = layer.glowq_A.shape[1] if self.has_factors else 0
+        w4a16.workspace(layer.qweight.device).reserve(self.geometry.n_local, self.geometry.k_local, rank,
+                                                      self.params_dtype)
+        self.kernel_name = GLOWQ_KERNEL_NAME
 
     def _use_kernel(self, layer: torch.nn.Module, kernel_cls: type) -> None:
         layer.scales.data = layer.scales.data.to(self.params_dtype)  # kernels take act-dtype scales
@@ -285,6 +323,7 @@ class GlowQLinearMethod(LinearMethodBase):
         self.kernel = kernel_cls(self._kernel_config(), w_q_param_name=QWEIGHT, w_s_param_name=SCALES,
                                  w_zp_param_name=zeros_name)
         self.kernel.process_weights_after_loading(layer)
+        self.kernel_name = kernel_cls.__name__
 
     def _use_dense_fallback(self, layer: torch.nn.Module) -> None:
         packed_zeros = None if self.glowq.sym else pack_cols(layer.qzeros.data)
@@ -299,11 +338,18 @@ class GlowQLinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Base GEMM plus A (B x). Branches only on attributes fixed at load time, never on
         tensor values or token counts, so one Dynamo trace serves every batch (notes §7.1);
-        the corrected path is one custom op, which chooses its kernels per call (correction.py)."""
-        if not self.has_factors:
-            return self._base_forward(layer, x, bias)
+        a corrected layer or the project's kernel is one custom op, which chooses its
+        kernels per call (correction.py)."""
         flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.glowq.linear(flat, bias, self.plan.prefix, self.geometry.n_local)
+        if self.kernel_name == GLOWQ_KERNEL_NAME:
+            out = torch.ops.glowq.int4_linear(
+                flat, layer.qweight, layer.scales, getattr(layer, QZEROS, None), bias,
+                layer.glowq_B if self.has_factors else None, layer.glowq_A if self.has_factors else None,
+                self._glowq_group_size())
+        elif self.has_factors:
+            out = torch.ops.glowq.linear(flat, bias, self.plan.prefix, self.geometry.n_local)
+        else:
+            return self._base_forward(layer, x, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _base_forward(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -326,9 +372,14 @@ def _loaded_already(*_args, **_kwargs) -> None:
     raise RuntimeError("GlowQ zero points were repacked after loading and cannot be reloaded.")
 
 
-def _log_fallback_once(reason: str) -> None:
-    if reason in _logged_fallback_reasons:
+def _log_choice_once(shape: tuple, kernel: str, why: str) -> None:
+    """One line per layer shape (K, N, group size, corrected) and kernel: which int4 GEMM runs it."""
+    if (shape, kernel) in _logged_choices:
         return
-    _logged_fallback_reasons.add(reason)
-    logger.warning("GlowQ: no int4 kernel for some layers (%s); they use dense dequantized weights.", reason)
-
+    _logged_choices.add((shape, kernel))
+    k, n, group, corrected = shape
+    what = f"GlowQ: layers of {k} -> {n} (group {group}{', corrected' if corrected else ''}) run {kernel} ({why})"
+    if kernel == "dense-fallback":
+        logger.warning("%s; no int4 kernel: they use dense dequantized weights.", what)
+    else:
+        logger.info("%s.", what)

@@ -1,4 +1,4 @@
-"""Checkpoint-tensor bookkeeping for one GlowQ linear layer.
+"""Checkpoint-tensor bookkeeping for one GlowQ linear or expert layer.
 
 vLLM checks neither that every shard of a fused parameter arrived (a checkpoint without
 `up_proj.glowq_A` loads silently with zeros) nor, with a readable message, that shapes agree
@@ -19,7 +19,8 @@ import torch
 
 from .format import QZEROS, GlowQFormatError
 
-ShardKey = str | int | None  # vLLM's shard id: "q"/"k"/"v", 0/1 (gate/up), or None (unfused)
+# vLLM's shard id: "q"/"k"/"v", 0/1 (gate/up), None (unfused); (shard, expert) for experts
+ShardKey = str | int | tuple[str, int] | None
 Transform = Callable[[torch.Tensor, ShardKey], torch.Tensor]
 VLLM_WEIGHT_LOADING_LOGGER = "vllm.model_executor.models.utils"  # vLLM's AutoWeightsLoader
 
@@ -43,6 +44,9 @@ class ExpectedTensors:
 
     def expect(self, param_name: str, shard: ShardKey, tensor: ExpectedTensor) -> None:
         self._expected[(param_name, shard)] = tensor
+
+    def expects(self, param_name: str, shard: ShardKey) -> bool:
+        return (param_name, shard) in self._expected
 
     def wrap_loader(self, param_name: str, vllm_loader: Callable, transform: Transform | None = None) -> Callable:
         """A weight loader that validates and records, then delegates to `vllm_loader`.
@@ -99,7 +103,6 @@ class ExpectedTensors:
                 + f", which layer {self.layer_prefix!r} needs according to its quantization_config; "
                 "re-run glowq-calibrate or fix lowrank_units."
             )
-
 
 
 class ZeroPointDtypeNotice(logging.Filter):

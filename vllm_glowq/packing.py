@@ -77,3 +77,38 @@ def dequantize(
         per_row, dim=0
     )
     return weight.t().contiguous().to(dtype)
+
+
+def plane_rows(block_k: int) -> torch.Tensor:
+    """[8, block_k / 8]: the row of a K block that nibble p of word kk holds in the kernel layout.
+
+    Nibble p = f + 2g + 4h of word kk holds row KW (4f + 2g + h) + kk (KW = block_k / 8): the
+    eight nibble planes are stacked along the block, so the kernel (kernels/w4a16_triton.py)
+    unpacks a tile without moving values between threads, and x stays one contiguous tile.
+    """
+    kw = block_k // PACK_FACTOR
+    nibble = torch.arange(PACK_FACTOR).view(-1, 1)
+    plane = 4 * (nibble % 2) + 2 * ((nibble // 2) % 2) + nibble // 4
+    return plane * kw + torch.arange(kw).view(1, -1)
+
+
+def repack_planes(qweight: torch.Tensor, block_k: int) -> torch.Tensor:
+    """GPTQ-layout int32 [K / 8, N] -> the kernel layout (same shape; plane_rows per K block)."""
+    codes = unpack_rows(qweight)
+    k, n = codes.shape
+    if k % block_k:
+        raise ValueError(f"{k} input rows do not split into K blocks of {block_k}")
+    gathered = codes.view(k // block_k, block_k, n)[:, plane_rows(block_k).to(codes.device), :].to(torch.int64)
+    words = (gathered << _SHIFTS.to(codes.device).view(1, -1, 1, 1)).sum(dim=1)  # [blocks, KW, N]
+    return _to_int32(words.reshape(k // PACK_FACTOR, n))
+
+
+def unrepack_planes(qweight: torch.Tensor, block_k: int) -> torch.Tensor:
+    """Inverse of repack_planes: the kernel layout -> GPTQ-layout int32 [K / 8, N]."""
+    kw, n = block_k // PACK_FACTOR, qweight.shape[1]
+    k = qweight.shape[0] * PACK_FACTOR
+    words = qweight.to(torch.int64).view(k // block_k, 1, kw, n)
+    nibbles = (words >> _SHIFTS.to(qweight.device).view(1, -1, 1, 1)) & 0xF  # [blocks, 8, KW, N]
+    codes = torch.empty(k // block_k, block_k, n, dtype=torch.int64, device=qweight.device)
+    codes[:, plane_rows(block_k).to(qweight.device).reshape(-1), :] = nibbles.reshape(k // block_k, block_k, n)
+    return pack_rows(codes.reshape(k, n))

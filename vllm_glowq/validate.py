@@ -9,6 +9,11 @@ names the file or tensor and the fix. Without it, vLLM finds a missing or mis-sh
 only while loading weights, minutes later and deep inside an engine process, and the
 reference forward would accept scales whose group size disagrees with the config.
 
+Mixture-of-Experts models are checked expert by expert: transformers keeps their experts as
+fused 3-D parameters, which the validator cuts into the per-expert names checkpoints use with
+the calibrator's own mapping (moe_layout.py), so the experts' shared B, every expert's A and
+each down projection's unit are expected exactly where the calibrator writes them.
+
 Importable without vLLM (the calibrator and the reference use it); transformers is imported
 only to build the model's skeleton on the meta device.
 """
@@ -21,18 +26,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .format import (
+    EXPERTS,
     FACTOR_A,
     FACTOR_B,
+    MOE_FORMAT_VERSION,
     PACK_FACTOR,
     QWEIGHT,
     QZEROS,
     SCALES,
     GlowQConfig,
     GlowQFormatError,
+    factor_b_name,
     packable,
     tensor_name,
 )
+from .moe_layout import EXPERTS_BY_MODEL_TYPE, FUSED_GATE_UP, ExpertsSpec, checkpoint_state_dict, is_fused_experts
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -96,28 +107,38 @@ def read_json(path: Path) -> Any:
 # ----- what the checkpoint must hold -------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CheckpointLinears:
+    """A model's linears under their checkpoint names, as the format sees them."""
+
+    quantizable: dict[str, tuple[int, int]]  # name -> (in, out) of every linear GlowQ may quantize
+    routers: dict[str, tuple[int, int]]  # MoE routers: always full precision (modules_to_not_convert)
+    experts: dict[str, tuple[str, ...]]  # MoE block -> its experts' projections (all in `quantizable`)
+
+
 def expected_tensors(model_config: dict[str, Any], glowq: GlowQConfig) -> dict[str, TensorSpec]:
     """Every tensor name the format requires for this model and quantization_config."""
     model = meta_model(model_config)
-    linears = quantizable_linears(model)
+    linears = checkpoint_linears(model)
+    _check_experts(glowq, linears)
     _check_listed_names(glowq, linears)
-    state = model.state_dict()
+    state = checkpoint_state_dict(model, experts_spec(model))
+    every_linear = {**linears.quantizable, **linears.routers}
     expected: dict[str, TensorSpec] = {}
     for name, tensor in state.items():
         module = name.rpartition(".")[0]
-        if module not in linears:
+        if module not in every_linear:
             expected[name] = TensorSpec(tuple(tensor.shape), MODEL_FLOATS)
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)  # the head shares the embedding; it is not stored
-    for module, (in_features, out_features) in linears.items():
+    for module, (in_features, out_features) in every_linear.items():
         has_bias = tensor_name(module, "bias") in state
         expected.update(_linear_tensors(module, in_features, out_features, has_bias, glowq))
     return expected
 
 
-def meta_model(model_config: dict[str, Any]):
+def meta_model(model_config: dict[str, Any]) -> torch.nn.Module:
     """The transformers model of this config, built on the meta device (shapes, no memory)."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -128,34 +149,98 @@ def meta_model(model_config: dict[str, Any]):
         return AutoModelForCausalLM.from_config(hf_config)
 
 
-def quantizable_linears(model) -> dict[str, tuple[int, int]]:
-    """name -> (in_features, out_features) of every linear GlowQ quantizes: all of them but the
-    output head, which vLLM keeps in its own embedding class (as the plugin does)."""
-    import torch
+def experts_spec(model: torch.nn.Module) -> ExpertsSpec | None:
+    """How checkpoints name this model's experts; None for a dense model. A model whose
+    experts the format has no names for is refused (vLLM would not find its tensors)."""
+    spec = EXPERTS_BY_MODEL_TYPE.get(model.config.model_type)
+    if spec is None:
+        fused = next((name for name, module in model.named_modules() if is_fused_experts(module)), None)
+        if fused is not None:
+            raise GlowQFormatError(
+                f"model_type {model.config.model_type!r} has Mixture-of-Experts layers ({fused}) that the GlowQ "
+                f"format has no checkpoint names for (MoE model types: {sorted(EXPERTS_BY_MODEL_TYPE)}); "
+                "glowq-calibrate does not write such checkpoints."
+            )
+    return spec
 
-    head = model.get_output_embeddings()
-    return {
-        name: (module.in_features, module.out_features)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not head
-    }
+
+def checkpoint_linears(model: torch.nn.Module) -> CheckpointLinears:
+    """Every linear GlowQ quantizes (all but the output head, which vLLM keeps in its own
+    embedding class, as the plugin does), each expert's gate, up and down projections cut out
+    of transformers' fused 3-D parameters, and the MoE routers, all under checkpoint names."""
+    spec, head = experts_spec(model), model.get_output_embeddings()
+    quantizable: dict[str, tuple[int, int]] = {}
+    routers: dict[str, tuple[int, int]] = {}
+    experts: dict[str, tuple[str, ...]] = {}
+    for path, module in model.named_modules():
+        if spec is not None and is_fused_experts(module):
+            block_path = path.rpartition(".")[0]
+            block = spec.checkpoint_name(path).rpartition(".")[0]
+            projections = _expert_projections(block, module, spec)
+            quantizable.update(projections)
+            experts[block] = tuple(projections)
+            for router in spec.full_precision:
+                out_features, in_features = model.get_submodule(f"{block_path}.{router}").weight.shape
+                routers[f"{block}.{router}"] = (in_features, out_features)
+        elif isinstance(module, torch.nn.Linear) and module is not head:
+            name = path if spec is None else spec.checkpoint_name(path)
+            quantizable[name] = (module.in_features, module.out_features)
+    for router in routers:
+        quantizable.pop(router, None)  # a router may be an nn.Linear (Qwen2-MoE's shared_expert_gate)
+    return CheckpointLinears(quantizable, routers, experts)
 
 
-def _check_listed_names(glowq: GlowQConfig, linears: dict[str, tuple[int, int]]) -> None:
+def _expert_projections(block: str, module: torch.nn.Module, spec: ExpertsSpec) -> dict[str, tuple[int, int]]:
+    """(in, out) of every expert's projections: gate_up_proj is [E, 2I, H], down_proj [E, H, I]."""
+    num_experts, two_i, hidden = getattr(module, FUSED_GATE_UP).shape
+    gate, up, down = spec.projections
+    shapes = {gate: (hidden, two_i // 2), up: (hidden, two_i // 2), down: (two_i // 2, hidden)}
+    return {f"{block}.{EXPERTS}.{e}.{leaf}": shape for e in range(num_experts) for leaf, shape in shapes.items()}
+
+
+def _check_listed_names(glowq: GlowQConfig, linears: CheckpointLinears) -> None:
     """lowrank_units and modules_to_not_convert may only name this model's units and linears."""
-    units = {glowq.unit_of(name) for name in linears if glowq.is_quantized(name)}
+    units = {glowq.unit_of(name) for name in linears.quantizable if glowq.is_quantized(name)}
     unknown_units = sorted(set(glowq.lowrank_units) - units)
     if unknown_units:
         raise GlowQFormatError(
             f"GlowQ quantization_config.lowrank_units lists {unknown_units[0]!r}, which is not a quantized "
             f"unit of this model (share={glowq.share!r}); remove it or re-run glowq-calibrate."
         )
-    unknown_modules = sorted(set(glowq.modules_to_not_convert) - set(linears))
+    unknown_modules = sorted(set(glowq.modules_to_not_convert) - set(linears.quantizable) - set(linears.routers))
     if unknown_modules:
         raise GlowQFormatError(
             f"GlowQ quantization_config.modules_to_not_convert lists {unknown_modules[0]!r}, which is not a "
             "linear layer of this model; remove it or re-run glowq-calibrate."
         )
+
+
+def _check_experts(glowq: GlowQConfig, linears: CheckpointLinears) -> None:
+    """What the tensors alone would not show about an MoE model: its format version, that
+    routers stay in full precision, and that vLLM's one layer per block of experts is either
+    quantized or not."""
+    if not linears.experts:
+        return
+    if glowq.format_version < MOE_FORMAT_VERSION:
+        raise GlowQFormatError(
+            f"GlowQ format_version {glowq.format_version} has no Mixture-of-Experts layers, but this model has "
+            f"experts ({next(iter(linears.experts))}.{EXPERTS}); MoE checkpoints are format_version "
+            f"{MOE_FORMAT_VERSION}: re-calibrate with this glowq-calibrate."
+        )
+    quantized_routers = [router for router in linears.routers if glowq.is_quantized(router)]
+    if quantized_routers:
+        raise GlowQFormatError(
+            f"GlowQ quantization_config.modules_to_not_convert does not list the router {quantized_routers[0]!r}; "
+            "routers stay in full precision: add it (glowq-calibrate lists every router)."
+        )
+    for block, projections in linears.experts.items():
+        kept = [name for name in projections if not glowq.is_quantized(name)]
+        if 0 < len(kept) < len(projections):
+            raise GlowQFormatError(
+                f"GlowQ quantization_config.modules_to_not_convert keeps {kept[0]!r} in full precision but "
+                f"quantizes other experts of {block!r}; vLLM runs a block's experts as one layer: list all of "
+                "their projections or none."
+            )
 
 
 def _linear_tensors(module: str, k: int, n: int, has_bias: bool, glowq: GlowQConfig) -> dict[str, TensorSpec]:
@@ -178,7 +263,7 @@ def _linear_tensors(module: str, k: int, n: int, has_bias: bool, glowq: GlowQCon
     unit = glowq.unit_of(module)
     if glowq.has_factors(unit):
         out[tensor_name(module, FACTOR_A)] = TensorSpec((n, glowq.rank), (CHECKPOINT_FLOAT,))
-        out[tensor_name(unit, FACTOR_B)] = TensorSpec((glowq.rank, k), (CHECKPOINT_FLOAT,))
+        out[factor_b_name(unit)] = TensorSpec((glowq.rank, k), (CHECKPOINT_FLOAT,))
     return out
 
 
@@ -286,20 +371,28 @@ def compare_tensors(
 
 
 def _unexpected_tensor_error(unexpected: list[str], found: dict[str, TensorHeader], glowq: GlowQConfig):
-    """Factors of an undeclared unit get their own message: the usual cause is a hand-edited
-    lowrank_units; anything else is a tensor the format does not know."""
+    """Factors of an undeclared unit, and a unit's B stored under another name, get their own
+    message: the usual causes are a hand-edited lowrank_units and a B moved to another member
+    (an MoE layer's shared B belongs under expert 0's gate projection); anything else is a
+    tensor the format does not know."""
     more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
     for name in unexpected:
         module, _, suffix = name.rpartition(".")
-        if suffix in (FACTOR_A, FACTOR_B):
-            unit = module if suffix == FACTOR_B else glowq.unit_of(module)
+        if suffix not in (FACTOR_A, FACTOR_B):
+            continue
+        unit, file = glowq.unit_of(module), found[name].file
+        if not glowq.has_factors(unit):
             return GlowQFormatError(
-                f"GlowQ checkpoint (in {found[name].file}) has low-rank factors for unit {unit!r}, which "
+                f"GlowQ checkpoint (in {file}) has low-rank factors for unit {unit!r}, which "
                 "quantization_config.lowrank_units does not list; add the unit there or drop its tensors."
+            )
+        if suffix == FACTOR_B:
+            return GlowQFormatError(
+                f"GlowQ checkpoint has an unexpected tensor {name!r} (in {file}): unit {unit!r} stores its one B "
+                f"as {factor_b_name(unit)!r}; rename the tensor or {_RECALIBRATE}."
             )
     return GlowQFormatError(
         f"GlowQ checkpoint has an unexpected tensor {unexpected[0]!r}{more} (in {found[unexpected[0]].file}): "
         "its quantization_config does not describe it (check lowrank_units, share and "
         "modules_to_not_convert), or the file belongs to another model."
     )
-

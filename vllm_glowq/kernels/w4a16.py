@@ -3,8 +3,10 @@ configurations, the per-device workspace, and the forward `x deq(Wq)^T + (x B^T)
 
 Up to GEMM_MAX_TOKENS tokens (decode, small batches) one `gemm_kernel` launch does everything.
 Above it the layer's weight, with the correction folded in, is dequantized into a shared dense
-workspace and multiplied by cuBLAS: at that size the GEMM is compute-bound, so an int4 mainloop
-buys nothing and the dense product is the fastest one on the GPU.
+workspace and multiplied by cuBLAS. On the H200 (bench/results/kernel/, 2026-12-01) the int4
+mainloop took 177 us per Llama-3-8B decoder layer at 16 tokens and 271 us at 64, while
+dequantizing costs about 101 us per layer (the 2048-token difference to bf16) on top of
+cuBLAS's 125 / 137 us: the crossover lies between 16 and 64 tokens.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-GEMM_MAX_TOKENS = 256
+GEMM_MAX_TOKENS = 16
+WORKSPACE_TOKENS = 256  # rows the gemm workspace holds (the microbenchmark times gemm up to here)
 PARTIAL_SUM_BYTES = 32 * 1024**2  # cap of the split-K workspace (fp32 partial tiles)
 _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}  # bits and value of MAGIC
 
@@ -33,6 +36,7 @@ class GemmConfig:
     block_r: int = 16  # rank block of the shrink and expand
     shrink_block_k: int = 128
     shrink_chunk: int = 512  # K columns per shrink program
+    prefetch: bool = False  # one-token path: load the next K block by hand first (not measured yet; the sweep tries it)
 
 
 def block_k_for(k: int, group_size: int) -> int | None:
@@ -95,9 +99,9 @@ class Workspace:
 
     def reserve(self, n: int, k: int, rank: int, dtype: torch.dtype) -> None:
         """Grow the buffers for a layer of N outputs, K inputs and this correction rank."""
-        if self.reduced.numel() < GEMM_MAX_TOKENS * rank:
-            self.reduced = torch.zeros(GEMM_MAX_TOKENS * rank, dtype=torch.float32, device=self.device)
-        tickets = 2 + math.ceil(GEMM_MAX_TOKENS / 16) * math.ceil(n / 16)
+        if self.reduced.numel() < WORKSPACE_TOKENS * rank:
+            self.reduced = torch.zeros(WORKSPACE_TOKENS * rank, dtype=torch.float32, device=self.device)
+        tickets = 2 + math.ceil(WORKSPACE_TOKENS / 16) * math.ceil(n / 16)
         if self.sync.numel() < tickets:
             self.sync = torch.zeros(tickets, dtype=torch.int32, device=self.device)
         if self.dense.get(dtype, torch.empty(0)).numel() < k * n:
@@ -117,8 +121,9 @@ def workspace(device: torch.device) -> Workspace:
 def forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
             bias: torch.Tensor | None, factor_b: torch.Tensor | None, factor_a: torch.Tensor | None,
             group_size: int) -> torch.Tensor:
-    """x [T, K] -> [T, N]; qweight int32 [K/8, N], scales [G, N] (x's dtype), zeros uint8 [G, N] or None,
-    factors B [r, K] and A [N, r] or None (plain int4)."""
+    """x [T, K] -> [T, N]; qweight int32 [K/8, N] in the kernel layout (packing.repack_planes with
+    block_k_for(K, group_size)), scales [G, N] (x's dtype), zeros uint8 [G, N] or None, factors
+    B [r, K] and A [N, r] or None (plain int4)."""
     if x.shape[0] <= GEMM_MAX_TOKENS:
         return gemm(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size)
     dense = dequantize(qweight, scales, zeros, factor_b, factor_a, group_size, x.dtype)
@@ -128,10 +133,12 @@ def forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
 def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
          bias: torch.Tensor | None, factor_b: torch.Tensor | None, factor_a: torch.Tensor | None,
          group_size: int, config: GemmConfig | None = None) -> torch.Tensor:
-    """One `gemm_kernel` launch (any token count the workspace holds: up to GEMM_MAX_TOKENS)."""
+    """One `gemm_kernel` launch, for up to WORKSPACE_TOKENS rows (forward() uses it up to GEMM_MAX_TOKENS)."""
     from .w4a16_triton import gemm_kernel
 
     tokens, k = x.shape
+    if tokens > WORKSPACE_TOKENS:
+        raise ValueError(f"gemm takes at most {WORKSPACE_TOKENS} rows, got {tokens}; forward() dequantizes above")
     n = qweight.shape[1]
     out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
     if tokens == 0:
@@ -162,7 +169,7 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, CORRECT=correct,
         BM=config.block_m, BN=config.block_n, BK=config.block_k,
         BR=config.block_r, SBM=shrink_block_m, SBK=config.shrink_block_k, MAGIC=magic, MAGIC_VALUE=magic_value,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        PREFETCH=config.prefetch, num_warps=config.num_warps, num_stages=config.num_stages)
     if os.environ.get("GLOWQ_DEBUG") and config not in _reported:
         _reported.add(config)
         print(f"gemm {config}: regs {handle.n_regs} spills {handle.n_spills} smem {handle.metadata.shared}", flush=True)

@@ -1,7 +1,8 @@
 """The project's W4A16 GEMM with GlowQ's correction fused in: `out = x deq(Wq)^T + (x B^T) A^T + bias`.
 
-Two kernels, both reading the GPTQ layout the checkpoint stores (qweight int32 [K / 8, N], eight
-consecutive input rows per word, low nibble first), so the plugin keeps one copy of the weights:
+Two kernels, both reading qweight int32 [K / 8, N] in the layout the plugin repacks the
+checkpoint's GPTQ words into at load time (packing.repack_planes: per K block the eight nibble
+planes stacked), so the plugin keeps one copy of the weights:
 
 * `gemm` (decode and small batches): one launch computes the int4 GEMM and the correction.
   - The first `shrink_programs` programs compute R = x B^T, each over one (token block, rank
@@ -48,9 +49,9 @@ def _sum(values, axis: tl.constexpr):
 
 
 @triton.jit
-def _interleave_rows(a, b):
-    """[R, C], [R, C] -> [2R, C] with rows a0, b0, a1, b1, ..."""
-    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (2 * a.shape[0], a.shape[1]))
+def _stack_rows(a, b):
+    """[R, C], [R, C] -> [2R, C]: a above b (the joined axis becomes the outermost one)."""
+    return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * a.shape[0], a.shape[1]))
 
 
 @triton.jit
@@ -64,21 +65,18 @@ def _nibble_pair(words, shift: tl.constexpr, MAGIC: tl.constexpr, DTYPE: tl.cons
 
 @triton.jit
 def _unpack(words, MAGIC: tl.constexpr, DTYPE: tl.constexpr):
-    """int32 words [KW, C] -> [8 KW, C] values MAGIC + q, row 8 kk + p from nibble p of word kk."""
+    """Repacked words [KW, C] of one K block -> [8 KW, C] values MAGIC + q in the block's row order.
+
+    Nibble p = f + 2g + 4h of word kk holds block row KW (4f + 2g + h) + kk (packing.py's
+    `repack_planes`), so the eight nibble planes are stacked, never interleaved: each thread
+    keeps its words' values, and x is one contiguous tile.
+    """
     n0, n4 = _nibble_pair(words, 0, MAGIC, DTYPE)
     n1, n5 = _nibble_pair(words, 4, MAGIC, DTYPE)
     n2, n6 = _nibble_pair(words, 8, MAGIC, DTYPE)
     n3, n7 = _nibble_pair(words, 12, MAGIC, DTYPE)
-    # rows 2kk + h  <- nibble j + 4h
-    p0 = _interleave_rows(n0, n4)
-    p1 = _interleave_rows(n1, n5)
-    p2 = _interleave_rows(n2, n6)
-    p3 = _interleave_rows(n3, n7)
-    # rows 4kk + 2h + h'  <- nibble a + 2h' + 4h
-    q0 = _interleave_rows(p0, p2)
-    q1 = _interleave_rows(p1, p3)
-    # rows 8kk + 4h + 2h' + h''  <- nibble h'' + 2h' + 4h
-    return _interleave_rows(q0, q1)
+    return _stack_rows(_stack_rows(_stack_rows(n0, n4), _stack_rows(n2, n6)),
+                       _stack_rows(_stack_rows(n1, n5), _stack_rows(n3, n7)))
 
 
 @triton.jit
@@ -96,13 +94,7 @@ def _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, k_end,
                     stride_xm, stride_qk, stride_sg, stride_zg, acc,
                     HAS_ZEROS: tl.constexpr, BK: tl.constexpr, MAGIC: tl.constexpr,
                     MAGIC_VALUE: tl.constexpr, DTYPE: tl.constexpr):
-    """acc + sum over k in [k_start, k_end) of x[m, k] deq(W)[k, n] on the tensor cores (BK divides the group).
-
-    Up to 16 tokens (and K blocks of 128) each nibble position is its own plane: eight products of K = BK / 8 with
-    the matching strided columns of x, and no reordering of the unpacked weights (the H200 sweep
-    found this fastest there); for more tokens the nibbles are interleaved into one [BK, BN]
-    tile in GPTQ row order and multiplied once.
-    """
+    """acc + sum over k in [k_start, k_end) of x[m, k] deq(W)[k, n] on the tensor cores (BK divides the group)."""
     offs_kw = tl.arange(0, BK // 8)
     offs_k = tl.arange(0, BK)
     m_ok = offs_m[:, None] < M
@@ -111,52 +103,58 @@ def _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, k_end,
         words = tl.load(qw_ptr + (k0 // 8 + offs_kw)[:, None] * stride_qk + offs_n[None, :],
                         mask=n_ok[None, :], other=0)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_ok, other=0.0)
-        if offs_m.shape[0] <= 16 and BK >= 128:  # each plane's K = BK / 8 must be at least 16 (tl.dot)
-            raw = tl.full((offs_m.shape[0], offs_n.shape[0]), 0.0, tl.float32)
-            for p in tl.static_range(4):
-                low, high = _nibble_pair(words, 4 * p, MAGIC, DTYPE)
-                rows = offs_m[:, None] * stride_xm + (k0 + 8 * offs_kw + p)[None, :]
-                raw = tl.dot(tl.load(x_ptr + rows, mask=m_ok, other=0.0), low, raw)
-                raw = tl.dot(tl.load(x_ptr + rows + 4, mask=m_ok, other=0.0), high, raw)
-        else:
-            raw = tl.dot(x, _unpack(words, MAGIC, DTYPE))
-        x_sum = _sum(x.to(tl.float32), axis=1)
         group = k0 // group_size
         scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, MAGIC_VALUE)
-        acc += (raw - x_sum[:, None] * zero_term[None, :]) * scale[None, :]
+        # (MAGIC + q) - (MAGIC + z) = q - z, exact in DTYPE: the dot sees the integer codes
+        codes = _unpack(words, MAGIC, DTYPE) - zero_term.to(DTYPE)[None, :]
+        acc += tl.dot(x, codes) * scale[None, :]
     return acc
 
 
 @triton.jit
 def _gemv_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_start, k_end, N, group_size,
-                    stride_qk, stride_sg, stride_zg, acc, HAS_ZEROS: tl.constexpr, BK: tl.constexpr):
+                    stride_qk, stride_sg, stride_zg, acc, HAS_ZEROS: tl.constexpr, BK: tl.constexpr,
+                    PREFETCH: tl.constexpr):
     """The one-token case without tensor cores: acc [1, BN] + x deq(W) over [k_start, k_end).
 
     Two nibbles per and-or become the bf16 numbers 128 + q in the halves of a word; shifting
     each half to the top gives the same number as float32, so every weight costs about one
     integer operation and one fused multiply-add, and the sum over K stays inside each thread.
+    Triton pipelines only loads that feed tl.dot, so with PREFETCH the next block's words are
+    loaded by hand before this block's arithmetic, to keep a load in flight while it runs.
     """
     offs_kw = tl.arange(0, BK // 8)
     n_ok = offs_n < N
     total = tl.full(offs_n.shape, 0.0, tl.float32)
+    rows = offs_kw[:, None] * stride_qk + offs_n[None, :]
+    words = tl.load(qw_ptr + (k_start // 8) * stride_qk + rows, mask=n_ok[None, :], other=0)
     for k0 in range(k_start, k_end, BK):
-        words = tl.load(qw_ptr + (k0 // 8 + offs_kw)[:, None] * stride_qk + offs_n[None, :],
-                        mask=n_ok[None, :], other=0)
-        raw = tl.full(offs_n.shape, 0.0, tl.float32)
-        x_sum = 0.0
+        if PREFETCH:  # the last block loads itself once more rather than past the chunk
+            following = tl.load(qw_ptr + (tl.minimum(k0 + BK, k_end - BK) // 8) * stride_qk + rows,
+                                mask=n_ok[None, :], other=0)
+        else:
+            words = tl.load(qw_ptr + (k0 // 8) * stride_qk + rows, mask=n_ok[None, :], other=0)
+        products = tl.full(words.shape, 0.0, tl.float32)  # per word: the sum over its eight nibbles
+        x_rows = tl.full(offs_kw.shape, 0.0, tl.float32)
         for p in tl.static_range(4):
             pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
             low = (pair << 16).to(tl.float32, bitcast=True)
             high = (pair & -65536).to(tl.float32, bitcast=True)
-            x_low = tl.load(x_ptr + k0 + 8 * offs_kw + p).to(tl.float32)
-            x_high = tl.load(x_ptr + k0 + 8 * offs_kw + p + 4).to(tl.float32)
-            raw += _sum(x_low[:, None] * low, axis=0) + _sum(x_high[:, None] * high, axis=0)
-            x_sum += _sum(x_low, axis=0) + _sum(x_high, axis=0)
+            plane = (BK // 8) * (4 * (p % 2) + 2 * (p // 2))  # nibble p's rows; nibble p + 4's follow
+            x_low = tl.load(x_ptr + k0 + plane + offs_kw).to(tl.float32)
+            x_high = tl.load(x_ptr + k0 + plane + BK // 8 + offs_kw).to(tl.float32)
+            products += x_low[:, None] * low  # two statements: two fused multiply-adds
+            products += x_high[:, None] * high
+            x_rows += x_low + x_high
+        raw = _sum(products, axis=0)  # one add per word, inside each thread
+        x_sum = _sum(x_rows, axis=0)
         group = k0 // group_size
         scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, 128.0)
         total += (raw - x_sum * zero_term) * scale
+        if PREFETCH:
+            words = following
     return acc + total[None, :]
 
 
@@ -248,7 +246,7 @@ def gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, pa
                 HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, CORRECT: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 BR: tl.constexpr, SBM: tl.constexpr, SBK: tl.constexpr, MAGIC: tl.constexpr,
-                MAGIC_VALUE: tl.constexpr):
+                MAGIC_VALUE: tl.constexpr, PREFETCH: tl.constexpr):
     """See the module docstring. sync_ptr: [0] shrink items done, [1] epilogues done, [2 + t] tile t's tickets."""
     DTYPE = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -261,12 +259,12 @@ def gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, pa
             _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
                        pid - shrink_programs, M, N, K, RANK, group_size, split_k, k_chunk, shrink_programs,
                        stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
-                       HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE)
+                       HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE, PREFETCH)
     else:
         _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
                    pid, M, N, K, RANK, group_size, split_k, k_chunk, shrink_programs,
                    stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
-                   HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE)
+                   HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE, PREFETCH)
 
 
 @triton.jit
@@ -275,7 +273,7 @@ def _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, 
                stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
                HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, CORRECT: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, MAGIC: tl.constexpr,
-               MAGIC_VALUE: tl.constexpr, DTYPE: tl.constexpr):
+               MAGIC_VALUE: tl.constexpr, DTYPE: tl.constexpr, PREFETCH: tl.constexpr):
     """One (token block, output tile, K chunk) of the int4 GEMM; the tile's last chunk runs the epilogue."""
     n_tiles = (N + BN - 1) // BN
     split = item % split_k
@@ -286,7 +284,7 @@ def _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, 
     acc = tl.full((BM, BN), 0.0, tl.float32)
     if BM == 1:
         acc = _gemv_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_start, tl.minimum(K, k_start + k_chunk), N,
-                              group_size, stride_qk, stride_sg, stride_zg, acc, HAS_ZEROS, BK)
+                              group_size, stride_qk, stride_sg, stride_zg, acc, HAS_ZEROS, BK, PREFETCH)
     else:
         acc = _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, tl.minimum(K, k_start + k_chunk),
                               M, N, group_size, stride_xm, stride_qk, stride_sg, stride_zg, acc,
@@ -312,23 +310,38 @@ def dequantize_kernel(qw_ptr, s_ptr, z_ptr, b_ptr, a_ptr, w_ptr, N, K, RANK, gro
                       stride_qk, stride_sg, stride_zg, stride_bk, stride_an, stride_wk,
                       HAS_ZEROS: tl.constexpr, CORRECT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                       BR: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VALUE: tl.constexpr):
-    """W_eff[k, n] = (q - z) s + sum_r B[r, k] A[n, r] for one [BK, BN] tile, into w_ptr [K, N]."""
+    """W_eff[k, n] = (q - z) s + sum_r B[r, k] A[n, r] for one K block and BN columns, into w_ptr [K, N].
+
+    Each nibble plane is written to its own rows (packing.plane_rows), so no tile is reordered."""
     DTYPE = w_ptr.dtype.element_ty
-    offs_k = tl.program_id(0) * BK + tl.arange(0, BK)
+    KW: tl.constexpr = BK // 8
+    k0 = tl.program_id(0) * BK
+    offs_kw = tl.arange(0, KW)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = offs_n < N
-    words = tl.load(qw_ptr + (tl.program_id(0) * (BK // 8) + tl.arange(0, BK // 8))[:, None] * stride_qk
-                    + offs_n[None, :], mask=n_ok[None, :], other=0)
-    group = tl.program_id(0) * BK // group_size
+    words = tl.load(qw_ptr + (k0 // 8 + offs_kw)[:, None] * stride_qk + offs_n[None, :], mask=n_ok[None, :], other=0)
+    group = k0 // group_size
     scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, MAGIC_VALUE)
-    weight = (_unpack(words, MAGIC, DTYPE).to(tl.float32) - zero_term[None, :]) * scale[None, :]
+    for p in tl.static_range(4):
+        low, high = _nibble_pair(words, 4 * p, MAGIC, DTYPE)
+        rows = k0 + KW * (4 * (p % 2) + 2 * (p // 2)) + offs_kw  # nibble p's rows; nibble p + 4's follow
+        _store_plane(low, rows, offs_n, n_ok, scale, zero_term, b_ptr, a_ptr, w_ptr, RANK, stride_bk, stride_an,
+                     stride_wk, CORRECT, BR, DTYPE)
+        _store_plane(high, rows + KW, offs_n, n_ok, scale, zero_term, b_ptr, a_ptr, w_ptr, RANK, stride_bk,
+                     stride_an, stride_wk, CORRECT, BR, DTYPE)
+
+
+@triton.jit
+def _store_plane(values, rows, offs_n, n_ok, scale, zero_term, b_ptr, a_ptr, w_ptr, RANK, stride_bk, stride_an,
+                 stride_wk, CORRECT: tl.constexpr, BR: tl.constexpr, DTYPE: tl.constexpr):
+    """One plane's rows of W_eff: (MAGIC + q - (MAGIC + z)) s, plus B[:, rows]^T A^T when correcting."""
+    weight = (values.to(tl.float32) - zero_term[None, :]) * scale[None, :]
     if CORRECT:
         for r0 in range(0, RANK, BR):
             offs_r = r0 + tl.arange(0, BR)
-            b_t = tl.load(b_ptr + offs_r[None, :] * stride_bk + offs_k[:, None],
-                          mask=offs_r[None, :] < RANK, other=0.0)
+            b_t = tl.load(b_ptr + offs_r[None, :] * stride_bk + rows[:, None], mask=offs_r[None, :] < RANK, other=0.0)
             a_t = tl.load(a_ptr + offs_n[None, :] * stride_an + offs_r[:, None],
                           mask=n_ok[None, :] & (offs_r[:, None] < RANK), other=0.0)
             weight = tl.dot(b_t, a_t, weight)
-    tl.store(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], weight.to(DTYPE), mask=n_ok[None, :])
+    tl.store(w_ptr + rows[:, None] * stride_wk + offs_n[None, :], weight.to(DTYPE), mask=n_ok[None, :])

@@ -1,21 +1,20 @@
-"""Where the source model is: a Hugging Face folder, a hub id, or a GGUF file.
+"""A GGUF file as a model source, checked from its header before anything slow.
 
 GGUF is how many people hold their models. transformers reads a GGUF file (with the `gguf` and
-`accelerate` packages) and dequantizes its weights into the matching transformers model, so a
-GGUF source calibrates like any other once it is loaded; everything here is about finding the
-file and refusing a bad one, in one sentence with the fix, before anything slow happens.
+`accelerate` packages) and dequantizes its weights into the matching transformers model; what
+is here checks one file from its header, in microseconds, so that a file that is not GGUF, a
+truncated one, a missing package or Hugging Face files beside it are each one sentence with the
+fix before anything slow. Which file is the model's, and how its weights are read, is source.py's.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from vllm_glowq.format import GlowQFormatError
-from vllm_glowq.validate import read_json
+from .loading import ModelLoadError
 
 GGUF_SUFFIX = ".gguf"
 GGUF_MAGIC = b"GGUF"
@@ -26,95 +25,6 @@ GGUF_INSTALL_HINT = "pip install 'vllm-glowq[gguf]' (or: pip install gguf accele
 # (config.json is not among them: the model config comes from the GGUF metadata alone).
 HF_SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
-
-
-class ModelLoadError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A model as transformers' `from_pretrained` takes it: a folder or hub id, plus the name of
-    a GGUF file inside it when the weights come from one."""
-
-    location: str
-    gguf_file: str | None = None
-
-    @property
-    def pretrained_kwargs(self) -> dict[str, str]:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
-
-    def __str__(self) -> str:
-        return str(Path(self.location) / self.gguf_file) if self.gguf_file else self.location
-
-
-def resolve_source(model: str | Path | ModelSource, gguf_file: str | None = None) -> ModelSource:
-    """Check the source as far as it can be checked without reading weights.
-
-    Accepted: a folder with config.json; a `.gguf` file; a folder with `gguf_file` in it (or
-    with exactly one .gguf file and no config.json); a hub id (`org/name`, optionally with
-    `gguf_file`), which transformers fetches when the hub is reachable.
-    """
-    if isinstance(model, ModelSource):
-        model, gguf_file = model.location, model.gguf_file
-    model = str(model)
-    path = Path(model).expanduser()
-    if path.is_file():
-        return _gguf_file_source(path, gguf_file)
-    if path.is_dir():
-        return _folder_source(path, gguf_file)
-    if model.startswith((".", "/", "~")) or model.count("/") != 1 or model.endswith(GGUF_SUFFIX):
-        raise ModelLoadError(f"model path {model} does not exist")
-    if gguf_file:
-        require_gguf_packages(f"--gguf-file {gguf_file}")
-    return ModelSource(model, gguf_file)  # a hub id
-
-
-def _gguf_file_source(path: Path, gguf_file: str | None) -> ModelSource:
-    if gguf_file:
-        raise ModelLoadError(
-            f"the model {path} is a file, so --gguf-file {gguf_file} has nothing to choose from; pass either "
-            "the .gguf file alone or its folder with --gguf-file"
-        )
-    check_gguf_file(path)
-    return ModelSource(str(path.parent), path.name)
-
-
-def _folder_source(path: Path, gguf_file: str | None) -> ModelSource:
-    if gguf_file:
-        candidate = path / gguf_file
-        if not candidate.is_file():
-            raise ModelLoadError(
-                f"--gguf-file {gguf_file}: there is no such file in {path}{_listing(_gguf_files(path))}"
-            )
-        check_gguf_file(candidate)
-        return ModelSource(str(path), gguf_file)
-    if (path / "config.json").is_file():
-        try:
-            read_json(path / "config.json")  # a broken config is blamed here, not on the tokenizer
-        except GlowQFormatError as exc:
-            raise ModelLoadError(str(exc)) from None
-        return ModelSource(str(path))
-    found = _gguf_files(path)
-    if len(found) == 1:
-        check_gguf_file(path / found[0])
-        return ModelSource(str(path), found[0])
-    if found:
-        raise ModelLoadError(
-            f"model folder {path} holds {len(found)} GGUF files and no config.json: choose one with "
-            f"--gguf-file NAME{_listing(found)}"
-        )
-    raise ModelLoadError(
-        f"model folder {path} has no config.json and no .gguf file: pass a Hugging Face model folder or a GGUF file"
-    )
-
-
-def _gguf_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.glob(f"*{GGUF_SUFFIX}") if p.is_file())
-
-
-def _listing(names: list[str]) -> str:
-    return f" (it has: {', '.join(names)})" if names else " (it has no .gguf files)"
 
 
 def require_gguf_packages(what: str) -> None:
@@ -205,9 +115,20 @@ def _check_alone(gguf_path: Path) -> None:
         )
 
 
-def gguf_architecture(source: ModelSource) -> str | None:
-    """`general.architecture` of a local GGUF source (None for other sources)."""
-    if not source.gguf_file:
-        return None
-    path = Path(source.location).expanduser() / source.gguf_file
-    return check_gguf_file(path) if path.is_file() else None
+def unreadable_gguf_message(path: Path, exc: Exception) -> str:
+    """Why transformers could not read the GGUF file at `path`: damaged, or of an architecture it
+    does not build (or glowq-calibrate does not support)."""
+    import transformers
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    from .architectures import SUPPORTED
+
+    takes = sorted(set(SUPPORTED) & set(GGUF_CONFIG_MAPPING))
+    architecture = check_gguf_file(path)
+    reason = f"{type(exc).__name__}: {exc}"
+    if architecture in takes:
+        return f"cannot read the GGUF file {path} ({reason}): it is truncated or damaged; get it again"
+    return (
+        f"transformers {transformers.__version__} cannot build a model from the GGUF file {path} of "
+        f"architecture {architecture!r} ({reason}); glowq-calibrate takes GGUF files of {', '.join(takes)}"
+    )

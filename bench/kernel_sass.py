@@ -1,0 +1,84 @@
+"""Compile the project's W4A16 GEMM for Hopper (sm_90) without a GPU and count what it became.
+
+Device time is scarce; the compiled code is not. For each launch configuration this prints the
+registers and stack frame (cuobjdump's resource usage: a stack means spills), shared memory, the
+layout conversions and shared-memory traffic Triton inserted (TTGIR), and the most frequent
+SASS instructions (per weight, the one-token path should be about one FFMA and two integer
+operations). Uses the Triton installed here, which may be newer than the GPU machine's.
+
+    python bench/kernel_sass.py                      # the configurations choose_gemm_config picks
+    python bench/kernel_sass.py --block-m 1 --block-n 128 --warps 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from vllm_glowq.kernels import w4a16_triton
+
+POINTERS = dict(x_ptr="bf16", qw_ptr="i32", s_ptr="bf16", z_ptr="u8", bias_ptr="bf16", b_ptr="bf16", a_ptr="bf16",
+                out_ptr="bf16", part_ptr="fp32", r_ptr="fp32", sync_ptr="i32")
+INTEGERS = ("M", "N", "K", "RANK", "group_size", "split_k", "k_chunk", "shrink_chunk", "shrink_programs", "stride_xm",
+            "stride_qk", "stride_sg", "stride_zg", "stride_bk", "stride_an", "stride_om")
+DEFAULTS = [dict(block_m=1, block_n=256, warps=2, stages=2), dict(block_m=16, block_n=128, warps=4, stages=3),
+            dict(block_m=64, block_n=64, warps=4, stages=3)]
+TTGIR_OPS = ("ttg.convert_layout", "ttg.local_alloc", "ttg.local_load", "ttg.local_store",
+             "ttg.async_copy_global_to_local", "ttng.warp_group_dot", "tt.dot")
+
+
+def compile_gemm(block_m: int, block_n: int, warps: int, stages: int, correct: bool, prefetch: bool):
+    constexprs = dict(HAS_ZEROS=False, HAS_BIAS=False, CORRECT=correct, BM=block_m, BN=block_n, BK=128, BR=16,
+                      SBM=max(16, block_m), SBK=128, MAGIC=0x4300, MAGIC_VALUE=128.0, PREFETCH=prefetch)
+    signature = {**{k: f"*{v}" for k, v in POINTERS.items()}, **{k: "i32" for k in INTEGERS},
+                 **{k: "constexpr" for k in constexprs}}
+    source = ASTSource(fn=w4a16_triton.gemm_kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def describe(kernel) -> str:
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([f"{tools}/cuobjdump", "--dump-resource-usage", cubin.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([f"{tools}/cuobjdump", "--dump-sass", cubin.name], capture_output=True, text=True,
+                              check=True).stdout
+    registers = re.search(r"REG:(\d+)", usage).group(1)
+    stack = re.search(r"STACK:(\d+)", usage).group(1)
+    ops = collections.Counter(re.findall("(" + "|".join(re.escape(o) for o in TTGIR_OPS) + ")", kernel.asm["ttgir"]))
+    opcodes = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z][A-Z0-9_]*)", sass, re.M)
+    common = ", ".join(f"{name} {count}" for name, count in collections.Counter(opcodes).most_common(12))
+    return (f"registers {registers}, stack {stack} B, shared {kernel.metadata.shared} B; TTGIR {dict(ops)}\n"
+            f"    SASS: {common}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--block-m", type=int)
+    parser.add_argument("--block-n", type=int, default=128)
+    parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--correct", action="store_true", help="with the fused correction")
+    parser.add_argument("--prefetch", action="store_true", help="one-token path: the hand prefetch")
+    args = parser.parse_args()
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    configs = DEFAULTS if args.block_m is None else [dict(block_m=args.block_m, block_n=args.block_n, warps=args.warps,
+                                                          stages=args.stages)]
+    print(f"Triton {triton.__version__}, target sm_90")
+    for config in configs:
+        kernel = compile_gemm(**config, correct=args.correct, prefetch=args.prefetch)
+        print(f"{config}: {describe(kernel)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Which int4 GEMM runs a GlowQ layer: vLLM's own kernel, the project's, or dense weights.
+
+Decided once per layer at load time, because the weights are kept in one layout only (vLLM's
+kernels repack them; the project's kernel reads the checkpoint's GPTQ layout as stored).
+
+`VLLM_GLOWQ_KERNEL` forces a choice for benchmarks and debugging:
+
+* `auto` (default): vLLM's kernel where it has one for the layer (on the H200 Machete and
+  Marlin are faster than the project's kernel at every decode size so far, docs/benchmarks.md),
+  else the project's kernel (odd shapes, asymmetric zero points vLLM cannot pack, GPUs vLLM
+  has no W4A16 kernel for), else dense dequantized weights;
+* `glowq`: the project's kernel with the correction fused in; a layer it cannot run is an error;
+* `vllm`: vLLM's kernel, dense weights where it has none (the plugin before the project's kernel);
+* `dense`: dense dequantized weights everywhere (a reference for debugging).
+
+No vLLM import: the choice is plain data, testable anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .format import GlowQFormatError
+
+ENV_KERNEL = "VLLM_GLOWQ_KERNEL"
+KERNEL_MODES = ("auto", "glowq", "vllm", "dense")
+GLOWQ, VLLM, DENSE = "glowq", "vllm", "dense"
+
+
+def kernel_mode() -> str:
+    """The VLLM_GLOWQ_KERNEL setting, checked (the front end calls this before an engine starts)."""
+    mode = os.environ.get(ENV_KERNEL, "auto").strip().lower() or "auto"
+    if mode not in KERNEL_MODES:
+        raise GlowQFormatError(f"{ENV_KERNEL}={mode!r} is not one of {', '.join(KERNEL_MODES)}; unset it for auto.")
+    return mode
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    kind: str  # GLOWQ, VLLM or DENSE
+    why: str
+
+
+def choose(mode: str, vllm_kernel: str | None, vllm_refusal: str, glowq_refusal: str | None) -> KernelChoice:
+    """`vllm_kernel`: the class name vLLM would use (None: `vllm_refusal` says why not);
+    `glowq_refusal`: why the project's kernel cannot run the layer (None: it can)."""
+    if mode == DENSE:
+        return KernelChoice(DENSE, f"{ENV_KERNEL}=dense")
+    if mode == GLOWQ:
+        if glowq_refusal is not None:
+            raise GlowQFormatError(f"{ENV_KERNEL}=glowq, but {glowq_refusal}; unset it or use vllm.")
+        return KernelChoice(GLOWQ, f"{ENV_KERNEL}=glowq")
+    if vllm_kernel is not None:
+        why = f"{ENV_KERNEL}=vllm" if mode == VLLM else "vLLM's kernel is the faster one where it exists"
+        return KernelChoice(VLLM, why)
+    if mode == "auto" and glowq_refusal is None:
+        return KernelChoice(GLOWQ, f"vLLM has no int4 kernel for it ({vllm_refusal})")
+    reasons = vllm_refusal if mode == VLLM else f"{vllm_refusal}; and {glowq_refusal}"
+    return KernelChoice(DENSE, reasons)
