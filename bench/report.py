@@ -17,6 +17,11 @@ NAMES = {
     "glowq": "GlowQ, rank 64 (shared B)",
     "permodule": "per-module correction, rank 64",
     "glowq_s": "GlowQ-S, half of the units",
+    "lora": "per-module correction as a LoRA adapter (GPTQ + --enable-lora)",
+    "marlin": "plain int4, vLLM GPTQ with Marlin forced",
+    "fp8": "FP8 on the bf16 model",
+    "glowq_own": "GlowQ through the project's kernel",
+    "int4_own": "plain int4 through the project's kernel",
 }
 COMMANDS = {
     "prepare": "bash bench/run_h200.sh prepare",
@@ -26,11 +31,13 @@ COMMANDS = {
     "path-fused": "VLLM_GLOWQ_CORRECTION=fused bash bench/run_h200.sh vllm glowq glowq_s",
     "path-split": "VLLM_GLOWQ_CORRECTION=split bash bench/run_h200.sh vllm gptq glowq",
     "gpu-tests": "bash bench/run_h200.sh gpu-tests",
+    "kernel": "GLOWQ_BENCH_SWEEP=1 bash bench/run_h200.sh kernel",
+    "issue10": "GLOWQ_BENCH_BUDGET_S=560 bash bench/run_h200.sh vllm gptq glowq lora int4_own",
 }
 # Runs in report order; the targets come from the first run that measured them. Runs named
 # *before_op* are the previous session's (correction as two cuBLAS GEMMs in series).
 RUN_ORDER = ("vllm_main", "vllm_overlap_first", "vllm_path_split", "vllm_path_fused", "vllm_before_op_main",
-             "vllm_before_op_rest")
+             "vllm_before_op_rest", "vllm_issue10")
 
 
 def _run_rank(path: Path) -> tuple[int, str]:
@@ -202,43 +209,85 @@ def calibration_section(cal: dict) -> list[str]:
     ]
 
 
-# Issue 10's targets: (name, what, target, higher is better, figure key or None for engine runs)
+# Issue 10's targets: (name, what, target, higher is better). Engine ratios come from one vLLM
+# run (ENGINE_RATIOS), kernel ratios from the microbenchmark (kernel_section).
 ISSUE10_TARGETS = [
-    ("glowq_decode_vs_int4_default_b1", "GlowQ decode b=1 / plain int4 (vLLM default kernel)", 1.00, True, None),
-    ("glowq_decode_vs_int4_default_b16", "GlowQ decode b=16 / plain int4 (vLLM default kernel)", 1.00, True, None),
-    ("glowq_decode_vs_int4_default_b64", "GlowQ decode b=64 / plain int4 (vLLM default kernel)", 1.00, True, None),
-    ("glowq_decode_vs_int4_marlin_b1", "GlowQ decode b=1 / plain int4 on Marlin", 1.00, True, None),
-    ("glowq_decode_vs_int4_marlin_b16", "GlowQ decode b=16 / plain int4 on Marlin", 1.00, True, None),
-    ("glowq_decode_vs_fp8_b1", "GlowQ decode b=1 / FP8", 1.00, True, None),
-    ("glowq_decode_vs_fp8_b16", "GlowQ decode b=16 / FP8", 1.00, True, None),
-    ("glowq_throughput_vs_int4_default", "GlowQ output throughput / plain int4 (default kernel)", 0.95, True, None),
-    ("glowq_ttft_vs_int4_default", "GlowQ TTFT / plain int4 (default kernel)", 1.05, False, None),
-    ("glowq_decode_vs_lora_b16", "GlowQ decode b=16 / per-module correction as a LoRA adapter", 1.30, True, None),
-    ("glowq_decode_vs_lora_b64", "GlowQ decode b=64 / per-module correction as a LoRA adapter", 1.30, True, None),
-    ("own_int4_vs_best_vllm_b1", "plain int4 decode b=1, project's kernel / vLLM's best int4", 1.10, True, None),
-    ("own_int4_vs_best_vllm_b16", "plain int4 decode b=16, project's kernel / vLLM's best int4", 1.10, True, None),
+    ("glowq_decode_vs_int4_default_b1", "GlowQ decode b=1 / plain int4 (vLLM default kernel)", 1.00, True),
+    ("glowq_decode_vs_int4_default_b16", "GlowQ decode b=16 / plain int4 (vLLM default kernel)", 1.00, True),
+    ("glowq_decode_vs_int4_default_b64", "GlowQ decode b=64 / plain int4 (vLLM default kernel)", 1.00, True),
+    ("glowq_decode_vs_int4_marlin_b1", "GlowQ decode b=1 / plain int4 on Marlin", 1.00, True),
+    ("glowq_decode_vs_int4_marlin_b16", "GlowQ decode b=16 / plain int4 on Marlin", 1.00, True),
+    ("glowq_decode_vs_fp8_b1", "GlowQ decode b=1 / FP8", 1.00, True),
+    ("glowq_decode_vs_fp8_b16", "GlowQ decode b=16 / FP8", 1.00, True),
+    ("glowq_throughput_vs_int4_default", "GlowQ output throughput / plain int4 (default kernel)", 0.95, True),
+    ("glowq_ttft_vs_int4_default", "GlowQ TTFT / plain int4 (default kernel)", 1.05, False),
+    ("glowq_decode_vs_lora_b16", "GlowQ decode b=16 / per-module correction as a LoRA adapter", 1.30, True),
+    ("glowq_decode_vs_lora_b64", "GlowQ decode b=64 / per-module correction as a LoRA adapter", 1.30, True),
+    ("own_int4_vs_best_vllm_b1", "plain int4 decode b=1, project's kernel / vLLM's best int4", 1.10, True),
+    ("own_int4_vs_best_vllm_b16", "plain int4 decode b=16, project's kernel / vLLM's best int4", 1.10, True),
     ("kernel_int4_vs_best_vllm_t1", "kernel only, per decoder layer, 1 token: plain int4, ours / best vLLM (speed)",
-     1.10, True, "kernel_int4_vs_best_vllm_t1"),
+     1.10, True),
     ("kernel_int4_vs_best_vllm_t16", "kernel only, per decoder layer, 16 tokens: plain int4, ours / best vLLM (speed)",
-     1.10, True, "kernel_int4_vs_best_vllm_t16"),
+     1.10, True),
     ("kernel_glowq_vs_machete_corr_t1", "kernel only, per decoder layer, 1 token: GlowQ, ours / Machete + side-stream "
-     "correction (speed)", 1.00, True, "kernel_glowq_vs_machete_corr_t1"),
+     "correction (speed)", 1.00, True),
     ("kernel_glowq_vs_machete_corr_t16", "kernel only, per decoder layer, 16 tokens: GlowQ, ours / Machete + "
-     "side-stream correction (speed)", 1.00, True, "kernel_glowq_vs_machete_corr_t16"),
+     "side-stream correction (speed)", 1.00, True),
     ("kernel_glowq_vs_machete_corr_t64", "kernel only, per decoder layer, 64 tokens: GlowQ, ours / Machete + "
-     "side-stream correction (speed)", 1.00, True, "kernel_glowq_vs_machete_corr_t64"),
+     "side-stream correction (speed)", 1.00, True),
 ]
+# Engine targets: (measure, variant, anchors, batch). Decode and throughput are speed ratios
+# (variant over anchor, > 1 is faster), TTFT a time ratio; with several anchors the best counts.
+ENGINE_RATIOS = {
+    **{f"glowq_decode_vs_int4_default_b{b}": ("decode", "glowq", ("gptq",), b) for b in ("1", "16", "64")},
+    **{f"glowq_decode_vs_int4_marlin_b{b}": ("decode", "glowq", ("marlin",), b) for b in ("1", "16")},
+    **{f"glowq_decode_vs_fp8_b{b}": ("decode", "glowq", ("fp8",), b) for b in ("1", "16")},
+    **{f"glowq_decode_vs_lora_b{b}": ("decode", "glowq", ("lora",), b) for b in ("16", "64")},
+    **{f"own_int4_vs_best_vllm_b{b}": ("decode", "int4_own", ("gptq", "marlin"), b) for b in ("1", "16")},
+    "glowq_throughput_vs_int4_default": ("throughput", "glowq", ("gptq",), None),
+    "glowq_ttft_vs_int4_default": ("ttft", "glowq", ("gptq",), None),
+}
 
 
-def issue10_targets(figures: dict[str, float | None], meta: dict, results: Path) -> list[str]:
+def _engine_value(variant: dict | None, measure: str, batch: str | None) -> float | None:
+    """Speed (tokens/s) for decode and throughput, milliseconds for TTFT."""
+    if measure == "decode":
+        return _dig(variant, ("decode", batch, "tok_s"))
+    if measure == "throughput":
+        return _dig(variant, ("throughput", "output_tok_s"))
+    return _dig(variant, ("ttft", "median_ms"))
+
+
+def issue10_engine_figures(runs: dict[str, dict]) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Each engine ratio from the first run that measured the variant and all its anchors side by
+    side, issue 10's own runs (vllm_issue10*) first; also the run each came from."""
+    ordered = sorted(runs, key=lambda name: not name.startswith("vllm_issue10"))
+    figures, sources = {}, {}
+    for name, (measure, variant, anchors, batch) in ENGINE_RATIOS.items():
+        for run_name in ordered:
+            variants = runs[run_name].get("variants", {})
+            value = _engine_value(variants.get(variant), measure, batch)
+            anchor_values = [_engine_value(variants.get(a), measure, batch) for a in anchors]
+            if value is None or None in anchor_values:
+                continue
+            best = min(anchor_values) if measure == "ttft" else max(anchor_values)
+            figures[name], sources[name] = ratio(value, best), run_name
+            break
+    return figures, sources
+
+
+def issue10_targets(figures: dict[str, float | None], sources: dict[str, str], meta: dict,
+                    results: Path) -> list[str]:
     """The target table, also written as results/targets.json ({name: {measured, target, met, note}})."""
     notes = meta.get("issue10_notes", {})
     table, lines = {}, ["### Targets (issue 10)", "", "| target | measured | target | verdict |",
                         "| --- | ---: | ---: | --- |"]
-    for name, what, target, higher, key in ISSUE10_TARGETS:
-        measured = figures.get(key) if key else None
+    for name, what, target, higher in ISSUE10_TARGETS:
+        measured = figures.get(name)
         met = measured is not None and (measured >= target if higher else measured <= target)
-        note = notes.get(name) or ("" if key else notes.get("engine_runs", "not run"))
+        note = "; ".join(filter(None, [f"run `{sources[name]}`" if name in sources else "", notes.get(name, "")]))
+        if measured is None and not note:
+            note = notes.get("engine_runs", "not run")
         table[name] = {"measured": None if measured is None else round(measured, 3), "target": target, "met": met,
                        "note": note}
         if measured is None:
@@ -265,12 +314,12 @@ def build(results: Path) -> str:
             "32 heads / 8 KV heads, vocab 128256), random bf16 weights (`bench/make_model.py`), int4 g128 symmetric "
             "codes shared by every int4 checkpoint. Raw results: `bench/results/`.", ""]
     kernel = load(results / "kernel" / "micro_vs_vllm.json")
-    kernel_figures: dict[str, float | None] = {}
     if kernel:
         lines, kernel_figures = kernel_section(kernel)
+        engine_figures, sources = issue10_engine_figures(runs)
         out += ["## The project's W4A16 kernel (issue 10)", ""] + [f"- {n}" for n in meta.get("kernel_notes", [])]
         out += [""] + lines + [""] + meta.get("kernel_analysis", []) + [""]
-        out += issue10_targets(kernel_figures, meta, results)
+        out += issue10_targets({**kernel_figures, **engine_figures}, sources, meta, results)
     out += ["## The correction beside vLLM's kernels (issue 5)", ""]
     if meta.get("notes"):
         out += [f"- {note}" for note in meta["notes"]] + [""]

@@ -5,8 +5,8 @@
   words, must reproduce the checkpoint's dequantization bit for bit; the GEMM kernel (shrink programs, split-K tickets, last-arrival
   epilogue, workspace cleanup) on small odd shapes, sym and asym, group sizes 64/128/per-row,
   with and without a correction. float16 (the interpreter has no bfloat16 arithmetic).
-* GPU (skipped without CUDA): every path (one token without tensor cores, <= 16 tokens as
-  nibble planes, dequantize + cuBLAS above GEMM_MAX_TOKENS; and gemm() itself up to
+* GPU (skipped without CUDA): every path (one token without tensor cores, <= 64 tokens on
+  the tensor cores, dequantize + cuBLAS above GEMM_MAX_TOKENS; and gemm() itself up to
   WORKSPACE_TOKENS, where more than 16 rows run the interleaved tile) on the Llama-3-8B
   layer shapes and odd ones, bf16 and fp16, sym and asym, group sizes 64/128/-1, rank 0/16/64,
   repeated on fresh inputs (a race shows as a moving error); inside a CUDA graph replayed many
@@ -50,7 +50,7 @@ def make_layer(k: int, n: int, group: int, rank: int, sym: bool, dtype: torch.dt
     dense = dequantize(checkpoint_qweight, scales.float(), None if sym else pack_cols(zeros)).double()
     qweight = repack_planes(checkpoint_qweight, block_k_for(k, g))  # what the plugin does at load time
     factor_b = (torch.randn(rank, k, generator=gen) * 0.3 / k**0.5).to(dtype) if rank else None
-    factor_a = (torch.randn(n, rank, generator=gen) * 0.3).to(dtype) if rank else None
+    factor_a = (torch.randn(n, rank, generator=gen) * 2.4 / rank**0.5).to(dtype) if rank else None  # same size at every rank
     on = lambda t: None if t is None else t.to(device)  # noqa: E731
     return dict(qweight=on(qweight), scales=on(scales), zeros=on(None if sym else zeros.to(torch.uint8)),
                 factor_b=on(factor_b), factor_a=on(factor_a), group=g, dense=on(dense))

@@ -3,10 +3,9 @@ configurations, the per-device workspace, and the forward `x deq(Wq)^T + (x B^T)
 
 Up to GEMM_MAX_TOKENS tokens (decode, small batches) one `gemm_kernel` launch does everything.
 Above it the layer's weight, with the correction folded in, is dequantized into a shared dense
-workspace and multiplied by cuBLAS. On the H200 (bench/results/kernel/, 2026-12-01) the int4
-mainloop took 177 us per Llama-3-8B decoder layer at 16 tokens and 271 us at 64, while
-dequantizing costs about 101 us per layer (the 2048-token difference to bf16) on top of
-cuBLAS's 125 / 137 us: the crossover lies between 16 and 64 tokens.
+workspace and multiplied by cuBLAS. On the H200 (bench/results/kernel/micro_vs_vllm.json,
+2026-12-02) a Llama-3-8B decoder layer with the correction took 462 us in the mainloop and 805 us
+dequantized at 64 tokens, 1314 against 858 us at 256: the crossover lies between 64 and 256.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-GEMM_MAX_TOKENS = 16
+GEMM_MAX_TOKENS = 64
 WORKSPACE_TOKENS = 256  # rows the gemm workspace holds (the microbenchmark times gemm up to here)
 PARTIAL_SUM_BYTES = 32 * 1024**2  # cap of the split-K workspace (fp32 partial tiles)
 _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}  # bits and value of MAGIC
@@ -67,19 +66,22 @@ def unsupported_reason(k: int, n: int, group_size: int, dtype: torch.dtype, devi
 
 
 def choose_gemm_config(tokens: int, n: int, k: int, group_size: int, sm_count: int) -> GemmConfig:
-    """Launch configuration for `tokens` rows: split K until the grid holds a few programs per SM.
+    """Launch configuration for `tokens` rows: split K until the grid holds enough programs per SM.
 
-    Tile shapes and warps follow the H200 sweep (bench/kernel_microbench.py --sweep, 2026-12-01):
-    one token runs the tensor-core-free path in wide tiles of two warps.
+    Tile shapes, warps and programs per SM follow the H200 sweep (bench/kernel_microbench.py
+    --sweep, 2026-12-02): one token runs the tensor-core-free path in tiles of 64 outputs, one
+    warp for the large layers (gate_up, down), two for the small ones, about 16 programs per SM;
+    up to 16 tokens tensor-core tiles of 64 outputs with 2 stages and about 4 programs per SM.
     """
     block_k = block_k_for(k, group_size)
     if tokens == 1:
-        block_m, block_n, warps, stages = 1, 256, 2, 2
+        block_m, block_n, stages, per_sm = 1, 64, 2, 16
+        warps = 1 if n * k >= 4096 * 14336 else 2
     else:
         block_m = 16 if tokens <= 16 else 32 if tokens <= 32 else 64
-        block_n, warps, stages = (128, 4, 3) if tokens <= 16 else (64, 4, 3)
+        block_n, warps, stages, per_sm = (64, 4, 2, 4) if tokens <= 16 else (64, 4, 3, 4)
     tiles = math.ceil(tokens / block_m) * math.ceil(n / block_n)
-    wanted = max(1, math.ceil(4 * sm_count / tiles))
+    wanted = max(1, math.ceil(per_sm * sm_count / tiles))
     split = min(k // block_k, wanted, max(1, PARTIAL_SUM_BYTES // (4 * tokens * n)))
     return GemmConfig(block_m, block_n, block_k, split, warps, stages)
 
