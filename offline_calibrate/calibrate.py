@@ -5,8 +5,9 @@ capture the first layer's inputs, each decoder layer is read from the safetensor
 its turn comes (source.py, pipeline.py), and the checkpoint is written as the layers finish
 (checkpoint.py) into a temporary folder that is renamed into place when complete (writer.py).
 A GGUF file (or a pytorch_model.bin) is the exception: transformers loads it whole, and its
-layers are taken from memory (source.py says why). Everything that can be checked from the config, the safetensors headers and the weights' values
-is checked before the first layer is calibrated.
+layers are taken from memory (source.py says why). Everything that can be checked from the
+config, the safetensors headers and the weights' values is checked before the first layer is
+calibrated.
 """
 
 from __future__ import annotations

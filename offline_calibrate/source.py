@@ -21,8 +21,8 @@ at a time), and a GGUF file. A GGUF file holds llama.cpp's quantized blocks unde
 tensor names, with q/k rows in llama.cpp's rotary order; transformers undoes all of that only
 while loading a whole model (its per-tensor steps are private), and dequantizing once into a
 safetensors copy would cost 8 times the file's size on disk for a 4-bit GGUF. So host memory
-holds the dequantized model in float32 (4 bytes per weight: 0.54 GB for SmolLM2-135M), and the
-result is the same checkpoint, bit for bit, as calibrating the Hugging Face folder the GGUF file
+holds the dequantized model in float32 (4 bytes per weight: 0.54 GB for SmolLM2-135M); the
+checkpoint's tensors are bit for bit those of calibrating the Hugging Face folder the GGUF file
 was made from (tests/test_gguf_sources.py).
 
 Everything that can be checked without reading tensor data is checked when a source is opened

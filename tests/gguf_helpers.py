@@ -28,6 +28,10 @@ def write_header_gguf(path: Path, architecture: str, fields: dict[str, Any] | No
     writer = gguf.GGUFWriter(str(path), architecture)
     for key, value in (fields or {}).items():
         (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)
+    return _finish(writer, path)
+
+
+def _finish(writer, path: Path) -> Path:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -80,8 +84,4 @@ def write_llama_gguf(hf_folder: Path, path: Path) -> Path:
                 heads = config.num_attention_heads if gguf_name == "attn_q" else config.num_key_value_heads
                 weight = _rotary_permute(weight, heads)
             writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", weight)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return _finish(writer, path)

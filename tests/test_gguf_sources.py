@@ -157,7 +157,8 @@ def test_a_gguf_file_in_a_hub_repository_from_the_cache(tiny_gguf, tmp_path, cap
     alone.mkdir()
     shutil.copy(tiny_gguf, alone / "tiny.gguf")
     cached_snapshot(tmp_path / "cache", repo, alone)
-    assert_one_error(calibrate_main, [repo, "--gguf-file", "other.gguf", "-o", str(tmp_path / "out"), *FAST], capsys,
+    missing = [repo, "--gguf-file", "other.gguf", "-o", str(tmp_path / "out"), *FAST]
+    assert_one_error(calibrate_main, missing, capsys,
                      f"{repo} is not a local folder, and other.gguf of it could not be fetched from the Hugging Face hub")
     calibrate_main([repo, "--gguf-file", "tiny.gguf", "-o", str(tmp_path / "from-hub"), *FAST])
     calibrate_main([str(tiny_gguf), "-o", str(tmp_path / "from-file"), *FAST])
