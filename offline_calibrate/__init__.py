@@ -2,6 +2,7 @@
 
     from offline_calibrate import calibrate, CalibrationOptions
     calibrate("path/to/hf-model", "path/to/ckpt", CalibrationOptions(rank=64, group_size=128))
+    calibrate("path/to/model.Q8_0.gguf", "path/to/ckpt")   # a GGUF file, dequantized by transformers
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ The model is never loaded whole: it is built empty (skeleton.py), the embeddings
 capture the first layer's inputs, each decoder layer is read from the safetensors shards when
 its turn comes (source.py, pipeline.py), and the checkpoint is written as the layers finish
 (checkpoint.py) into a temporary folder that is renamed into place when complete (writer.py).
-Everything that can be checked from the config, the safetensors headers and the weights' values
-is checked before the first layer is calibrated.
+A GGUF file (or a pytorch_model.bin) is the exception: transformers loads it whole, and its
+layers are taken from memory (source.py says why). Everything that can be checked from the
+config, the safetensors headers and the weights' values is checked before the first layer is
+calibrated.
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ from .architectures import ArchitectureSpec, decoder_layers, spec_for
 from .checkpoint import StreamingCheckpoint
 from .data import calibration_windows
 from .heldout import HeldoutCurve, Inputs
-from .hub import fetch_weights
 from .memory import peak_memory_bytes, return_large_blocks_to_the_os
-from .loading import check_seq_len, load_config, load_tokenizer, resolve_model
+from .loading import check_seq_len, load_config, load_tokenizer
 from .options import CalibrationOptions
 from .pipeline import CalibrationResult, calibrate_layers, capture_layer_inputs, check_rank, phase
 from .preflight import (
@@ -47,7 +48,7 @@ from .preflight import (
 from .selection import Selection, select_units
 from .shards import MAX_SHARD_BYTES
 from .skeleton import empty, empty_model, fill, layer_state, outside_state, place_buffers
-from .source import WeightSource, open_source
+from .source import ModelSource, WeightSource, open_source, resolve_source
 from .writer import atomic_folder, check_output, output_lock, write_json
 
 _LOG = logging.getLogger(__name__)
@@ -55,26 +56,26 @@ REPORT_FILE = "glowq_report.json"
 GENERATION_CONFIG = "generation_config.json"
 
 
-def prepare(model_ref: str, options: CalibrationOptions) -> tuple[str, Any, CheckpointLinears]:
-    """Every check that needs the config but no weights; returns (model path, HF config,
+def prepare(model: str | Path | ModelSource, options: CalibrationOptions,
+            gguf_file: str | None = None) -> tuple[ModelSource, Any, CheckpointLinears]:
+    """Every check that needs the config but no weights; returns (the model's source, HF config,
     the model's linears under checkpoint names). Fills in the default --seq-len."""
     options.validate()
     check_device(options.device)
-    path = resolve_model(model_ref)
-    hf_config = load_config(path)
+    source = resolve_source(model, gguf_file)
+    hf_config = load_config(source)
     resolve_seq_len(options, hf_config)
     check_seq_len(hf_config, options.seq_len)
     linears = model_linears(hf_config)
     check_group_size_fits(linears, options.group_size)
-    return path, hf_config, linears
+    return source, hf_config, linears
 
 
 @dataclass
 class _Run:
     """One calibration's inputs, all checked: the source, its empty model, the data."""
 
-    model_ref: str
-    path: Path
+    model_source: ModelSource
     options: CalibrationOptions
     linears: CheckpointLinears
     spec: ArchitectureSpec
@@ -87,11 +88,11 @@ class _Run:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _open_run(model_ref: str, path: str, hf_config, linears: CheckpointLinears, options: CalibrationOptions) -> _Run:
+def _open_run(model_source: ModelSource, hf_config, linears: CheckpointLinears, options: CalibrationOptions) -> _Run:
     """The tokenizer, the data and the weights, each checked (every weight is read once here,
     for NaN and Inf) before the first layer is calibrated."""
     timings: dict[str, float] = {}
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(model_source)
     warn_without_chat_template(tokenizer)
     extra = options.heldout_samples if options.restore == "auto" else 0
     train, heldout = calibration_windows(
@@ -99,16 +100,14 @@ def _open_run(model_ref: str, path: str, hf_config, linears: CheckpointLinears, 
     )
     spec = spec_for(hf_config)
     with phase(timings, "load"):
-        fetch_weights(model_ref, Path(path))
-        source = open_source(Path(path), hf_config, spec.experts, options.seq_len)
+        source = open_source(model_source, hf_config, spec.experts, options.seq_len)
         model = empty_model(hf_config, source.dtype)
         groups = [outside_state(model, spec), *(layer_state(model, spec, i) for i in range(hf_config.num_hidden_layers))]
         source.require({name: meta for group in groups for name, meta in group.items()})
         check_rank(model, spec, options)
         source.check_finite(groups)
     device = check_device(options.device)
-    return _Run(model_ref, Path(path), options, linears, spec, tokenizer, train, heldout, source, model, device,
-                timings)
+    return _Run(model_source, options, linears, spec, tokenizer, train, heldout, source, model, device, timings)
 
 
 def _calibrate_into(run: _Run, staging: Path) -> tuple[CalibrationResult, GlowQConfig, Selection]:
@@ -137,7 +136,7 @@ def _calibrate_into(run: _Run, staging: Path) -> tuple[CalibrationResult, GlowQC
         share=options.share,
         lowrank_units=selection.restored,
         modules_to_not_convert=sorted(result.skipped),
-        producer=_producer(run.model_ref, options),
+        producer=_producer(str(run.model_source), options),
         format_version=format_version_for(bool(run.linears.experts)),
     )
     restored = set(selection.restored)
@@ -172,8 +171,8 @@ def _write_metadata(run: _Run, staging: Path, config: GlowQConfig) -> None:
     write_json(staging / "config.json", hf_config)
     run.tokenizer.save_pretrained(staging)
     generation = run.model.generation_config
-    if (run.path / GENERATION_CONFIG).is_file():
-        generation = GenerationConfig.from_pretrained(run.path)
+    if (run.model_source.folder / GENERATION_CONFIG).is_file():
+        generation = GenerationConfig.from_pretrained(run.model_source.folder)
     if generation is not None:
         generation.save_pretrained(staging)
 
@@ -221,9 +220,15 @@ def report(result: CalibrationResult, config: GlowQConfig, selection: Selection,
 
 
 def calibrate(
-    model: str | Path, output: str | Path, options: CalibrationOptions | None = None, overwrite: bool = False
+    model: str | Path | ModelSource,
+    output: str | Path,
+    options: CalibrationOptions | None = None,
+    overwrite: bool = False,
+    gguf_file: str | None = None,
 ) -> Path:
-    """Calibrate `model` (a local HF folder or hub id) and write a GlowQ checkpoint to `output`."""
+    """Calibrate `model` (a local HF folder, a hub id, or a GGUF file; with `gguf_file`, that GGUF
+    file in the folder or hub repository: source.resolve_source) and write a GlowQ checkpoint to
+    `output`."""
     options = options or CalibrationOptions()
     output = Path(output).absolute()
     options.validate()
@@ -233,10 +238,10 @@ def calibrate(
     check_writable(output)
     with output_lock(output):
         start = time.perf_counter()
-        path, hf_config, linears = prepare(str(model), options)
+        model_source, hf_config, linears = prepare(model, options, gguf_file)
         size = estimated_checkpoint_bytes(hf_config, linears, options)
         check_free_space(output, size + min(size, MAX_SHARD_BYTES))  # a shard's bytes are copied into place
-        run = _open_run(str(model), path, hf_config, linears, options)
+        run = _open_run(model_source, hf_config, linears, options)
         with atomic_folder(output, overwrite) as staging:
             result, config, selection = _calibrate_into(run, staging)
             result.timings["total"] = time.perf_counter() - start

@@ -12,6 +12,8 @@ from .options import CalibrationOptions
 
 # Errors a user can cause (bad paths, configs, options, data): printed as one line, exit 2.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+MODEL_HELP = "a Hugging Face model folder, a .gguf file, or a hub id (from the hub, or its cache offline)"
+GGUF_FILE_HELP = "the GGUF file inside the MODEL folder or hub repository (needs the gguf and accelerate packages)"
 
 
 def _positive_int(text: str) -> int:
@@ -34,7 +36,8 @@ def calibrate_parser() -> argparse.ArgumentParser:
         prog="glowq-calibrate",
         description="Quantize a Hugging Face causal LM to int4 with GlowQ's group-shared low-rank correction.",
     )
-    p.add_argument("model", help="local Hugging Face model folder, or a hub id when the hub is reachable")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--gguf-file", default=None, help=GGUF_FILE_HELP)
     p.add_argument("--output", "-o", required=True, help="checkpoint folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     q = p.add_argument_group("quantization")
@@ -87,15 +90,18 @@ def calibrate_main(argv: list[str] | None = None) -> None:
 
         fields = CalibrationOptions.__dataclass_fields__
         options = CalibrationOptions(**{k: v for k, v in vars(args).items() if k in fields})
-        out = calibrate(args.model, args.output, options, overwrite=args.overwrite)
+        out = calibrate(args.model, args.output, options, overwrite=args.overwrite, gguf_file=args.gguf_file)
         print(out)
 
     _run(run, "glowq-calibrate")
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="glowq-eval", description="Perplexity of an HF model or a GlowQ checkpoint.")
-    p.add_argument("model", help="a Hugging Face model folder or a GlowQ checkpoint folder")
+    p = argparse.ArgumentParser(
+        prog="glowq-eval", description="Perplexity of a GlowQ checkpoint or of a plain model (HF folder or GGUF file)."
+    )
+    p.add_argument("model", help=f"a GlowQ checkpoint folder, or {MODEL_HELP}")
+    p.add_argument("--gguf-file", default=None, help=GGUF_FILE_HELP)
     p.add_argument("--dataset", required=True, help="a UTF-8 .txt, .jsonl or .json file")
     p.add_argument("--seq-len", type=_window_length, default=512, help="tokens per window (BOS included)")
     p.add_argument("--max-tokens", type=_positive_int, default=None, help="evaluate at most this many tokens")
@@ -106,7 +112,11 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def eval_main(argv: list[str] | None = None) -> None:
-    args = eval_parser().parse_args(argv)
+    parser = eval_parser()
+    args = parser.parse_args(argv)
+    if args.sweep and args.gguf_file:
+        parser.error("--sweep takes a GlowQ checkpoint calibrated with --restore all, not a GGUF file; "
+                     "drop --gguf-file")
 
     def run() -> None:
         if args.sweep:
@@ -117,7 +127,7 @@ def eval_main(argv: list[str] | None = None) -> None:
         else:
             from .evaluate import evaluate
 
-            result = evaluate(args.model, args.dataset, args.seq_len, args.max_tokens)
+            result = evaluate(args.model, args.dataset, args.seq_len, args.max_tokens, args.gguf_file)
         print(json.dumps(result, indent=2))
 
     _run(run, "glowq-eval")

@@ -1,4 +1,5 @@
-"""Perplexity of a plain HF model or a GlowQ checkpoint (through the PyTorch reference forward)."""
+"""Perplexity of a plain model (HF folder, hub id, GGUF file) or a GlowQ checkpoint (through the
+PyTorch reference forward)."""
 
 from __future__ import annotations
 
@@ -11,28 +12,27 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import read_text, tokenize, windows
-from .hub import fetch_weights
-from .loading import check_seq_len, load_config, load_model, load_tokenizer, resolve_model
+from .loading import check_seq_len, load_config, load_model, load_tokenizer
 from .reference import load_reference_model
+from .source import ModelSource, fetch_weights, resolve_source
 
 
-def is_glowq_checkpoint(path: str) -> bool:
-    config = Path(path) / "config.json"
-    return config.is_file() and "quantization_config" in json.loads(config.read_text())
+def is_glowq_checkpoint(source: ModelSource) -> bool:
+    config = source.folder / "config.json"
+    return not source.gguf_file and config.is_file() and "quantization_config" in json.loads(config.read_text())
 
 
-def load_for_eval(model_ref: str, seq_len: int):
-    """(model, tokenizer) for either kind of model folder, in fp32 on the CPU. The model comes
-    first: its config and (for a GlowQ checkpoint) every tensor header are checked before
-    anything else is read."""
-    path = resolve_model(model_ref)
-    if is_glowq_checkpoint(path):
-        model = load_reference_model(path, torch.float32)
+def load_for_eval(source: ModelSource, seq_len: int):
+    """(model, tokenizer) for a GlowQ checkpoint or a plain model (folder or GGUF), in fp32 on
+    the CPU. The model comes first: its config and (for a GlowQ checkpoint) every tensor header
+    are checked before anything else is read."""
+    if is_glowq_checkpoint(source):
+        model = load_reference_model(source.folder, torch.float32)
     else:
-        config = load_config(path)
-        fetch_weights(model_ref, Path(path))
-        model = load_model(path, config, seq_len).float()
-    return model, load_tokenizer(path)
+        config = load_config(source)
+        fetch_weights(source)
+        model = load_model(source, config, seq_len, dtype=torch.float32)
+    return model, load_tokenizer(source)
 
 
 @torch.no_grad()
@@ -58,16 +58,21 @@ def eval_windows(dataset: str, tokenizer, seq_len: int, max_tokens: int | None) 
     return out
 
 
-def evaluate(model_ref: str, dataset: str, seq_len: int = 512, max_tokens: int | None = None) -> dict:
-    """Perplexity on the dataset's non-overlapping windows; `nll` is the mean next-token
-    negative log-likelihood in nats per predicted token, `perplexity` = exp(nll)."""
-    model, tokenizer = load_for_eval(model_ref, seq_len)
-    check_seq_len(model.config, seq_len)
+def evaluate(
+    model: str | Path | ModelSource, dataset: str, seq_len: int = 512, max_tokens: int | None = None,
+    gguf_file: str | None = None,
+) -> dict:
+    """Perplexity of `model` (a GlowQ checkpoint, or what source.resolve_source takes) on the
+    dataset's non-overlapping windows; `nll` is the mean next-token negative log-likelihood in
+    nats per predicted token, `perplexity` = exp(nll)."""
+    source = resolve_source(model, gguf_file)
+    loaded, tokenizer = load_for_eval(source, seq_len)
+    check_seq_len(loaded.config, seq_len)
     data = eval_windows(dataset, tokenizer, seq_len, max_tokens)
-    nll = mean_nll(model, data, progress=True)
+    nll = mean_nll(loaded, data, progress=True)
     return {
-        "model": model_ref,
-        "kind": "glowq" if is_glowq_checkpoint(model_ref) else "hf",
+        "model": str(source),
+        "kind": "glowq" if is_glowq_checkpoint(source) else "gguf" if source.gguf_file else "hf",
         "dataset": dataset,
         "seq_len": seq_len,
         "windows": int(data.shape[0]),

@@ -2,7 +2,8 @@
 
 First the small files (config, tokenizer, generation config, the weights' index), so that a
 model the calibrator refuses costs no download; then, once everything the config allows has
-been checked, the weight files the index names (or the single `model.safetensors`). When the
+been checked, the weight files the index names (or the single `model.safetensors`). A GGUF
+file in a hub repository is fetched alone and at once: its config is inside it. When the
 hub cannot be reached (HF_HUB_OFFLINE=1, no network), the files come from the local cache, and
 one error names whatever is missing there.
 """
@@ -29,21 +30,23 @@ def is_hub_id(model: str) -> bool:
     return not Path(model).expanduser().exists() and not model.startswith((".", "/", "~")) and model.count("/") == 1
 
 
-def fetch_metadata(repo_id: str) -> str:
+def fetch_metadata(repo_id: str) -> Path:
     """The local snapshot folder of `repo_id` holding its config and tokenizer files."""
-    folder = _snapshot(repo_id, METADATA_FILES)
-    _require(repo_id, folder, [CONFIG_FILE])
-    return str(folder)
+    return fetch_files(repo_id, METADATA_FILES, required=[CONFIG_FILE])
+
+
+def fetch_files(repo_id: str, files: list[str], required: list[str] | None = None) -> Path:
+    """The local snapshot folder of `repo_id` holding those of `files` that it has; every one of
+    `required` (default: all of `files`) must be among them."""
+    folder = _snapshot(repo_id, files)
+    _require(repo_id, folder, files if required is None else required)
+    return folder
 
 
 def fetch_weights(model: str, folder: Path) -> None:
-    """For a hub id, bring the weight files into its snapshot `folder`; nothing for a local folder."""
-    if not is_hub_id(model):
-        return
+    """Bring the hub model's weight files into its snapshot `folder`."""
     if (folder / SAFETENSORS_INDEX).is_file() or (folder / BIN_INDEX).is_file():
-        files = _indexed_files(folder)
-        _snapshot(model, files)
-        _require(model, folder, files)
+        fetch_files(model, _indexed_files(folder))
         return
     for single in (SINGLE_FILE, BIN_FILE):  # the .bin only where there is no safetensors file
         _snapshot(model, [single])

@@ -1,4 +1,10 @@
-"""The source model's weights, read when the calibration needs them.
+"""Where the source model's weights come from, and reading them when the calibration needs them.
+
+A model is named as a Hugging Face folder, a GGUF file (or a folder and the GGUF file in it), or
+a hub id (`org/name`, optionally with a GGUF file in that repository). `resolve_source` turns
+that into a `ModelSource`: a folder on this machine (a hub id's snapshot in the Hugging Face
+cache, hub.py) and the GGUF file in it, if any, checked as far as it can be without reading
+weights. `open_source` then gives the calibration its weights.
 
 A model folder's safetensors shards are read through their index with `safe_open`, a group of
 tensors at a time (the embeddings, then one decoder layer when its turn comes), so host memory
@@ -9,8 +15,15 @@ Hugging Face checkpoints, `save_pretrained` and vLLM use); transformers 5 keeps 
 3-D parameters, so a fused parameter is stacked from its experts' tensors here, the inverse of
 the calibrator's own split (vllm_glowq.moe_layout).
 
-A folder without safetensors but with `pytorch_model.bin` files (a pickle, which cannot be read
-a tensor at a time) is loaded whole by transformers instead and served from memory.
+Two kinds of weights are loaded whole by transformers instead and served from memory: a folder
+without safetensors but with `pytorch_model.bin` files (a pickle, which cannot be read a tensor
+at a time), and a GGUF file. A GGUF file holds llama.cpp's quantized blocks under llama.cpp's
+tensor names, with q/k rows in llama.cpp's rotary order; transformers undoes all of that only
+while loading a whole model (its per-tensor steps are private), and dequantizing once into a
+safetensors copy would cost 8 times the file's size on disk for a 4-bit GGUF. So host memory
+holds the dequantized model in float32 (4 bytes per weight: 0.54 GB for SmolLM2-135M); the
+checkpoint's tensors are bit for bit those of calibrating the Hugging Face folder the GGUF file
+was made from (tests/test_gguf_sources.py).
 
 Everything that can be checked without reading tensor data is checked when a source is opened
 or `require`d, before any layer is calibrated: the index's shards exist and are complete files,
@@ -33,6 +46,7 @@ from vllm_glowq.format import EXPERTS, GlowQFormatError
 from vllm_glowq.moe_layout import ExpertsSpec, expert_tensor_names, fuse_experts
 from vllm_glowq.validate import TensorHeader, read_json
 
+from .gguf_file import GGUF_SUFFIX, check_gguf_file, require_gguf_packages
 from .loading import ModelLoadError, load_model
 from .shards import SAFETENSORS_INDEX, SINGLE_FILE
 
@@ -41,6 +55,95 @@ BIN_FILE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _FINITE_CHUNK = 1 << 24  # elements checked at once
 _LISTED = 5  # names quoted in one error message
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model found on this machine: the folder holding its files and, when its weights come
+    from one, the GGUF file in it. `name` is the model as the user named it (for messages and
+    the checkpoint's provenance); `hub_id` is set for a model fetched from the hub."""
+
+    name: str
+    folder: Path
+    gguf_file: str | None = None
+    hub_id: str | None = None
+
+    @property
+    def pretrained_kwargs(self) -> dict[str, str]:
+        """What transformers' `from_pretrained(folder, ...)` needs besides the folder."""
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def resolve_source(model: str | Path | ModelSource, gguf_file: str | None = None) -> ModelSource:
+    """Check the model as far as it can be checked without reading weights.
+
+    Accepted: a folder with config.json; a `.gguf` file; a folder with `gguf_file` in it (or with
+    exactly one .gguf file and no config.json); a hub id (`org/name`), whose config and tokenizer
+    files (or, with `gguf_file`, that GGUF file) are fetched into the hub cache.
+    """
+    if isinstance(model, ModelSource):
+        return model
+    model = str(model)
+    path = Path(model).expanduser()
+    if path.is_file():
+        if gguf_file:
+            raise ModelLoadError(
+                f"the model {path} is a file, so --gguf-file {gguf_file} has nothing to choose from; pass either "
+                "the .gguf file alone or its folder with --gguf-file"
+            )
+        check_gguf_file(path)
+        return ModelSource(str(path), path.parent, path.name)
+    if path.is_dir():
+        return _folder_source(path, gguf_file)
+    from . import hub
+
+    if not hub.is_hub_id(model) or model.endswith(GGUF_SUFFIX):
+        raise ModelLoadError(f"model path {model} does not exist")
+    if gguf_file:
+        require_gguf_packages(f"--gguf-file {gguf_file}")  # before a download of hundreds of MB
+        folder = hub.fetch_files(model, [gguf_file])
+        check_gguf_file(folder / gguf_file)
+        return ModelSource(f"{model}/{gguf_file}", folder, gguf_file, hub_id=model)
+    return ModelSource(model, hub.fetch_metadata(model), hub_id=model)  # weights later: fetch_weights
+
+
+def _folder_source(path: Path, gguf_file: str | None) -> ModelSource:
+    found = sorted(p.name for p in path.glob(f"*{GGUF_SUFFIX}") if p.is_file())
+    has = f" (it has: {', '.join(found)})" if found else " (it has no .gguf files)"
+    if gguf_file:
+        if not (path / gguf_file).is_file():
+            raise ModelLoadError(f"--gguf-file {gguf_file}: there is no such file in {path}{has}")
+        check_gguf_file(path / gguf_file)
+        return ModelSource(str(path / gguf_file), path, gguf_file)
+    if (path / "config.json").is_file():
+        try:
+            read_json(path / "config.json")  # a broken config is blamed here, not on the tokenizer
+        except GlowQFormatError as exc:
+            raise ModelLoadError(str(exc)) from None
+        return ModelSource(str(path), path)
+    if len(found) == 1:
+        check_gguf_file(path / found[0])
+        return ModelSource(str(path / found[0]), path, found[0])
+    if found:
+        raise ModelLoadError(
+            f"model folder {path} holds {len(found)} GGUF files and no config.json: choose one with "
+            f"--gguf-file NAME{has}"
+        )
+    raise ModelLoadError(
+        f"model folder {path} has no config.json and no .gguf file: pass a Hugging Face model folder or a GGUF file"
+    )
+
+
+def fetch_weights(source: ModelSource) -> None:
+    """Bring a hub model's weight files into its snapshot folder, once its config has passed every
+    check; nothing for a local model, nor for a GGUF file (fetched whole: its config is inside)."""
+    if source.hub_id and not source.gguf_file:
+        from .hub import fetch_weights as fetch_hub_weights
+
+        fetch_hub_weights(source.hub_id, source.folder)
 
 
 class WeightSource(Protocol):
@@ -247,17 +350,23 @@ def _listing(names: list[str]) -> str:
     return shown if len(names) <= _LISTED else f"{shown} and {len(names) - _LISTED} more"
 
 
-def open_source(folder: Path, hf_config, experts: ExpertsSpec | None, seq_len: int) -> WeightSource:
-    """Safetensors weights streamed from the folder; a pytorch_model.bin checkpoint loaded whole."""
-    source = SafetensorsSource.open(folder, experts)
-    if source is not None:
+def open_source(source: ModelSource, hf_config, experts: ExpertsSpec | None, seq_len: int) -> WeightSource:
+    """Safetensors weights streamed from the folder; a pytorch_model.bin checkpoint or a GGUF
+    file loaded whole (the module docstring says why)."""
+    if source.gguf_file:
+        model, missing = load_model(source, hf_config, seq_len, with_missing=True)
+        return LoadedModelSource(model, missing)
+    fetch_weights(source)
+    folder = source.folder
+    weights = SafetensorsSource.open(folder, experts)
+    if weights is not None:
         dtype = getattr(hf_config, "dtype", None)
-        source.dtype = (getattr(torch, dtype) if isinstance(dtype, str) else dtype) or source.first_float_dtype() \
+        weights.dtype = (getattr(torch, dtype) if isinstance(dtype, str) else dtype) or weights.first_float_dtype() \
             or torch.float32
-        return source
+        return weights
     if (folder / BIN_FILE).is_file() or (folder / BIN_INDEX).is_file():
         _LOG.warning("%s has no safetensors weights, only %s: it is loaded whole, so host memory holds the entire "
                      "model; convert it to safetensors to calibrate one layer at a time", folder, BIN_FILE)
-        model, missing = load_model(str(folder), hf_config, seq_len, with_missing=True)
+        model, missing = load_model(source, hf_config, seq_len, with_missing=True)
         return LoadedModelSource(model, missing)
     raise ModelLoadError(f"model folder {folder} has no weights: no {SINGLE_FILE}, {SAFETENSORS_INDEX} or {BIN_FILE}")

@@ -19,6 +19,7 @@ from offline_calibrate.data import calibration_windows
 from offline_calibrate.evaluate import mean_nll
 from offline_calibrate.loading import load_tokenizer
 from offline_calibrate.reference import load_reference_model
+from offline_calibrate.source import resolve_source
 from offline_calibrate.tiny import make_random_model
 from vllm_glowq.format import GlowQConfig
 
@@ -68,7 +69,7 @@ def test_checkpoint_is_a_complete_model_folder(tiny_llama, tmp_path):
 def heldout_windows(source: Path, options: CalibrationOptions) -> torch.Tensor:
     """The held-out windows `--restore auto` measured on (the same seed draws the same)."""
     vocab = json.loads((source / "config.json").read_text())["vocab_size"]
-    return calibration_windows(options.dataset, load_tokenizer(str(source)), vocab, options.samples,
+    return calibration_windows(options.dataset, load_tokenizer(resolve_source(source)), vocab, options.samples,
                                options.seq_len, options.seed, options.heldout_samples)[1]
 
 

@@ -18,6 +18,7 @@ from offline_calibrate.loading import load_config
 from offline_calibrate.moe import correction_parameters
 from offline_calibrate.preflight import estimated_checkpoint_bytes, model_linears
 from offline_calibrate.reference import load_reference_model
+from offline_calibrate.source import resolve_source
 from offline_calibrate.tiny import make_random_model
 
 SMALL = dict(group_size=32, rank=8, samples=4, seq_len=64)
@@ -140,7 +141,7 @@ def test_qwen3_30b_a3b_table_matches_the_formula():
 def test_free_space_check_sizes_every_expert(arch, sources, checkpoints):
     """Before loading weights the calibrator sizes the checkpoint from the config alone, with
     the validator's expected tensors: every expert's codes and factors and the routers."""
-    hf_config = load_config(str(sources[arch]))
+    hf_config = load_config(resolve_source(sources[arch]))
     estimate = estimated_checkpoint_bytes(hf_config, model_linears(hf_config), CalibrationOptions(**SMALL))
     file = checkpoints[arch] / "model.safetensors"
     header_bytes = 8 + int.from_bytes(file.read_bytes()[:8], "little")

@@ -87,7 +87,7 @@ def test_quickstart_speaks_before_installing_and_shows_the_install(scratch_repo)
                          text=True, timeout=60)
     assert out.returncode == 3
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("quickstart: [1/4] installing") and "3.7 GB" in lines[0]
+    assert lines[0].startswith("quickstart: [1/5] installing") and "3.7 GB" in lines[0]
     assert lines[1] == "install: [1/4] stand-in install"
 
 

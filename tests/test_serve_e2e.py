@@ -10,6 +10,7 @@ comparison never depends on detokenizing random byte tokens.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -103,11 +105,11 @@ def expected(checkpoint, chat_prompt_ids, engine_results) -> dict:
     return {"completions": [o["token_ids"] for o in outputs[:-1]], "chat": outputs[-1]["token_ids"]}
 
 
-def start_glowq_serve(checkpoint: Path, port: int, log: Path) -> subprocess.Popen:
-    """A server started as the image starts it: deploy/bin/glowq-serve with deploy/serve-args.txt,
-    on 127.0.0.1:port, in its own process group, its output in `log`."""
+def start_glowq_serve(checkpoint: Path, port: int, log: Path, *extra: str) -> subprocess.Popen:
+    """A server started as the image starts it: deploy/bin/glowq-serve with deploy/serve-args.txt
+    (and `extra` arguments), on 127.0.0.1:port, in its own process group, its output in `log`."""
     command = [str(REPO_ROOT / "deploy" / "bin" / "glowq-serve"), str(checkpoint), "--host", "127.0.0.1",
-               "--port", str(port)]
+               "--port", str(port), *extra]
     env = engine_env(1, in_process_engine=False)
     env.update(GLOWQ_SERVE_ARGS_FILE=str(REPO_ROOT / "deploy" / "serve-args.txt"),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
@@ -115,11 +117,13 @@ def start_glowq_serve(checkpoint: Path, port: int, log: Path) -> subprocess.Pope
         return subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
+@contextlib.contextmanager
+def glowq_server(checkpoint: Path, folder: Path, *extra: str) -> Iterator[dict]:
+    """start_glowq_serve on a free port, healthy, stopped on the way out; yields its process,
+    port and log file."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    proc = start_glowq_serve(checkpoint, port, log)
+    log = folder / "server.log"
+    proc = start_glowq_serve(checkpoint, port, log, *extra)
     try:
         wait_healthy(proc, port, log)
         yield {"proc": proc, "port": port, "log": log}
@@ -127,7 +131,13 @@ def server(checkpoint, tmp_path_factory):
         if proc.poll() is None:
             stop_by_pid(proc)
         if group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)  # only reached when the test below already failed
+            os.killpg(proc.pid, signal.SIGKILL)  # only reached when a test already failed
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    with glowq_server(checkpoint, tmp_path_factory.mktemp("serve")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
