@@ -7,9 +7,10 @@ whose factor bytes match what halving the group size to 32 adds (scales and zero
 first half of the TinyStories validation text; measures perplexity on its second half and on
 WikiText-2:
 
-    python bench/accuracy_smollm2.py [--out docs/accuracy_smollm2.json]
+    OMP_NUM_THREADS=1 python bench/accuracy_smollm2.py [--out docs/accuracy_smollm2.json]
 
-Prints a markdown table; the README quotes it. Takes about an hour on 2 CPU cores.
+Prints a markdown table; the README quotes it. Took 107 minutes on 2 CPU cores shared with other
+work (where they are busy, one thread is faster: LAPACK's SVD with two ran 20 times slower).
 """
 
 from __future__ import annotations
