@@ -420,7 +420,7 @@ def moe_section(results: Path, meta: dict) -> list[str]:
                 f"`moe_disk.txt`). int4 g{options.get('group_size', 128)} symmetric codes shared by GlowQ (rank "
                 f"{options.get('rank', 64)}, one B per layer for the experts' gate/up), the plugin's plain int4 and the "
                 "GPTQ copy that vLLM's in-tree GPTQ-Marlin MoE method runs.", ""]
-    out += [f"- {note}" for note in meta.get("moe_notes", [])]
+    out += [f"- {note}" for note in meta.get("moe_notes", [])] + [""]
     out += ["Commands (each one device call): " + ", ".join(f"`{c}`" for k, c in COMMANDS.items() if k.startswith("moe"))
             + ".", ""]
     if cal:

