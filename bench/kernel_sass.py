@@ -23,21 +23,22 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from vllm_glowq.kernels import w4a16_triton
+from vllm_glowq.kernels import w4a16, w4a16_triton
 
 POINTERS = dict(x_ptr="bf16", qw_ptr="i32", s_ptr="bf16", z_ptr="u8", bias_ptr="bf16", b_ptr="bf16", a_ptr="bf16",
                 out_ptr="bf16", part_ptr="fp32", r_ptr="fp32", sync_ptr="i32")
 INTEGERS = ("M", "N", "K", "RANK", "group_size", "split_k", "k_chunk", "shrink_chunk", "shrink_programs", "stride_xm",
             "stride_qk", "stride_sg", "stride_zg", "stride_bk", "stride_an", "stride_om")
-DEFAULTS = [dict(block_m=1, block_n=256, warps=2, stages=2), dict(block_m=16, block_n=128, warps=4, stages=3),
-            dict(block_m=64, block_n=64, warps=4, stages=3)]
+DEFAULTS = [dict(block_m=1, block_n=64, warps=1, stages=2), dict(block_m=1, block_n=64, warps=2, stages=2),
+            dict(block_m=16, block_n=64, warps=4, stages=2), dict(block_m=64, block_n=64, warps=4, stages=3)]  # choose_gemm_config's
 TTGIR_OPS = ("ttg.convert_layout", "ttg.local_alloc", "ttg.local_load", "ttg.local_store",
              "ttg.async_copy_global_to_local", "ttng.warp_group_dot", "tt.dot")
 
 
 def compile_gemm(block_m: int, block_n: int, warps: int, stages: int, correct: bool, prefetch: bool):
     constexprs = dict(HAS_ZEROS=False, HAS_BIAS=False, CORRECT=correct, BM=block_m, BN=block_n, BK=128, BR=16,
-                      SBM=max(16, block_m), SBK=128, MAGIC=0x4300, MAGIC_VALUE=128.0, PREFETCH=prefetch)
+                      SBM=max(16, block_m), SBK=128, MAGIC=0x4300, MAGIC_VALUE=128.0, PREFETCH=prefetch,
+                      SPLITS=w4a16.partial_rows_for(w4a16.GemmConfig(block_m, block_n, 128, 32, warps), 32))
     signature = {**{k: f"*{v}" for k, v in POINTERS.items()}, **{k: "i32" for k in INTEGERS},
                  **{k: "constexpr" for k in constexprs}}
     source = ASTSource(fn=w4a16_triton.gemm_kernel, signature=signature, constexprs=constexprs)

@@ -135,6 +135,9 @@ INTERPRETED_CASES = [
     (5, 384, 56, 128, 32, False, dict(block_n=32, split_k=3)),
     (7, 256, 40, 64, 16, False, dict(block_n=16, split_k=2)),  # 16-token tile, K blocks of 64: no planes
     (20, 128, 24, 64, 16, True, dict(block_m=32, block_n=16, split_k=1)),
+    # the last program sums the partials in loads of partial_rows: 7 chunks in 2 loads (one short)
+    (1, 448, 40, 64, 16, True, dict(block_n=16, split_k=7, partial_rows=4)),
+    (9, 448, 24, 64, 0, False, dict(block_n=16, split_k=7, partial_rows=2)),
 ]
 
 

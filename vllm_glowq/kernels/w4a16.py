@@ -36,6 +36,7 @@ class GemmConfig:
     shrink_block_k: int = 128
     shrink_chunk: int = 512  # K columns per shrink program
     prefetch: bool = False  # one-token path: load the next K block by hand first (not measured yet; the sweep tries it)
+    partial_rows: int | None = None  # split-K partials the last program sums per load (None: partial_rows_for)
 
 
 def block_k_for(k: int, group_size: int) -> int | None:
@@ -44,6 +45,16 @@ def block_k_for(k: int, group_size: int) -> int | None:
         if k % block == 0 and (group_size == k or group_size % block == 0):
             return block
     return None
+
+
+def partial_rows_for(config: GemmConfig, split: int) -> int:
+    """Split-K partials per load in a tile's final sum: as many as 32 fp32 registers per thread
+    hold. Compiled for sm_90 (bench/kernel_sass.py) that adds no register at one token, where
+    the mainloop sets the count; with 16-token tiles 8 per load would take 128 registers to 168."""
+    if config.partial_rows:
+        return config.partial_rows
+    fits = max(1, 32 * 32 * config.num_warps // (config.block_m * config.block_n))
+    return min(1 << (split - 1).bit_length(), 1 << (fits.bit_length() - 1))  # powers of two (tl.arange)
 
 
 def unsupported_reason(k: int, n: int, group_size: int, dtype: torch.dtype, device: torch.device) -> str | None:
@@ -171,7 +182,8 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, CORRECT=correct,
         BM=config.block_m, BN=config.block_n, BK=config.block_k,
         BR=config.block_r, SBM=shrink_block_m, SBK=config.shrink_block_k, MAGIC=magic, MAGIC_VALUE=magic_value,
-        PREFETCH=config.prefetch, num_warps=config.num_warps, num_stages=config.num_stages)
+        PREFETCH=config.prefetch, SPLITS=partial_rows_for(config, split), num_warps=config.num_warps,
+        num_stages=config.num_stages)
     if os.environ.get("GLOWQ_DEBUG") and config not in _reported:
         _reported.add(config)
         print(f"gemm {config}: regs {handle.n_regs} spills {handle.n_spills} smem {handle.metadata.shared}", flush=True)

@@ -10,7 +10,8 @@ planes stacked), so the plugin keeps one copy of the weights:
     they are dispatched first and never wait for anything.
   - Every other program computes one (token block, output tile, K chunk) of the int4 GEMM.
     Split-K partial sums go to an fp32 workspace; the last program to finish a tile (a ticket
-    counter per tile) sums them and runs the epilogue, so no program waits for another's GEMM.
+    counter per tile) sums them, many partials per load, and runs the epilogue, so no program
+    waits for another's GEMM.
   - The epilogue waits until R is complete (by then the shrink programs are long done), adds
     R A_tile^T and the bias and writes the tile. The last epilogue zeroes R and the counters,
     so every launch (the next layer, the next CUDA-graph replay) finds a clean workspace.
@@ -200,14 +201,21 @@ def _expand(r_ptr, a_ptr, offs_m, offs_n, M, N, RANK, stride_an, acc, BR: tl.con
 
 
 @triton.jit
-def _sum_partials(part_ptr, acc, own, offs_m, offs_n, M, N, split_k):
-    """This tile's partial sums from the other K chunks, added to the program's own."""
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    for split in range(split_k):
-        if split != own:
-            acc += tl.load(part_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :], mask=mask,
-                           other=0.0, cache_modifier=".cg")
-    return acc
+def _sum_partials(part_ptr, offs_m, offs_n, M, N, split_k, SPLITS: tl.constexpr):
+    """The tile's sum over every K chunk's partial (the caller's own included, stored like the rest).
+
+    SPLITS partials per load: a loop of one load per split would chain split_k dependent round
+    trips to L2 into the tile's critical path (16-32 at one token), this chains split_k / SPLITS."""
+    offs_s = tl.arange(0, SPLITS)
+    tile = offs_m[:, None] * N + offs_n[None, :]
+    in_tile = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    total = tl.full(tile.shape, 0.0, tl.float32)
+    for s0 in range(0, split_k, SPLITS):
+        splits = s0 + offs_s
+        parts = tl.load(part_ptr + splits[:, None, None] * M * N + tile[None, :, :],
+                        mask=(splits < split_k)[:, None, None] & in_tile[None, :, :], other=0.0, cache_modifier=".cg")
+        total += _sum(parts, axis=0)
+    return total
 
 
 @triton.jit
@@ -246,7 +254,7 @@ def gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, pa
                 HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, CORRECT: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 BR: tl.constexpr, SBM: tl.constexpr, SBK: tl.constexpr, MAGIC: tl.constexpr,
-                MAGIC_VALUE: tl.constexpr, PREFETCH: tl.constexpr):
+                MAGIC_VALUE: tl.constexpr, PREFETCH: tl.constexpr, SPLITS: tl.constexpr):
     """See the module docstring. sync_ptr: [0] shrink items done, [1] epilogues done, [2 + t] tile t's tickets."""
     DTYPE = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -259,12 +267,12 @@ def gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, pa
             _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
                        pid - shrink_programs, M, N, K, RANK, group_size, split_k, k_chunk, shrink_programs,
                        stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
-                       HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE, PREFETCH)
+                       HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE, PREFETCH, SPLITS)
     else:
         _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
                    pid, M, N, K, RANK, group_size, split_k, k_chunk, shrink_programs,
                    stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
-                   HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE, PREFETCH)
+                   HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE, PREFETCH, SPLITS)
 
 
 @triton.jit
@@ -273,7 +281,7 @@ def _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, 
                stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
                HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, CORRECT: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, MAGIC: tl.constexpr,
-               MAGIC_VALUE: tl.constexpr, DTYPE: tl.constexpr, PREFETCH: tl.constexpr):
+               MAGIC_VALUE: tl.constexpr, DTYPE: tl.constexpr, PREFETCH: tl.constexpr, SPLITS: tl.constexpr):
     """One (token block, output tile, K chunk) of the int4 GEMM; the tile's last chunk runs the epilogue."""
     n_tiles = (N + BN - 1) // BN
     split = item % split_k
@@ -300,7 +308,7 @@ def _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, 
         tl.debug_barrier()
         if tl.atomic_add(sync_ptr + 2 + tile, 1, sem="acq_rel") == split_k - 1:
             tl.atomic_xchg(sync_ptr + 2 + tile, 0)
-            acc = _sum_partials(part_ptr, acc, split, offs_m, offs_n, M, N, split_k)
+            acc = _sum_partials(part_ptr, offs_m, offs_n, M, N, split_k, SPLITS)
             _epilogue(r_ptr, a_ptr, bias_ptr, out_ptr, sync_ptr, acc, offs_m, offs_n, M, N, RANK, shrink_programs,
                       stride_an, stride_om, HAS_BIAS, CORRECT, BM, BN, BR, DTYPE)
 
