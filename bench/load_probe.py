@@ -32,7 +32,7 @@ from vllm_glowq.kernels import w4a16
 
 SHAPES = {"gate_up_proj": (4096, 28672), "down_proj": (14336, 4096), "qkv_proj": (4096, 6144)}
 ROTATE_BYTES = 400 * 1024**2
-PANEL = 64
+PANEL = tl.constexpr(64)
 
 
 @triton.jit
