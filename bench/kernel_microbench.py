@@ -269,12 +269,6 @@ def sweep_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
                 config = dataclasses.replace(tensor_core, block_n=block_n,
                                              split_k=max(1, min(k // tensor_core.block_k, tensor_core.split_k * factor)))
                 results[config] = timed(config)
-    tensor_core = dataclasses.replace(w4a16.choose_gemm_config(16, n, k, GROUP, space.sm_count), plane_dots=True)
-    for block_n in (64, 128, 256):  # one tensor-core product per nibble plane, at every token count up to 16
-        for factor in (1, 2):
-            config = dataclasses.replace(tensor_core, block_n=block_n,
-                                         split_k=max(1, min(k // tensor_core.block_k, tensor_core.split_k * factor)))
-            results[config] = timed(config)
     best = min(results, key=results.get)
     return {"default": dataclasses.asdict(default), "default_us": results[default],
             "best": dataclasses.asdict(best), "best_us": results[best],
@@ -288,8 +282,7 @@ def format_row(row: dict) -> str:
     if "sweep" in row:
         best = row["sweep"]["best"]
         parts.append(f"sweep best {row['sweep']['best_us']:.2f}us (BN {best['block_n']} split {best['split_k']} "
-                     f"w{best['num_warps']} s{best['num_stages']}{' prefetch' if best['prefetch'] else ''}"
-                     f"{' plane-dots' if best.get('plane_dots') else ''})")
+                     f"w{best['num_warps']} s{best['num_stages']}{' prefetch' if best['prefetch'] else ''})")
     return " | ".join(parts)
 
 

@@ -38,10 +38,9 @@ TTGIR_OPS = ("ttg.convert_layout", "ttg.local_alloc", "ttg.local_load", "ttg.loc
              "ttg.async_copy_global_to_local", "ttng.warp_group_dot", "tt.dot")
 
 
-def compile_gemm(block_m: int, block_n: int, warps: int, stages: int, correct: bool, prefetch: bool,
-                 plane_dots: bool = False):
+def compile_gemm(block_m: int, block_n: int, warps: int, stages: int, correct: bool, prefetch: bool):
     constexprs = dict(HAS_ZEROS=False, HAS_BIAS=False, CORRECT=correct, BM=block_m, BN=block_n, BK=128, BR=16,
-                      SBM=max(16, block_m), SBK=128, MAGIC=0x4300, MAGIC_VALUE=128.0, PREFETCH=prefetch, PLANE_DOTS=plane_dots,
+                      SBM=max(16, block_m), SBK=128, MAGIC=0x4300, MAGIC_VALUE=128.0, PREFETCH=prefetch,
                       SPLITS=w4a16.partial_rows_for(w4a16.GemmConfig(block_m, block_n, 128, 32, warps), 32))
     signature = {**{k: f"*{v}" for k, v in POINTERS.items()}, **{k: "i32" for k in INTEGERS},
                  **{k: "constexpr" for k in constexprs}}
@@ -78,14 +77,13 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--correct", action="store_true", help="with the fused correction")
     parser.add_argument("--prefetch", action="store_true", help="one-token path: the hand prefetch")
-    parser.add_argument("--plane-dots", action="store_true", help="one tensor-core product per nibble plane")
     args = parser.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     configs = DEFAULTS if args.block_m is None else [dict(block_m=args.block_m, block_n=args.block_n, warps=args.warps,
                                                           stages=args.stages)]
     print(f"Triton {triton.__version__}, target sm_90")
     for config in configs:
-        kernel = compile_gemm(**config, correct=args.correct, prefetch=args.prefetch, plane_dots=args.plane_dots)
+        kernel = compile_gemm(**config, correct=args.correct, prefetch=args.prefetch)
         print(f"{config}: {describe(kernel)}", flush=True)
 
 

@@ -138,10 +138,6 @@ INTERPRETED_CASES = [
     # the last program sums the partials in loads of partial_rows: 7 chunks in 2 loads (one short)
     (1, 448, 40, 64, 16, True, dict(block_n=16, split_k=7, partial_rows=4)),
     (9, 448, 24, 64, 0, False, dict(block_n=16, split_k=7, partial_rows=2)),
-    # one tensor-core product per nibble plane: one token in a 16-row tile, asym, one group per row
-    (1, 256, 40, 128, 16, False, dict(block_m=16, block_n=16, split_k=2, plane_dots=True)),
-    (11, 384, 24, -1, 0, True, dict(block_m=16, block_n=16, split_k=1, plane_dots=True)),
-    (5, 256, 40, 64, 16, True, dict(block_m=16, block_n=32, split_k=2, plane_dots=True)),
 ]
 
 

@@ -36,7 +36,6 @@ class GemmConfig:
     shrink_block_k: int = 128
     shrink_chunk: int = 512  # K columns per shrink program
     prefetch: bool = False  # one-token path: load the next K block by hand first (not measured yet; the sweep tries it)
-    plane_dots: bool = False  # one tensor-core product per nibble plane (not measured yet; the sweep tries it)
     partial_rows: int | None = None  # split-K partials the last program sums per load (None: partial_rows_for)
 
 
@@ -56,11 +55,6 @@ def partial_rows_for(config: GemmConfig, split: int) -> int:
         return config.partial_rows
     fits = max(1, 32 * 32 * config.num_warps // (config.block_m * config.block_n))
     return min(1 << (split - 1).bit_length(), 1 << (fits.bit_length() - 1))  # powers of two (tl.arange)
-
-
-def takes_plane_dots(config: GemmConfig) -> bool:
-    """Per-plane products need tl.dot's smallest tile: 16 token rows and K = block_k / 4 >= 16."""
-    return config.plane_dots and config.block_m >= 16 and config.block_k >= 64
 
 
 def unsupported_reason(k: int, n: int, group_size: int, dtype: torch.dtype, device: torch.device) -> str | None:
@@ -188,7 +182,7 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, CORRECT=correct,
         BM=config.block_m, BN=config.block_n, BK=config.block_k,
         BR=config.block_r, SBM=shrink_block_m, SBK=config.shrink_block_k, MAGIC=magic, MAGIC_VALUE=magic_value,
-        PREFETCH=config.prefetch, SPLITS=partial_rows_for(config, split), PLANE_DOTS=takes_plane_dots(config), num_warps=config.num_warps,
+        PREFETCH=config.prefetch, SPLITS=partial_rows_for(config, split), num_warps=config.num_warps,
         num_stages=config.num_stages)
     if os.environ.get("GLOWQ_DEBUG") and config not in _reported:
         _reported.add(config)

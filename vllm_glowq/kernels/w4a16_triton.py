@@ -114,41 +114,6 @@ def _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, k_end,
 
 
 @triton.jit
-def _plane_dot_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, k_end, M, N, group_size,
-                         stride_xm, stride_qk, stride_sg, stride_zg, acc,
-                         HAS_ZEROS: tl.constexpr, BK: tl.constexpr, MAGIC: tl.constexpr,
-                         MAGIC_VALUE: tl.constexpr, DTYPE: tl.constexpr):
-    """As _int4_block_sum, but one tensor-core product per pair of nibble planes (K = BK / 4 each).
-
-    Nibbles p and p + 4 of a word come out of one and-or as two DTYPE halves of a 32-bit
-    register, and joined along K they are two k-adjacent rows: the pairs the MMA's B fragment
-    holds per register, so the codes need no shuffle through shared memory (the three-level
-    unpack of _int4_block_sum does). x is gathered in the same row order, and q - z is exact
-    in DTYPE (one packed subtract per two weights)."""
-    KW: tl.constexpr = BK // 8
-    offs_kw = tl.arange(0, KW)
-    offs_pair = tl.arange(0, 2 * KW)
-    m_ok = offs_m[:, None] < M
-    n_ok = offs_n < N
-    for k0 in range(k_start, k_end, BK):
-        words = tl.load(qw_ptr + (k0 // 8 + offs_kw)[:, None] * stride_qk + offs_n[None, :],
-                        mask=n_ok[None, :], other=0)
-        group = k0 // group_size
-        scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, MAGIC_VALUE).to(DTYPE)[None, :]
-        block = tl.full(acc.shape, 0.0, tl.float32)
-        for p in tl.static_range(4):  # nibbles p and p + 4: k-adjacent rows of one product
-            low, high = _nibble_pair(words, 4 * p, MAGIC, DTYPE)
-            codes = tl.reshape(tl.permute(tl.join(low - zero_term, high - zero_term), (0, 2, 1)),
-                               (2 * KW, words.shape[1]))
-            rows = k0 + KW * (4 * (p % 2) + 2 * (p // 2) + offs_pair % 2) + offs_pair // 2  # packing.plane_rows
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :], mask=m_ok, other=0.0)
-            block = tl.dot(x, codes, block)
-        acc += block * scale[None, :]
-    return acc
-
-
-@triton.jit
 def _gemv_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_start, k_end, N, group_size,
                     stride_qk, stride_sg, stride_zg, acc, HAS_ZEROS: tl.constexpr, BK: tl.constexpr,
                     PREFETCH: tl.constexpr):
@@ -289,7 +254,7 @@ def gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, pa
                 HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, CORRECT: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 BR: tl.constexpr, SBM: tl.constexpr, SBK: tl.constexpr, MAGIC: tl.constexpr,
-                MAGIC_VALUE: tl.constexpr, PREFETCH: tl.constexpr, SPLITS: tl.constexpr, PLANE_DOTS: tl.constexpr):
+                MAGIC_VALUE: tl.constexpr, PREFETCH: tl.constexpr, SPLITS: tl.constexpr):
     """See the module docstring. sync_ptr: [0] shrink items done, [1] epilogues done, [2 + t] tile t's tickets."""
     DTYPE = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -302,12 +267,12 @@ def gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, pa
             _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
                        pid - shrink_programs, M, N, K, RANK, group_size, split_k, k_chunk, shrink_programs,
                        stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
-                       HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE, PREFETCH, SPLITS, PLANE_DOTS)
+                       HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE, PREFETCH, SPLITS)
     else:
         _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
                    pid, M, N, K, RANK, group_size, split_k, k_chunk, shrink_programs,
                    stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
-                   HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE, PREFETCH, SPLITS, PLANE_DOTS)
+                   HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, MAGIC, MAGIC_VALUE, DTYPE, PREFETCH, SPLITS)
 
 
 @triton.jit
@@ -316,8 +281,7 @@ def _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, 
                stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
                HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, CORRECT: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, MAGIC: tl.constexpr,
-               MAGIC_VALUE: tl.constexpr, DTYPE: tl.constexpr, PREFETCH: tl.constexpr, SPLITS: tl.constexpr,
-               PLANE_DOTS: tl.constexpr):
+               MAGIC_VALUE: tl.constexpr, DTYPE: tl.constexpr, PREFETCH: tl.constexpr, SPLITS: tl.constexpr):
     """One (token block, output tile, K chunk) of the int4 GEMM; the tile's last chunk runs the epilogue."""
     n_tiles = (N + BN - 1) // BN
     split = item % split_k
@@ -326,11 +290,7 @@ def _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, 
     offs_n = (tile % n_tiles) * BN + tl.arange(0, BN)
     k_start = split * k_chunk
     acc = tl.full((BM, BN), 0.0, tl.float32)
-    if PLANE_DOTS:
-        acc = _plane_dot_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start,
-                                   tl.minimum(K, k_start + k_chunk), M, N, group_size, stride_xm, stride_qk,
-                                   stride_sg, stride_zg, acc, HAS_ZEROS, BK, MAGIC, MAGIC_VALUE, DTYPE)
-    elif BM == 1:
+    if BM == 1:
         acc = _gemv_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_start, tl.minimum(K, k_start + k_chunk), N,
                               group_size, stride_qk, stride_sg, stride_zg, acc, HAS_ZEROS, BK, PREFETCH)
     else:
