@@ -43,6 +43,9 @@ import torch.nn.functional as F
 from . import compat
 
 MARLIN_GROUP_SIZES = (32, 64, 128)  # besides one group per row (channelwise, -1)
+# (token, expert) pairs up to which the fused correction runs (at top-8: 32 tokens); a first
+# guess to be set from `bench/moe_microbench.py --threshold-sweep` on an H200
+FUSED_MAX_PAIRS = 256
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -133,20 +136,42 @@ def marlin_zero_points(zeros: torch.Tensor) -> torch.Tensor:
     return torch.stack([permute(z.to(torch.int32), groups, n, 4) for z in zeros])
 
 
+def takes_fused_path(num_pairs: int) -> bool:
+    """Whether a call of `num_pairs` (token, expert) pairs runs the fused correction (fewer
+    launches, no sorting) rather than the grouped one (tensor cores on pairs sorted by expert)."""
+    return num_pairs <= FUSED_MAX_PAIRS
+
+
 def forward(experts: Int4Experts, factors: ExpertFactors, x: torch.Tensor, topk_weights: torch.Tensor,
-            topk_ids: torch.Tensor, activation) -> torch.Tensor:
-    """The routed experts' output [T, H] (router weights applied, top-k summed)."""
+            topk_ids: torch.Tensor, activation, fused: bool | None = None) -> torch.Tensor:
+    """The routed experts' output [T, H] (router weights applied, top-k summed). `fused` picks
+    the correction's path (the tests and bench/moe_microbench.py run both); None lets
+    `takes_fused_path` decide."""
     if x.shape[0] == 0:
         return torch.zeros_like(x)
     x = x.contiguous()  # Marlin's requirement (a no-op for vLLM's hidden states)
     topk_weights = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
-    hooks = CorrectionHooks(factors, x, topk_weights, topk_ids, experts.num_experts) if factors.any else None
+    hooks = correction_hooks(factors, x, topk_weights, topk_ids, experts.num_experts, activation, fused)
     return compat.fused_marlin_moe(
         hidden_states=x, w1=experts.w13, w2=experts.w2, w1_scale=experts.scales13, w2_scale=experts.scales2,
         w1_zeros=experts.zeros13, w2_zeros=experts.zeros2, topk_weights=topk_weights, topk_ids=topk_ids,
         quant_type_id=experts.quant_type_id, global_num_experts=experts.num_experts, activation=activation,
         workspace=experts.workspace, activation_func=None if hooks is None else hooks.activation,
         moe_sum=None if hooks is None or factors.a2 is None else hooks.moe_sum)
+
+
+def correction_hooks(factors: ExpertFactors, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     num_experts: int, activation, fused: bool | None = None):
+    """The callbacks of one call (None without a correction): fused at small batches when the
+    activation is the plain gated SiLU its kernel computes, grouped otherwise."""
+    if not factors.any:
+        return None
+    fits = compat.plain_gated_silu(activation, {})
+    if fused and not fits:
+        raise ValueError(f"the fused MoE correction computes the gated SiLU only, not {activation!r}")
+    if fused or (fused is None and fits and takes_fused_path(topk_ids.numel())):
+        return FusedCorrectionHooks(factors, x, topk_weights, topk_ids)
+    return CorrectionHooks(factors, x, topk_weights, topk_ids, num_experts)
 
 
 class CorrectionHooks:
@@ -195,3 +220,41 @@ class CorrectionHooks:
         self.grouped.launch(shrunk, self.factors.a2, rows, self.alignment, scale=self.topk_weights.reshape(-1),
                             accumulate=True)
         return torch.sum(w2_out, dim=1, out=output)
+
+
+class FusedCorrectionHooks:
+    """The correction around one `fused_marlin_moe` call at small batch, in three launches and
+    without sorting (kernels/moe_fused_triton.py): R = B13 x before the call (one GEMM per
+    token; per pair for `--share module`, one more launch), then `activation` (correction,
+    SiLU-and-mul and the down factor's shrink in one kernel) and `moe_sum` (the down
+    correction's expand inside the top-k sum).
+
+    `kernels` defaults to kernels/moe_fused_triton.py; the CPU tests pass the module loaded
+    into Triton's interpreter."""
+
+    def __init__(self, factors: ExpertFactors, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 kernels=None) -> None:
+        if kernels is None:
+            from .kernels import moe_fused_triton as kernels
+        self.kernels, self.factors = kernels, factors
+        self.topk_ids, self.topk_weights = topk_ids.contiguous(), topk_weights.contiguous()
+        self.reduced, self.row_div = None, 1  # R [T, r] read by pair p at row p // top_k, or R [P, 2r]
+        if factors.a13 is not None:
+            if factors.b13.dim() == 2:
+                self.reduced, self.row_div = F.linear(x, factors.b13), topk_ids.shape[1]
+            else:
+                self.reduced = kernels.shrink_pairs(x, factors.b13, self.topk_ids)
+        self.partials = None  # the down correction's partial sums, from `activation` to `moe_sum`
+
+    def activation(self, activation, output: torch.Tensor, w13_out: torch.Tensor, **kwargs) -> torch.Tensor:
+        """output [P, I] = SiLU(gate) * up of w13_out [P, 2I] + A13_e R (w13_out left as it is)."""
+        if not compat.plain_gated_silu(activation, kwargs):
+            raise ValueError(f"the fused MoE correction computes the gated SiLU only; vLLM asked for {activation!r} "
+                             f"with {kwargs}")
+        self.partials = self.kernels.activate(w13_out, self.reduced, self.factors.a13, self.factors.b2,
+                                              self.topk_ids, output, self.row_div)
+        return output
+
+    def moe_sum(self, w2_out: torch.Tensor, output: torch.Tensor, topk_ids: torch.Tensor, expert_map) -> torch.Tensor:
+        """output [T, H] = the sum over top_k of w2_out [T, top_k, H] + w_p A2_e S_p."""
+        return self.kernels.sum_topk(w2_out, self.partials, self.factors.a2, self.topk_ids, self.topk_weights, output)
