@@ -1,5 +1,5 @@
-"""The GPU path of the GlowQ experts (vllm_glowq/moe_marlin.py, kernels/moe_lowrank_triton.py)
-against a float64 reference.
+"""The GPU path of the GlowQ experts (vllm_glowq/moe_marlin.py, kernels/moe_lowrank_triton.py and
+kernels/moe_fused_triton.py) against a float64 reference.
 
 * CPU, Triton's interpreter: the grouped kernel on odd shapes (every mask, stale blocks past
   the aligned pairs, router-weight scaling, accumulation), and its launch configurations
@@ -11,10 +11,15 @@ against a float64 reference.
 * CPU, layout glue: the unpacked zero points the loader keeps give exactly what vLLM's own
   conversion gives from the GPTQ-packed ones; the call into `fused_marlin_moe` binds to the
   installed vLLM's signature; the shape checks.
-* GPU (skipped without CUDA): the whole block through vLLM's Marlin MoE GEMMs on repacked
-  codes, bf16 and fp16, 8 and 64 experts, top-2 and top-8, rank 0 and 16, shared and
-  per-module B, symmetric and asymmetric codes, 1 to 600 tokens; with the correction removed
-  the same comparison must fail (negative control); the block inside a CUDA graph.
+* CPU, the fused small-batch path (kernels/moe_fused_triton.py) in the interpreter: each of
+  its kernels against float64 fed the kernels' own rounded inputs (bf16 and fp16, 1 to 24
+  pairs, top-k 1, 2 and 8, shared and per-module B, only one of the two corrections), its
+  callbacks around the stand-in, the choice of path, and sm_90 compilation.
+* GPU (skipped without CUDA), on both correction paths (fused and grouped, each forced): the
+  whole block through vLLM's Marlin MoE GEMMs on repacked codes, bf16 and fp16, 8 and 64
+  experts, top-2 and top-8, rank 0 and 16, shared and per-module B, symmetric and asymmetric
+  codes, 1 to 600 tokens; with the correction removed the same comparison must fail (negative
+  control); the block inside a CUDA graph.
 """
 
 from __future__ import annotations
@@ -458,7 +463,9 @@ GPU_SHAPE = dict(hidden=512, inter=256, group=128)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_gpu_block_matches_float64(dtype, case):
+@pytest.mark.parametrize("path", ["fused", "grouped"])
+def test_gpu_block_matches_float64(dtype, case, path):
+    """Every token count on the path asked for (the fused one past FUSED_MAX_PAIRS too)."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
     experts, top_k, rank, share, sym = case
@@ -474,7 +481,8 @@ def test_gpu_block_matches_float64(dtype, case):
     for tokens in GPU_TOKENS:
         x = torch.randn(tokens, h, generator=gen).to(dtype)
         weights, ids = routing(tokens, experts, top_k, seed=tokens)
-        out = moe_marlin.forward(int4, factors, x.cuda(), weights.cuda(), ids.cuda(), MoEActivation.SILU)
+        out = moe_marlin.forward(int4, factors, x.cuda(), weights.cuda(), ids.cuda(), MoEActivation.SILU,
+                                 fused=path == "fused")
         ref = reference_block(x, w13["dense"], w2["dense"], f, weights, ids)
         error = relative_error(out.cpu(), ref)
         assert error < TOLERANCE[dtype], (tokens, error)
@@ -486,7 +494,9 @@ def test_gpu_block_matches_float64(dtype, case):
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 16, 64])
-def test_gpu_block_inside_a_cuda_graph(tokens):
+@pytest.mark.parametrize("share", ["group", "module"])
+@pytest.mark.parametrize("path", ["fused", "grouped"])
+def test_gpu_block_inside_a_cuda_graph(tokens, share, path):
     """Captured once, replayed on new inputs copied into the captured buffers."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
@@ -496,12 +506,13 @@ def test_gpu_block_inside_a_cuda_graph(tokens):
     w13, w2 = make_codes(experts, h, 2 * i, g, True, dtype, gen), make_codes(experts, i, h, g, True, dtype, gen)
     int4 = moe_marlin.repack(w13["qweight"].cuda(), w13["scales"].cuda(), None, w2["qweight"].cuda(),
                              w2["scales"].cuda(), None, dtype)
-    f = make_factors(experts, h, i, rank, "group")
+    f = make_factors(experts, h, i, rank, share)
     factors = as_factors(f, dtype, "cuda")
     x = torch.zeros(tokens, h, device="cuda", dtype=dtype)
     weights = torch.zeros(tokens, top_k, device="cuda")
     ids = torch.zeros(tokens, top_k, device="cuda", dtype=torch.int32)
-    graph, out = capture(lambda: moe_marlin.forward(int4, factors, x, weights, ids, MoEActivation.SILU))
+    graph, out = capture(lambda: moe_marlin.forward(int4, factors, x, weights, ids, MoEActivation.SILU,
+                                                    fused=path == "fused"))
     for seed in range(3):
         fresh_x = torch.randn(tokens, h, generator=torch.Generator().manual_seed(seed)).to(dtype)
         fresh_w, fresh_ids = routing(tokens, experts, top_k, seed=seed + 10)
