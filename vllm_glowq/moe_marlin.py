@@ -1,5 +1,5 @@
 """GlowQ experts on CUDA GPUs: vLLM's WNA16 Marlin MoE GEMMs on the checkpoint's int4 codes,
-with the correction added by a grouped Triton kernel of the project's own.
+with the correction added by Triton kernels of the project's own, on one of two paths.
 
 Why this split. vLLM's `fused_marlin_moe` (experts/marlin_moe.py, a public function in every
 supported version) runs the whole expert block: it sorts the (token, expert) pairs by expert
@@ -7,7 +7,10 @@ supported version) runs the whole expert block: it sorts the (token, expert) pai
 callback on that output, runs the w2 GEMM (which multiplies each pair's row by its router
 weight) and calls its `moe_sum` callback to add each token's top-k rows. Those two callbacks are
 exactly where the correction belongs, and they are the hooks vLLM's own MoE LoRA uses on Marlin
-(`activation_with_lora`, `moe_sum_with_lora`). So the plugin calls `fused_marlin_moe` with:
+(`activation_with_lora`, `moe_sum_with_lora`). Both vLLM 0.26 and 0.32 call
+`moe_sum(w2_out [T, top_k, H], output [T, H], topk_ids, expert_map)` and return what it returns.
+
+The grouped path (`CorrectionHooks`, kernels/moe_lowrank_triton.py) calls `fused_marlin_moe` with:
 
 * before the call, R = B13 x once per token ([T, r], one cuBLAS GEMM): never per pair, which is
   the point of sharing B; and the pairs sorted by expert in blocks that suit tensor-core tiles
@@ -17,6 +20,17 @@ exactly where the correction belongs, and they are the hooks vLLM's own MoE LoRA
   then vLLM's activation (SiLU-and-mul) as usual;
 * `moe_sum`: S[p] = B2_e h[p] and w2_out[p] += w_p A2_e S[p] (two grouped launches, w_p the
   router weight Marlin already applied to w2_out), then the top-k sum as usual.
+
+That is about seven launches per layer besides Marlin's own, which is what a decode step pays
+for (0.72x plain int4 MoE at one token on the first H200 run, ~39 us per layer). Up to
+FUSED_MAX_PAIRS pairs, `takes_fused_path`, the fused path (`FusedCorrectionHooks`,
+kernels/moe_fused_triton.py) needs no sorting and three launches: R = B13 x as above; in
+`activation_func` one kernel per (pair, chunk of I) adds A13_e R, applies SiLU-and-mul itself
+(so only the plain gated SiLU, the one activation vllm_glowq/moe.py admits; the grouped path
+calls vLLM's activation) and computes the chunk's share of S = B2_e h; in `moe_sum` one
+kernel per token adds w_p A2_e S[p] to each w2_out row inside the top-k sum. It multiplies
+vectors, not tiles, so larger batches, where pairs share experts, keep the grouped path. With
+`--share module` both paths compute R per pair (on the fused path one more launch, no sorting).
 
 The alternatives were worse: calling the Marlin GEMM op (`moe_wna16_marlin_gemm`) directly means
 re-implementing vLLM's block-size choice, workspaces and activation plumbing, which changed
@@ -28,8 +42,9 @@ The codes are repacked once at load time (`repack`, vLLM's `gptq_marlin_moe_repa
 and zero-point permutations), replacing the checkpoint layout: one copy of the int4 weights.
 Rank 0 (plain int4) layers call `fused_marlin_moe` without callbacks. Everything here runs on
 the current CUDA stream with shapes fixed by the token count, so the whole block is captured by
-CUDA graphs; torch.compile sees it through the `torch.ops.glowq.moe` custom op (vllm_glowq/moe.py).
-Launch shapes of the grouped kernel are not tuned on a GPU yet.
+CUDA graphs (the path is chosen from the pair count, fixed per graph); torch.compile sees it
+through the `torch.ops.glowq.moe` custom op (vllm_glowq/moe.py). Launch shapes of either path
+are not tuned on a GPU yet, nor FUSED_MAX_PAIRS (bench/moe_microbench.py).
 """
 
 from __future__ import annotations
