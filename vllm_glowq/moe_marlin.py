@@ -1,5 +1,5 @@
 """GlowQ experts on CUDA GPUs: vLLM's WNA16 Marlin MoE GEMMs on the checkpoint's int4 codes,
-with the correction added by a grouped Triton kernel of the project's own.
+with the correction added by Triton kernels of the project's own, on one of two paths.
 
 Why this split. vLLM's `fused_marlin_moe` (experts/marlin_moe.py, a public function in every
 supported version) runs the whole expert block: it sorts the (token, expert) pairs by expert
@@ -7,7 +7,10 @@ supported version) runs the whole expert block: it sorts the (token, expert) pai
 callback on that output, runs the w2 GEMM (which multiplies each pair's row by its router
 weight) and calls its `moe_sum` callback to add each token's top-k rows. Those two callbacks are
 exactly where the correction belongs, and they are the hooks vLLM's own MoE LoRA uses on Marlin
-(`activation_with_lora`, `moe_sum_with_lora`). So the plugin calls `fused_marlin_moe` with:
+(`activation_with_lora`, `moe_sum_with_lora`). Both vLLM 0.26 and 0.32 call
+`moe_sum(w2_out [T, top_k, H], output [T, H], topk_ids, expert_map)` and return what it returns.
+
+The grouped path (`CorrectionHooks`, kernels/moe_lowrank_triton.py) calls `fused_marlin_moe` with:
 
 * before the call, R = B13 x once per token ([T, r], one cuBLAS GEMM): never per pair, which is
   the point of sharing B; and the pairs sorted by expert in blocks that suit tensor-core tiles
@@ -17,6 +20,17 @@ exactly where the correction belongs, and they are the hooks vLLM's own MoE LoRA
   then vLLM's activation (SiLU-and-mul) as usual;
 * `moe_sum`: S[p] = B2_e h[p] and w2_out[p] += w_p A2_e S[p] (two grouped launches, w_p the
   router weight Marlin already applied to w2_out), then the top-k sum as usual.
+
+That is about seven launches per layer besides Marlin's own, which is what a decode step pays
+for (0.72x plain int4 MoE at one token on the first H200 run, ~39 us per layer). Up to
+FUSED_MAX_PAIRS pairs, `takes_fused_path`, the fused path (`FusedCorrectionHooks`,
+kernels/moe_fused_triton.py) needs no sorting and three launches: R = B13 x as above; in
+`activation_func` one kernel per (pair, chunk of I) adds A13_e R, applies SiLU-and-mul itself
+(so only the plain gated SiLU, the one activation vllm_glowq/moe.py admits; the grouped path
+calls vLLM's activation) and computes the chunk's share of S = B2_e h; in `moe_sum` one
+kernel per token adds w_p A2_e S[p] to each w2_out row inside the top-k sum. It multiplies
+vectors, not tiles, so larger batches, where pairs share experts, keep the grouped path. With
+`--share module` both paths compute R per pair (on the fused path one more launch, no sorting).
 
 The alternatives were worse: calling the Marlin GEMM op (`moe_wna16_marlin_gemm`) directly means
 re-implementing vLLM's block-size choice, workspaces and activation plumbing, which changed
@@ -28,8 +42,9 @@ The codes are repacked once at load time (`repack`, vLLM's `gptq_marlin_moe_repa
 and zero-point permutations), replacing the checkpoint layout: one copy of the int4 weights.
 Rank 0 (plain int4) layers call `fused_marlin_moe` without callbacks. Everything here runs on
 the current CUDA stream with shapes fixed by the token count, so the whole block is captured by
-CUDA graphs; torch.compile sees it through the `torch.ops.glowq.moe` custom op (vllm_glowq/moe.py).
-Launch shapes of the grouped kernel are not tuned on a GPU yet.
+CUDA graphs (the path is chosen from the pair count, fixed per graph); torch.compile sees it
+through the `torch.ops.glowq.moe` custom op (vllm_glowq/moe.py). Launch shapes of either path
+are not tuned on a GPU yet, nor FUSED_MAX_PAIRS (bench/moe_microbench.py).
 """
 
 from __future__ import annotations
@@ -43,6 +58,9 @@ import torch.nn.functional as F
 from . import compat
 
 MARLIN_GROUP_SIZES = (32, 64, 128)  # besides one group per row (channelwise, -1)
+# (token, expert) pairs up to which the fused correction runs (at top-8: 32 tokens); a first
+# guess to be set from `bench/moe_microbench.py --threshold-sweep` on an H200
+FUSED_MAX_PAIRS = 256
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -133,20 +151,42 @@ def marlin_zero_points(zeros: torch.Tensor) -> torch.Tensor:
     return torch.stack([permute(z.to(torch.int32), groups, n, 4) for z in zeros])
 
 
+def takes_fused_path(num_pairs: int) -> bool:
+    """Whether a call of `num_pairs` (token, expert) pairs runs the fused correction (fewer
+    launches, no sorting) rather than the grouped one (tensor cores on pairs sorted by expert)."""
+    return num_pairs <= FUSED_MAX_PAIRS
+
+
 def forward(experts: Int4Experts, factors: ExpertFactors, x: torch.Tensor, topk_weights: torch.Tensor,
-            topk_ids: torch.Tensor, activation) -> torch.Tensor:
-    """The routed experts' output [T, H] (router weights applied, top-k summed)."""
+            topk_ids: torch.Tensor, activation, fused: bool | None = None) -> torch.Tensor:
+    """The routed experts' output [T, H] (router weights applied, top-k summed). `fused` picks
+    the correction's path (the tests and bench/moe_microbench.py run both); None lets
+    `takes_fused_path` decide."""
     if x.shape[0] == 0:
         return torch.zeros_like(x)
     x = x.contiguous()  # Marlin's requirement (a no-op for vLLM's hidden states)
     topk_weights = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
-    hooks = CorrectionHooks(factors, x, topk_weights, topk_ids, experts.num_experts) if factors.any else None
+    hooks = correction_hooks(factors, x, topk_weights, topk_ids, experts.num_experts, activation, fused)
     return compat.fused_marlin_moe(
         hidden_states=x, w1=experts.w13, w2=experts.w2, w1_scale=experts.scales13, w2_scale=experts.scales2,
         w1_zeros=experts.zeros13, w2_zeros=experts.zeros2, topk_weights=topk_weights, topk_ids=topk_ids,
         quant_type_id=experts.quant_type_id, global_num_experts=experts.num_experts, activation=activation,
         workspace=experts.workspace, activation_func=None if hooks is None else hooks.activation,
         moe_sum=None if hooks is None or factors.a2 is None else hooks.moe_sum)
+
+
+def correction_hooks(factors: ExpertFactors, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     num_experts: int, activation, fused: bool | None = None):
+    """The callbacks of one call (None without a correction): fused at small batches when the
+    activation is the plain gated SiLU its kernel computes, grouped otherwise."""
+    if not factors.any:
+        return None
+    fits = compat.plain_gated_silu(activation, {})
+    if fused and not fits:
+        raise ValueError(f"the fused MoE correction computes the gated SiLU only, not {activation!r}")
+    if fused or (fused is None and fits and takes_fused_path(topk_ids.numel())):
+        return FusedCorrectionHooks(factors, x, topk_weights, topk_ids)
+    return CorrectionHooks(factors, x, topk_weights, topk_ids, num_experts)
 
 
 class CorrectionHooks:
@@ -195,3 +235,41 @@ class CorrectionHooks:
         self.grouped.launch(shrunk, self.factors.a2, rows, self.alignment, scale=self.topk_weights.reshape(-1),
                             accumulate=True)
         return torch.sum(w2_out, dim=1, out=output)
+
+
+class FusedCorrectionHooks:
+    """The correction around one `fused_marlin_moe` call at small batch, in three launches and
+    without sorting (kernels/moe_fused_triton.py): R = B13 x before the call (one GEMM per
+    token; per pair for `--share module`, one more launch), then `activation` (correction,
+    SiLU-and-mul and the down factor's shrink in one kernel) and `moe_sum` (the down
+    correction's expand inside the top-k sum).
+
+    `kernels` defaults to kernels/moe_fused_triton.py; the CPU tests pass the module loaded
+    into Triton's interpreter."""
+
+    def __init__(self, factors: ExpertFactors, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 kernels=None) -> None:
+        if kernels is None:
+            from .kernels import moe_fused_triton as kernels
+        self.kernels, self.factors = kernels, factors
+        self.topk_ids, self.topk_weights = topk_ids.contiguous(), topk_weights.contiguous()
+        self.reduced, self.row_div = None, 1  # R [T, r] read by pair p at row p // top_k, or R [P, 2r]
+        if factors.a13 is not None:
+            if factors.b13.dim() == 2:
+                self.reduced, self.row_div = F.linear(x, factors.b13), topk_ids.shape[1]
+            else:
+                self.reduced = kernels.shrink_pairs(x, factors.b13, self.topk_ids)
+        self.partials = None  # the down correction's partial sums, from `activation` to `moe_sum`
+
+    def activation(self, activation, output: torch.Tensor, w13_out: torch.Tensor, **kwargs) -> torch.Tensor:
+        """output [P, I] = SiLU(gate) * up of w13_out [P, 2I] + A13_e R (w13_out left as it is)."""
+        if not compat.plain_gated_silu(activation, kwargs):
+            raise ValueError(f"the fused MoE correction computes the gated SiLU only; vLLM asked for {activation!r} "
+                             f"with {kwargs}")
+        self.partials = self.kernels.activate(w13_out, self.reduced, self.factors.a13, self.factors.b2,
+                                              self.topk_ids, output, self.row_div)
+        return output
+
+    def moe_sum(self, w2_out: torch.Tensor, output: torch.Tensor, topk_ids: torch.Tensor, expert_map) -> torch.Tensor:
+        """output [T, H] = the sum over top_k of w2_out [T, top_k, H] + w_p A2_e S_p."""
+        return self.kernels.sum_topk(w2_out, self.partials, self.factors.a2, self.topk_ids, self.topk_weights, output)

@@ -1,5 +1,8 @@
 """A grouped low-rank product for the experts' correction: `out[p] (+)= s_p * W_e x[src(p)]`
-for every (token, routed expert) pair p, W_e the pair's expert's factor.
+for every (token, routed expert) pair p, W_e the pair's expert's factor. This is the path for
+batches past moe_marlin.FUSED_MAX_PAIRS pairs, where experts receive several pairs each and
+tensor-core tiles pay for the sorting and the extra launches; smaller batches take
+kernels/moe_fused_triton.py (no sorting, three launches, vector products).
 
 vLLM's Marlin MoE GEMMs write one row per pair, `p = token * top_k + k` (the rows of its
 `intermediate_cache1`, and of the w2 output before the top-k sum). This kernel walks the pairs

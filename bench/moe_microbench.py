@@ -1,0 +1,201 @@
+"""One Mixture-of-Experts layer on the GPU: plain int4 Marlin MoE against GlowQ's two correction paths.
+
+Qwen3-30B-A3B's experts (hidden 2048, 128 experts, top-8, moe_intermediate 768), random int4
+codes (GPTQ layout, group 128, symmetric) repacked as the plugin repacks them
+(moe_marlin.repack), random factors of rank 64 with one B13 per layer as GlowQ shares it. Per
+token count it times:
+
+* `plain`: vLLM's `fused_marlin_moe` without callbacks (the plugin's rank-0 layers; vLLM's own
+  GPTQ-Marlin MoE runs the same kernels);
+* `grouped`: GlowQ with the correction on pairs sorted by expert (moe_marlin.forward, fused=False);
+* `fused`: GlowQ with the small-batch fused correction (fused=True), where
+  moe_marlin.takes_fused_path would take it; `--threshold-sweep` times it at every count, and
+  prints the pair count up to which it beats the grouped path (what FUSED_MAX_PAIRS should be).
+
+and the ratios plain / GlowQ per path (the issue's target: >= 0.90 at decode). Each case is one
+CUDA graph that runs the layer once on each of COPIES copies of its weights, with its own
+routing, so that the experts a step touches come from HBM as in a 48-layer model, not from L2;
+the median replay over COPIES is the time per layer. Accuracy: on the first CHECK_TOKENS tokens
+of each case, the largest error of each path against a float64 reference of the block (the
+dequantized codes and the factors), relative to the reference's largest entry; plain's error
+beside it is what the correction adds.
+
+    python bench/moe_microbench.py --out moe_micro.json [--tokens 1,4,16,64,256] [--threshold-sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gpu_timing import seconds_per_call
+from vllm_glowq import moe_marlin
+from vllm_glowq.packing import dequantize
+
+SHAPE = dict(hidden=2048, experts=128, top_k=8, inter=768, rank=64, group=128)  # Qwen3-30B-A3B
+COPIES = 8  # x 24 MB of experts and factors touched per copy at one token: past the H200's L2
+CHECK_TOKENS = 4
+PATHS = ("plain", "grouped", "fused")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="the JSON results file")
+    parser.add_argument("--tokens", default="1,4,16,64,256", type=_counts, help="token counts, comma-separated")
+    parser.add_argument("--threshold-sweep", action="store_true",
+                        help="time both GlowQ paths at every token count (to set FUSED_MAX_PAIRS)")
+    return parser.parse_args(argv)
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tokens takes positive integers separated by commas, not {text!r}")
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"--tokens takes positive integers separated by commas, not {text!r}")
+    return counts
+
+
+def why_not_runnable() -> str | None:
+    """Why this machine cannot run the benchmark (None when it can)."""
+    if not torch.cuda.is_available():
+        return "bench/moe_microbench.py needs a CUDA GPU (vLLM's Marlin MoE kernels); none is visible"
+    if importlib.util.find_spec("vllm") is None:
+        return "bench/moe_microbench.py needs vLLM with its CUDA kernels (see ../shared/gpu/README.md)"
+    return None
+
+
+def make_layer(seed: int) -> dict:
+    """One copy of the layer: GPTQ codes (kept for the reference), Marlin's layout, factors."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    e, h, i, r, g = (SHAPE[k] for k in ("experts", "hidden", "inter", "rank", "group"))
+
+    def codes(k: int, n: int):
+        qweight = torch.randint(-2**31, 2**31 - 1, (e, k // 8, n), dtype=torch.int32, device="cuda", generator=gen)
+        return qweight, (torch.rand(e, k // g, n, device="cuda", generator=gen) * 0.004 + 0.002).to(torch.bfloat16)
+
+    def randn(*shape: int, scale: float):
+        return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(torch.bfloat16)
+
+    (q13, s13), (q2, s2) = codes(h, 2 * i), codes(i, h)
+    factors = moe_marlin.ExpertFactors(b13=randn(r, h, scale=h**-0.5), a13=randn(e, 2 * i, r, scale=0.5 * r**-0.5),
+                                       b2=randn(e, r, i, scale=i**-0.5), a2=randn(e, h, r, scale=0.5 * r**-0.5))
+    int4 = moe_marlin.repack(q13, s13, None, q2, s2, None, torch.bfloat16)
+    return dict(int4=int4, factors=factors, gptq=(q13, s13, q2, s2))
+
+
+def routing(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    logits = torch.randn(tokens, SHAPE["experts"], device="cuda", generator=gen)
+    weights, ids = torch.softmax(logits, dim=-1).topk(SHAPE["top_k"], dim=-1)
+    return weights / weights.sum(-1, keepdim=True), ids.to(torch.int32)
+
+
+def step(layer: dict, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, path: str):
+    """One call of the layer on `path` (a closure for the CUDA graph)."""
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    factors = moe_marlin.ExpertFactors() if path == "plain" else layer["factors"]
+    fused = None if path == "plain" else path == "fused"
+    return lambda: moe_marlin.forward(layer["int4"], factors, x, weights, ids, MoEActivation.SILU, fused=fused)
+
+
+def reference(layer: dict, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The corrected block in float64: sum_k w_k [W2_e h + A2_e B2_e h], h = SiLU(gate) * up of
+    W13_e x + A13_e B13 x, W the dequantized codes of the experts these tokens use."""
+    q13, s13, q2, s2 = layer["gptq"]
+    f = {k: getattr(layer["factors"], k).double() for k in ("b13", "a13", "b2", "a2")}
+    x = x.double()
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            g = dequantize(q13[e], s13[e].float(), None, torch.float64) @ x[t] + f["a13"][e] @ (f["b13"] @ x[t])
+            gate, up = g.chunk(2)
+            hidden = F.silu(gate) * up
+            y = dequantize(q2[e], s2[e].float(), None, torch.float64) @ hidden + f["a2"][e] @ (f["b2"][e] @ hidden)
+            out[t] += weights[t, k].double() * y
+    return out
+
+
+def max_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def bench_tokens(layers: list[dict], tokens: int, sweep: bool) -> dict:
+    """Times and errors of every path that runs at this token count."""
+    pairs = tokens * SHAPE["top_k"]
+    paths = [p for p in PATHS if p != "fused" or sweep or moe_marlin.takes_fused_path(pairs)]
+    inputs = []
+    for c, _ in enumerate(layers):
+        x = torch.randn(tokens, SHAPE["hidden"], device="cuda", generator=torch.Generator(device="cuda").manual_seed(c))
+        inputs.append((x.to(torch.bfloat16), *routing(tokens, seed=1000 * tokens + c)))
+    row = dict(tokens=tokens, pairs=pairs, default_path="fused" if moe_marlin.takes_fused_path(pairs) else "grouped",
+               us={}, ratio={}, max_error={})
+    check = [t[:CHECK_TOKENS] for t in inputs[0]]
+    ref = reference(layers[0], *check)
+    for path in paths:
+        calls = [step(layer, *args, path) for layer, args in zip(layers, inputs)]
+        row["us"][path] = 1e6 * seconds_per_call(calls)
+        row["max_error"][path] = max_error(step(layers[0], *inputs[0], path)()[:CHECK_TOKENS], ref)
+    for path in paths[1:]:
+        row["ratio"][path] = row["us"]["plain"] / row["us"][path]
+    return row
+
+
+def suggested_threshold(rows: list[dict]) -> int | None:
+    """The largest timed pair count up to which the fused path was never slower than the grouped one."""
+    best = None
+    for row in sorted(rows, key=lambda r: r["pairs"]):
+        if "fused" not in row["us"] or row["us"]["fused"] > row["us"]["grouped"]:
+            break
+        best = row["pairs"]
+    return best
+
+
+def line(row: dict) -> str:
+    parts = [f"T={row['tokens']:4d} pairs={row['pairs']:5d}", f"plain {row['us']['plain']:7.1f}us"]
+    for path in PATHS[1:]:
+        if path in row["us"]:
+            mark = "*" if path == row["default_path"] else " "
+            parts.append(f"{path}{mark} {row['us'][path]:7.1f}us ({row['ratio'][path]:.2f}x)")
+        else:
+            parts.append(f"{path}  {'-':>7}")
+    errors = ", ".join(f"{p} {e:.1e}" for p, e in row["max_error"].items())
+    return " | ".join(parts) + f" | max error {errors}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    why = why_not_runnable()
+    if why is not None:
+        raise SystemExit(why)
+    start = time.perf_counter()
+    import vllm
+
+    layers = [make_layer(seed) for seed in range(COPIES)]
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, vllm=vllm.__version__, shape=SHAPE,
+                  copies=COPIES, fused_max_pairs=moe_marlin.FUSED_MAX_PAIRS, rows=[])
+    print(f"{result['device']}, vLLM {result['vllm']}; shapes {SHAPE}; plain/GlowQ ratios, * = the default path",
+          flush=True)
+    for tokens in args.tokens:
+        result["rows"].append(bench_tokens(layers, tokens, args.threshold_sweep))
+        print(line(result["rows"][-1]), flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if args.threshold_sweep:
+        result["suggested_fused_max_pairs"] = suggested_threshold(result["rows"])
+        print(f"fused path never slower up to {result['suggested_fused_max_pairs']} pairs "
+              f"(FUSED_MAX_PAIRS is {moe_marlin.FUSED_MAX_PAIRS})")
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
