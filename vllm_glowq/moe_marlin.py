@@ -58,9 +58,10 @@ import torch.nn.functional as F
 from . import compat
 
 MARLIN_GROUP_SIZES = (32, 64, 128)  # besides one group per row (channelwise, -1)
-# (token, expert) pairs up to which the fused correction runs (at top-8: 32 tokens); a first
-# guess to be set from `bench/moe_microbench.py --threshold-sweep` on an H200
-FUSED_MAX_PAIRS = 256
+# (token, expert) pairs up to which the fused correction runs: on the H200 (Qwen3-30B-A3B
+# shapes, `bench/moe_microbench.py --threshold-sweep`) it was faster at 8 pairs and even at 32,
+# slower from 128 (bench/results/moe_micro.json)
+FUSED_MAX_PAIRS = 32
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
