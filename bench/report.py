@@ -33,7 +33,7 @@ COMMANDS = {
     "gpu-tests": "bash bench/run_h200.sh gpu-tests",
     "kernel": "GLOWQ_BENCH_SWEEP=1 bash bench/run_h200.sh kernel",
     "issue10": "GLOWQ_BENCH_BUDGET_S=560 bash bench/run_h200.sh vllm gptq glowq lora int4_own",
-    **{stage: f"bash bench/run_h200.sh {stage}" for stage in ("moe-prepare", "moe-calibrate", "moe-vllm", "moe-vllm-rest")},
+    **{stage: f"bash bench/run_h200.sh {stage}" for stage in ("moe-prepare", "moe-calibrate", "moe-vllm", "moe-vllm-rest", "moe-micro")},
 }
 # Runs in report order; the targets come from the first run that measured them. Runs named
 # *before_op* are the previous session's (correction as two cuBLAS GEMMs in series).
@@ -438,6 +438,7 @@ def moe_section(results: Path, meta: dict) -> list[str]:
         out.append("")
     if not runs:
         out += ["vLLM serving speed: not run.", ""]
+    out += moe_micro_section(load(results / "moe_micro.json"))
     table = {}
     out += ["### Targets (issue 11)", "", "| target | measured | verdict |", "| --- | ---: | --- |"]
     for label, value in moe_targets(runs.get(MOE_RUN_PREFIX)):
@@ -449,6 +450,23 @@ def moe_section(results: Path, meta: dict) -> list[str]:
     (results / "targets_moe.json").write_text(json.dumps(table, indent=1) + "\n")
     return out + ["", f"Ratios are speeds within run `{MOE_RUN_PREFIX}` (GlowQ and its GPTQ anchor measured minutes "
                       "apart on one machine)."] + [""]
+
+
+def moe_micro_section(micro: dict | None) -> list[str]:
+    """One expert layer per token count: plain Marlin MoE against GlowQ's two correction paths."""
+    if not micro:
+        return ["Expert-layer microbenchmark (`bench/moe_microbench.py`): not run.", ""]
+    out = ["### One expert layer (`GLOWQ_BENCH_SWEEP=1 bash bench/run_h200.sh moe-micro`)", "",
+           f"{micro['device']}, vLLM {micro['vllm']}, shapes {micro['shape']}, CUDA graphs over {micro['copies']} "
+           f"weight copies; FUSED_MAX_PAIRS was {micro['fused_max_pairs']} in this run (* = the path it chose).", "",
+           "| tokens | pairs | plain int4 (us) | GlowQ grouped (us) | GlowQ fused (us) | plain / grouped | plain / fused |",
+           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in micro["rows"]:
+        us, share, mark = row["us"], row["ratio"], {row["default_path"]: "*"}
+        out.append(f"| {row['tokens']} | {row['pairs']} | {us['plain']:.1f} | {us.get('grouped', float('nan')):.1f}"
+                   f"{mark.get('grouped', '')} | {us.get('fused', float('nan')):.1f}{mark.get('fused', '')} | "
+                   f"{fmt(share.get('grouped'), 2)} | {fmt(share.get('fused'), 2)} |")
+    return out + [""]
 
 
 def main(argv: list[str] | None = None) -> None:

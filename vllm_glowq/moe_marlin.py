@@ -43,8 +43,8 @@ and zero-point permutations), replacing the checkpoint layout: one copy of the i
 Rank 0 (plain int4) layers call `fused_marlin_moe` without callbacks. Everything here runs on
 the current CUDA stream with shapes fixed by the token count, so the whole block is captured by
 CUDA graphs (the path is chosen from the pair count, fixed per graph); torch.compile sees it
-through the `torch.ops.glowq.moe` custom op (vllm_glowq/moe.py). Launch shapes of either path
-are not tuned on a GPU yet, nor FUSED_MAX_PAIRS (bench/moe_microbench.py).
+through the `torch.ops.glowq.moe` custom op (vllm_glowq/moe.py). FUSED_MAX_PAIRS comes from
+bench/moe_microbench.py on an H200; the kernels' launch shapes are not tuned yet.
 """
 
 from __future__ import annotations
