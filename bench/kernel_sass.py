@@ -4,7 +4,10 @@ Device time is scarce; the compiled code is not. For each launch configuration t
 registers and stack frame (cuobjdump's resource usage: a stack means spills), shared memory, the
 layout conversions and shared-memory traffic Triton inserted (TTGIR), and the most frequent
 SASS instructions (per weight, the one-token path should be about one FFMA and two integer
-operations). Uses the Triton installed here, which may be newer than the GPU machine's.
+operations), and the same for the main loop alone (the longest backward branch) with its
+instructions per weight. Uses the Triton installed here, which may be newer than the GPU
+machine's: to match that one, put a copy of its version first on the path
+(`pip install --no-deps --target DIR triton==3.6.0`, then `PYTHONPATH=DIR python ...`).
 
     python bench/kernel_sass.py                      # the configurations choose_gemm_config picks
     python bench/kernel_sass.py --block-m 1 --block-n 128 --warps 1
@@ -51,7 +54,7 @@ def compile_gemm(block_m: int, block_n: int, warps: int, stages: int, correct: b
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
-def describe(kernel) -> str:
+def describe(kernel, block_n: int) -> str:
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])
@@ -63,10 +66,27 @@ def describe(kernel) -> str:
     registers = re.search(r"REG:(\d+)", usage).group(1)
     stack = re.search(r"STACK:(\d+)", usage).group(1)
     ops = collections.Counter(re.findall("(" + "|".join(re.escape(o) for o in TTGIR_OPS) + ")", kernel.asm["ttgir"]))
-    opcodes = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z][A-Z0-9_]*)", sass, re.M)
-    common = ", ".join(f"{name} {count}" for name, count in collections.Counter(opcodes).most_common(12))
+    lines = re.findall(r"^\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z][A-Z0-9_]*)([^;]*);", sass, re.M)
+    opcodes = [op for _, op, _ in lines]
+    first, last = main_loop([(int(address, 16), op, rest) for address, op, rest in lines])
+    weights = kernel.metadata.num_warps * 32  # threads; each handles block_k * block_n / threads weights
     return (f"registers {registers}, stack {stack} B, shared {kernel.metadata.shared} B; TTGIR {dict(ops)}\n"
-            f"    SASS: {common}")
+            f"    SASS: {most_common(opcodes)}\n"
+            f"    main loop: {last - first + 1} instructions, {(last - first + 1) * weights / (128 * block_n):.2f} per "
+            f"weight per thread (K block 128): {most_common(opcodes[first:last + 1])}")
+
+
+def main_loop(lines: list[tuple[int, str, str]]) -> tuple[int, int]:
+    """Indices of the first and last instruction of the longest backward branch's body."""
+    index = {address: i for i, (address, _, _) in enumerate(lines)}
+    loops = [(index[target], i) for i, (address, op, rest) in enumerate(lines) if op == "BRA"
+             for target in [int(m.group(1), 16) for m in [re.search(r"0x([0-9a-f]+)", rest)] if m]
+             if target < address and target in index]
+    return max(loops, key=lambda loop: loop[1] - loop[0], default=(0, len(lines) - 1))
+
+
+def most_common(opcodes: list[str]) -> str:
+    return ", ".join(f"{name} {count}" for name, count in collections.Counter(opcodes).most_common(12))
 
 
 def main() -> None:
@@ -84,7 +104,7 @@ def main() -> None:
     print(f"Triton {triton.__version__}, target sm_90")
     for config in configs:
         kernel = compile_gemm(**config, correct=args.correct, prefetch=args.prefetch)
-        print(f"{config}: {describe(kernel)}", flush=True)
+        print(f"{config}: {describe(kernel, config['block_n'])}", flush=True)
 
 
 if __name__ == "__main__":
