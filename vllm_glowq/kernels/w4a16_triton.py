@@ -136,6 +136,10 @@ def _gemv_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_start, k_end, N, grou
     n_ok = offs_n < N
     total = tl.full(offs_n.shape, 0.0, tl.float32)
     rows = offs_kw[:, None] * stride_qk + offs_n[None, :]
+    # 0x43004300 in a register: (N >> 31) is 0 for any real N, but the compiler cannot know that,
+    # so the and with 0x000F000F and the or with this register fuse into one three-input LOP3
+    # (an instruction takes one immediate, and two constants made it two operations).
+    magic = (N >> 31) | 0x43004300
     words = tl.load(qw_ptr + (k_start // 8) * stride_qk + rows, mask=n_ok[None, :], other=0)
     for k0 in range(k_start, k_end, BK):
         if PREFETCH:  # the last block loads itself once more rather than past the chunk
@@ -147,7 +151,7 @@ def _gemv_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, k_start, k_end, N, grou
         x_rows = tl.full(offs_kw.shape, 0.0, tl.float32)
         x_high_rows = tl.full(offs_kw.shape, 0.0, tl.float32)
         for p in tl.static_range(4):
-            pair = ((words >> (4 * p)) & 0x000F000F) | 0x43004300
+            pair = ((words >> (4 * p)) & 0x000F000F) | magic
             low = (pair << 16).to(tl.float32, bitcast=True)  # 128 + q exactly
             high = pair.to(tl.float32, bitcast=True)  # 128 + q + HIGH_BIAS + q_low / 2^16, see below
             plane = (BK // 8) * (4 * (p % 2) + 2 * (p // 2))  # nibble p's rows; nibble p + 4's follow
