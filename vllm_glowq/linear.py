@@ -313,15 +313,17 @@ class GlowQLinearMethod(LinearMethodBase):
         self.kernel_name = GLOWQ_KERNEL_NAME
 
     def _use_kernel(self, layer: torch.nn.Module, kernel_cls: type) -> None:
+        """The zero-point parameter is named for symmetric codes too, as vLLM's own GPTQ and
+        compressed-tensors schemes do: a kernel may need the name without zero points (the CPU
+        kernel's W4A8 path on AMX hosts stores an implicit zero point of 8 under it and fails
+        an assertion when it is None)."""
         layer.scales.data = layer.scales.data.to(self.params_dtype)  # kernels take act-dtype scales
-        zeros_name = None
         if not self.glowq.sym:
-            zeros_name = QZEROS
             packed = kernel_zero_points(layer.qzeros.data)
             layer.register_parameter(
                 QZEROS, PackedvLLMParameter(data=packed, weight_loader=_loaded_already, **KERNEL_ZERO_POINT_DIMS))
         self.kernel = kernel_cls(self._kernel_config(), w_q_param_name=QWEIGHT, w_s_param_name=SCALES,
-                                 w_zp_param_name=zeros_name)
+                                 w_zp_param_name=QZEROS)
         self.kernel.process_weights_after_loading(layer)
         self.kernel_name = kernel_cls.__name__
 
