@@ -433,13 +433,15 @@ def _attempt_load(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _summarize(output) -> dict[str, Any]:
-    """Token ids and the logprob vLLM gave each actual token (prompt tokens after the first)."""
+    """Token ids, the logprob vLLM gave each actual token (prompt tokens after the first) and
+    the completion's text (what a server must return for the same request)."""
     prompt_ids = list(output.prompt_token_ids)
     prompt_lp = [entry[tok].logprob for tok, entry in zip(prompt_ids[1:], output.prompt_logprobs[1:])]
     completion = output.outputs[0]
     gen_ids = list(completion.token_ids)
     gen_lp = [entry[tok].logprob for tok, entry in zip(gen_ids, completion.logprobs)]
-    return {"prompt_ids": prompt_ids, "prompt_logprobs": prompt_lp, "token_ids": gen_ids, "logprobs": gen_lp}
+    return {"prompt_ids": prompt_ids, "prompt_logprobs": prompt_lp, "token_ids": gen_ids, "logprobs": gen_lp,
+            "text": completion.text}
 
 
 def linear_parameter_names(model) -> dict[str, list[str]]:
