@@ -293,7 +293,10 @@ def main() -> None:
     parser.add_argument("--layers", default=",".join(LAYERS))
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--no-vllm", action="store_true")
+    parser.add_argument("--max-block-k", type=int, choices=(16, 32, 64, 128), default=w4a16.MAX_BLOCK_K,
+                        help="largest K block, which is also the repacked layout's (w4a16.MAX_BLOCK_K)")
     args = parser.parse_args()
+    w4a16.MAX_BLOCK_K = args.max_block_k  # before any layer is repacked or configured
     start = time.perf_counter()
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
@@ -303,7 +306,8 @@ def main() -> None:
     import triton
 
     result = {"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth, "triton": triton.__version__,
-              "torch": torch.__version__, "rank": RANK, "group_size": GROUP, "rows": []}
+              "torch": torch.__version__, "rank": RANK, "group_size": GROUP, "max_block_k": w4a16.MAX_BLOCK_K,
+              "rows": []}
     for layer in args.layers.split(","):
         result["rows"] += bench_layer(layer, [int(t) for t in args.tokens.split(",")], bandwidth, why_not is None,
                                       args.sweep)

@@ -106,6 +106,14 @@ def interpreted():
     sys.modules.update(saved)
 
 
+def test_block_k_is_capped_by_max_block_k(monkeypatch):
+    from vllm_glowq.kernels import w4a16
+
+    assert block_k_for(4096, 128) == 128 and block_k_for(576, 576) == 64 and block_k_for(4096, 32) == 32
+    monkeypatch.setattr(w4a16, "MAX_BLOCK_K", 64)
+    assert block_k_for(4096, 128) == 64 and block_k_for(4096, 32) == 32
+
+
 @pytest.mark.parametrize("block_k", [16, 32, 64, 128])
 def test_repacking_round_trips_exactly(block_k):
     codes = torch.randint(0, 16, (4 * block_k, 40))

@@ -17,6 +17,11 @@ from dataclasses import dataclass
 import torch
 
 GEMM_MAX_TOKENS = 64
+# Largest K block (and repacking block). Smaller blocks cut the one-token path's registers per
+# thread, which lets wider tiles amortize x's loads (offline sm_90 compile: 3.13 SASS
+# instructions per weight at 256 columns and 64 rows against 3.61 at 64 and 128); not timed yet:
+# `bench/kernel_microbench.py --max-block-k 64` times it.
+MAX_BLOCK_K = 128
 WORKSPACE_TOKENS = 256  # rows the gemm workspace holds (the microbenchmark times gemm up to here)
 PARTIAL_SUM_BYTES = 32 * 1024**2  # cap of the split-K workspace (fp32 partial tiles)
 _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}  # bits and value of MAGIC
@@ -40,9 +45,10 @@ class GemmConfig:
 
 
 def block_k_for(k: int, group_size: int) -> int | None:
-    """The K block: at most one group (scales apply per block), at least 16 (tl.dot), dividing K."""
+    """The K block: at most one group (scales apply per block) and MAX_BLOCK_K, at least 16
+    (tl.dot), dividing K. It fixes the repacked layout too (packing.repack_planes)."""
     for block in (128, 64, 32, 16):
-        if k % block == 0 and (group_size == k or group_size % block == 0):
+        if block <= MAX_BLOCK_K and k % block == 0 and (group_size == k or group_size % block == 0):
             return block
     return None
 
