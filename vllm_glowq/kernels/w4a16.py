@@ -19,8 +19,9 @@ import torch
 GEMM_MAX_TOKENS = 64
 # Largest K block (and repacking block). Smaller blocks cut the one-token path's registers per
 # thread, which lets wider tiles amortize x's loads (offline sm_90 compile: 3.13 SASS
-# instructions per weight at 256 columns and 64 rows against 3.61 at 64 and 128); not timed yet:
-# `bench/kernel_microbench.py --max-block-k 64` times it.
+# instructions per weight at 256 columns and 64 rows against 3.61 at 64 and 128), but the 16-token
+# loop compiles longer with 64 rows (7.6 against 5.4). Not timed yet: `bench/kernel_microbench.py
+# --max-block-k 64` times it.
 MAX_BLOCK_K = 128
 WORKSPACE_TOKENS = 256  # rows the gemm workspace holds (the microbenchmark times gemm up to here)
 PARTIAL_SUM_BYTES = 32 * 1024**2  # cap of the split-K workspace (fp32 partial tiles)
