@@ -67,31 +67,32 @@ def _register_magic(N, MAGIC: tl.constexpr):
     """MAGIC in both halves of a 32-bit value that stays in a register: (N >> 31) is 0 for any
     real N, but the compiler cannot know it. So the and with 0x000F000F and the or with the magic
     fuse into one three-input LOP3 (an instruction takes one immediate: two constants made it
-    two operations per pair of nibbles)."""
+    two operations per pair of nibbles). The one-token path uses it; in the tensor-core paths
+    (_nibble_pair) it made the 16-token loop compile longer (345 -> 465 SASS instructions)."""
     return (N >> 31) | (MAGIC | (MAGIC << 16))
 
 
 @triton.jit
-def _nibble_pair(words, shift: tl.constexpr, magic_pair, DTYPE: tl.constexpr):
+def _nibble_pair(words, shift: tl.constexpr, MAGIC: tl.constexpr, DTYPE: tl.constexpr):
     """Nibbles `shift/4` and `shift/4 + 4` of each word as MAGIC + q in DTYPE (one and-or for both)."""
-    pair = ((words >> shift) & 0x000F000F) | magic_pair
+    pair = ((words >> shift) & 0x000F000F) | (MAGIC | (MAGIC << 16))
     low = (pair & 0xFFFF).to(tl.int16).to(DTYPE, bitcast=True)
     high = (pair >> 16).to(tl.int16).to(DTYPE, bitcast=True)
     return low, high
 
 
 @triton.jit
-def _unpack(words, magic_pair, DTYPE: tl.constexpr):
+def _unpack(words, MAGIC: tl.constexpr, DTYPE: tl.constexpr):
     """Repacked words [KW, C] of one K block -> [8 KW, C] values MAGIC + q in the block's row order.
 
     Nibble p = f + 2g + 4h of word kk holds block row KW (4f + 2g + h) + kk (packing.py's
     `repack_planes`), so the eight nibble planes are stacked, never interleaved: each thread
     keeps its words' values, and x is one contiguous tile.
     """
-    n0, n4 = _nibble_pair(words, 0, magic_pair, DTYPE)
-    n1, n5 = _nibble_pair(words, 4, magic_pair, DTYPE)
-    n2, n6 = _nibble_pair(words, 8, magic_pair, DTYPE)
-    n3, n7 = _nibble_pair(words, 12, magic_pair, DTYPE)
+    n0, n4 = _nibble_pair(words, 0, MAGIC, DTYPE)
+    n1, n5 = _nibble_pair(words, 4, MAGIC, DTYPE)
+    n2, n6 = _nibble_pair(words, 8, MAGIC, DTYPE)
+    n3, n7 = _nibble_pair(words, 12, MAGIC, DTYPE)
     return _stack_rows(_stack_rows(_stack_rows(n0, n4), _stack_rows(n2, n6)),
                        _stack_rows(_stack_rows(n1, n5), _stack_rows(n3, n7)))
 
@@ -116,7 +117,6 @@ def _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, k_end,
     offs_k = tl.arange(0, BK)
     m_ok = offs_m[:, None] < M
     n_ok = offs_n < N
-    magic_pair = MAGIC | (MAGIC << 16)  # a constant: in a register (_register_magic) the 16-token loop compiled longer
     for k0 in range(k_start, k_end, BK):
         words = tl.load(qw_ptr + (k0 // 8 + offs_kw)[:, None] * stride_qk + offs_n[None, :],
                         mask=n_ok[None, :], other=0)
@@ -125,7 +125,7 @@ def _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, k_end,
         scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, MAGIC_VALUE)
         # (MAGIC + q) - (MAGIC + z) = q - z, exact in DTYPE: the dot sees the integer codes
-        codes = _unpack(words, magic_pair, DTYPE) - zero_term.to(DTYPE)[None, :]
+        codes = _unpack(words, MAGIC, DTYPE) - zero_term.to(DTYPE)[None, :]
         acc += tl.dot(x, codes) * scale[None, :]
     return acc
 
@@ -351,9 +351,8 @@ def dequantize_kernel(qw_ptr, s_ptr, z_ptr, b_ptr, a_ptr, w_ptr, N, K, RANK, gro
     group = k0 // group_size
     scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, MAGIC_VALUE)
-    magic_pair = MAGIC | (MAGIC << 16)
     for p in tl.static_range(4):
-        low, high = _nibble_pair(words, 4 * p, magic_pair, DTYPE)
+        low, high = _nibble_pair(words, 4 * p, MAGIC, DTYPE)
         rows = k0 + KW * (4 * (p % 2) + 2 * (p // 2)) + offs_kw  # nibble p's rows; nibble p + 4's follow
         _store_plane(low, rows, offs_n, n_ok, scale, zero_term, b_ptr, a_ptr, w_ptr, RANK, stride_bk, stride_an,
                      stride_wk, CORRECT, BR, DTYPE)
