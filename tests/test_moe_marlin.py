@@ -152,14 +152,26 @@ def test_grouped_kernel_matches_float64(grouped, case, per_token, scaled):
     assert torch.allclose(out.double(), before.double() + ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_grouped_kernel_compiles_for_hopper(dtype):
-    """The configurations `launch` picks, compiled for sm_90 by Triton's NVIDIA backend (no GPU
-    needed): what the interpreter cannot check (types, layouts, the scalar branch)."""
+def compile_for_hopper(fn, signature: dict, constexprs: dict):
+    """`fn` compiled for sm_90 by Triton's NVIDIA backend (no GPU needed); skips where that
+    backend cannot run."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    try:
+        return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    except RuntimeError as exc:
+        if "ptxas" in str(exc) or "backend" in str(exc).lower():
+            pytest.skip(f"Triton cannot compile for NVIDIA GPUs here: {exc}")
+        raise
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_grouped_kernel_compiles_for_hopper(dtype):
+    """The configurations `launch` picks, compiled for sm_90 by Triton's NVIDIA backend (no GPU
+    needed): what the interpreter cannot check (types, layouts, the scalar branch)."""
     from vllm_glowq.kernels import moe_lowrank_triton
 
     pointers = dict(x_ptr=dtype, w_ptr=dtype, out_ptr=dtype, scale_ptr="fp32", sorted_ptr="i32", expert_ptr="i32",
@@ -170,13 +182,7 @@ def test_grouped_kernel_compiles_for_hopper(dtype):
             constexprs = dict(ACCUMULATE=accumulate, HAS_SCALE=scaled, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64)
             signature = {**{k: f"*{v}" for k, v in pointers.items()}, **{k: "i32" for k in integers},
                          **{k: "constexpr" for k in constexprs}}
-            source = ASTSource(fn=moe_lowrank_triton._grouped_lowrank_kernel, signature=signature, constexprs=constexprs)
-            try:
-                kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-            except RuntimeError as exc:
-                if "ptxas" in str(exc) or "backend" in str(exc).lower():
-                    pytest.skip(f"Triton cannot compile for NVIDIA GPUs here: {exc}")
-                raise
+            kernel = compile_for_hopper(moe_lowrank_triton._grouped_lowrank_kernel, signature, constexprs)
             assert kernel.asm["cubin"], (block_m, block_n)
 
 
@@ -265,10 +271,6 @@ def test_fused_chunks_follow_the_batch(fused):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_fused_kernels_compile_for_hopper(dtype):
     """The three fused kernels at the configurations their launchers pick, compiled for sm_90."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from vllm_glowq.kernels import moe_fused_triton as k
 
     cases = [
@@ -289,14 +291,7 @@ def test_fused_kernels_compile_for_hopper(dtype):
             signature = {**{n: f"*{dtype}" for n in typed}, **{n: "*fp32" for n in floats}, "ids_ptr": "*i32",
                          **{n: "i32" for n in integers}, **{n: "constexpr" for n in constexprs}}
             signature = {n: signature[n] for n in fn.arg_names}
-            try:
-                kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-            except RuntimeError as exc:
-                if "ptxas" in str(exc) or "backend" in str(exc).lower():
-                    pytest.skip(f"Triton cannot compile for NVIDIA GPUs here: {exc}")
-                raise
-            assert kernel.asm["cubin"], (fn.__name__, constexprs)
+            assert compile_for_hopper(fn, signature, constexprs).asm["cubin"], (fn.__name__, constexprs)
 
 
 def test_the_path_follows_the_pair_count(monkeypatch):
