@@ -40,7 +40,7 @@ class GemmConfig:
     num_stages: int = 3
     block_r: int = 16  # rank block of the shrink and expand
     shrink_block_k: int = 128
-    shrink_chunk: int = 512  # K columns per shrink program
+    shrink_chunk: int = 512  # K columns per shrink program (choose_gemm_config: one K block at one token)
     prefetch: bool = False  # one-token path: load the next K block by hand first (not measured yet; the sweep tries it)
     partial_rows: int | None = None  # split-K partials the last program sums per load (None: partial_rows_for)
 
@@ -93,15 +93,17 @@ def choose_gemm_config(tokens: int, n: int, k: int, group_size: int, sm_count: i
     """
     block_k = block_k_for(k, group_size)
     if tokens == 1:
-        block_m, block_n, stages, per_sm = 1, 64, 2, 16
-        warps = 1 if n * k >= 4096 * 14336 else 2
+        block_m, block_n, warps, stages, per_sm = 1, 64, 1, 2, 16
+        # many one-block shrink programs: R is complete long before the first epilogue needs it
+        shrink = dict(shrink_block_k=64, shrink_chunk=64)  # and as many registers as the GEMV
     else:
         block_m = 16 if tokens <= 16 else 32 if tokens <= 32 else 64
         block_n, warps, stages, per_sm = (64, 4, 2, 4) if tokens <= 16 else (64, 4, 3, 4)
+        shrink = {}
     tiles = math.ceil(tokens / block_m) * math.ceil(n / block_n)
     wanted = max(1, math.ceil(per_sm * sm_count / tiles))
     split = min(k // block_k, wanted, max(1, PARTIAL_SUM_BYTES // (4 * tokens * n)))
-    return GemmConfig(block_m, block_n, block_k, split, warps, stages)
+    return GemmConfig(block_m, block_n, block_k, split, warps, stages, **shrink)
 
 
 class Workspace:
@@ -169,7 +171,7 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
     space = workspace(x.device)
     config = config or choose_gemm_config(tokens, n, k, group_size, space.sm_count)
     m_blocks = math.ceil(tokens / config.block_m)
-    shrink_block_m = max(16, config.block_m)  # tl.dot's smallest tile
+    shrink_block_m = 1 if config.block_m == 1 else max(16, config.block_m)  # CUDA cores, else tl.dot's smallest tile
     shrink_programs = 0
     if correct:
         shrink_programs = (math.ceil(tokens / shrink_block_m) * math.ceil(rank / config.block_r)
@@ -188,7 +190,7 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
         factor_a.stride(0) if correct else 0, out.stride(0),
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, CORRECT=correct,
         BM=config.block_m, BN=config.block_n, BK=config.block_k,
-        BR=config.block_r, SBM=shrink_block_m, SBK=config.shrink_block_k, MAGIC=magic, MAGIC_VALUE=magic_value,
+        BR=config.block_r, RANK_BLOCKS=max(1, math.ceil(rank / config.block_r)), SBM=shrink_block_m, SBK=config.shrink_block_k, MAGIC=magic, MAGIC_VALUE=magic_value,
         PREFETCH=config.prefetch, SPLITS=partial_rows_for(config, split), num_warps=config.num_warps,
         num_stages=config.num_stages)
     if os.environ.get("GLOWQ_DEBUG") and config not in _reported:
