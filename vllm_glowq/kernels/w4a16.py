@@ -102,7 +102,7 @@ def choose_gemm_config(tokens: int, n: int, k: int, group_size: int, sm_count: i
         shrink = {}
     tiles = math.ceil(tokens / block_m) * math.ceil(n / block_n)
     wanted = max(1, math.ceil(per_sm * sm_count / tiles))
-    split = min(k // block_k, wanted, max(1, PARTIAL_SUM_BYTES // (4 * tokens * n)))
+    split = min(k // block_k, wanted, max(1, PARTIAL_SUM_BYTES // (4 * tokens * n) - 1))  # + the correction's
     return GemmConfig(block_m, block_n, block_k, split, warps, stages, **shrink)
 
 
@@ -178,7 +178,8 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
                            * math.ceil(k / config.shrink_chunk))
     chunk_blocks = math.ceil(k // config.block_k / config.split_k)
     split = math.ceil(k // config.block_k / chunk_blocks)  # every chunk non-empty
-    grid = shrink_programs + m_blocks * math.ceil(n / config.block_n) * split
+    tiles = m_blocks * math.ceil(n / config.block_n)
+    grid = shrink_programs + tiles * split + (tiles if correct else 0)  # + one expand item per tile
     magic, magic_value = _MAGIC[x.dtype]
     dummy = space.sync
     handle = gemm_kernel[(grid,)](
@@ -191,7 +192,7 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, CORRECT=correct,
         BM=config.block_m, BN=config.block_n, BK=config.block_k,
         BR=config.block_r, RANK_BLOCKS=max(1, math.ceil(rank / config.block_r)), SBM=shrink_block_m, SBK=config.shrink_block_k, MAGIC=magic, MAGIC_VALUE=magic_value,
-        PREFETCH=config.prefetch, SPLITS=partial_rows_for(config, split), num_warps=config.num_warps,
+        PREFETCH=config.prefetch, SPLITS=partial_rows_for(config, split + correct), num_warps=config.num_warps,
         num_stages=config.num_stages)
     if os.environ.get("GLOWQ_DEBUG") and config not in _reported:
         _reported.add(config)

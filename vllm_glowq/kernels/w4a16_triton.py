@@ -258,32 +258,32 @@ def _sum_partials(part_ptr, offs_m, offs_n, M, N, split_k, SPLITS: tl.constexpr)
 
 
 @triton.jit
-def _epilogue(r_ptr, a_ptr, bias_ptr, out_ptr, sync_ptr, acc, offs_m, offs_n, M, N, RANK, shrink_programs,
-              stride_an, stride_om, HAS_BIAS: tl.constexpr, CORRECT: tl.constexpr, BM: tl.constexpr,
-              BN: tl.constexpr, BR: tl.constexpr, RANK_BLOCKS: tl.constexpr, DTYPE: tl.constexpr):
-    """Write acc (+ R A^T once R is complete, + bias); the last epilogue cleans the workspace."""
-    if CORRECT:
-        arrived = tl.atomic_add(sync_ptr, 0, sem="acquire")
-        while arrived < shrink_programs:
-            arrived = tl.atomic_add(sync_ptr, 0, sem="acquire")
-        acc = _expand(r_ptr, a_ptr, offs_m, offs_n, M, N, RANK, stride_an, acc, BR, RANK_BLOCKS, DTYPE)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(DTYPE),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-    if CORRECT:
-        tiles = (M + BM - 1) // BM * ((N + BN - 1) // BN)
-        tl.debug_barrier()  # all of this program's reads of R are done
-        if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == tiles - 1:  # every epilogue has read R
-            zero = tl.full((BM, BR), 0.0, tl.float32)
-            for m0 in range(0, M, BM):
-                rows = m0 + tl.arange(0, BM)
-                for r0 in range(0, RANK, BR):
-                    cols = r0 + tl.arange(0, BR)
-                    tl.store(r_ptr + rows[:, None] * RANK + cols[None, :], zero,
-                             mask=(rows[:, None] < M) & (cols[None, :] < RANK))
-            tl.atomic_xchg(sync_ptr, 0)
-            tl.atomic_xchg(sync_ptr + 1, 0)
+def _contribute(part_ptr, bias_ptr, out_ptr, sync_ptr, acc, slot, tile, contributors, offs_m, offs_n, M, N,
+                stride_om, HAS_BIAS: tl.constexpr, SPLITS: tl.constexpr, DTYPE: tl.constexpr):
+    """Add one program's share of a tile (a K chunk's product or the correction); the tile's last
+    contributor (a ticket counter per tile) sums the partials, adds the bias and writes it."""
+    in_tile = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if contributors > 1:
+        tl.store(part_ptr + slot * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=in_tile)
+        # The barrier puts every thread's partial stores before the ticket's release; acq_rel
+        # publishes them and, for the last arrival, makes the others' visible.
+        tl.debug_barrier()
+        last = tl.atomic_add(sync_ptr + 2 + tile, 1, sem="acq_rel") == contributors - 1
+        if last:
+            tl.atomic_xchg(sync_ptr + 2 + tile, 0)
+            acc = _sum_partials(part_ptr, offs_m, offs_n, M, N, contributors, SPLITS)
+    else:
+        last = True
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(DTYPE), mask=in_tile)
+
+
+@triton.jit
+def _tile_offsets(tile, N, BM: tl.constexpr, BN: tl.constexpr):
+    n_tiles = (N + BN - 1) // BN
+    return (tile // n_tiles) * BM + tl.arange(0, BM), (tile % n_tiles) * BN + tl.arange(0, BN)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -294,40 +294,46 @@ def gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, pa
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 BR: tl.constexpr, RANK_BLOCKS: tl.constexpr, SBM: tl.constexpr, SBK: tl.constexpr,
                 MAGIC: tl.constexpr, MAGIC_VALUE: tl.constexpr, PREFETCH: tl.constexpr, SPLITS: tl.constexpr):
-    """See the module docstring. sync_ptr: [0] shrink items done, [1] epilogues done, [2 + t] tile t's tickets."""
+    """See the module docstring. sync_ptr: [0] shrink items done, [1] expand items done, [2 + t] tile t's tickets.
+
+    With a correction the grid runs the shrink items, the first half of the GEMM items, one
+    expand item per tile, then the other GEMM items: R is complete long before the expand items
+    start, and they are done before the last GEMM items, so the correction adds no step to the
+    last tile's critical path."""
     DTYPE = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
+    tiles = (M + BM - 1) // BM * ((N + BN - 1) // BN)
     if CORRECT:
+        expand_first = shrink_programs + tiles * split_k // 2
         if pid < shrink_programs:
             _shrink(x_ptr, b_ptr, r_ptr, pid, M, K, RANK, stride_xm, stride_bk, shrink_chunk, SBM, BR, SBK)
             tl.debug_barrier()  # every thread's atomics into R precede the release of the count
             tl.atomic_add(sync_ptr, 1, sem="release")
+        elif pid >= expand_first and pid < expand_first + tiles:
+            _expand_item(r_ptr, a_ptr, bias_ptr, out_ptr, part_ptr, sync_ptr, pid - expand_first, tiles, M, N, RANK,
+                         split_k, shrink_programs, stride_an, stride_om, HAS_BIAS, BM, BN, BR, RANK_BLOCKS, SPLITS,
+                         DTYPE)
         else:
-            _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
-                       pid - shrink_programs, M, N, K, RANK, group_size, split_k, k_chunk, shrink_programs,
-                       stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
-                       HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, RANK_BLOCKS, MAGIC, MAGIC_VALUE, DTYPE, PREFETCH, SPLITS)
+            item = pid - shrink_programs - tiles * (pid >= expand_first + tiles).to(tl.int32)
+            _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, sync_ptr, item, split_k + 1, M, N,
+                       K, group_size, split_k, k_chunk, stride_xm, stride_qk, stride_sg, stride_zg, stride_om,
+                       HAS_ZEROS, HAS_BIAS, BM, BN, BK, MAGIC, MAGIC_VALUE, DTYPE, PREFETCH, SPLITS)
     else:
-        _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
-                   pid, M, N, K, RANK, group_size, split_k, k_chunk, shrink_programs,
-                   stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
-                   HAS_ZEROS, HAS_BIAS, CORRECT, BM, BN, BK, BR, RANK_BLOCKS, MAGIC, MAGIC_VALUE, DTYPE, PREFETCH, SPLITS)
+        _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, sync_ptr, pid, split_k, M, N,
+                   K, group_size, split_k, k_chunk, stride_xm, stride_qk, stride_sg, stride_zg, stride_om,
+                   HAS_ZEROS, HAS_BIAS, BM, BN, BK, MAGIC, MAGIC_VALUE, DTYPE, PREFETCH, SPLITS)
 
 
 @triton.jit
-def _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
-               item, M, N, K, RANK, group_size, split_k, k_chunk, shrink_programs,
-               stride_xm, stride_qk, stride_sg, stride_zg, stride_an, stride_om,
-               HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, CORRECT: tl.constexpr, BM: tl.constexpr,
-               BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, RANK_BLOCKS: tl.constexpr,
-               MAGIC: tl.constexpr, MAGIC_VALUE: tl.constexpr, DTYPE: tl.constexpr, PREFETCH: tl.constexpr,
-               SPLITS: tl.constexpr):
-    """One (token block, output tile, K chunk) of the int4 GEMM; the tile's last chunk runs the epilogue."""
-    n_tiles = (N + BN - 1) // BN
+def _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, sync_ptr, item, contributors, M, N, K,
+               group_size, split_k, k_chunk, stride_xm, stride_qk, stride_sg, stride_zg, stride_om,
+               HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+               BK: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VALUE: tl.constexpr, DTYPE: tl.constexpr,
+               PREFETCH: tl.constexpr, SPLITS: tl.constexpr):
+    """One (token block, output tile, K chunk) of the int4 GEMM, contributed to its tile."""
     split = item % split_k
     tile = item // split_k
-    offs_m = (tile // n_tiles) * BM + tl.arange(0, BM)
-    offs_n = (tile % n_tiles) * BN + tl.arange(0, BN)
+    offs_m, offs_n = _tile_offsets(tile, N, BM, BN)
     k_start = split * k_chunk
     acc = tl.full((BM, BN), 0.0, tl.float32)
     if BM == 1:
@@ -337,20 +343,36 @@ def _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, a_ptr, out_ptr, part_ptr, 
         acc = _int4_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, k_start, tl.minimum(K, k_start + k_chunk),
                               M, N, group_size, stride_xm, stride_qk, stride_sg, stride_zg, acc,
                               HAS_ZEROS, BK, MAGIC, MAGIC_VALUE, DTYPE)
-    if split_k == 1:
-        _epilogue(r_ptr, a_ptr, bias_ptr, out_ptr, sync_ptr, acc, offs_m, offs_n, M, N, RANK, shrink_programs,
-                  stride_an, stride_om, HAS_BIAS, CORRECT, BM, BN, BR, RANK_BLOCKS, DTYPE)
-    else:
-        tl.store(part_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
-                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-        # The barrier puts every thread's partial stores before the ticket's release; acq_rel
-        # publishes them and, for the last arrival, makes the others' visible.
-        tl.debug_barrier()
-        if tl.atomic_add(sync_ptr + 2 + tile, 1, sem="acq_rel") == split_k - 1:
-            tl.atomic_xchg(sync_ptr + 2 + tile, 0)
-            acc = _sum_partials(part_ptr, offs_m, offs_n, M, N, split_k, SPLITS)
-            _epilogue(r_ptr, a_ptr, bias_ptr, out_ptr, sync_ptr, acc, offs_m, offs_n, M, N, RANK, shrink_programs,
-                      stride_an, stride_om, HAS_BIAS, CORRECT, BM, BN, BR, RANK_BLOCKS, DTYPE)
+    _contribute(part_ptr, bias_ptr, out_ptr, sync_ptr, acc, split, tile, contributors, offs_m, offs_n, M, N,
+                stride_om, HAS_BIAS, SPLITS, DTYPE)
+
+
+@triton.jit
+def _expand_item(r_ptr, a_ptr, bias_ptr, out_ptr, part_ptr, sync_ptr, tile, tiles, M, N, RANK, split_k,
+                 shrink_programs, stride_an, stride_om, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BR: tl.constexpr, RANK_BLOCKS: tl.constexpr, SPLITS: tl.constexpr, DTYPE: tl.constexpr):
+    """R A_tile^T, once R is complete, contributed to the tile as its last partial (slot split_k).
+    The last expand item to have read R zeroes it and the counters for the next launch (the next
+    layer, the next CUDA-graph replay)."""
+    offs_m, offs_n = _tile_offsets(tile, N, BM, BN)
+    arrived = tl.atomic_add(sync_ptr, 0, sem="acquire")
+    while arrived < shrink_programs:
+        arrived = tl.atomic_add(sync_ptr, 0, sem="acquire")
+    acc = _expand(r_ptr, a_ptr, offs_m, offs_n, M, N, RANK, stride_an, tl.full((BM, BN), 0.0, tl.float32), BR,
+                  RANK_BLOCKS, DTYPE)
+    tl.debug_barrier()  # all of this program's reads of R are done
+    if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == tiles - 1:  # every expand item has read R
+        zero = tl.full((BM, BR), 0.0, tl.float32)
+        for m0 in range(0, M, BM):
+            rows = m0 + tl.arange(0, BM)
+            for r0 in range(0, RANK, BR):
+                cols = r0 + tl.arange(0, BR)
+                tl.store(r_ptr + rows[:, None] * RANK + cols[None, :], zero,
+                         mask=(rows[:, None] < M) & (cols[None, :] < RANK))
+        tl.atomic_xchg(sync_ptr, 0)
+        tl.atomic_xchg(sync_ptr + 1, 0)
+    _contribute(part_ptr, bias_ptr, out_ptr, sync_ptr, acc, split_k, tile, split_k + 1, offs_m, offs_n, M, N,
+                stride_om, HAS_BIAS, SPLITS, DTYPE)
 
 
 @triton.jit
