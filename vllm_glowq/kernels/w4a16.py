@@ -121,6 +121,9 @@ class Workspace:
 
     def reserve(self, n: int, k: int, rank: int, dtype: torch.dtype) -> None:
         """Grow the buffers for a layer of N outputs, K inputs and this correction rank."""
+        # a tile split in one K chunk still has two partials with a correction (its product, R A^T)
+        if self.partial.numel() < 2 * WORKSPACE_TOKENS * n:
+            self.partial = torch.empty(2 * WORKSPACE_TOKENS * n, dtype=torch.float32, device=self.device)
         if self.reduced.numel() < WORKSPACE_TOKENS * rank:
             self.reduced = torch.zeros(WORKSPACE_TOKENS * rank, dtype=torch.float32, device=self.device)
         tickets = 2 + math.ceil(WORKSPACE_TOKENS / 16) * math.ceil(n / 16)
@@ -179,6 +182,9 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
     chunk_blocks = math.ceil(k // config.block_k / config.split_k)
     split = math.ceil(k // config.block_k / chunk_blocks)  # every chunk non-empty
     tiles = m_blocks * math.ceil(n / config.block_n)
+    if (split + correct) * tokens * n > space.partial.numel():
+        raise ValueError(f"{config} needs {split + correct} partial slots of {tokens} x {n}, more than the workspace "
+                         "holds; reserve() the layer first or choose a smaller split")
     grid = shrink_programs + tiles * split + (tiles if correct else 0)  # + one expand item per tile
     magic, magic_value = _MAGIC[x.dtype]
     dummy = space.sync

@@ -355,6 +355,12 @@ def _expand_item(r_ptr, a_ptr, bias_ptr, out_ptr, part_ptr, sync_ptr, tile, tile
     The last expand item to have read R zeroes it and the counters for the next launch (the next
     layer, the next CUDA-graph replay)."""
     offs_m, offs_n = _tile_offsets(tile, N, BM, BN)
+    # Spin on plain (volatile) loads, which many programs can issue at once, not on atomics,
+    # which queue at the counter's address in front of the shrink items' own increments; then
+    # an acquire (its result used, or the compiler drops it) orders the reads of R after the
+    # shrink items' writes.
+    while tl.load(sync_ptr, volatile=True) < shrink_programs:
+        pass
     arrived = tl.atomic_add(sync_ptr, 0, sem="acquire")
     while arrived < shrink_programs:
         arrived = tl.atomic_add(sync_ptr, 0, sem="acquire")
