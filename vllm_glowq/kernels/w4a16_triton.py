@@ -8,16 +8,16 @@ planes stacked), so the plugin keeps one copy of the weights:
   - The first `shrink_programs` programs compute R = x B^T, each over one (token block, rank
     block, K chunk), added into an fp32 workspace with atomics; they are first in the grid, so
     they are dispatched first and never wait for anything.
-  - Every other program computes one (token block, output tile, K chunk) of the int4 GEMM.
-    Split-K partial sums go to an fp32 workspace; the last program to finish a tile (a ticket
-    counter per tile) sums them, many partials per load, and runs the epilogue, so no program
-    waits for another's GEMM.
-  - The epilogue waits until R is complete (by then the shrink programs are long done), adds
-    R A_tile^T and the bias and writes the tile. The last epilogue zeroes R and the counters,
-    so every launch (the next layer, the next CUDA-graph replay) finds a clean workspace.
-  The correction's only cost on the critical path is one R A^T product per output tile, its
-  shrink hides behind the GEMM's weight stream, and B x is computed once per layer however
-  many modules share B (GlowQ's point).
+  - GEMM items compute one (token block, output tile, K chunk) of the int4 GEMM each, and one
+    expand item per tile computes R A_tile^T once R is complete. The expand items sit in the
+    middle of the grid: late enough that R is done when they start, early enough that they are
+    done before the last GEMM items.
+  - Every item stores its product as one of the tile's partials in an fp32 workspace; the last
+    to finish (a ticket counter per tile) sums them, many partials per load, adds the bias and
+    writes the tile, so no program waits for another's GEMM and the correction adds no step to
+    the last tile's critical path. The last expand item zeroes R and the counters, so every
+    launch (the next layer, the next CUDA-graph replay) finds a clean workspace.
+  B x is computed once per layer however many modules share B (GlowQ's point).
 * `dequantize` (prefill): writes W_eff = deq(Wq) + (A B)^T as a dense [K, N] matrix into a
   workspace for cuBLAS. At thousands of tokens the GEMM is compute-bound, cuBLAS's dense GEMM
   beats any int4 mainloop here, and folding the correction into the weight makes it free.
