@@ -43,7 +43,8 @@ TTGIR_OPS = ("ttg.convert_layout", "ttg.local_alloc", "ttg.local_load", "ttg.loc
 
 def compile_gemm(block_m: int, block_n: int, warps: int, stages: int, correct: bool, prefetch: bool):
     constexprs = dict(HAS_ZEROS=False, HAS_BIAS=False, CORRECT=correct, BM=block_m, BN=block_n, BK=128, BR=16,
-                      RANK_BLOCKS=4, SBM=1 if block_m == 1 else max(16, block_m), SBK=64 if block_m == 1 else 128,
+                      RANK_BLOCKS=4, SBM=1 if block_m == 1 else max(16, block_m),
+                      SBK=w4a16.choose_gemm_config(block_m, 4096, 4096, 128, 132).shrink_block_k,
                       MAGIC=0x4300, MAGIC_VALUE=128.0, PREFETCH=prefetch,
                       SPLITS=w4a16.partial_rows_for(w4a16.GemmConfig(block_m, block_n, 128, 32, warps), 32))
     signature = {**{k: f"*{v}" for k, v in POINTERS.items()}, **{k: "i32" for k in INTEGERS},

@@ -24,7 +24,7 @@ GEMM_MAX_TOKENS = 64
 # --max-block-k 64` times it.
 MAX_BLOCK_K = 128
 WORKSPACE_TOKENS = 256  # rows the gemm workspace holds (the microbenchmark times gemm up to here)
-PARTIAL_SUM_BYTES = 32 * 1024**2  # cap of the split-K workspace (fp32 partial tiles)
+PARTIAL_SUM_BYTES = 32 * 1024**2  # split-K partials that choose_gemm_config splits into (fp32 tiles)
 _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}  # bits and value of MAGIC
 
 
@@ -88,14 +88,15 @@ def choose_gemm_config(tokens: int, n: int, k: int, group_size: int, sm_count: i
 
     Tile shapes, warps and programs per SM follow the H200 sweep (bench/kernel_microbench.py
     --sweep, 2026-12-02): one token runs the tensor-core-free path in tiles of 64 outputs, one
-    warp for the large layers (gate_up, down), two for the small ones, about 16 programs per SM;
+    warp (the fastest for every layer with the correction), about 16 programs per SM;
     up to 16 tokens tensor-core tiles of 64 outputs with 2 stages and about 4 programs per SM.
     """
     block_k = block_k_for(k, group_size)
     if tokens == 1:
         block_m, block_n, warps, stages, per_sm = 1, 64, 1, 2, 16
-        # many one-block shrink programs: R is complete long before the first epilogue needs it
-        shrink = dict(shrink_block_k=64, shrink_chunk=64)  # and as many registers as the GEMV
+        # many one-block shrink programs: R is complete before the expand items need it, and
+        # 64-column blocks take no more registers than the GEMV
+        shrink = dict(shrink_block_k=64, shrink_chunk=64)
     else:
         block_m = 16 if tokens <= 16 else 32 if tokens <= 32 else 64
         block_n, warps, stages, per_sm = (64, 4, 2, 4) if tokens <= 16 else (64, 4, 3, 4)
@@ -197,7 +198,8 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
         factor_a.stride(0) if correct else 0, out.stride(0),
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, CORRECT=correct,
         BM=config.block_m, BN=config.block_n, BK=config.block_k,
-        BR=config.block_r, RANK_BLOCKS=max(1, math.ceil(rank / config.block_r)), SBM=shrink_block_m, SBK=config.shrink_block_k, MAGIC=magic, MAGIC_VALUE=magic_value,
+        BR=config.block_r, RANK_BLOCKS=max(1, math.ceil(rank / config.block_r)), SBM=shrink_block_m,
+        SBK=config.shrink_block_k, MAGIC=magic, MAGIC_VALUE=magic_value,
         PREFETCH=config.prefetch, SPLITS=partial_rows_for(config, split + correct), num_warps=config.num_warps,
         num_stages=config.num_stages)
     if os.environ.get("GLOWQ_DEBUG") and config not in _reported:
