@@ -30,11 +30,11 @@ from vllm_glowq.kernels import w4a16, w4a16_triton
 
 POINTERS = dict(x_ptr="bf16", qw_ptr="i32", s_ptr="bf16", z_ptr="u8", bias_ptr="bf16", b_ptr="bf16", a_ptr="bf16",
                 out_ptr="bf16", part_ptr="fp32", r_ptr="fp32", sync_ptr="i32")
-INTEGERS = ("M", "N", "K", "RANK", "group_size", "split_k", "k_chunk", "shrink_chunk", "shrink_programs", "stride_xm",
-            "stride_qk", "stride_sg", "stride_zg", "stride_bk", "stride_an", "stride_om")
+INTEGERS = ("M", "N", "K", "RANK", "group_size", "split_k", "k_chunk", "shrink_chunk", "shrink_programs", "expand_first",
+            "stride_xm", "stride_qk", "stride_sg", "stride_zg", "stride_bk", "stride_an", "stride_om")
 # What Triton's launcher proves at run time on the Llama shapes: multiples of 16 (every pointer,
 # and every integer but the token count and the grid's counts), which lets it vectorize loads.
-NOT_MULTIPLES_OF_16 = ("M", "split_k", "shrink_programs")
+NOT_MULTIPLES_OF_16 = ("M", "split_k", "shrink_programs", "expand_first")
 DEFAULTS = [dict(block_m=1, block_n=64, warps=1, stages=2), dict(block_m=1, block_n=64, warps=2, stages=2),
             dict(block_m=16, block_n=64, warps=4, stages=2), dict(block_m=64, block_n=64, warps=4, stages=3)]  # choose_gemm_config's
 TTGIR_OPS = ("ttg.convert_layout", "ttg.local_alloc", "ttg.local_load", "ttg.local_store",

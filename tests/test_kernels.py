@@ -139,6 +139,8 @@ def test_interpreted_dequantize_matches_the_checkpoint_bit_for_bit(interpreted, 
 INTERPRETED_CASES = [
     (1, 256, 72, 64, 16, False, dict(block_n=32, split_k=4)),
     (1, 320, 24, 64, 16, True, dict(block_n=16, split_k=5, shrink_chunk=128)),  # one-token shrink: 2 blocks, 1 short
+    (1, 256, 40, 64, 16, True, dict(block_n=16, split_k=4, expand_at=0.5)),  # expand items mid-grid
+    (3, 256, 40, 64, 16, True, dict(block_n=16, split_k=2, expand_at=0.0)),  # expand items before every GEMM item
     (1, 256, 48, -1, 0, True, dict(block_n=16, split_k=2)),
     (3, 256, 40, 128, 16, True, dict(block_n=16, split_k=2, shrink_chunk=128, shrink_block_k=64)),
     (5, 384, 56, 128, 32, False, dict(block_n=32, split_k=3)),

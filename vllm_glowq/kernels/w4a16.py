@@ -43,6 +43,10 @@ class GemmConfig:
     shrink_chunk: int = 512  # K columns per shrink program (choose_gemm_config: one K block at one token)
     prefetch: bool = False  # one-token path: load the next K block by hand first (not measured yet; the sweep tries it)
     partial_rows: int | None = None  # split-K partials the last program sums per load (None: partial_rows_for)
+    # with a correction: the share of GEMM items the grid runs before the expand items (H200 sweep,
+    # bench/results/kernel/sweep_expand_at_2026-12-02.json: last is fastest or within 1% everywhere,
+    # gate_up 30.6 -> 29.7 us at one token and 74.0 -> 68.1 at 16: they take no slot from the GEMM)
+    expand_at: float = 1.0
 
 
 def block_k_for(k: int, group_size: int) -> int | None:
@@ -86,12 +90,15 @@ def unsupported_reason(k: int, n: int, group_size: int, dtype: torch.dtype, devi
 def choose_gemm_config(tokens: int, n: int, k: int, group_size: int, sm_count: int) -> GemmConfig:
     """Launch configuration for `tokens` rows: split K until the grid holds enough programs per SM.
 
-    Tile shapes, warps and programs per SM follow the H200 sweep (bench/kernel_microbench.py
+    Tile shapes, warps and programs per SM follow the H200 sweeps (bench/kernel_microbench.py
     --sweep, 2026-12-02): one token runs the tensor-core-free path in tiles of 64 outputs, one
-    warp (the fastest for every layer with the correction), about 16 programs per SM;
-    up to 16 tokens tensor-core tiles of 64 outputs with 2 stages and about 4 programs per SM.
+    warp (the fastest for every layer with the correction), about 16 programs per SM, and K
+    chunks of 2-4 blocks (gate_up at 7 blocks took 32.2 us, at 4 30.6; o_proj at one block 11.2,
+    at two 10.6); up to 16 tokens tensor-core tiles of 64 outputs with 3 stages and about 4
+    programs per SM.
     """
     block_k = block_k_for(k, group_size)
+    k_blocks = k // block_k
     if tokens == 1:
         block_m, block_n, warps, stages, per_sm = 1, 64, 1, 2, 16
         # many one-block shrink programs: R is complete before the expand items need it, and
@@ -99,11 +106,13 @@ def choose_gemm_config(tokens: int, n: int, k: int, group_size: int, sm_count: i
         shrink = dict(shrink_block_k=64, shrink_chunk=64)
     else:
         block_m = 16 if tokens <= 16 else 32 if tokens <= 32 else 64
-        block_n, warps, stages, per_sm = (64, 4, 2, 4) if tokens <= 16 else (64, 4, 3, 4)
+        block_n, warps, stages, per_sm = 64, 4, 3, 4
         shrink = {}
     tiles = math.ceil(tokens / block_m) * math.ceil(n / block_n)
     wanted = max(1, math.ceil(per_sm * sm_count / tiles))
-    split = min(k // block_k, wanted, max(1, PARTIAL_SUM_BYTES // (4 * tokens * n) - 1))  # + the correction's
+    if tokens == 1:
+        wanted = math.ceil(k_blocks / min(4, max(2, math.ceil(k_blocks / wanted))))
+    split = min(k_blocks, wanted, max(1, PARTIAL_SUM_BYTES // (4 * tokens * n) - 1))  # + the correction's
     return GemmConfig(block_m, block_n, block_k, split, warps, stages, **shrink)
 
 
@@ -187,13 +196,14 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
         raise ValueError(f"{config} needs {split + correct} partial slots of {tokens} x {n}, more than the workspace "
                          "holds; reserve() the layer first or choose a smaller split")
     grid = shrink_programs + tiles * split + (tiles if correct else 0)  # + one expand item per tile
+    expand_first = shrink_programs + round(tiles * split * config.expand_at)
     magic, magic_value = _MAGIC[x.dtype]
     dummy = space.sync
     handle = gemm_kernel[(grid,)](
         x, qweight, scales, dummy if zeros is None else zeros, dummy if bias is None else bias,
         factor_b if correct else dummy, factor_a if correct else dummy, out, space.partial,
         space.reduced, space.sync, tokens, n, k, rank, group_size, split, chunk_blocks * config.block_k, config.shrink_chunk,
-        shrink_programs, x.stride(0), qweight.stride(0), scales.stride(0),
+        shrink_programs, expand_first, x.stride(0), qweight.stride(0), scales.stride(0),
         0 if zeros is None else zeros.stride(0), factor_b.stride(0) if correct else 0,
         factor_a.stride(0) if correct else 0, out.stride(0),
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, CORRECT=correct,

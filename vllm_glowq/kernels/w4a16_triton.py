@@ -288,7 +288,7 @@ def _tile_offsets(tile, N, BM: tl.constexpr, BN: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M"])
 def gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
-                M, N, K, RANK, group_size, split_k, k_chunk, shrink_chunk, shrink_programs,
+                M, N, K, RANK, group_size, split_k, k_chunk, shrink_chunk, shrink_programs, expand_first,
                 stride_xm, stride_qk, stride_sg, stride_zg, stride_bk, stride_an, stride_om,
                 HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, CORRECT: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -296,15 +296,15 @@ def gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, pa
                 MAGIC: tl.constexpr, MAGIC_VALUE: tl.constexpr, PREFETCH: tl.constexpr, SPLITS: tl.constexpr):
     """See the module docstring. sync_ptr: [0] shrink items done, [1] expand items done, [2 + t] tile t's tickets.
 
-    With a correction the grid runs the shrink items, the first half of the GEMM items, one
-    expand item per tile, then the other GEMM items: R is complete long before the expand items
-    start, and they are done before the last GEMM items, so the correction adds no step to the
-    last tile's critical path."""
+    With a correction the grid runs the shrink items, the GEMM items before `expand_first`, one
+    expand item per tile, then the other GEMM items: placed mid-grid, R is complete long before
+    the expand items start and they are done before the last GEMM items, so the correction adds
+    no step to the last tile's critical path; placed last, they hold no program slot while the
+    GEMM items stream (the launch configuration chooses, w4a16.GemmConfig.expand_at)."""
     DTYPE = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     tiles = (M + BM - 1) // BM * ((N + BN - 1) // BN)
     if CORRECT:
-        expand_first = shrink_programs + tiles * split_k // 2
         if pid < shrink_programs:
             _shrink(x_ptr, b_ptr, r_ptr, pid, M, K, RANK, stride_xm, stride_bk, shrink_chunk, SBM, BR, SBK)
             tl.debug_barrier()  # every thread's atomics into R precede the release of the count
