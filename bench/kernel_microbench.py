@@ -3,9 +3,12 @@
 For every layer (qkv_proj, o_proj, gate_up_proj, down_proj; int4 g128 symmetric, rank 64) and
 token count it times, in microseconds per call:
 
-* `glowq`: the project's kernel with the correction fused in (vllm_glowq/kernels/w4a16.py;
-  above GEMM_MAX_TOKENS: dequantize with the correction folded in + cuBLAS);
+* `glowq`: the project's tensor-core kernel with the correction (vllm_glowq/kernels/w4a16_mma.py,
+  codes in MMA fragment order; above GEMM_MAX_TOKENS: dequantize with the correction folded in +
+  cuBLAS);
 * `int4`: the same kernel without a correction (plain int4 checkpoints);
+* `glowq_triton`, `int4_triton`: the Triton kernel (w4a16_triton.py, nibble planes), which
+  runs where Gluon does not;
 * `glowq_mainloop`: the GEMM kernel itself where forward() dequantizes instead (GEMM_MAX_TOKENS
   < tokens <= WORKSPACE_TOKENS), to place that threshold;
 * `machete`, `marlin`: vLLM's int4 kernels on the same codes (when vLLM is installed);
@@ -19,7 +22,8 @@ Correctness: each kernel's output against a float64 reference on fresh inputs.
 
 Timing: gpu_timing.py (one CUDA graph per case that calls the kernel once per weight copy, with
 enough copies to overflow L2, median of several replays).
-`--sweep` also times launch configurations around the default one and reports the fastest.
+`--sweep` also times launch configurations around the tensor-core kernel's default one and
+reports the fastest (`--sweep-triton`: the Triton kernel's).
 
     python bench/kernel_microbench.py --out kernel_micro.json [--tokens 1,16,64,256,2048] [--sweep]
 """
@@ -39,7 +43,7 @@ import torch.nn.functional as F
 
 from gpu_timing import copy_bandwidth, seconds_per_call
 from vllm_glowq.kernels import w4a16
-from vllm_glowq.packing import repack_planes
+from vllm_glowq.packing import repack_fragments, repack_planes
 
 RANK = 64
 GROUP = 128
@@ -55,7 +59,8 @@ ROTATE_BYTES = 400 * 1024**2  # weights cycled through per graph: several times 
 @dataclasses.dataclass
 class LayerCopy:
     qweight: torch.Tensor  # the checkpoint's GPTQ layout (vLLM's kernels repack it themselves)
-    kernel_qweight: torch.Tensor  # the same codes in the project's kernel layout
+    kernel_qweight: torch.Tensor  # the same codes in the Triton kernel's layout
+    fragment_qweight: torch.Tensor  # and in the tensor-core kernel's
     scales: torch.Tensor
     factor_b: torch.Tensor
     factor_a: torch.Tensor
@@ -69,7 +74,8 @@ def make_copies(k: int, n: int, count: int) -> list[LayerCopy]:
         factor_b = (torch.randn(RANK, k, device="cuda") * 0.02).to(torch.bfloat16)
         factor_a = (torch.randn(n, RANK, device="cuda") * 0.02).to(torch.bfloat16)
         kernel_qweight = repack_planes(qweight, w4a16.block_k_for(k, GROUP))
-        copies.append(LayerCopy(qweight, kernel_qweight, scales, factor_b, factor_a))
+        fragment_qweight = repack_fragments(qweight, w4a16.fragments_block_k(k, GROUP))
+        copies.append(LayerCopy(qweight, kernel_qweight, fragment_qweight, scales, factor_b, factor_a))
     return copies
 
 
@@ -146,11 +152,14 @@ def bytes_moved(kind: str, tokens: int, k: int, n: int) -> int:
     if kind == "bf16":
         return 2 * k * n + act
     int4 = k * n // 2 + 2 * (k // GROUP) * n
-    factors = 2 * RANK * (k + n) if kind in ("glowq", "glowq_mainloop", "machete+corr") else 0
+    factors = 2 * RANK * (k + n) if kind in CORRECTED else 0
     return int4 + factors + act
 
 
-def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm: bool, sweep: bool) -> list[dict]:
+CORRECTED = ("glowq", "glowq_triton", "glowq_mainloop", "machete+corr")
+
+
+def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm: bool, sweep: str | None) -> list[dict]:
     k, n = LAYERS[layer]
     count = max(2, math.ceil(ROTATE_BYTES / (k * n // 2)))
     copies = make_copies(k, n, count)
@@ -168,16 +177,20 @@ def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm:
     for tokens in tokens_list:
         xs = [torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16) for _ in copies]
         kernels: dict[str, list[Callable[[], torch.Tensor]]] = {
-            "glowq": [lambda c=c, x=x: w4a16.forward(x, c.kernel_qweight, c.scales, None, None, c.factor_b,
+            "glowq": [lambda c=c, x=x: w4a16.forward(x, c.fragment_qweight, c.scales, None, None, c.factor_b,
                                                      c.factor_a, GROUP) for c, x in zip(copies, xs)],
-            "int4": [lambda c=c, x=x: w4a16.forward(x, c.kernel_qweight, c.scales, None, None, None, None, GROUP)
+            "int4": [lambda c=c, x=x: w4a16.forward(x, c.fragment_qweight, c.scales, None, None, None, None, GROUP)
                      for c, x in zip(copies, xs)],
+            "glowq_triton": [lambda c=c, x=x: w4a16.forward(x, c.kernel_qweight, c.scales, None, None, c.factor_b,
+                                                            c.factor_a, GROUP) for c, x in zip(copies, xs)],
+            "int4_triton": [lambda c=c, x=x: w4a16.forward(x, c.kernel_qweight, c.scales, None, None, None, None,
+                                                           GROUP) for c, x in zip(copies, xs)],
             "bf16": [lambda w=w, x=x: F.linear(x, w) for w, x in zip(dense, xs)],
         }
         if w4a16.GEMM_MAX_TOKENS < tokens <= w4a16.WORKSPACE_TOKENS:  # where forward() dequantizes instead
             kernels["glowq_mainloop"] = [
-                lambda c=c, x=x: w4a16.gemm(x, c.kernel_qweight, c.scales, None, None, c.factor_b, c.factor_a, GROUP)
-                for c, x in zip(copies, xs)]
+                lambda c=c, x=x: w4a16.mma_gemm(x, c.fragment_qweight, c.scales, None, None, c.factor_b, c.factor_a,
+                                                GROUP) for c, x in zip(copies, xs)]
         for name, short in (("MacheteLinearKernel", "machete"), ("MarlinLinearKernel", "marlin")):
             if name in vllm_layers:
                 kernels[short] = [lambda lk=lk, x=x: lk[1].apply_weights(lk[0], x, None)
@@ -186,7 +199,7 @@ def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm:
             kernels["machete+corr"] = corrected_vllm_calls(vllm_layers["MacheteLinearKernel"], copies, xs, layer)
         row = {"layer": layer, "tokens": tokens, "k": k, "n": n, "us": {}, "error": {}, "bandwidth_fraction": {}}
         for name, calls in kernels.items():
-            correct = name in ("glowq", "glowq_mainloop", "machete+corr")
+            correct = name in CORRECTED
             x0 = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
             xs[0].copy_(x0)
             got = calls[0]().clone()
@@ -198,7 +211,7 @@ def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm:
             row["us"][name] = time_per_call(calls)
             row["bandwidth_fraction"][name] = bytes_moved(name, tokens, k, n) / (row["us"][name] * 1e-6) / bandwidth
         if sweep and tokens <= w4a16.GEMM_MAX_TOKENS:
-            row["sweep"] = sweep_configs(copies, xs, tokens, k, n)
+            row["sweep"] = (sweep_mma_configs if sweep == "mma" else sweep_configs)(copies, xs, tokens, k, n)
         print(format_row(row), flush=True)
         rows.append(row)
     return rows
@@ -220,17 +233,15 @@ def corrected_vllm_calls(machete, copies, xs, layer: str) -> list[Callable[[], t
 SWEEP_MAX_ERROR = 4e-3  # bf16 output rounding with headroom, as tests/test_kernels.py
 
 
-def sweep_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
-    """Fastest launch configuration near the default, for the corrected kernel. A configuration
+def config_timer(copies, xs, kernel: Callable, layout: str) -> Callable:
+    """Microseconds per call of the corrected `kernel` launched with a given configuration. A configuration
     whose output misses the float64 reference by more than the bf16 bar counts as never finishing,
     so a wrong but fast launch cannot become a default."""
-    space = w4a16.workspace(copies[0].qweight.device)
-    default = w4a16.choose_gemm_config(tokens, n, k, GROUP, space.sm_count)
     ref = reference(xs[0], copies[0], True)
 
-    def timed(config: w4a16.GemmConfig) -> float:
-        calls = [lambda c=c, x=x: w4a16.gemm(x, c.kernel_qweight, c.scales, None, None, c.factor_b, c.factor_a, GROUP,
-                                             config)
+    def timed(config) -> float:
+        calls = [lambda c=c, x=x: kernel(x, getattr(c, layout), c.scales, None, None, c.factor_b, c.factor_a, GROUP,
+                                         config)
                  for c, x in zip(copies, xs)]
         try:
             error = relative_error(calls[0](), ref)
@@ -242,6 +253,38 @@ def sweep_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
             print(f"    {config}: {type(exc).__name__}", flush=True)
             return float("inf")
 
+    return timed
+
+
+def sweep_report(default, results: dict) -> dict:
+    best = min(results, key=results.get)
+    return {"default": dataclasses.asdict(default), "default_us": results[default],
+            "best": dataclasses.asdict(best), "best_us": results[best],
+            "all": [[dataclasses.asdict(c), t] for c, t in sorted(results.items(), key=lambda kv: kv[1])]}
+
+
+def sweep_mma_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
+    """Fastest tensor-core launch near the default: row tile, token tile, K split."""
+    space = w4a16.workspace(copies[0].qweight.device)
+    default = w4a16.choose_mma_config(tokens, n, k, GROUP, space.sm_count)
+    timed = config_timer(copies, xs, w4a16.mma_gemm, "fragment_qweight")
+    results = {default: timed(default)}
+    k_blocks = k // w4a16.fragments_block_k(k, GROUP)
+    for block_n in (64, 128):
+        for block_t in sorted({8 if tokens <= 8 else 16, min(64, max(16, 1 << (tokens - 1).bit_length()))}):
+            for factor in (0.5, 1, 2):
+                split = max(1, min(k_blocks, round(default.split_k * factor)))
+                config = dataclasses.replace(default, block_n=block_n, block_t=block_t, split_k=split)
+                if config not in results:
+                    results[config] = timed(config)
+    return sweep_report(default, results)
+
+
+def sweep_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
+    """Fastest launch configuration of the Triton kernel near its default."""
+    space = w4a16.workspace(copies[0].qweight.device)
+    default = w4a16.choose_gemm_config(tokens, n, k, GROUP, space.sm_count)
+    timed = config_timer(copies, xs, w4a16.gemm, "kernel_qweight")
     results = {}
     gemv = default.block_m == 1
     for block_n in (64, 128, 256) if gemv else (32, 64, 128):
@@ -274,10 +317,7 @@ def sweep_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
         config = dataclasses.replace(best, expand_at=expand_at)
         if config not in results:
             results[config] = timed(config)
-    best = min(results, key=results.get)
-    return {"default": dataclasses.asdict(default), "default_us": results[default],
-            "best": dataclasses.asdict(best), "best_us": results[best],
-            "all": [[dataclasses.asdict(c), t] for c, t in sorted(results.items(), key=lambda kv: kv[1])]}
+    return sweep_report(default, results)
 
 
 def format_row(row: dict) -> str:
@@ -286,9 +326,8 @@ def format_row(row: dict) -> str:
         parts.append(f"{name} {us:7.2f}us ({100 * row['bandwidth_fraction'][name]:3.0f}%, err {row['error'][name]:.1e})")
     if "sweep" in row:
         best = row["sweep"]["best"]
-        parts.append(f"sweep best {row['sweep']['best_us']:.2f}us (BN {best['block_n']} split {best['split_k']} "
-                     f"w{best['num_warps']} s{best['num_stages']} expand at {best['expand_at']}"
-                     f"{' prefetch' if best['prefetch'] else ''})")
+        parts.append(f"sweep: default {row['sweep']['default_us']:.2f}us, best {row['sweep']['best_us']:.2f}us "
+                     f"({' '.join(f'{key} {value}' for key, value in best.items())})")
     return " | ".join(parts)
 
 
@@ -297,7 +336,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--tokens", default="1,16,64,256,2048")
     parser.add_argument("--layers", default=",".join(LAYERS))
-    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep", action="store_const", const="mma", help="the tensor-core kernel's launches")
+    parser.add_argument("--sweep-triton", dest="sweep", action="store_const", const="triton",
+                        help="the Triton kernel's launches instead")
     parser.add_argument("--no-vllm", action="store_true")
     parser.add_argument("--max-block-k", type=int, choices=(16, 32, 64, 128), default=w4a16.MAX_BLOCK_K,
                         help="largest K block, which is also the repacked layout's (w4a16.MAX_BLOCK_K)")

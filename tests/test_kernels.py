@@ -26,9 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from gpu_timing import capture  # noqa: E402
 
-from vllm_glowq.kernels.w4a16 import block_k_for
+from vllm_glowq.kernels.w4a16 import block_k_for, fragments_block_k
 
-from vllm_glowq.packing import dequantize, pack_cols, pack_rows, repack_planes, unrepack_planes
+from vllm_glowq.packing import (dequantize, pack_cols, pack_rows, repack_fragments, repack_planes, unrepack_fragments,
+                                unrepack_planes)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels)")
 # Relative Frobenius error against float64 allowed per output dtype: the output's own rounding
@@ -37,7 +38,7 @@ TOLERANCE = {torch.bfloat16: 4e-3, torch.float16: 1.5e-3}
 
 
 def make_layer(k: int, n: int, group: int, rank: int, sym: bool, dtype: torch.dtype, seed: int = 0,
-               device: str = "cpu") -> dict:
+               device: str = "cpu", layout: str = "planes") -> dict:
     """Random codes in the checkpoint layout with scales and factors in `dtype` (as the plugin
     holds them), the float64 dense weight they stand for, and factors large enough that the
     correction moves the output far beyond the tolerance."""
@@ -48,7 +49,10 @@ def make_layer(k: int, n: int, group: int, rank: int, sym: bool, dtype: torch.dt
     zeros = None if sym else torch.randint(0, 16, (k // g, n), generator=gen)
     checkpoint_qweight = pack_rows(codes)
     dense = dequantize(checkpoint_qweight, scales.float(), None if sym else pack_cols(zeros)).double()
-    qweight = repack_planes(checkpoint_qweight, block_k_for(k, g))  # what the plugin does at load time
+    if layout == "planes":  # what the plugin does at load time for the Triton kernel
+        qweight = repack_planes(checkpoint_qweight, block_k_for(k, g))
+    else:  # and for the tensor-core kernel
+        qweight = repack_fragments(checkpoint_qweight, fragments_block_k(k, g))
     factor_b = (torch.randn(rank, k, generator=gen) * 0.3 / k**0.5).to(dtype) if rank else None
     factor_a = (torch.randn(n, rank, generator=gen) * 2.4 / rank**0.5).to(dtype) if rank else None  # same size at every rank
     on = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -124,6 +128,31 @@ def test_repacking_round_trips_exactly(block_k):
     assert not torch.equal(repacked, qweight)  # it is a different layout
 
 
+@pytest.mark.parametrize("block_k", [32, 64, 128])
+def test_fragment_repacking_round_trips_exactly(block_k):
+    codes = torch.randint(0, 16, (4 * block_k, 40))
+    qweight = pack_rows(codes)
+    repacked = repack_fragments(qweight, block_k)
+    assert repacked.shape == (4, 4, 40, block_k // 32) and repacked.dtype == torch.int32
+    assert torch.equal(unrepack_fragments(repacked), qweight)
+    # block 1, lane pair t = 2, output 5: nibble j + 4 b of word s holds row 32 s + 8 j + 2 t + b
+    word = int(repacked[1, 2, 5, block_k // 32 - 1]) & 0xFFFFFFFF
+    for j in range(4):
+        for b in range(2):
+            row = block_k + 32 * (block_k // 32 - 1) + 8 * j + 4 + b
+            assert (word >> 4 * (j + 4 * b)) & 0xF == codes[row, 5]
+
+
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("group", [64, 128, -1])
+def test_interpreted_fragment_dequantize_matches_the_checkpoint_bit_for_bit(interpreted, sym, group):
+    k, n = 256, 72
+    layer = make_layer(k, n, group, 0, sym, torch.float16, layout="fragments")
+    dense = interpreted.dequantize_fragments(layer["qweight"], layer["scales"], layer["zeros"], None, None,
+                                             layer["group"], torch.float16)
+    assert torch.equal(dense.t(), layer["dense"].half())
+
+
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("group", [64, 128, -1])
 def test_interpreted_dequantize_matches_the_checkpoint_bit_for_bit(interpreted, sym, group):
@@ -185,23 +214,26 @@ GPU_TOKENS = [1, 7, 16, 64, 100, 256, 300]
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("sym,group", [(True, 128), (False, 64), (True, -1)], ids=["sym-g128", "asym-g64", "sym-rows"])
 @pytest.mark.parametrize("rank", [0, 16, 64])
-def test_gpu_every_path_matches_reference(shape, dtype, sym, group, rank):
+@pytest.mark.parametrize("layout", ["fragments", "planes"])
+def test_gpu_every_path_matches_reference(shape, dtype, sym, group, rank, layout):
+    """`fragments`: the tensor-core kernel (w4a16_mma.py) and its dequantize; `planes`: the Triton kernel."""
     from vllm_glowq.kernels import w4a16
 
     k, n = shape
     if group != -1 and k % group:
         pytest.skip(f"group size {group} does not divide K={k}: such modules stay in full precision")
-    layer = make_layer(k, n, group, rank, sym, dtype, seed=k + n + rank, device="cuda")
+    layer = make_layer(k, n, group, rank, sym, dtype, seed=k + n + rank, device="cuda", layout=layout)
     w4a16.workspace(torch.device("cuda", 0)).reserve(n, k, rank, dtype)
     bias = torch.randn(n, device="cuda", dtype=dtype)
+    kernel = w4a16.mma_gemm if layout == "fragments" else w4a16.gemm
     for tokens in GPU_TOKENS:
         for rep in range(3):  # fresh inputs each time: a race shows as a moving error
             x = torch.randn(tokens, k, device="cuda", dtype=dtype)
             use_bias = bias if rep == 1 else None
             out = run(w4a16, x, layer, use_bias)
             if w4a16.GEMM_MAX_TOKENS < tokens <= w4a16.WORKSPACE_TOKENS and rep == 2:  # the GEMM kernel itself
-                out = w4a16.gemm(x, layer["qweight"], layer["scales"], layer["zeros"], None, layer["factor_b"],
-                                 layer["factor_a"], layer["group"])
+                out = kernel(x, layer["qweight"], layer["scales"], layer["zeros"], None, layer["factor_b"],
+                             layer["factor_a"], layer["group"])
             ref = reference(x, layer, use_bias)
             err = relative_error(out, ref)
             assert err < TOLERANCE[dtype], f"{tokens} tokens: relative error {err:.2e}"
@@ -215,12 +247,14 @@ def test_gpu_every_path_matches_reference(shape, dtype, sym, group, rank):
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 16, 64])
-def test_gpu_cuda_graph_of_several_layers_replays_exactly(tokens):
+@pytest.mark.parametrize("layout", ["fragments", "planes"])
+def test_gpu_cuda_graph_of_several_layers_replays_exactly(tokens, layout):
     """A decode step's worth of layers (Llama-3-8B's four shapes, twice) in one CUDA graph."""
     from vllm_glowq.kernels import w4a16
 
     shapes = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)] * 2
-    layers = [make_layer(k, n, 128, 64, True, torch.bfloat16, seed=i, device="cuda") for i, (k, n) in enumerate(shapes)]
+    layers = [make_layer(k, n, 128, 64, True, torch.bfloat16, seed=i, device="cuda", layout=layout)
+              for i, (k, n) in enumerate(shapes)]
     for (k, n) in shapes:
         w4a16.workspace(torch.device("cuda", 0)).reserve(n, k, 64, torch.bfloat16)
     inputs = [torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16) for k, _ in shapes]

@@ -192,7 +192,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
 def _int4_linear_fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                       bias: torch.Tensor | None, factor_b: torch.Tensor | None, factor_a: torch.Tensor | None,
                       group_size: int) -> torch.Tensor:
-    return x.new_empty((x.shape[0], qweight.shape[1]))
+    return x.new_empty((x.shape[0], scales.shape[1]))  # qweight's N sits where its layout puts it
 
 
 def _register() -> None:

@@ -50,7 +50,7 @@ from .format import (
     tensor_name,
 )
 from .loading import ExpectedTensor, ExpectedTensors, ShardKey
-from .packing import dequantize, pack_cols, pack_rows, repack_planes, unpack_cols
+from .packing import dequantize, pack_cols, pack_rows, repack_fragments, repack_planes, unpack_cols
 
 # The format stores scales and factors as float16; parameters keep that dtype while loading
 # (vLLM warns on every dtype-changing load) and are cast to the model dtype afterwards.
@@ -300,12 +300,17 @@ class GlowQLinearMethod(LinearMethodBase):
         return self.geometry.k_local if self.kernel_group_size == -1 else self.kernel_group_size
 
     def _use_glowq_kernel(self, layer: torch.nn.Module) -> None:
-        """qweight repacked in place into the kernel layout (same shape), scales [G, N] in the
-        activation dtype, zero points uint8 [G, N] (as loaded); the shared workspace grows."""
+        """qweight repacked in place into the tensor-core kernel's layout (w4a16_mma.py) where
+        Gluon runs it, else the Triton kernel's (same shape); scales [G, N] in the activation
+        dtype, zero points uint8 [G, N] (as loaded); the shared workspace grows."""
         from .kernels import w4a16
 
-        block_k = w4a16.block_k_for(self.geometry.k_local, self._glowq_group_size())
-        layer.qweight.data = repack_planes(layer.qweight.data, block_k)
+        geo, group = self.geometry, self._glowq_group_size()
+        if w4a16.mma_unsupported_reason(geo.k_local, geo.n_local, group, self.params_dtype,
+                                        layer.qweight.device) is None:
+            layer.qweight.data = repack_fragments(layer.qweight.data, w4a16.fragments_block_k(geo.k_local, group))
+        else:
+            layer.qweight.data = repack_planes(layer.qweight.data, w4a16.block_k_for(geo.k_local, group))
         layer.scales.data = layer.scales.data.to(self.params_dtype)
         rank = layer.glowq_A.shape[1] if self.has_factors else 0
         w4a16.workspace(layer.qweight.device).reserve(self.geometry.n_local, self.geometry.k_local, rank,

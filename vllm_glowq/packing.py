@@ -112,3 +112,28 @@ def unrepack_planes(qweight: torch.Tensor, block_k: int) -> torch.Tensor:
     codes = torch.empty(k // block_k, block_k, n, dtype=torch.int64, device=qweight.device)
     codes[:, plane_rows(block_k).to(qweight.device).reshape(-1), :] = nibbles.reshape(k // block_k, block_k, n)
     return pack_rows(codes.reshape(k, n))
+
+
+def repack_fragments(qweight: torch.Tensor, block_k: int) -> torch.Tensor:
+    """GPTQ-layout int32 [K / 8, N] -> the tensor-core kernel's layout int32 [K / BK, 4, N, BK / 32].
+
+    Per K block, word (t, n, s) holds in nibble j + 4 b the code of block row 32 s + 8 j + 2 t + b:
+    the rows lane 4 g + t of an mma.m16n8k16 holds for output n (kernels/w4a16_mma.py), so the
+    kernel unpacks each thread's own words in place. Same number of words as the input.
+    """
+    codes = unpack_rows(qweight)
+    k, n = codes.shape
+    if k % block_k or block_k % 32:
+        raise ValueError(f"{k} input rows do not split into K blocks of {block_k} (a multiple of 32)")
+    sigma = block_k // 32
+    nibbles = codes.to(torch.int64).view(k // block_k, sigma, 4, 4, 2, n)  # [block, s, j, t, b, n]
+    nibbles = nibbles.permute(0, 3, 5, 1, 4, 2).reshape(k // block_k, 4, n, sigma, PACK_FACTOR)  # nibble 4 b + j
+    return _to_int32((nibbles << _SHIFTS.to(codes.device)).sum(-1)).contiguous()
+
+
+def unrepack_fragments(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of repack_fragments: int32 [K / BK, 4, N, BK / 32] -> GPTQ-layout int32 [K / 8, N]."""
+    blocks, _, n, sigma = words.shape
+    nibbles = (words.to(torch.int64).unsqueeze(-1) >> _SHIFTS.to(words.device)) & 0xF  # [block, t, n, s, 4 b + j]
+    codes = nibbles.view(blocks, 4, n, sigma, 2, 4).permute(0, 3, 5, 1, 4, 2)  # [block, s, j, t, b, n]
+    return pack_rows(codes.reshape(blocks * sigma * 32, n))

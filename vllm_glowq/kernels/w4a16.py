@@ -156,12 +156,15 @@ def workspace(device: torch.device) -> Workspace:
 def forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
             bias: torch.Tensor | None, factor_b: torch.Tensor | None, factor_a: torch.Tensor | None,
             group_size: int) -> torch.Tensor:
-    """x [T, K] -> [T, N]; qweight int32 [K/8, N] in the kernel layout (packing.repack_planes with
-    block_k_for(K, group_size)), scales [G, N] (x's dtype), zeros uint8 [G, N] or None, factors
+    """x [T, K] -> [T, N]; qweight int32 [K/8, N] in the Triton kernel's layout (packing.repack_planes
+    with block_k_for(K, group_size)) or int32 [K/BK, 4, N, BK/32] in the tensor-core kernel's
+    (packing.repack_fragments with fragments_block_k(K, group_size)), scales [G, N] (x's dtype), zeros uint8 [G, N] or None, factors
     B [r, K] and A [N, r] or None (plain int4)."""
+    fragments = qweight.dim() == 4
     if x.shape[0] <= GEMM_MAX_TOKENS:
-        return gemm(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size)
-    dense = dequantize(qweight, scales, zeros, factor_b, factor_a, group_size, x.dtype)
+        return (mma_gemm if fragments else gemm)(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size)
+    dense = (dequantize_fragments if fragments else dequantize)(qweight, scales, zeros, factor_b, factor_a,
+                                                                group_size, x.dtype)
     return torch.mm(x, dense) if bias is None else torch.addmm(bias, x, dense)
 
 
@@ -239,4 +242,117 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
         factor_b.stride(0) if correct else 0, factor_a.stride(0) if correct else 0, dense.stride(0),
         HAS_ZEROS=zeros is not None, CORRECT=correct, BN=block_n, BK=block_k, BR=16, MAGIC=magic,
         MAGIC_VALUE=magic_value, num_warps=4)
+    return dense
+
+
+# ----- the tensor-core kernel (w4a16_mma.py: Gluon, codes in MMA fragment order) -----------------
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    """Tiles and grid of one w4a16_mma.gemm_kernel launch."""
+
+    block_n: int  # output rows per program: 16 per warp per MMA row tile
+    block_t: int  # tokens per program: MMA columns, 8 per MMA
+    split_k: int
+    num_warps: int = 4
+
+
+def fragments_block_k(k: int, group_size: int) -> int | None:
+    """The tensor-core kernel's K block (and repacked layout): block_k_for's, at least 32 (one word of 8 codes per
+    lane pair of an MMA row fragment), else None."""
+    block = block_k_for(k, group_size)
+    return block if block is not None and block >= 32 else None
+
+
+def mma_unsupported_reason(k: int, n: int, group_size: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the tensor-core kernel cannot run this layer (unsupported_reason's reasons and its own), or None."""
+    reason = unsupported_reason(k, n, group_size, dtype, device)
+    if reason is not None:
+        return reason
+    if fragments_block_k(k, group_size) is None:
+        return f"in_features={k} with group_size={group_size} has no K block of 32-128 that divides both"
+    try:
+        from triton.experimental.gluon.language.nvidia.ampere import mma_v2  # noqa: F401
+    except ImportError:
+        return "this Triton has no Gluon (Triton 3.5 or newer)"
+    return None
+
+
+def choose_mma_config(tokens: int, n: int, k: int, group_size: int, sm_count: int) -> MmaConfig:
+    """H200 probe (bench/results/kernel/mma_probe_2026-12-03.json): 64-row tiles except for very
+    wide layers (gate_up: 128 rows, 224 tiles), 16 tokens per tile (8 up to 8 tokens), and K
+    split until about 4 programs per SM (qkv at 16 tokens: split 8 14.2 us, 4 14.6, 2 19.0)."""
+    block_n = 128 if n // 64 >= 3 * sm_count else 64
+    block_t = 8 if tokens <= 8 else 16
+    tiles = math.ceil(tokens / block_t) * math.ceil(n / block_n)
+    k_blocks = k // fragments_block_k(k, group_size)
+    split = max(1, min(k_blocks, round(4 * sm_count / tiles), PARTIAL_SUM_BYTES // (4 * tokens * n)))
+    return MmaConfig(block_n, block_t, split)
+
+
+def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+             bias: torch.Tensor | None, factor_b: torch.Tensor | None, factor_a: torch.Tensor | None,
+             group_size: int, config: MmaConfig | None = None) -> torch.Tensor:
+    """One tensor-core launch (after R = x B^T, one small GEMM) for up to WORKSPACE_TOKENS rows."""
+    from .w4a16_mma import gemm_kernel
+
+    tokens, k = x.shape
+    if tokens > WORKSPACE_TOKENS:
+        raise ValueError(f"mma_gemm takes at most {WORKSPACE_TOKENS} rows, got {tokens}; forward() dequantizes above")
+    blocks, _, n, sigma = qweight.shape
+    block_k = 32 * sigma
+    out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
+    if tokens == 0:
+        return out
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    correct = factor_a is not None
+    reduced = torch.mm(x, factor_b.t()) if correct else None  # R, rounded to x's dtype as the Triton kernel does
+    space = workspace(x.device)
+    config = config or choose_mma_config(tokens, n, k, group_size, space.sm_count)
+    chunk_blocks = math.ceil(blocks / config.split_k)
+    split = math.ceil(blocks / chunk_blocks)  # every chunk non-empty
+    if split > 1 and split * tokens * n > space.partial.numel():
+        raise ValueError(f"{config} needs {split} partial slots of {tokens} x {n}, more than the workspace holds; "
+                         "reserve() the layer first or choose a smaller split")
+    grid = split * math.ceil(tokens / config.block_t) * math.ceil(n / config.block_n)
+    magic, magic_value = _MAGIC[x.dtype]
+    rank = factor_a.shape[1] if correct else 0
+    dummy = space.sync
+    handle = gemm_kernel[(grid,)](
+        x, qweight, scales, dummy if zeros is None else zeros, dummy if bias is None else bias,
+        reduced if correct else dummy, factor_a if correct else dummy, out, space.partial, space.sync,
+        tokens, n, k, rank, split, chunk_blocks * block_k, magic | magic << 16, x.stride(0), scales.stride(0),
+        0 if zeros is None else zeros.stride(0), reduced.stride(0) if correct else 0,
+        factor_a.stride(0) if correct else 0, out.stride(0),
+        HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, CORRECT=correct, EVEN_N=n % config.block_n == 0,
+        GROUP_BLOCKS=group_size // block_k, BN=config.block_n, BT=config.block_t, BK=block_k,
+        RP=max(16, 1 << max(0, rank - 1).bit_length()), MAGIC_VALUE=magic_value, num_warps=config.num_warps)
+    if os.environ.get("GLOWQ_DEBUG") and config not in _reported:
+        _reported.add(config)
+        print(f"mma_gemm {config}: regs {handle.n_regs} spills {handle.n_spills} smem {handle.metadata.shared}",
+              flush=True)
+    return out
+
+
+def dequantize_fragments(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                         factor_b: torch.Tensor | None, factor_a: torch.Tensor | None, group_size: int,
+                         dtype: torch.dtype, block_n: int = 64) -> torch.Tensor:
+    """dequantize() for the tensor-core layout: W_eff [K, N] in the shared dense workspace, the
+    correction added by one cuBLAS product (B^T A^T, r = 64 inner: small beside the prefill GEMM)."""
+    from .w4a16_triton import dequantize_fragments_kernel
+
+    blocks, _, n, sigma = qweight.shape
+    block_k = 32 * sigma
+    k = blocks * block_k
+    space = workspace(qweight.device)
+    space.reserve(n, k, 0, dtype)
+    dense = space.dense[dtype][: k * n].view(k, n)
+    dummy = space.sync
+    dequantize_fragments_kernel[(blocks, math.ceil(n / block_n))](
+        qweight, scales, dummy if zeros is None else zeros, dense, n, scales.stride(0),
+        0 if zeros is None else zeros.stride(0), dense.stride(0), HAS_ZEROS=zeros is not None,
+        GROUP_BLOCKS=group_size // block_k, BN=block_n, BK=block_k, num_warps=4)
+    if factor_a is not None:
+        dense.addmm_(factor_b.t(), factor_a.t())
     return dense

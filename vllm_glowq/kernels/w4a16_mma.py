@@ -1,0 +1,181 @@
+"""The tensor-core W4A16 GEMM in Gluon, on codes stored in the order mma.m16n8k16 holds them.
+
+`out = x deq(Wq)^T + R A^T + bias` for up to 64 tokens, R = x B^T computed beforehand (one small
+GEMM per layer, however many modules share B). Written in Gluon, Triton's dialect with explicit
+layouts (Triton >= 3.5), because the layout is the whole point:
+
+* The product is swapped, out^T [N, T] = deq(W) [N, K] x^T [K, T]: the weight is operand A
+  (16 rows per MMA) and the tokens fill the 8-wide operand B, so a handful of tokens wastes
+  little of each MMA.
+* Per K block of BK = 32 S inputs the codes are stored int32 [4 (t), N, S] (packing.repack_fragments):
+  the word of (t, n, s) holds, in nibble j + 4 b, the code of input 32 s + 8 j + 2 t + b, which
+  is where lane 4 g + t of a warp holds row n's operand-A values. A thread loads its words with
+  one 16-byte load per row and turns nibbles j and j + 4 into its bf16 pair with one LOP3
+  (OR-ed into MAGIC: the number MAGIC + q) and one HADD2 (minus MAGIC + z): nothing moves
+  between threads. (H200, bench/results/kernel/mma_probe_2026-12-03.json: 16 tokens per
+  Llama-3-8B decoder layer in 81 us against 168 for the Triton kernel's tensor-core path.)
+* x passes through shared memory once per K block (read back with ldmatrix).
+* Split K: every program stores its fp32 partial; the tile's last (a ticket per tile, as in
+  w4a16_triton.py) sums them, adds R A_tile^T (one more MMA) and the bias, and writes the tile.
+"""
+
+from __future__ import annotations
+
+import triton  # noqa: F401  (Gluon lives inside Triton)
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+
+@gluon.constexpr_function
+def mma_layout(warps):
+    """Accumulator of mma.m16n8k16 over [BN, BT]: warps stacked along the output rows (16 each)."""
+    return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8])
+
+
+@gluon.constexpr_function
+def words_layout(block_n, sigma, warps):
+    """[BN, 4, S] words: lane 4 g + t holds rows g and g + 8 of each warp's 16 (further row tiles
+    of 16 * warps in further registers) and all S words of its t, contiguous for 16-byte loads."""
+    regs = [[0, 0, 1 << i] for i in range(sigma.bit_length() - 1)] + [[8, 0, 0]]
+    regs += [[16 * warps << i, 0, 0] for i in range((block_n // (16 * warps)).bit_length() - 1)]
+    lanes = [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    warp_bases = [[16 << i, 0, 0] for i in range(warps.bit_length() - 1)]
+    return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=lanes, warp_bases=warp_bases, block_bases=[],
+                                      shape=[block_n, 4, sigma])
+
+
+@gluon.constexpr_function
+def rows_layout(block_k, warps):
+    """A [rows, BK] tile read along K: 8 contiguous elements (16 bytes) per thread."""
+    along_k = min(32, block_k // 8)
+    return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // along_k, along_k],
+                            warps_per_cta=[warps, 1], order=[1, 0])
+
+
+@gluon.jit
+def _code_pairs(words, j: gl.constexpr, magic, DTYPE: gl.constexpr):
+    """Nibbles j and j + 4 of every word as DTYPE numbers MAGIC + q, joined along a new last axis."""
+    pair = ((words >> (4 * j)) & 0x000F000F) | magic
+    low = (pair & 0xFFFF).to(gl.int16).to(DTYPE, bitcast=True)
+    high = (pair >> 16).to(gl.int16).to(DTYPE, bitcast=True)
+    return gl.join(low, high)
+
+
+@gluon.jit
+def _operand_a(words, magic, BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr, DTYPE: gl.constexpr):
+    """Words [BN, 4, S] -> MAGIC + q as operand A [BN, BK]: axes (n, t, s, b, j % 2, j // 2) are
+    reordered to k = 32 s + 16 (j // 2) + 8 (j % 2) + 2 t + b; no value changes thread."""
+    codes = gl.join(gl.join(_code_pairs(words, 0, magic, DTYPE), _code_pairs(words, 1, magic, DTYPE)),
+                    gl.join(_code_pairs(words, 2, magic, DTYPE), _code_pairs(words, 3, magic, DTYPE)))
+    codes = gl.reshape(gl.permute(codes, (0, 2, 5, 4, 1, 3)), [BN, BK])
+    return gl.convert_layout(codes, A_L, assert_trivial=True)
+
+
+@gluon.jit
+def _expand(r_ptr, a_ptr, n0, t0, M, N, RANK, stride_rm, stride_an, acc, BN: gl.constexpr, BT: gl.constexpr,
+            RP: gl.constexpr, MMA: gl.constexpr, num_warps: gl.constexpr):
+    """acc + A[tile, :] R[tokens, :]^T on the tensor cores (rank padded to RP with zeros)."""
+    LD: gl.constexpr = rows_layout(RP, num_warps)
+    a_rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, LD))
+    ranks = gl.arange(0, RP, layout=gl.SliceLayout(0, LD))
+    a_tile = gl.load(a_ptr + gl.expand_dims(a_rows, 1) * stride_an + gl.expand_dims(ranks, 0),
+                     mask=gl.expand_dims(a_rows < N, 1) & gl.expand_dims(ranks < RANK, 0), other=0.0)
+    t_rows = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, LD))
+    r_tile = gl.load(r_ptr + gl.expand_dims(t_rows, 1) * stride_rm + gl.expand_dims(ranks, 0),
+                     mask=gl.expand_dims(t_rows < M, 1) & gl.expand_dims(ranks < RANK, 0), other=0.0)
+    a_op = gl.convert_layout(a_tile, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
+    r_op = gl.convert_layout(gl.permute(r_tile, (1, 0)), gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
+    return mma_v2(a_op, r_op, acc)
+
+
+@gluon.jit(do_not_specialize=["M"])
+def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, r_ptr, a_ptr, out_ptr, part_ptr, sync_ptr,
+                M, N, K, RANK, split_k, k_chunk, magic, stride_xm, stride_sg, stride_zg, stride_rm, stride_an,
+                stride_om, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, CORRECT: gl.constexpr,
+                EVEN_N: gl.constexpr, GROUP_BLOCKS: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr,
+                RP: gl.constexpr, MAGIC_VALUE: gl.constexpr, num_warps: gl.constexpr):
+    """One (token block, output tile, K chunk) per program; token blocks of a tile are adjacent
+    programs, so they read its words from L2 together. sync_ptr[2 + tile]: the tile's tickets."""
+    DTYPE: gl.constexpr = x_ptr.dtype.element_ty
+    S: gl.constexpr = BK // 32
+    MMA: gl.constexpr = mma_layout(num_warps)
+    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    WL: gl.constexpr = words_layout(BN, S, num_warps)
+    XL: gl.constexpr = rows_layout(BK, num_warps)
+
+    pid = gl.program_id(0)
+    t_tiles = gl.cdiv(M, BT)
+    tile = pid % (t_tiles * gl.cdiv(N, BN))
+    t0 = (tile % t_tiles) * BT
+    n0 = (tile // t_tiles) * BN
+    split = pid // (t_tiles * gl.cdiv(N, BN))
+    kb0 = split * (k_chunk // BK)
+    kb1 = gl.minimum(kb0 + k_chunk // BK, K // BK)
+
+    rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL)))
+    ts = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WL)))
+    sig = gl.arange(0, S, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))
+    rows3 = gl.expand_dims(gl.expand_dims(rows, 1), 2)
+    w_ptrs = (w_ptr + kb0 * (4 * N * S) + (gl.expand_dims(gl.expand_dims(ts, 0), 2) * N + rows3) * S
+              + gl.expand_dims(gl.expand_dims(sig, 0), 1))
+    w_mask = rows3 < N if not EVEN_N else None  # no mask: the loads stay unpredicated
+    x_rows = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, XL))
+    x_ptrs = (x_ptr + kb0 * BK + gl.expand_dims(x_rows, 1) * stride_xm
+              + gl.expand_dims(gl.arange(0, BK, layout=gl.SliceLayout(0, XL)), 0))
+    x_mask = gl.expand_dims(x_rows < M, 1)
+    out_rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+    n_ok = out_rows < N
+    x_smem = gl.allocate_shared_memory(DTYPE, [BT, BK], gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8,
+                                                                                 order=[1, 0]))
+    if HAS_ZEROS:
+        ZL: gl.constexpr = gl.SliceLayout(1, A_L)
+        z_rows = n0 + gl.arange(0, BN, layout=ZL)
+
+    total = gl.zeros([BN, BT], gl.float32, MMA)
+    words_next = gl.load(w_ptrs, mask=w_mask, other=0 if not EVEN_N else None)
+    for kb in range(kb0, kb1):
+        words = words_next
+        if kb + 1 < kb1:  # the next block's words in flight while this one is unpacked
+            w_ptrs += 4 * N * S
+            words_next = gl.load(w_ptrs, mask=w_mask, other=0 if not EVEN_N else None)
+        xv = gl.load(x_ptrs, mask=x_mask, other=0.0)
+        x_ptrs += BK
+        group = kb // GROUP_BLOCKS
+        scale = gl.load(s_ptr + group * stride_sg + out_rows, mask=n_ok, other=0.0).to(gl.float32)
+        gl.thread_barrier()  # the previous block's reads of x_smem are done
+        x_smem.store(xv)
+        gl.thread_barrier()
+        x_op = x_smem.permute((1, 0)).load(B_L)
+        codes = _operand_a(words, magic, BN, BK, A_L, DTYPE)
+        # (MAGIC + q) - (MAGIC + z) = q - z, exact: the tensor cores see the integer codes
+        if HAS_ZEROS:
+            zeros = gl.load(z_ptr + group * stride_zg + z_rows, mask=z_rows < N, other=0).to(gl.float32)
+            codes = codes - gl.expand_dims((zeros + MAGIC_VALUE).to(DTYPE), 1)
+        else:
+            codes = codes - (MAGIC_VALUE + 8.0)
+        acc = mma_v2(codes, x_op, gl.zeros([BN, BT], gl.float32, MMA))
+        total += acc * gl.expand_dims(scale, 1)
+
+    out_cols = t0 + gl.arange(0, BT, layout=gl.SliceLayout(0, MMA))
+    tile_offs = gl.expand_dims(out_cols, 0) * N + gl.expand_dims(out_rows, 1)
+    in_tile = gl.expand_dims(n_ok, 1) & gl.expand_dims(out_cols < M, 0)
+    last = split_k == 1
+    if split_k > 1:
+        gl.store(part_ptr + split * M * N + tile_offs, total, mask=in_tile)
+        gl.thread_barrier()  # every thread's partial precedes the ticket's release
+        last = gl.atomic_add(sync_ptr + 2 + tile, 1, sem="acq_rel") == split_k - 1
+        if last:
+            gl.atomic_xchg(sync_ptr + 2 + tile, 0)
+            total = gl.zeros([BN, BT], gl.float32, MMA)
+            for s in range(split_k):
+                total += gl.load(part_ptr + s * M * N + tile_offs, mask=in_tile, other=0.0, cache_modifier=".cg")
+    if last:
+        if CORRECT:
+            total = _expand(r_ptr, a_ptr, n0, t0, M, N, RANK, stride_rm, stride_an, total, BN, BT, RP, MMA,
+                            num_warps)
+        if HAS_BIAS:
+            total += gl.expand_dims(gl.load(bias_ptr + out_rows, mask=n_ok, other=0.0).to(gl.float32), 1)
+        gl.store(out_ptr + gl.expand_dims(out_cols, 0) * stride_om + gl.expand_dims(out_rows, 1), total.to(DTYPE),
+                 mask=in_tile)
