@@ -1,12 +1,15 @@
 """The project's W4A16 kernels (vllm_glowq/kernels/w4a16*.py) against a float64 reference.
 
-* CPU: the load-time repacking (packing.repack_planes: each K block's nibble planes stacked)
-  round-trips exactly; in Triton's interpreter the dequantize kernel, reading the repacked
-  words, must reproduce the checkpoint's dequantization bit for bit; the GEMM kernel (shrink programs, split-K tickets, last-arrival
+* CPU: both load-time repackings (packing.repack_planes for the Triton kernel: each K block's
+  nibble planes stacked; packing.repack_fragments for the tensor-core kernel: MMA fragment
+  order) round-trip exactly; in Triton's interpreter both dequantize kernels, reading the
+  repacked words, must reproduce the checkpoint's dequantization bit for bit (Gluon, the
+  tensor-core GEMM's dialect, has no interpreter: it is tested on the GPU only); the GEMM kernel (shrink programs, split-K tickets, last-arrival
   epilogue, workspace cleanup) on small odd shapes, sym and asym, group sizes 64/128/per-row,
   with and without a correction. float16 (the interpreter has no bfloat16 arithmetic).
-* GPU (skipped without CUDA): every path (one token without tensor cores, <= 64 tokens on
-  the tensor cores, dequantize + cuBLAS above GEMM_MAX_TOKENS; and gemm() itself up to
+* GPU (skipped without CUDA), for both layouts: every path (tensor-core kernel; Triton kernel:
+  one token without tensor cores, <= 64 tokens on the tensor cores; dequantize + cuBLAS above
+  GEMM_MAX_TOKENS; and each GEMM kernel itself up to
   WORKSPACE_TOKENS, where more than 16 rows run the interleaved tile) on the Llama-3-8B
   layer shapes and odd ones, bf16 and fp16, sym and asym, group sizes 64/128/-1, rank 0/16/64,
   repeated on fresh inputs (a race shows as a moving error); inside a CUDA graph replayed many

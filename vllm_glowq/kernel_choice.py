@@ -5,10 +5,12 @@ kernels repack them; the project's kernel reads the checkpoint's GPTQ layout as 
 
 `VLLM_GLOWQ_KERNEL` forces a choice for benchmarks and debugging:
 
-* `auto` (default): vLLM's kernel where it has one for the layer (on the H200 Machete and
-  Marlin are faster than the project's kernel at every decode size so far, docs/benchmarks.md),
-  else the project's kernel (odd shapes, asymmetric zero points vLLM cannot pack, GPUs vLLM
-  has no W4A16 kernel for), else dense dequantized weights;
+* `auto` (default): vLLM's kernel where it has one for the layer, else the project's kernel
+  (odd shapes, asymmetric zero points vLLM cannot pack, GPUs vLLM has no W4A16 kernel for),
+  else dense dequantized weights. On the H200 the project's tensor-core kernel (Gluon) beats
+  Marlin per Llama-3-8B decoder layer at 1 and 16 tokens but not at 64, and prefill runs
+  dequantize + cuBLAS (docs/benchmarks.md); one layout is kept per layer, so the choice must
+  hold for every batch, and it stays vLLM's until an engine benchmark says otherwise;
 * `glowq`: the project's kernel with the correction fused in; a layer it cannot run is an error;
 * `vllm`: vLLM's kernel, dense weights where it has none (the plugin before the project's kernel);
 * `dense`: dense dequantized weights everywhere (a reference for debugging).

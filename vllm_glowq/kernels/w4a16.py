@@ -1,11 +1,20 @@
-"""Host side of the project's W4A16 kernels (w4a16_triton.py): which layers they take, launch
-configurations, the per-device workspace, and the forward `x deq(Wq)^T + (x B^T) A^T + bias`.
+"""Host side of the project's W4A16 kernels: which layers they take, launch configurations, the
+per-device workspace, and the forward `x deq(Wq)^T + (x B^T) A^T + bias`.
 
-Up to GEMM_MAX_TOKENS tokens (decode, small batches) one `gemm_kernel` launch does everything.
+Two kernels, each with its own repacked layout (the plugin keeps one, chosen at load time):
+the tensor-core kernel in Gluon (w4a16_mma.py, `mma_gemm`; codes in MMA fragment order), used
+wherever Gluon runs (Triton 3.5+, compute capability 8.0+), and the Triton kernel
+(w4a16_triton.py, `gemm`; nibble planes) elsewhere. `forward` tells them apart by qweight's
+rank. On the H200 (bench/results/kernel/micro_mma_fused_2026-12-03.json) a Llama-3-8B decoder
+layer with the correction took 72.8 / 92.2 / 207.7 us at 1 / 16 / 64 tokens on the tensor-core
+kernel, 75.5 / 173.0 / 417.4 on the Triton kernel.
+
+Up to GEMM_MAX_TOKENS tokens (decode, small batches) one GEMM launch does everything.
 Above it the layer's weight, with the correction folded in, is dequantized into a shared dense
 workspace and multiplied by cuBLAS. On the H200 (bench/results/kernel/micro_vs_vllm.json,
-2026-12-02) a Llama-3-8B decoder layer with the correction took 462 us in the mainloop and 805 us
-dequantized at 64 tokens, 1314 against 858 us at 256: the crossover lies between 64 and 256.
+2026-12-02) a Llama-3-8B decoder layer with the correction took 462 us in the Triton kernel's
+mainloop and 805 us dequantized at 64 tokens, 1314 against 858 us at 256: the crossover lay
+between 64 and 256 (the tensor-core kernel, at 208 us for 64 tokens, moves it up; not timed yet).
 """
 
 from __future__ import annotations
@@ -256,6 +265,7 @@ class MmaConfig:
     block_t: int  # tokens per program: MMA columns, 8 per MMA
     split_k: int
     num_warps: int = 4
+    shrink_blocks: int = 2  # K blocks per shrink program (R = x B^T): many short programs finish first
 
 
 def fragments_block_k(k: int, group_size: int) -> int | None:
@@ -280,11 +290,15 @@ def mma_unsupported_reason(k: int, n: int, group_size: int, dtype: torch.dtype, 
 
 
 def choose_mma_config(tokens: int, n: int, k: int, group_size: int, sm_count: int) -> MmaConfig:
-    """H200 probe (bench/results/kernel/mma_probe_2026-12-03.json): 64-row tiles except for very
-    wide layers (gate_up: 128 rows, 224 tiles), 16 tokens per tile (8 up to 8 tokens), and K
-    split until about 4 programs per SM (qkv at 16 tokens: split 8 14.2 us, 4 14.6, 2 19.0)."""
-    block_n = 128 if n // 64 >= 3 * sm_count else 64
-    block_t = 8 if tokens <= 8 else 16
+    """From the H200 sweeps (bench/results/kernel/mma_probe_2026-12-03.json, micro_mma_fused_2026-12-03.json):
+    up to 16 tokens 64-row tiles except for very wide layers (gate_up: 128 rows), above 16
+    128-row tiles (64 tokens: o_proj 25.6 -> 23.2 us, down_proj 64.1 -> 51.5), 16 tokens per
+    tile (8 up to 8 tokens; very wide layers above 16 tokens all 64 in one tile: gate_up 82.6 ->
+    73.1), and K split until about 4 programs per SM (qkv at 16 tokens: split 8 14.2 us, 4 14.6,
+    2 19.0). 17-63 tokens follow the 64-token choice untimed."""
+    wide = n // 64 >= 3 * sm_count
+    block_n = 128 if wide or tokens > 16 else 64
+    block_t = 8 if tokens <= 8 else 64 if wide and tokens > 16 else 16
     tiles = math.ceil(tokens / block_t) * math.ceil(n / block_n)
     k_blocks = k // fragments_block_k(k, group_size)
     split = max(1, min(k_blocks, round(4 * sm_count / tiles), PARTIAL_SUM_BYTES // (4 * tokens * n)))
@@ -294,7 +308,7 @@ def choose_mma_config(tokens: int, n: int, k: int, group_size: int, sm_count: in
 def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
              bias: torch.Tensor | None, factor_b: torch.Tensor | None, factor_a: torch.Tensor | None,
              group_size: int, config: MmaConfig | None = None) -> torch.Tensor:
-    """One tensor-core launch (after R = x B^T, one small GEMM) for up to WORKSPACE_TOKENS rows."""
+    """One tensor-core launch, the correction included, for up to WORKSPACE_TOKENS rows."""
     from .w4a16_mma import gemm_kernel
 
     tokens, k = x.shape
@@ -307,7 +321,6 @@ def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()
     correct = factor_a is not None
-    reduced = torch.mm(x, factor_b.t()) if correct else None  # R, rounded to x's dtype as the Triton kernel does
     space = workspace(x.device)
     config = config or choose_mma_config(tokens, n, k, group_size, space.sm_count)
     chunk_blocks = math.ceil(blocks / config.split_k)
@@ -315,16 +328,18 @@ def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     if split > 1 and split * tokens * n > space.partial.numel():
         raise ValueError(f"{config} needs {split} partial slots of {tokens} x {n}, more than the workspace holds; "
                          "reserve() the layer first or choose a smaller split")
-    grid = split * math.ceil(tokens / config.block_t) * math.ceil(n / config.block_n)
+    shrink_chunk = config.shrink_blocks * block_k
+    shrink_programs = math.ceil(tokens / config.block_t) * math.ceil(k / shrink_chunk) if correct else 0
+    grid = shrink_programs + split * math.ceil(tokens / config.block_t) * math.ceil(n / config.block_n)
     magic, magic_value = _MAGIC[x.dtype]
     rank = factor_a.shape[1] if correct else 0
     dummy = space.sync
     handle = gemm_kernel[(grid,)](
         x, qweight, scales, dummy if zeros is None else zeros, dummy if bias is None else bias,
-        reduced if correct else dummy, factor_a if correct else dummy, out, space.partial, space.sync,
-        tokens, n, k, rank, split, chunk_blocks * block_k, magic | magic << 16, x.stride(0), scales.stride(0),
-        0 if zeros is None else zeros.stride(0), reduced.stride(0) if correct else 0,
-        factor_a.stride(0) if correct else 0, out.stride(0),
+        factor_b if correct else dummy, factor_a if correct else dummy, out, space.partial, space.reduced,
+        space.sync, tokens, n, k, rank, split, chunk_blocks * block_k, shrink_chunk, shrink_programs,
+        magic | magic << 16, x.stride(0), scales.stride(0), 0 if zeros is None else zeros.stride(0),
+        factor_b.stride(0) if correct else 0, factor_a.stride(0) if correct else 0, out.stride(0),
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, CORRECT=correct, EVEN_N=n % config.block_n == 0,
         GROUP_BLOCKS=group_size // block_k, BN=config.block_n, BT=config.block_t, BK=block_k,
         RP=max(16, 1 << max(0, rank - 1).bit_length()), MAGIC_VALUE=magic_value, num_warps=config.num_warps)

@@ -1,7 +1,7 @@
 """The tensor-core W4A16 GEMM in Gluon, on codes stored in the order mma.m16n8k16 holds them.
 
-`out = x deq(Wq)^T + R A^T + bias` for up to 64 tokens, R = x B^T computed beforehand (one small
-GEMM per layer, however many modules share B). Written in Gluon, Triton's dialect with explicit
+`out = x deq(Wq)^T + (x B^T) A^T + bias` for up to 64 tokens in one launch (GlowQ's R = x B^T
+once per layer, however many modules share B). Written in Gluon, Triton's dialect with explicit
 layouts (Triton >= 3.5), because the layout is the whole point:
 
 * The product is swapped, out^T [N, T] = deq(W) [N, K] x^T [K, T]: the weight is operand A
@@ -15,8 +15,13 @@ layouts (Triton >= 3.5), because the layout is the whole point:
   between threads. (H200, bench/results/kernel/mma_probe_2026-12-03.json: 16 tokens per
   Llama-3-8B decoder layer in 81 us against 168 for the Triton kernel's tensor-core path.)
 * x passes through shared memory once per K block (read back with ldmatrix).
-* Split K: every program stores its fp32 partial; the tile's last (a ticket per tile, as in
-  w4a16_triton.py) sums them, adds R A_tile^T (one more MMA) and the bias, and writes the tile.
+* The first `shrink_programs` programs compute R = x B^T, one (token block, K chunk) each on the
+  tensor cores, added into an fp32 workspace with atomics. First in the grid, they are
+  dispatched first and wait for nothing.
+* Split K: every GEMM program stores its fp32 partial; the tile's last (a ticket per tile, as
+  in w4a16_triton.py) sums them, waits until every shrink program has counted itself in (long
+  done by then), adds R A_tile^T (one more MMA) and the bias, and writes the tile. The last
+  tile to have read R zeroes it and the counters, so every launch finds a clean workspace.
 """
 
 from __future__ import annotations
@@ -73,30 +78,79 @@ def _operand_a(words, magic, BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constex
 
 
 @gluon.jit
-def _expand(r_ptr, a_ptr, n0, t0, M, N, RANK, stride_rm, stride_an, acc, BN: gl.constexpr, BT: gl.constexpr,
-            RP: gl.constexpr, MMA: gl.constexpr, num_warps: gl.constexpr):
-    """acc + A[tile, :] R[tokens, :]^T on the tensor cores (rank padded to RP with zeros)."""
+def _shrink(x_ptr, b_ptr, r_ptr, item, M, K, RANK, stride_xm, stride_bk, shrink_chunk, BT: gl.constexpr,
+            BK: gl.constexpr, RP: gl.constexpr, MMA: gl.constexpr, num_warps: gl.constexpr):
+    """R[token block, :] += x[token block, chunk] B[:, chunk]^T for one shrink program (R^T = B x^T, as the GEMM)."""
+    DTYPE: gl.constexpr = x_ptr.dtype.element_ty
+    LD: gl.constexpr = rows_layout(BK, num_warps)
+    k_chunks = gl.cdiv(K, shrink_chunk)
+    t0 = item // k_chunks * BT
+    k_start = item % k_chunks * shrink_chunk
+    ranks = gl.arange(0, RP, layout=gl.SliceLayout(1, LD))
+    cols = gl.expand_dims(gl.arange(0, BK, layout=gl.SliceLayout(0, LD)), 0)
+    b_ptrs = b_ptr + gl.expand_dims(ranks, 1) * stride_bk + k_start + cols
+    t_rows = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, LD))
+    x_ptrs = x_ptr + gl.expand_dims(t_rows, 1) * stride_xm + k_start + cols
+    acc = gl.zeros([RP, BT], gl.float32, MMA)
+    for _ in range(k_start, gl.minimum(K, k_start + shrink_chunk), BK):
+        b = gl.load(b_ptrs, mask=gl.expand_dims(ranks < RANK, 1), other=0.0)
+        xv = gl.load(x_ptrs, mask=gl.expand_dims(t_rows < M, 1), other=0.0)
+        acc = mma_v2(gl.convert_layout(b, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)),
+                     gl.convert_layout(gl.permute(xv, (1, 0)), gl.DotOperandLayout(operand_index=1, parent=MMA,
+                                                                                   k_width=2)), acc)
+        b_ptrs += BK
+        x_ptrs += BK
+    r_rows = gl.arange(0, RP, layout=gl.SliceLayout(1, MMA))
+    r_cols = t0 + gl.arange(0, BT, layout=gl.SliceLayout(0, MMA))
+    gl.atomic_add(r_ptr + gl.expand_dims(r_cols, 0) * RANK + gl.expand_dims(r_rows, 1), acc,
+                  mask=gl.expand_dims(r_rows < RANK, 1) & gl.expand_dims(r_cols < M, 0), sem="relaxed")
+
+
+@gluon.jit
+def _expand(r_ptr, a_ptr, sync_ptr, n0, t0, M, N, RANK, tiles, shrink_programs, stride_an, acc, BN: gl.constexpr,
+            BT: gl.constexpr, RP: gl.constexpr, MMA: gl.constexpr, num_warps: gl.constexpr):
+    """acc + A[tile, :] R[tokens, :]^T on the tensor cores (rank padded to RP with zeros), once
+    R is complete; the last tile to have read R zeroes it and the counters sync_ptr[0:2]."""
+    DTYPE: gl.constexpr = a_ptr.dtype.element_ty
     LD: gl.constexpr = rows_layout(RP, num_warps)
     a_rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, LD))
-    ranks = gl.arange(0, RP, layout=gl.SliceLayout(0, LD))
-    a_tile = gl.load(a_ptr + gl.expand_dims(a_rows, 1) * stride_an + gl.expand_dims(ranks, 0),
-                     mask=gl.expand_dims(a_rows < N, 1) & gl.expand_dims(ranks < RANK, 0), other=0.0)
+    ranks = gl.expand_dims(gl.arange(0, RP, layout=gl.SliceLayout(0, LD)), 0)
+    a_tile = gl.load(a_ptr + gl.expand_dims(a_rows, 1) * stride_an + ranks,
+                     mask=gl.expand_dims(a_rows < N, 1) & (ranks < RANK), other=0.0)
+    # Spin on plain (volatile) loads, which many programs can issue at once, then an acquire
+    # (its result used, or the compiler drops it) orders the reads of R after the shrink's atomics.
+    while gl.load(sync_ptr, volatile=True) < shrink_programs:
+        pass
+    arrived = gl.atomic_add(sync_ptr, 0, sem="acquire")
+    while arrived < shrink_programs:
+        arrived = gl.atomic_add(sync_ptr, 0, sem="acquire")
     t_rows = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, LD))
-    r_tile = gl.load(r_ptr + gl.expand_dims(t_rows, 1) * stride_rm + gl.expand_dims(ranks, 0),
-                     mask=gl.expand_dims(t_rows < M, 1) & gl.expand_dims(ranks < RANK, 0), other=0.0)
+    r_mask = gl.expand_dims(t_rows < M, 1) & (ranks < RANK)
+    r_ptrs = r_ptr + gl.expand_dims(t_rows, 1) * RANK + ranks
+    r_tile = gl.load(r_ptrs, mask=r_mask, other=0.0, cache_modifier=".cg").to(DTYPE)
     a_op = gl.convert_layout(a_tile, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
     r_op = gl.convert_layout(gl.permute(r_tile, (1, 0)), gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
-    return mma_v2(a_op, r_op, acc)
+    acc = mma_v2(a_op, r_op, acc)
+    gl.thread_barrier()  # this program's reads of R are done
+    if gl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == tiles - 1:  # every tile has read R
+        for m0 in range(0, M, BT):
+            rows = m0 + gl.arange(0, BT, layout=gl.SliceLayout(1, LD))
+            gl.store(r_ptr + gl.expand_dims(rows, 1) * RANK + ranks, gl.zeros([BT, RP], gl.float32, LD),
+                     mask=gl.expand_dims(rows < M, 1) & (ranks < RANK))
+        gl.atomic_xchg(sync_ptr, 0)
+        gl.atomic_xchg(sync_ptr + 1, 0)
+    return acc
 
 
 @gluon.jit(do_not_specialize=["M"])
-def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, r_ptr, a_ptr, out_ptr, part_ptr, sync_ptr,
-                M, N, K, RANK, split_k, k_chunk, magic, stride_xm, stride_sg, stride_zg, stride_rm, stride_an,
-                stride_om, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, CORRECT: gl.constexpr,
+def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
+                M, N, K, RANK, split_k, k_chunk, shrink_chunk, shrink_programs, magic, stride_xm, stride_sg,
+                stride_zg, stride_bk, stride_an, stride_om, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, CORRECT: gl.constexpr,
                 EVEN_N: gl.constexpr, GROUP_BLOCKS: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr,
                 RP: gl.constexpr, MAGIC_VALUE: gl.constexpr, num_warps: gl.constexpr):
-    """One (token block, output tile, K chunk) per program; token blocks of a tile are adjacent
-    programs, so they read its words from L2 together. sync_ptr[2 + tile]: the tile's tickets."""
+    """See the module docstring. After the shrink programs, one (token block, output tile, K chunk)
+    per program; token blocks of a tile are adjacent programs, so they read its words from L2
+    together. sync_ptr: [0] shrink programs done, [1] tiles that read R, [2 + tile] the tile's tickets."""
     DTYPE: gl.constexpr = x_ptr.dtype.element_ty
     S: gl.constexpr = BK // 32
     MMA: gl.constexpr = mma_layout(num_warps)
@@ -106,11 +160,20 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, r_ptr, a_ptr, out_ptr, par
     XL: gl.constexpr = rows_layout(BK, num_warps)
 
     pid = gl.program_id(0)
+    if CORRECT:
+        if pid < shrink_programs:
+            _shrink(x_ptr, b_ptr, r_ptr, pid, M, K, RANK, stride_xm, stride_bk, shrink_chunk, BT, BK, RP, MMA,
+                    num_warps)
+            gl.thread_barrier()  # every thread's atomics into R precede the release of the count
+            gl.atomic_add(sync_ptr, 1, sem="release")
+            return
+        pid -= shrink_programs
     t_tiles = gl.cdiv(M, BT)
-    tile = pid % (t_tiles * gl.cdiv(N, BN))
+    tiles = t_tiles * gl.cdiv(N, BN)
+    tile = pid % tiles
     t0 = (tile % t_tiles) * BT
     n0 = (tile // t_tiles) * BN
-    split = pid // (t_tiles * gl.cdiv(N, BN))
+    split = pid // tiles
     kb0 = split * (k_chunk // BK)
     kb1 = gl.minimum(kb0 + k_chunk // BK, K // BK)
 
@@ -173,8 +236,8 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, r_ptr, a_ptr, out_ptr, par
                 total += gl.load(part_ptr + s * M * N + tile_offs, mask=in_tile, other=0.0, cache_modifier=".cg")
     if last:
         if CORRECT:
-            total = _expand(r_ptr, a_ptr, n0, t0, M, N, RANK, stride_rm, stride_an, total, BN, BT, RP, MMA,
-                            num_warps)
+            total = _expand(r_ptr, a_ptr, sync_ptr, n0, t0, M, N, RANK, tiles, shrink_programs, stride_an, total,
+                            BN, BT, RP, MMA, num_warps)
         if HAS_BIAS:
             total += gl.expand_dims(gl.load(bias_ptr + out_rows, mask=n_ok, other=0.0).to(gl.float32), 1)
         gl.store(out_ptr + gl.expand_dims(out_cols, 0) * stride_om + gl.expand_dims(out_rows, 1), total.to(DTYPE),

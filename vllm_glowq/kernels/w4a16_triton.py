@@ -1,4 +1,7 @@
-"""The project's W4A16 GEMM with GlowQ's correction fused in: `out = x deq(Wq)^T + (x B^T) A^T + bias`.
+"""The project's W4A16 GEMM in plain Triton, with GlowQ's correction fused in: `out = x deq(Wq)^T + (x B^T) A^T + bias`.
+
+Where Gluon runs, the tensor-core kernel (w4a16_mma.py) takes its place; this one serves the
+rest (Triton without Gluon) and, in Triton's interpreter, the CPU tests of the fused design.
 
 Two kernels, both reading qweight int32 [K / 8, N] in the layout the plugin repacks the
 checkpoint's GPTQ words into at load time (packing.repack_planes: per K block the eight nibble
