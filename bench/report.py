@@ -153,7 +153,20 @@ KERNEL_COLUMNS = ("glowq", "int4", "machete", "marlin", "machete+corr", "bf16")
 LAYER_ORDER = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
-def kernel_section(micro: dict) -> tuple[list[str], dict[str, float | None]]:
+KERNEL_CAPTION = (
+    "`glowq` / `int4`: the project's kernel with / without the correction (up to GEMM_MAX_TOKENS one launch; above, "
+    "dequantize with the correction folded in + cuBLAS); `machete`, `marlin`: vLLM 0.26's int4 kernels on the same "
+    "codes; `machete+corr`: the plugin's default path (Machete with the correction on a side stream, "
+    "torch.ops.glowq.linear); `bf16`: cuBLAS on the dense weight.")
+TENSOR_CORE_COLUMNS = ("glowq", "int4", "glowq_triton", "int4_triton", "bf16")
+TENSOR_CORE_CAPTION = (
+    "`glowq` / `int4`: the tensor-core kernel (kernels/w4a16_mma.py, Gluon) with / without the correction; "
+    "`glowq_triton` / `int4_triton`: the Triton kernel (kernels/w4a16_triton.py), which the table above measured; "
+    "`bf16`: cuBLAS on the dense weight. vLLM was not installed in this call: its kernels are in the table above.")
+
+
+def kernel_section(micro: dict, columns: tuple[str, ...] = KERNEL_COLUMNS,
+                   caption: str = KERNEL_CAPTION) -> tuple[list[str], dict[str, float | None]]:
     """The project's W4A16 kernel beside vLLM's, per layer and per decoder layer (issue 10)."""
     bw = micro["copy_bandwidth"]
     lines = [
@@ -161,27 +174,27 @@ def kernel_section(micro: dict) -> tuple[list[str], dict[str, float | None]]:
         f"Llama-3-8B layer shapes, int4 g{micro['group_size']} symmetric, rank {micro['rank']}, bf16; copy bandwidth "
         f"{bw / 1e12:.2f} TB/s. Microseconds per call, each from one CUDA graph that calls the kernel once per weight "
         "copy (enough copies to overflow L2), median of 7 replays; in brackets the bytes the kernel must move over its "
-        "time, as a percentage of the copy bandwidth. `glowq` / `int4`: the project's kernel with / without the "
-        "correction (up to 16 tokens one launch; above, dequantize with the correction folded in + cuBLAS); "
-        "`machete`, `marlin`: vLLM 0.26's int4 kernels on the same codes; `machete+corr`: the plugin's default path "
-        "(Machete with the correction on a side stream, torch.ops.glowq.linear); `bf16`: cuBLAS on the dense weight.",
+        f"time, as a percentage of the copy bandwidth. {caption}",
         "",
-        "| layer | tokens | " + " | ".join(KERNEL_COLUMNS) + " |",
-        "| --- | ---: |" + " ---: |" * len(KERNEL_COLUMNS),
+        "| layer | tokens | " + " | ".join(columns) + " |",
+        "| --- | ---: |" + " ---: |" * len(columns),
     ]
     totals: dict[int, dict[str, float]] = {}
     for r in micro["rows"]:
         cells = []
-        for name in KERNEL_COLUMNS:
+        for name in columns:
             us = r["us"].get(name)
             cells.append("n/a" if us is None else f"{us:.1f} ({100 * r['bandwidth_fraction'][name]:.0f}%)")
             if us is not None:
                 totals.setdefault(r["tokens"], {}).setdefault(name, 0.0)
                 totals[r["tokens"]][name] += us
         lines.append(f"| {r['layer']} | {r['tokens']} | " + " | ".join(cells) + " |")
-    lines += ["", "Per decoder layer (the four layers' sum), and the project's kernel against vLLM's best:", "",
-              "| tokens | " + " | ".join(KERNEL_COLUMNS) + " | int4: ours / best vLLM | glowq / machete+corr |",
-              "| ---: |" + " ---: |" * (len(KERNEL_COLUMNS) + 2)]
+    beside_vllm = "machete" in columns or "marlin" in columns
+    ratios = " | int4: ours / best vLLM | glowq / machete+corr |" if beside_vllm else " |"
+    lines += ["", "Per decoder layer (the four layers' sum)" + (", and the project's kernel against vLLM's best:"
+                                                              if beside_vllm else ":"), "",
+              "| tokens | " + " | ".join(columns) + ratios,
+              "| ---: |" + " ---: |" * (len(columns) + 2 * beside_vllm)]
     figures: dict[str, float | None] = {}
     for tokens, t in sorted(totals.items()):
         best = min(t.get("machete", float("inf")), t.get("marlin", float("inf")))
@@ -189,8 +202,8 @@ def kernel_section(micro: dict) -> tuple[list[str], dict[str, float | None]]:
         corr = ratio(t.get("machete+corr"), t.get("glowq"))
         figures[f"kernel_int4_vs_best_vllm_t{tokens}"] = own
         figures[f"kernel_glowq_vs_machete_corr_t{tokens}"] = corr
-        lines.append(f"| {tokens} | " + " | ".join(fmt(t.get(n), 1) for n in KERNEL_COLUMNS)
-                     + f" | {fmt(own)} x | {fmt(corr)} x |")
+        lines.append(f"| {tokens} | " + " | ".join(fmt(t.get(n), 1) for n in columns)
+                     + (f" | {fmt(own)} x | {fmt(corr)} x |" if beside_vllm else " |"))
     return lines, figures
 
 
@@ -320,7 +333,12 @@ def build(results: Path) -> str:
         lines, kernel_figures = kernel_section(kernel)
         engine_figures, sources = issue10_engine_figures(runs)
         out += ["## The project's W4A16 kernel (issue 10)", ""] + [f"- {n}" for n in meta.get("kernel_notes", [])]
-        out += [""] + lines + [""] + meta.get("kernel_analysis", []) + [""]
+        out += [""] + lines + [""]
+        tensor_core = load(results / "kernel" / "micro_mma_fused_2026-12-03.json")
+        if tensor_core:
+            out += ["### The tensor-core kernel (2026-12-03)", ""]
+            out += kernel_section(tensor_core, TENSOR_CORE_COLUMNS, TENSOR_CORE_CAPTION)[0] + [""]
+        out += meta.get("kernel_analysis", []) + [""]
         out += issue10_targets({**kernel_figures, **engine_figures}, sources, meta, results)
     out += ["## The correction beside vLLM's kernels (issue 5)", ""]
     if meta.get("notes"):
