@@ -342,7 +342,8 @@ def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
         factor_b.stride(0) if correct else 0, factor_a.stride(0) if correct else 0, out.stride(0),
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, CORRECT=correct, EVEN_N=n % config.block_n == 0,
         GROUP_BLOCKS=group_size // block_k, BN=config.block_n, BT=config.block_t, BK=block_k,
-        RP=max(16, 1 << max(0, rank - 1).bit_length()), MAGIC_VALUE=magic_value, num_warps=config.num_warps)
+        RP=max(16, 1 << max(0, rank - 1).bit_length()), SBK=min(64, block_k), MAGIC_VALUE=magic_value,
+        num_warps=config.num_warps)
     if os.environ.get("GLOWQ_DEBUG") and config not in _reported:
         _reported.add(config)
         print(f"mma_gemm {config}: regs {handle.n_regs} spills {handle.n_spills} smem {handle.metadata.shared}",

@@ -80,7 +80,9 @@ def _operand_a(words, magic, BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constex
 @gluon.jit
 def _shrink(x_ptr, b_ptr, r_ptr, item, M, K, RANK, stride_xm, stride_bk, shrink_chunk, BT: gl.constexpr,
             BK: gl.constexpr, RP: gl.constexpr, MMA: gl.constexpr, num_warps: gl.constexpr):
-    """R[token block, :] += x[token block, chunk] B[:, chunk]^T for one shrink program (R^T = B x^T, as the GEMM)."""
+    """R[token block, :] += x[token block, chunk] B[:, chunk]^T for one shrink program (R^T = B x^T,
+    as the GEMM), BK inputs per step (64 rather than the GEMM's 128: the register count of the
+    whole kernel is its largest branch's, 90 against 72 per thread at 8 tokens, sm_90 compile)."""
     DTYPE: gl.constexpr = x_ptr.dtype.element_ty
     LD: gl.constexpr = rows_layout(BK, num_warps)
     k_chunks = gl.cdiv(K, shrink_chunk)
@@ -147,7 +149,7 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, par
                 M, N, K, RANK, split_k, k_chunk, shrink_chunk, shrink_programs, magic, stride_xm, stride_sg,
                 stride_zg, stride_bk, stride_an, stride_om, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, CORRECT: gl.constexpr,
                 EVEN_N: gl.constexpr, GROUP_BLOCKS: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr,
-                RP: gl.constexpr, MAGIC_VALUE: gl.constexpr, num_warps: gl.constexpr):
+                RP: gl.constexpr, SBK: gl.constexpr, MAGIC_VALUE: gl.constexpr, num_warps: gl.constexpr):
     """See the module docstring. After the shrink programs, one (token block, output tile, K chunk)
     per program; token blocks of a tile are adjacent programs, so they read its words from L2
     together. sync_ptr: [0] shrink programs done, [1] tiles that read R, [2 + tile] the tile's tickets."""
@@ -162,7 +164,7 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, par
     pid = gl.program_id(0)
     if CORRECT:
         if pid < shrink_programs:
-            _shrink(x_ptr, b_ptr, r_ptr, pid, M, K, RANK, stride_xm, stride_bk, shrink_chunk, BT, BK, RP, MMA,
+            _shrink(x_ptr, b_ptr, r_ptr, pid, M, K, RANK, stride_xm, stride_bk, shrink_chunk, BT, SBK, RP, MMA,
                     num_warps)
             gl.thread_barrier()  # every thread's atomics into R precede the release of the count
             gl.atomic_add(sync_ptr, 1, sem="release")
