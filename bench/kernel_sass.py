@@ -11,6 +11,10 @@ machine's: to match that one, put a copy of its version first on the path
 
     python bench/kernel_sass.py                      # the configurations choose_gemm_config picks
     python bench/kernel_sass.py --block-m 1 --block-n 128 --warps 1
+    python bench/kernel_sass.py --mma --block-m 16 --block-n 64 [--correct]   # the tensor-core kernel (Gluon)
+
+For the tensor-core kernel --block-m is the token tile (block_t) and the K block is 128; its
+main loop is the longest loop, which with --correct may be the shrink's.
 """
 
 from __future__ import annotations
@@ -56,6 +60,29 @@ def compile_gemm(block_m: int, block_n: int, warps: int, stages: int, correct: b
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
+MMA_POINTERS = dict(x_ptr="bf16", w_ptr="i32", s_ptr="bf16", z_ptr="u8", bias_ptr="bf16", b_ptr="bf16", a_ptr="bf16",
+                    out_ptr="bf16", part_ptr="fp32", r_ptr="fp32", sync_ptr="i32")
+MMA_INTEGERS = ("M", "N", "K", "RANK", "split_k", "k_chunk", "shrink_chunk", "shrink_programs", "magic", "stride_xm",
+                "stride_sg", "stride_zg", "stride_bk", "stride_an", "stride_om")
+
+
+def compile_mma(block_t: int, block_n: int, correct: bool):
+    """The tensor-core kernel (w4a16_mma.gemm_kernel) for sm_90, symmetric codes, rank 64, K block 128."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from vllm_glowq.kernels import w4a16_mma
+
+    constexprs = dict(HAS_ZEROS=False, HAS_BIAS=False, CORRECT=correct, EVEN_N=True, GROUP_BLOCKS=1, BN=block_n,
+                      BT=block_t, BK=128, RP=64, SBK=64, MAGIC_VALUE=128.0, num_warps=4)
+    signature = {**{k: f"*{v}" for k, v in MMA_POINTERS.items()}, **{k: "i32" for k in MMA_INTEGERS},
+                 **{k: "constexpr" for k in constexprs}}
+    names = w4a16_mma.gemm_kernel.arg_names
+    aligned = [*MMA_POINTERS, *(name for name in MMA_INTEGERS if name not in ("M", "RANK", "split_k", "shrink_programs"))]
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    source = GluonASTSource(w4a16_mma.gemm_kernel, signature, constexprs, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
 def describe(kernel, block_n: int) -> str:
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
@@ -99,11 +126,16 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--correct", action="store_true", help="with the fused correction")
     parser.add_argument("--prefetch", action="store_true", help="one-token path: the hand prefetch")
+    parser.add_argument("--mma", action="store_true", help="the tensor-core kernel (w4a16_mma.py) instead")
     args = parser.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     configs = DEFAULTS if args.block_m is None else [dict(block_m=args.block_m, block_n=args.block_n, warps=args.warps,
                                                           stages=args.stages)]
     print(f"Triton {triton.__version__}, target sm_90")
+    if args.mma:
+        kernel = compile_mma(args.block_m or 16, args.block_n, args.correct)
+        print(f"tensor-core kernel, {args.block_m or 16} tokens x {args.block_n} rows: {describe(kernel, args.block_n)}")
+        return
     for config in configs:
         kernel = compile_gemm(**config, correct=args.correct, prefetch=args.prefetch)
         print(f"{config}: {describe(kernel, config['block_n'])}", flush=True)

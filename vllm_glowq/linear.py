@@ -258,14 +258,14 @@ class GlowQLinearMethod(LinearMethodBase):
             for name in (FACTOR_A, FACTOR_B):  # plain Parameters for torch.compile (notes §7.2)
                 data = getattr(layer, name).data.to(self.params_dtype)
                 layer.register_parameter(name, torch.nn.Parameter(data.contiguous(), requires_grad=False))
+        why = choice.why
         if choice.kind == kernel_choice.GLOWQ:
-            self._use_glowq_kernel(layer)
+            why += f"; {self._use_glowq_kernel(layer)}"
         elif choice.kind == kernel_choice.VLLM:
             self._use_kernel(layer, vllm_kernel)
         else:
             self._use_dense_fallback(layer)
-        _log_choice_once((geo.k_local, geo.n_local, self.glowq.group_size, self.has_factors), self.kernel_name,
-                         choice.why)
+        _log_choice_once((geo.k_local, geo.n_local, self.glowq.group_size, self.has_factors), self.kernel_name, why)
         if self.has_factors and choice.kind != kernel_choice.GLOWQ:
             correction.register_layer(self.plan.prefix, layer, self._base_forward)
 
@@ -299,23 +299,27 @@ class GlowQLinearMethod(LinearMethodBase):
     def _glowq_group_size(self) -> int:
         return self.geometry.k_local if self.kernel_group_size == -1 else self.kernel_group_size
 
-    def _use_glowq_kernel(self, layer: torch.nn.Module) -> None:
+    def _use_glowq_kernel(self, layer: torch.nn.Module) -> str:
         """qweight repacked in place into the tensor-core kernel's layout (w4a16_mma.py) where
         Gluon runs it, else the Triton kernel's (same shape); scales [G, N] in the activation
-        dtype, zero points uint8 [G, N] (as loaded); the shared workspace grows."""
+        dtype, zero points uint8 [G, N] (as loaded); the shared workspace grows. Returns which
+        of the two kernels it is, for the log."""
         from .kernels import w4a16
 
         geo, group = self.geometry, self._glowq_group_size()
-        if w4a16.mma_unsupported_reason(geo.k_local, geo.n_local, group, self.params_dtype,
-                                        layer.qweight.device) is None:
+        refusal = w4a16.mma_unsupported_reason(geo.k_local, geo.n_local, group, self.params_dtype, layer.qweight.device)
+        if refusal is None:
             layer.qweight.data = repack_fragments(layer.qweight.data, w4a16.fragments_block_k(geo.k_local, group))
+            which = "the tensor-core kernel (Gluon)"
         else:
             layer.qweight.data = repack_planes(layer.qweight.data, w4a16.block_k_for(geo.k_local, group))
+            which = f"the Triton kernel: {refusal}"
         layer.scales.data = layer.scales.data.to(self.params_dtype)
         rank = layer.glowq_A.shape[1] if self.has_factors else 0
         w4a16.workspace(layer.qweight.device).reserve(self.geometry.n_local, self.geometry.k_local, rank,
                                                       self.params_dtype)
         self.kernel_name = GLOWQ_KERNEL_NAME
+        return which
 
     def _use_kernel(self, layer: torch.nn.Module, kernel_cls: type) -> None:
         """The zero-point parameter is named for symmetric codes too, as vLLM's own GPTQ and
