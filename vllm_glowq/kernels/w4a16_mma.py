@@ -194,10 +194,6 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, par
     n_ok = out_rows < N
     x_smem = gl.allocate_shared_memory(DTYPE, [BT, BK], gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8,
                                                                                  order=[1, 0]))
-    if HAS_ZEROS:
-        ZL: gl.constexpr = gl.SliceLayout(1, A_L)
-        z_rows = n0 + gl.arange(0, BN, layout=ZL)
-
     total = gl.zeros([BN, BT], gl.float32, MMA)
     words_next = gl.load(w_ptrs, mask=w_mask, other=0 if not EVEN_N else None)
     for kb in range(kb0, kb1):
@@ -213,14 +209,16 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, par
         x_smem.store(xv)
         gl.thread_barrier()
         x_op = x_smem.permute((1, 0)).load(B_L)
-        codes = _operand_a(words, magic, BN, BK, A_L, DTYPE)
-        # (MAGIC + q) - (MAGIC + z) = q - z, exact: the tensor cores see the integer codes
-        if HAS_ZEROS:
-            zeros = gl.load(z_ptr + group * stride_zg + z_rows, mask=z_rows < N, other=0).to(gl.float32)
-            codes = codes - gl.expand_dims((zeros + MAGIC_VALUE).to(DTYPE), 1)
-        else:
-            codes = codes - (MAGIC_VALUE + 8.0)
+        # (MAGIC + q) - (MAGIC + 8) = q - 8, exact: the tensor cores see the integer codes
+        codes = _operand_a(words, magic, BN, BK, A_L, DTYPE) - (MAGIC_VALUE + 8.0)
         acc = mma_v2(codes, x_op, gl.zeros([BN, BT], gl.float32, MMA))
+        if HAS_ZEROS:
+            # sum (q - z) x = sum (q - 8) x - (z - 8) sum x, with sum x from one more MMA on a constant
+            # operand of ones (16 HMMA per K block at 64 rows; a z per code pair took 68 byte permutes,
+            # summing x in registers about 60 instructions: sm_90 compile)
+            zeros = gl.load(z_ptr + group * stride_zg + out_rows, mask=n_ok, other=0).to(gl.float32) - 8.0
+            x_sums = mma_v2(gl.full([BN, BK], 1.0, DTYPE, A_L), x_op, gl.zeros([BN, BT], gl.float32, MMA))
+            acc -= gl.expand_dims(zeros, 1) * x_sums
         total += acc * gl.expand_dims(scale, 1)
 
     out_cols = t0 + gl.arange(0, BT, layout=gl.SliceLayout(0, MMA))
