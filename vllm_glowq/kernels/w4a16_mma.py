@@ -83,7 +83,6 @@ def _shrink(x_ptr, b_ptr, r_ptr, item, M, K, RANK, stride_xm, stride_bk, shrink_
     """R[token block, :] += x[token block, chunk] B[:, chunk]^T for one shrink program (R^T = B x^T,
     as the GEMM), BK inputs per step (64 rather than the GEMM's 128: the register count of the
     whole kernel is its largest branch's, 90 against 72 per thread at 8 tokens, sm_90 compile)."""
-    DTYPE: gl.constexpr = x_ptr.dtype.element_ty
     LD: gl.constexpr = rows_layout(BK, num_warps)
     k_chunks = gl.cdiv(K, shrink_chunk)
     t0 = item // k_chunks * BT
@@ -147,8 +146,8 @@ def _expand(r_ptr, a_ptr, sync_ptr, n0, t0, M, N, RANK, tiles, shrink_programs, 
 @gluon.jit(do_not_specialize=["M"])
 def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
                 M, N, K, RANK, split_k, k_chunk, shrink_chunk, shrink_programs, magic, stride_xm, stride_sg,
-                stride_zg, stride_bk, stride_an, stride_om, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, CORRECT: gl.constexpr,
-                EVEN_N: gl.constexpr, GROUP_BLOCKS: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr,
+                stride_zg, stride_bk, stride_an, stride_om,
+                HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, CORRECT: gl.constexpr, EVEN_N: gl.constexpr, GROUP_BLOCKS: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr,
                 RP: gl.constexpr, SBK: gl.constexpr, MAGIC_VALUE: gl.constexpr, num_warps: gl.constexpr):
     """See the module docstring. After the shrink programs, one (token block, output tile, K chunk)
     per program; token blocks of a tile are adjacent programs, so they read its words from L2
