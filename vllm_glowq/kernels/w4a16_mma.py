@@ -147,7 +147,8 @@ def _expand(r_ptr, a_ptr, sync_ptr, n0, t0, M, N, RANK, tiles, shrink_programs, 
 def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
                 M, N, K, RANK, split_k, k_chunk, shrink_chunk, shrink_programs, magic, stride_xm, stride_sg,
                 stride_zg, stride_bk, stride_an, stride_om,
-                HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, CORRECT: gl.constexpr, EVEN_N: gl.constexpr, GROUP_BLOCKS: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr,
+                HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, CORRECT: gl.constexpr, EVEN_N: gl.constexpr,
+                GROUP_BLOCKS: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr,
                 RP: gl.constexpr, SBK: gl.constexpr, MAGIC_VALUE: gl.constexpr, num_warps: gl.constexpr):
     """See the module docstring. After the shrink programs, one (token block, output tile, K chunk)
     per program; token blocks of a tile are adjacent programs, so they read its words from L2
