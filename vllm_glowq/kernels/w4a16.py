@@ -167,7 +167,8 @@ def forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
             group_size: int) -> torch.Tensor:
     """x [T, K] -> [T, N]; qweight int32 [K/8, N] in the Triton kernel's layout (packing.repack_planes
     with block_k_for(K, group_size)) or int32 [K/BK, 4, N, BK/32] in the tensor-core kernel's
-    (packing.repack_fragments with fragments_block_k(K, group_size)), scales [G, N] (x's dtype), zeros uint8 [G, N] or None, factors
+    (packing.repack_fragments with fragments_block_k(K, group_size)), scales [G, N] (x's dtype),
+    zeros uint8 [G, N] or None, factors
     B [r, K] and A [N, r] or None (plain int4)."""
     fragments = qweight.dim() == 4
     if x.shape[0] <= GEMM_MAX_TOKENS:
@@ -269,8 +270,8 @@ class MmaConfig:
 
 
 def fragments_block_k(k: int, group_size: int) -> int | None:
-    """The tensor-core kernel's K block (and repacked layout): block_k_for's, at least 32 (one word of 8 codes per
-    lane pair of an MMA row fragment), else None."""
+    """The tensor-core kernel's K block (and repacked layout): block_k_for's, at least 32 (one word
+    of 8 codes per lane pair of an MMA row fragment), else None."""
     block = block_k_for(k, group_size)
     return block if block is not None and block >= 32 else None
 
