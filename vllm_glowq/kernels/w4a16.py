@@ -168,8 +168,7 @@ def forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     """x [T, K] -> [T, N]; qweight int32 [K/8, N] in the Triton kernel's layout (packing.repack_planes
     with block_k_for(K, group_size)) or int32 [K/BK, 4, N, BK/32] in the tensor-core kernel's
     (packing.repack_fragments with fragments_block_k(K, group_size)), scales [G, N] (x's dtype),
-    zeros uint8 [G, N] or None, factors
-    B [r, K] and A [N, r] or None (plain int4)."""
+    zeros uint8 [G, N] or None, factors B [r, K] and A [N, r] or None (plain int4)."""
     fragments = qweight.dim() == 4
     if x.shape[0] <= GEMM_MAX_TOKENS:
         return (mma_gemm if fragments else gemm)(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size)
