@@ -264,7 +264,8 @@ def sweep_report(default, results: dict) -> dict:
 
 
 def sweep_mma_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
-    """Fastest tensor-core launch near the default: row tile, token tile, K split, then the shrink's chunk."""
+    """Fastest tensor-core launch near the default: row tile, token tile, K split, then the shrink's
+    chunk and where the expand runs."""
     space = w4a16.workspace(copies[0].qweight.device)
     default = w4a16.choose_mma_config(tokens, n, k, GROUP, space.sm_count)
     timed = config_timer(copies, xs, w4a16.mma_gemm, "fragment_qweight")
@@ -279,9 +280,10 @@ def sweep_mma_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
                     results[config] = timed(config)
     best = min(results, key=results.get)
     for shrink_blocks in (1, 2, 4):  # the shrink's chain of K blocks: it must end before the first expand
-        config = dataclasses.replace(best, shrink_blocks=shrink_blocks)
-        if config not in results:
-            results[config] = timed(config)
+        for expand_items in (False, True):  # who expands: the tile's last contributor, or a program of its own
+            config = dataclasses.replace(best, shrink_blocks=shrink_blocks, expand_items=expand_items)
+            if config not in results:
+                results[config] = timed(config)
     return sweep_report(default, results)
 
 

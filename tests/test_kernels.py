@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -243,6 +244,32 @@ def test_gpu_every_path_matches_reference(shape, dtype, sym, group, rank, layout
             if rank:
                 assert relative_error(out, reference(x, layer, use_bias, False)) > 5 * TOLERANCE[dtype]
     space = w4a16.workspace(torch.device("cuda", 0))
+    torch.cuda.synchronize()
+    assert not space.sync.any() and not space.reduced.any()
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 6144), (576, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("sym,group,rank", [(True, 128, 64), (False, 64, 16)], ids=["sym-r64", "asym-r16"])
+def test_gpu_fragments_expand_items_match_reference(shape, sym, group, rank):
+    """The tensor-core kernel with a program of its own per tile for the correction (MmaConfig.expand_items)."""
+    from vllm_glowq.kernels import w4a16
+
+    k, n = shape
+    layer = make_layer(k, n, group, rank, sym, torch.bfloat16, seed=k + rank, device="cuda", layout="fragments")
+    space = w4a16.workspace(torch.device("cuda", 0))
+    space.reserve(n, k, rank, torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    for tokens in (1, 7, 16, 64):
+        config = dataclasses.replace(w4a16.choose_mma_config(tokens, n, k, layer["group"], space.sm_count),
+                                     expand_items=True)
+        for split_k in (1, config.split_k):
+            x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+            out = w4a16.mma_gemm(x, layer["qweight"], layer["scales"], layer["zeros"], bias, layer["factor_b"],
+                                 layer["factor_a"], layer["group"], dataclasses.replace(config, split_k=split_k))
+            err = relative_error(out, reference(x, layer, bias))
+            assert err < TOLERANCE[torch.bfloat16], f"{tokens} tokens, split {split_k}: relative error {err:.2e}"
     torch.cuda.synchronize()
     assert not space.sync.any() and not space.reduced.any()
 

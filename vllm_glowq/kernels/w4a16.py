@@ -266,6 +266,9 @@ class MmaConfig:
     split_k: int
     num_warps: int = 4
     shrink_blocks: int = 2  # K blocks per shrink program (R = x B^T): many short programs finish first
+    # with a correction: one more program per tile expands (a partial) instead of the tile's last
+    # contributor, off its critical path as in the Triton kernel (not timed yet: the sweep tries it)
+    expand_items: bool = False
 
 
 def fragments_block_k(k: int, group_size: int) -> int | None:
@@ -325,12 +328,14 @@ def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     config = config or choose_mma_config(tokens, n, k, group_size, space.sm_count)
     chunk_blocks = math.ceil(blocks / config.split_k)
     split = math.ceil(blocks / chunk_blocks)  # every chunk non-empty
-    if split > 1 and split * tokens * n > space.partial.numel():
-        raise ValueError(f"{config} needs {split} partial slots of {tokens} x {n}, more than the workspace holds; "
-                         "reserve() the layer first or choose a smaller split")
+    expand_items = correct and config.expand_items
+    contributors = split + expand_items
+    if contributors > 1 and contributors * tokens * n > space.partial.numel():
+        raise ValueError(f"{config} needs {contributors} partial slots of {tokens} x {n}, more than the workspace "
+                         "holds; reserve() the layer first or choose a smaller split")
     shrink_chunk = config.shrink_blocks * block_k
     shrink_programs = math.ceil(tokens / config.block_t) * math.ceil(k / shrink_chunk) if correct else 0
-    grid = shrink_programs + split * math.ceil(tokens / config.block_t) * math.ceil(n / config.block_n)
+    grid = shrink_programs + contributors * math.ceil(tokens / config.block_t) * math.ceil(n / config.block_n)
     magic, magic_value = _MAGIC[x.dtype]
     rank = factor_a.shape[1] if correct else 0
     dummy = space.sync
@@ -340,7 +345,8 @@ def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
         space.sync, tokens, n, k, rank, split, chunk_blocks * block_k, shrink_chunk, shrink_programs,
         magic | magic << 16, x.stride(0), scales.stride(0), 0 if zeros is None else zeros.stride(0),
         factor_b.stride(0) if correct else 0, factor_a.stride(0) if correct else 0, out.stride(0),
-        HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, CORRECT=correct, EVEN_N=n % config.block_n == 0,
+        HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, CORRECT=correct, EXPAND_ITEMS=expand_items,
+        EVEN_N=n % config.block_n == 0,
         GROUP_BLOCKS=group_size // block_k, BN=config.block_n, BT=config.block_t, BK=block_k,
         RP=max(16, 1 << max(0, rank - 1).bit_length()), SBK=min(64, block_k), MAGIC_VALUE=magic_value,
         num_warps=config.num_warps)

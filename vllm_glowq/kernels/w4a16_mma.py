@@ -19,9 +19,11 @@ layouts (Triton >= 3.5), because the layout is the whole point:
   tensor cores, added into an fp32 workspace with atomics. First in the grid, they are
   dispatched first and wait for nothing.
 * Split K: every GEMM program stores its fp32 partial; the tile's last (a ticket per tile, as
-  in w4a16_triton.py) sums them, waits until every shrink program has counted itself in (long
-  done by then), adds R A_tile^T (one more MMA) and the bias, and writes the tile. The last
-  tile to have read R zeroes it and the counters, so every launch finds a clean workspace.
+  in w4a16_triton.py) sums them, adds the bias and writes the tile. R A_tile^T (one more MMA,
+  once every shrink program has counted itself in) is added either by that last contributor
+  or, with EXPAND_ITEMS, by one more program per tile as a partial of its own, off the GEMM
+  items' critical path. The last tile to have read R zeroes it and the counters, so every
+  launch finds a clean workspace.
 """
 
 from __future__ import annotations
@@ -143,42 +145,18 @@ def _expand(r_ptr, a_ptr, sync_ptr, n0, t0, M, N, RANK, tiles, shrink_programs, 
     return acc
 
 
-@gluon.jit(do_not_specialize=["M"])
-def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
-                M, N, K, RANK, split_k, k_chunk, shrink_chunk, shrink_programs, magic, stride_xm, stride_sg,
-                stride_zg, stride_bk, stride_an, stride_om,
-                HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, CORRECT: gl.constexpr, EVEN_N: gl.constexpr,
-                GROUP_BLOCKS: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr,
-                RP: gl.constexpr, SBK: gl.constexpr, MAGIC_VALUE: gl.constexpr, num_warps: gl.constexpr):
-    """See the module docstring. After the shrink programs, one (token block, output tile, K chunk)
-    per program; token blocks of a tile are adjacent programs, so they read its words from L2
-    together. sync_ptr: [0] shrink programs done, [1] tiles that read R, [2 + tile] the tile's tickets."""
+@gluon.jit
+def _gemm_block_sum(x_ptr, w_ptr, s_ptr, z_ptr, n0, t0, kb0, kb1, M, N, magic, stride_xm, stride_sg, stride_zg,
+                    HAS_ZEROS: gl.constexpr, EVEN_N: gl.constexpr, GROUP_BLOCKS: gl.constexpr, BN: gl.constexpr,
+                    BT: gl.constexpr, BK: gl.constexpr, MAGIC_VALUE: gl.constexpr, MMA: gl.constexpr,
+                    num_warps: gl.constexpr):
+    """sum over K blocks [kb0, kb1) of deq(W)[tile rows, block] x[tokens, block]^T, fp32 [BN, BT]."""
     DTYPE: gl.constexpr = x_ptr.dtype.element_ty
     S: gl.constexpr = BK // 32
-    MMA: gl.constexpr = mma_layout(num_warps)
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     WL: gl.constexpr = words_layout(BN, S, num_warps)
     XL: gl.constexpr = rows_layout(BK, num_warps)
-
-    pid = gl.program_id(0)
-    if CORRECT:
-        if pid < shrink_programs:
-            _shrink(x_ptr, b_ptr, r_ptr, pid, M, K, RANK, stride_xm, stride_bk, shrink_chunk, BT, SBK, RP, MMA,
-                    num_warps)
-            gl.thread_barrier()  # every thread's atomics into R precede the release of the count
-            gl.atomic_add(sync_ptr, 1, sem="release")
-            return
-        pid -= shrink_programs
-    t_tiles = gl.cdiv(M, BT)
-    tiles = t_tiles * gl.cdiv(N, BN)
-    tile = pid % tiles
-    t0 = (tile % t_tiles) * BT
-    n0 = (tile // t_tiles) * BN
-    split = pid // tiles
-    kb0 = split * (k_chunk // BK)
-    kb1 = gl.minimum(kb0 + k_chunk // BK, K // BK)
-
     rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL)))
     ts = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WL)))
     sig = gl.arange(0, S, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))
@@ -220,22 +198,67 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, par
             x_sums = mma_v2(gl.full([BN, BK], 1.0, DTYPE, A_L), x_op, gl.zeros([BN, BT], gl.float32, MMA))
             acc -= gl.expand_dims(zeros, 1) * x_sums
         total += acc * gl.expand_dims(scale, 1)
+    return total
 
+
+@gluon.jit(do_not_specialize=["M"])
+def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
+                M, N, K, RANK, split_k, k_chunk, shrink_chunk, shrink_programs, magic, stride_xm, stride_sg,
+                stride_zg, stride_bk, stride_an, stride_om,
+                HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, CORRECT: gl.constexpr, EXPAND_ITEMS: gl.constexpr,
+                EVEN_N: gl.constexpr, GROUP_BLOCKS: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr,
+                BK: gl.constexpr, RP: gl.constexpr, SBK: gl.constexpr, MAGIC_VALUE: gl.constexpr,
+                num_warps: gl.constexpr):
+    """See the module docstring. After the shrink programs, one (token block, output tile, K chunk)
+    per program; token blocks of a tile are adjacent programs, so they read its words from L2
+    together. With EXPAND_ITEMS, one more program per tile after those computes R A_tile^T as the
+    tile's last partial, off the critical path of its GEMM items (the Triton kernel's design);
+    without, the tile's last contributor expands. sync_ptr: [0] shrink programs done, [1] tiles
+    that read R, [2 + tile] the tile's tickets."""
+    DTYPE: gl.constexpr = x_ptr.dtype.element_ty
+    MMA: gl.constexpr = mma_layout(num_warps)
+    pid = gl.program_id(0)
+    if CORRECT:
+        if pid < shrink_programs:
+            _shrink(x_ptr, b_ptr, r_ptr, pid, M, K, RANK, stride_xm, stride_bk, shrink_chunk, BT, SBK, RP, MMA,
+                    num_warps)
+            gl.thread_barrier()  # every thread's atomics into R precede the release of the count
+            gl.atomic_add(sync_ptr, 1, sem="release")
+            return
+        pid -= shrink_programs
+    t_tiles = gl.cdiv(M, BT)
+    tiles = t_tiles * gl.cdiv(N, BN)
+    tile = pid % tiles
+    t0 = (tile % t_tiles) * BT
+    n0 = (tile // t_tiles) * BN
+    split = pid // tiles
+    contributors = split_k + 1 if CORRECT and EXPAND_ITEMS else split_k
+    if CORRECT and EXPAND_ITEMS and split == split_k:
+        total = _expand(r_ptr, a_ptr, sync_ptr, n0, t0, M, N, RANK, tiles, shrink_programs, stride_an,
+                        gl.zeros([BN, BT], gl.float32, MMA), BN, BT, RP, MMA, num_warps)
+    else:
+        kb0 = split * (k_chunk // BK)
+        total = _gemm_block_sum(x_ptr, w_ptr, s_ptr, z_ptr, n0, t0, kb0, gl.minimum(kb0 + k_chunk // BK, K // BK), M,
+                                N, magic, stride_xm, stride_sg, stride_zg, HAS_ZEROS, EVEN_N, GROUP_BLOCKS, BN, BT,
+                                BK, MAGIC_VALUE, MMA, num_warps)
+
+    out_rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+    n_ok = out_rows < N
     out_cols = t0 + gl.arange(0, BT, layout=gl.SliceLayout(0, MMA))
     tile_offs = gl.expand_dims(out_cols, 0) * N + gl.expand_dims(out_rows, 1)
     in_tile = gl.expand_dims(n_ok, 1) & gl.expand_dims(out_cols < M, 0)
-    last = split_k == 1
-    if split_k > 1:
+    last = contributors == 1
+    if contributors > 1:
         gl.store(part_ptr + split * M * N + tile_offs, total, mask=in_tile)
         gl.thread_barrier()  # every thread's partial precedes the ticket's release
-        last = gl.atomic_add(sync_ptr + 2 + tile, 1, sem="acq_rel") == split_k - 1
+        last = gl.atomic_add(sync_ptr + 2 + tile, 1, sem="acq_rel") == contributors - 1
         if last:
             gl.atomic_xchg(sync_ptr + 2 + tile, 0)
             total = gl.zeros([BN, BT], gl.float32, MMA)
-            for s in range(split_k):
+            for s in range(contributors):
                 total += gl.load(part_ptr + s * M * N + tile_offs, mask=in_tile, other=0.0, cache_modifier=".cg")
     if last:
-        if CORRECT:
+        if CORRECT and not EXPAND_ITEMS:
             total = _expand(r_ptr, a_ptr, sync_ptr, n0, t0, M, N, RANK, tiles, shrink_programs, stride_an, total,
                             BN, BT, RP, MMA, num_warps)
         if HAS_BIAS:
