@@ -151,6 +151,11 @@ class Workspace:
         if self.dense.get(dtype, torch.empty(0)).numel() < k * n:
             self.dense[dtype] = torch.empty(k * n, dtype=dtype, device=self.device)
 
+    def dense_matrix(self, k: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """The dense workspace as a [K, N] matrix, grown first if needed (valid until the next call)."""
+        self.reserve(n, k, 0, dtype)
+        return self.dense[dtype][: k * n].view(k, n)
+
 
 _reported: set = set()
 _workspaces: dict[torch.device, Workspace] = {}
@@ -238,8 +243,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
 
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     space = workspace(qweight.device)
-    space.reserve(n, k, 0, dtype)
-    dense = space.dense[dtype][: k * n].view(k, n)
+    dense = space.dense_matrix(k, n, dtype)
     block_k = block_k_for(k, group_size)
     correct = factor_a is not None
     magic, magic_value = _MAGIC[dtype]
@@ -334,8 +338,9 @@ def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
         raise ValueError(f"{config} needs {contributors} partial slots of {tokens} x {n}, more than the workspace "
                          "holds; reserve() the layer first or choose a smaller split")
     shrink_chunk = config.shrink_blocks * block_k
-    shrink_programs = math.ceil(tokens / config.block_t) * math.ceil(k / shrink_chunk) if correct else 0
-    grid = shrink_programs + contributors * math.ceil(tokens / config.block_t) * math.ceil(n / config.block_n)
+    t_tiles = math.ceil(tokens / config.block_t)
+    shrink_programs = t_tiles * math.ceil(k / shrink_chunk) if correct else 0
+    grid = shrink_programs + contributors * t_tiles * math.ceil(n / config.block_n)
     magic, magic_value = _MAGIC[x.dtype]
     rank = factor_a.shape[1] if correct else 0
     dummy = space.sync
@@ -368,8 +373,7 @@ def dequantize_fragments(qweight: torch.Tensor, scales: torch.Tensor, zeros: tor
     block_k = 32 * sigma
     k = blocks * block_k
     space = workspace(qweight.device)
-    space.reserve(n, k, 0, dtype)
-    dense = space.dense[dtype][: k * n].view(k, n)
+    dense = space.dense_matrix(k, n, dtype)
     dummy = space.sync
     dequantize_fragments_kernel[(blocks, math.ceil(n / block_n))](
         qweight, scales, dummy if zeros is None else zeros, dense, n, scales.stride(0),

@@ -11,8 +11,8 @@ layouts (Triton >= 3.5), because the layout is the whole point:
   the word of (t, n, s) holds, in nibble j + 4 b, the code of input 32 s + 8 j + 2 t + b, which
   is where lane 4 g + t of a warp holds row n's operand-A values. A thread loads its words with
   one 16-byte load per row and turns nibbles j and j + 4 into its bf16 pair with one LOP3
-  (OR-ed into MAGIC: the number MAGIC + q) and one HADD2 (minus MAGIC + z): nothing moves
-  between threads. (H200, bench/results/kernel/mma_probe_2026-12-03.json: 16 tokens per
+  (OR-ed into MAGIC: the number MAGIC + q) and one HADD2 (minus MAGIC + 8): nothing moves
+  between threads. Asymmetric codes take (z - 8) sum x off each output after the MMA. (H200, bench/results/kernel/mma_probe_2026-12-03.json: 16 tokens per
   Llama-3-8B decoder layer in 81 us against 168 for the Triton kernel's tensor-core path.)
 * x passes through shared memory once per K block (read back with ldmatrix).
 * The first `shrink_programs` programs compute R = x B^T, one (token block, K chunk) each on the
