@@ -16,7 +16,8 @@
 #   bash bench/run_h200.sh vllm NAME...   # any of: gptq glowq permodule glowq_s bf16 int4 marlin fp8
 #                                         #         glowq_own int4_own lora (anchors: bench/vllm_bench.py)
 #   bash bench/run_h200.sh kernel         # the project's W4A16 kernel vs vLLM's, per layer (+ launch sweep)
-#   bash bench/run_h200.sh gpu-tests [TEST_FILE...]  # the GPU tests (default: every GPU test file)
+#   bash bench/run_h200.sh gpu-tests [TEST_FILE...]  # the GPU tests (default: every GPU test file;
+#                                         # GLOWQ_GPU_TESTS_WORKERS=8 runs them in 8 processes)
 #
 # Mixture-of-Experts (issue 11), in $GLOWQ_BENCH_MOE_WORK (default /root/bench-moe), in this order:
 #
@@ -168,6 +169,13 @@ gpu_tests() {  # gpu_tests [TEST_FILE...] (default: all of GPU_TEST_FILES; more 
   [ ${#files[@]} -gt 0 ] || files=("${GPU_TEST_FILES[@]}")
   local select=()
   [ -n "${GLOWQ_GPU_TESTS_SELECT:-}" ] && select=(-k "$GLOWQ_GPU_TESTS_SELECT")  # e.g. to split a file
+  if [ -n "${GLOWQ_GPU_TESTS_WORKERS:-}" ]; then  # the kernels' JIT compiles are CPU-bound: run them side by side
+    # pytest-xdist and execnet travel in .whl (pip download --no-deps pytest-xdist execnet)
+    $PY -c "import xdist" 2>/dev/null || $PY -m pip install -q --no-index --no-deps --target /tmp/xdist \
+        "$REPO"/.whl/pytest_xdist-*.whl "$REPO"/.whl/execnet-*.whl
+    export PYTHONPATH=$PYTHONPATH:/tmp/xdist
+    select+=(-n "$GLOWQ_GPU_TESTS_WORKERS")
+  fi
   (cd "$REPO" && timeout "${GLOWQ_GPU_TESTS_TIMEOUT_S:-540}" $PY -m pytest "${files[@]}" "${select[@]}" -m gpu -q -rA -s \
       -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -Ev "it/s]|layer/s" | tail -40)
 }
