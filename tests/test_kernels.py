@@ -252,8 +252,11 @@ def test_gpu_every_path_matches_reference(shape, dtype, sym, group, rank, layout
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(4096, 6144), (576, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("sym,group,rank", [(True, 128, 64), (False, 64, 16)], ids=["sym-r64", "asym-r16"])
-def test_gpu_fragments_expand_items_match_reference(shape, sym, group, rank):
-    """The tensor-core kernel with a program of its own per tile for the correction (MmaConfig.expand_items)."""
+@pytest.mark.parametrize("expand_items", [True, False], ids=["expand-items", "last-expands"])
+def test_gpu_fragments_either_expander_and_one_k_chunk_match_reference(shape, sym, group, rank, expand_items):
+    """The tensor-core kernel with the correction's expand in programs of its own (the default) or
+    in each tile's last contributor, split K as chosen and in one chunk (split_k 1, which must not
+    become a compile-time constant: gemm_kernel's do_not_specialize)."""
     from vllm_glowq.kernels import w4a16
 
     k, n = shape
@@ -263,7 +266,7 @@ def test_gpu_fragments_expand_items_match_reference(shape, sym, group, rank):
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     for tokens in (1, 7, 16, 64):
         config = dataclasses.replace(w4a16.choose_mma_config(tokens, n, k, layer["group"], space.sm_count),
-                                     expand_items=True)
+                                     expand_items=expand_items)
         for split_k in (1, config.split_k):
             x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
             out = w4a16.mma_gemm(x, layer["qweight"], layer["scales"], layer["zeros"], bias, layer["factor_b"],

@@ -271,8 +271,8 @@ class MmaConfig:
     num_warps: int = 4
     shrink_blocks: int = 2  # K blocks per shrink program (R = x B^T): many short programs finish first
     # with a correction: one more program per tile expands (a partial) instead of the tile's last
-    # contributor, off its critical path as in the Triton kernel (not timed yet: the sweep tries it)
-    expand_items: bool = False
+    # contributor, off its critical path as in the Triton kernel
+    expand_items: bool = True
 
 
 def fragments_block_k(k: int, group_size: int) -> int | None:
@@ -302,14 +302,17 @@ def choose_mma_config(tokens: int, n: int, k: int, group_size: int, sm_count: in
     128-row tiles (64 tokens: o_proj 25.6 -> 23.2 us, down_proj 64.1 -> 51.5), 16 tokens per
     tile (8 up to 8 tokens; very wide layers above 16 tokens all 64 in one tile: gate_up 82.6 ->
     73.1), and K split until about 4 programs per SM (qkv at 16 tokens: split 8 14.2 us, 4 14.6,
-    2 19.0). 17-63 tokens follow the 64-token choice untimed."""
+    2 19.0). 17-63 tokens follow the 64-token choice untimed. The correction's expand in programs
+    of its own, and one K block per shrink program up to 16 tokens (bench/results/kernel/
+    micro_2026-12-04_partial.log, qkv: 14.0 -> 11.5 us at 1 token, 16.9 -> 14.0 at 16, 31.3 ->
+    28.5 at 64 with two blocks; plain int4 10.1 / 12.6 / 26.6)."""
     wide = n // 64 >= 3 * sm_count
     block_n = 128 if wide or tokens > 16 else 64
     block_t = 8 if tokens <= 8 else 64 if wide and tokens > 16 else 16
     tiles = math.ceil(tokens / block_t) * math.ceil(n / block_n)
     k_blocks = k // fragments_block_k(k, group_size)
-    split = max(1, min(k_blocks, round(4 * sm_count / tiles), PARTIAL_SUM_BYTES // (4 * tokens * n)))
-    return MmaConfig(block_n, block_t, split)
+    split = max(1, min(k_blocks, round(4 * sm_count / tiles), PARTIAL_SUM_BYTES // (4 * tokens * n) - 1))  # + R A^T's
+    return MmaConfig(block_n, block_t, split, shrink_blocks=1 if tokens <= 16 else 2)
 
 
 def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

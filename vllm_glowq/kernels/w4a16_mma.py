@@ -201,7 +201,10 @@ def _gemm_block_sum(x_ptr, w_ptr, s_ptr, z_ptr, n0, t0, kb0, kb1, M, N, magic, s
     return total
 
 
-@gluon.jit(do_not_specialize=["M"])
+# split_k == 1 specialised into a constant makes Triton 3.6's lowering to LLVM fail an assertion
+# (ConvertTritonGPUToLLVM, SmallVector index; offline sm_90 compile, and on the H200 for 256-token
+# launches), and M changes every step: neither becomes a constant.
+@gluon.jit(do_not_specialize=["M", "split_k"])
 def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, part_ptr, r_ptr, sync_ptr,
                 M, N, K, RANK, split_k, k_chunk, shrink_chunk, shrink_programs, magic, stride_xm, stride_sg,
                 stride_zg, stride_bk, stride_an, stride_om,
