@@ -260,6 +260,8 @@ def test_gpu_fragments_either_expander_and_one_k_chunk_match_reference(shape, sy
     from vllm_glowq.kernels import w4a16
 
     k, n = shape
+    if k % group:
+        pytest.skip(f"group size {group} does not divide K={k}: such modules stay in full precision")
     layer = make_layer(k, n, group, rank, sym, torch.bfloat16, seed=k + rank, device="cuda", layout="fragments")
     space = w4a16.workspace(torch.device("cuda", 0))
     space.reserve(n, k, rank, torch.bfloat16)
