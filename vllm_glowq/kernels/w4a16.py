@@ -297,22 +297,33 @@ def mma_unsupported_reason(k: int, n: int, group_size: int, dtype: torch.dtype, 
 
 
 def choose_mma_config(tokens: int, n: int, k: int, group_size: int, sm_count: int) -> MmaConfig:
-    """From the H200 sweeps (bench/results/kernel/mma_probe_2026-12-03.json, micro_mma_fused_2026-12-03.json):
-    up to 16 tokens 64-row tiles except for very wide layers (gate_up: 128 rows), above 16
-    128-row tiles (64 tokens: o_proj 25.6 -> 23.2 us, down_proj 64.1 -> 51.5), 16 tokens per
-    tile (8 up to 8 tokens; very wide layers above 16 tokens all 64 in one tile: gate_up 82.6 ->
-    73.1), and K split until about 4 programs per SM (qkv at 16 tokens: split 8 14.2 us, 4 14.6,
-    2 19.0). 17-63 tokens follow the 64-token choice untimed. The correction's expand in programs
-    of its own, and one K block per shrink program up to 16 tokens (bench/results/kernel/
-    micro_2026-12-04_partial.log, qkv: 14.0 -> 11.5 us at 1 token, 16.9 -> 14.0 at 16, 31.3 ->
-    28.5 at 64 with two blocks; plain int4 10.1 / 12.6 / 26.6)."""
+    """From the H200 sweeps (bench/results/kernel/mma_probe_2026-12-03.json, micro_mma_fused_2026-12-03.json,
+    micro_vs_vllm_2026-12-04.json; us per call, default -> the sweep's best, Llama-3-8B layers):
+
+    * rows per tile: 64 up to 16 tokens, 128 for very wide layers (gate_up), long K (down: 18.7
+      -> 17.6 at 1 token, 23.8 -> 21.2 at 16) and above 16 tokens (o_proj at 64: 25.6 -> 23.2);
+    * tokens per tile: 8 up to 8 tokens, else 16; very wide layers above 16 tokens all 64 in one
+      tile (gate_up at 64: 82.6 -> 73.1);
+    * K split until about 4 programs per SM (qkv at 16 tokens: split 8 14.2, 4 14.6, 2 19.0), at
+      most 8 chunks, and above 16 tokens chunks of at least 16 K blocks (qkv at 64: 27.7 -> 23.0,
+      o_proj 20.9 -> 19.8); very wide layers there in one chunk, their tile's one program
+      expanding the correction itself (gate_up 82.0 -> 74.4);
+    * otherwise the correction's expand in programs of its own (qkv: 14.0 -> 11.5 at 1 token,
+      16.9 -> 14.0 at 16), and one K block per shrink program up to 16 tokens except for very
+      wide layers (gate_up at 16: 29.8 -> 28.4).
+
+    17-63 tokens follow the 64-token choice untimed."""
     wide = n // 64 >= 3 * sm_count
-    block_n = 128 if wide or tokens > 16 else 64
+    k_blocks = k // fragments_block_k(k, group_size)
+    block_n = 128 if wide or tokens > 16 or k_blocks >= 64 else 64
     block_t = 8 if tokens <= 8 else 64 if wide and tokens > 16 else 16
     tiles = math.ceil(tokens / block_t) * math.ceil(n / block_n)
-    k_blocks = k // fragments_block_k(k, group_size)
-    split = max(1, min(k_blocks, round(4 * sm_count / tiles), PARTIAL_SUM_BYTES // (4 * tokens * n) - 1))  # + R A^T's
-    return MmaConfig(block_n, block_t, split, shrink_blocks=1 if tokens <= 16 else 2)
+    split = min(8, round(4 * sm_count / tiles))
+    if tokens > 16:
+        split = 1 if wide else min(split, k_blocks // 16)
+    split = max(1, min(k_blocks, split, PARTIAL_SUM_BYTES // (4 * tokens * n) - 1))  # + R A^T's partial
+    return MmaConfig(block_n, block_t, split, shrink_blocks=2 if wide or tokens > 16 else 1,
+                     expand_items=not (wide and tokens > 16))
 
 
 def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
