@@ -157,6 +157,18 @@ def test_interpreted_fragment_dequantize_matches_the_checkpoint_bit_for_bit(inte
     assert torch.equal(dense.t(), layer["dense"].half())
 
 
+@pytest.mark.parametrize("sym,group,rank", [(True, 128, 16), (False, 64, 24)], ids=["sym-r16", "asym-r24"])
+def test_interpreted_fragment_dequantize_folds_the_correction_in(interpreted, sym, group, rank):
+    """Prefill's weight, deq(Wq) + (A B)^T, rounded once; rank 24 leaves a partial 16-rank chunk."""
+    k, n = 256, 72
+    layer = make_layer(k, n, group, rank, sym, torch.float16, layout="fragments")
+    dense = interpreted.dequantize_fragments(layer["qweight"], layer["scales"], layer["zeros"], layer["factor_b"],
+                                             layer["factor_a"], layer["group"], torch.float16)
+    folded = layer["dense"] + layer["factor_a"].double() @ layer["factor_b"].double()
+    assert relative_error(dense.t(), folded) < 2.0**-11  # fp16 rounding of each weight, and no more
+    assert relative_error(dense.t(), layer["dense"]) > 0.1  # the correction is there
+
+
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("group", [64, 128, -1])
 def test_interpreted_dequantize_matches_the_checkpoint_bit_for_bit(interpreted, sym, group):

@@ -379,8 +379,8 @@ def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
 def dequantize_fragments(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                          factor_b: torch.Tensor | None, factor_a: torch.Tensor | None, group_size: int,
                          dtype: torch.dtype, block_n: int = 64) -> torch.Tensor:
-    """dequantize() for the tensor-core layout: W_eff [K, N] in the shared dense workspace, the
-    correction added by one cuBLAS product (B^T A^T, r = 64 inner: small beside the prefill GEMM)."""
+    """dequantize() for the tensor-core layout: W_eff = deq(Wq) + (A B)^T as [K, N] in the shared
+    dense workspace, the correction added in the same kernel (valid until the next call)."""
     from .w4a16_triton import dequantize_fragments_kernel
 
     blocks, _, n, sigma = qweight.shape
@@ -388,11 +388,12 @@ def dequantize_fragments(qweight: torch.Tensor, scales: torch.Tensor, zeros: tor
     k = blocks * block_k
     space = workspace(qweight.device)
     dense = space.dense_matrix(k, n, dtype)
+    correct = factor_a is not None
     dummy = space.sync
     dequantize_fragments_kernel[(blocks, math.ceil(n / block_n))](
-        qweight, scales, dummy if zeros is None else zeros, dense, n, scales.stride(0),
-        0 if zeros is None else zeros.stride(0), dense.stride(0), HAS_ZEROS=zeros is not None,
-        GROUP_BLOCKS=group_size // block_k, BN=block_n, BK=block_k, num_warps=4)
-    if factor_a is not None:
-        dense.addmm_(factor_b.t(), factor_a.t())
+        qweight, scales, dummy if zeros is None else zeros, factor_b if correct else dummy,
+        factor_a if correct else dummy, dense, n, factor_a.shape[1] if correct else 0, scales.stride(0),
+        0 if zeros is None else zeros.stride(0), factor_b.stride(0) if correct else 0,
+        factor_a.stride(0) if correct else 0, dense.stride(0), HAS_ZEROS=zeros is not None, CORRECT=correct,
+        GROUP_BLOCKS=group_size // block_k, BN=block_n, BK=block_k, BR=16, num_warps=4)
     return dense
