@@ -33,11 +33,15 @@ COMMANDS = {
     "gpu-tests": "bash bench/run_h200.sh gpu-tests",
     "kernel": "GLOWQ_BENCH_SWEEP=1 bash bench/run_h200.sh kernel",
     "issue10": "GLOWQ_BENCH_BUDGET_S=560 bash bench/run_h200.sh vllm gptq glowq lora int4_own",
+    "issue10-own": "GLOWQ_BENCH_BUDGET_S=560 bash bench/run_h200.sh vllm gptq glowq_own int4_own  # vllm_own_2026-12-04",
+    "kernel-tests": "GLOWQ_GPU_TESTS_WORKERS=12 GLOWQ_GPU_TESTS_SELECT=fragments bash bench/run_h200.sh gpu-tests "
+                    "tests/test_kernels.py",
+    "kernel-alone": "cd bench && python3 kernel_microbench.py --no-vllm --sweep --out micro_own.json",
     **{stage: f"bash bench/run_h200.sh {stage}" for stage in ("moe-prepare", "moe-calibrate", "moe-vllm", "moe-vllm-rest", "moe-micro")},
 }
 # Runs in report order; the targets come from the first run that measured them. Runs named
 # *before_op* are the previous session's (correction as two cuBLAS GEMMs in series).
-RUN_ORDER = ("vllm_main", "vllm_overlap_first", "vllm_path_split", "vllm_path_fused", "vllm_before_op_main",
+RUN_ORDER = ("vllm_own_2026-12-04", "vllm_main", "vllm_overlap_first", "vllm_path_split", "vllm_path_fused", "vllm_before_op_main",
              "vllm_before_op_rest", "vllm_issue10")
 
 
@@ -149,20 +153,28 @@ def _sweep_names(micro: dict) -> list[str]:
     return list(dict.fromkeys(s["config"] for s in micro["sweep"]))
 
 
-KERNEL_COLUMNS = ("glowq", "int4", "machete", "marlin", "machete+corr", "bf16")
+# The kernel microbenchmark beside vLLM's kernels in one call (the targets' figures), and the
+# latest one of the project's kernel alone.
+KERNEL_RUN = "micro_vs_vllm_2026-12-04.json"
+KERNEL_RUN_LATEST = "micro_own_2026-12-04.json"
+KERNEL_RUN_LATEST_TITLE = ("The tensor-core kernel with the defaults of the sweep above and the correction folded into "
+                           "the prefill dequantize (2026-12-04, later call)")
+KERNEL_COLUMNS = ("glowq", "int4", "machete", "marlin", "machete+corr", "glowq_triton", "int4_triton", "bf16")
 LAYER_ORDER = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 KERNEL_CAPTION = (
-    "`glowq` / `int4`: the project's kernel with / without the correction (up to GEMM_MAX_TOKENS one launch; above, "
-    "dequantize with the correction folded in + cuBLAS); `machete`, `marlin`: vLLM 0.26's int4 kernels on the same "
-    "codes; `machete+corr`: the plugin's default path (Machete with the correction on a side stream, "
-    "torch.ops.glowq.linear); `bf16`: cuBLAS on the dense weight.")
+    "`glowq` / `int4`: the project's tensor-core kernel (kernels/w4a16_mma.py, Gluon) with / without the correction, "
+    "as forward() runs it: up to GEMM_MAX_TOKENS one launch; above, dequantize + cuBLAS; `machete`, `marlin`: vLLM "
+    "0.26's int4 kernels on the same codes; `machete+corr`: the plugin's default path (Machete with the correction "
+    "on a side stream, torch.ops.glowq.linear); `glowq_triton` / `int4_triton`: the project's earlier Triton kernel "
+    "(kernels/w4a16_triton.py); `bf16`: cuBLAS on the dense weight.")
 TENSOR_CORE_COLUMNS = ("glowq", "int4", "glowq_triton", "int4_triton", "bf16")
 TENSOR_CORE_CAPTION = (
     "`glowq` / `int4`: the tensor-core kernel (kernels/w4a16_mma.py, Gluon) with / without the correction; "
     "`glowq_triton` / `int4_triton`: the Triton kernel (kernels/w4a16_triton.py), which the table above measured; "
-    "`bf16`: cuBLAS on the dense weight. vLLM was not installed in this call: its kernels are in the table above.")
+    "`bf16`: cuBLAS on the dense weight. vLLM was not installed in this call (a second machine the same day): its "
+    "kernels are in the table above.")
 
 
 def kernel_section(micro: dict, columns: tuple[str, ...] = KERNEL_COLUMNS,
@@ -250,16 +262,18 @@ ISSUE10_TARGETS = [
     ("kernel_glowq_vs_machete_corr_t64", "kernel only, per decoder layer, 64 tokens: GlowQ, ours / Machete + "
      "side-stream correction (speed)", 1.00, True),
 ]
-# Engine targets: (measure, variant, anchors, batch). Decode and throughput are speed ratios
+# Engine targets: (measure, variants, anchors, batch), variants in order of preference: GlowQ
+# through the project's kernel (VLLM_GLOWQ_KERNEL=glowq), else as the plugin's auto serves it. Decode and throughput are speed ratios
 # (variant over anchor, > 1 is faster), TTFT a time ratio; with several anchors the best counts.
+GLOWQ = ("glowq_own", "glowq")
 ENGINE_RATIOS = {
-    **{f"glowq_decode_vs_int4_default_b{b}": ("decode", "glowq", ("gptq",), b) for b in ("1", "16", "64")},
-    **{f"glowq_decode_vs_int4_marlin_b{b}": ("decode", "glowq", ("marlin",), b) for b in ("1", "16")},
-    **{f"glowq_decode_vs_fp8_b{b}": ("decode", "glowq", ("fp8",), b) for b in ("1", "16")},
-    **{f"glowq_decode_vs_lora_b{b}": ("decode", "glowq", ("lora",), b) for b in ("16", "64")},
-    **{f"own_int4_vs_best_vllm_b{b}": ("decode", "int4_own", ("gptq", "marlin"), b) for b in ("1", "16")},
-    "glowq_throughput_vs_int4_default": ("throughput", "glowq", ("gptq",), None),
-    "glowq_ttft_vs_int4_default": ("ttft", "glowq", ("gptq",), None),
+    **{f"glowq_decode_vs_int4_default_b{b}": ("decode", GLOWQ, ("gptq",), b) for b in ("1", "16", "64")},
+    **{f"glowq_decode_vs_int4_marlin_b{b}": ("decode", GLOWQ, ("marlin",), b) for b in ("1", "16")},
+    **{f"glowq_decode_vs_fp8_b{b}": ("decode", GLOWQ, ("fp8",), b) for b in ("1", "16")},
+    **{f"glowq_decode_vs_lora_b{b}": ("decode", GLOWQ, ("lora",), b) for b in ("16", "64")},
+    **{f"own_int4_vs_best_vllm_b{b}": ("decode", ("int4_own",), ("gptq", "marlin"), b) for b in ("1", "16")},
+    "glowq_throughput_vs_int4_default": ("throughput", GLOWQ, ("gptq",), None),
+    "glowq_ttft_vs_int4_default": ("ttft", GLOWQ, ("gptq",), None),
 }
 
 
@@ -273,20 +287,22 @@ def _engine_value(variant: dict | None, measure: str, batch: str | None) -> floa
 
 
 def issue10_engine_figures(runs: dict[str, dict]) -> tuple[dict[str, float | None], dict[str, str]]:
-    """Each engine ratio from the first run that measured the variant and all its anchors side by
-    side, issue 10's own runs (vllm_issue10*) first; also the run each came from."""
-    ordered = sorted(runs, key=lambda name: not name.startswith("vllm_issue10"))
+    """Each engine ratio from the first run (RUN_ORDER) that measured a GlowQ variant and all its
+    anchors side by side, the preferred variant first; also where each came from."""
     figures, sources = {}, {}
-    for name, (measure, variant, anchors, batch) in ENGINE_RATIOS.items():
-        for run_name in ordered:
-            variants = runs[run_name].get("variants", {})
-            value = _engine_value(variants.get(variant), measure, batch)
-            anchor_values = [_engine_value(variants.get(a), measure, batch) for a in anchors]
-            if value is None or None in anchor_values:
-                continue
-            best = min(anchor_values) if measure == "ttft" else max(anchor_values)
-            figures[name], sources[name] = ratio(value, best), run_name
-            break
+    for name, (measure, candidates, anchors, batch) in ENGINE_RATIOS.items():
+        for variant in candidates:
+            for run_name, run in runs.items():
+                variants = run.get("variants", {})
+                value = _engine_value(variants.get(variant), measure, batch)
+                anchor_values = [_engine_value(variants.get(a), measure, batch) for a in anchors]
+                if value is None or None in anchor_values:
+                    continue
+                best = min(anchor_values) if measure == "ttft" else max(anchor_values)
+                figures[name], sources[name] = ratio(value, best), f"`{run_name}` (`{variant}`)"
+                break
+            if name in figures:
+                break
     return figures, sources
 
 
@@ -299,7 +315,7 @@ def issue10_targets(figures: dict[str, float | None], sources: dict[str, str], m
     for name, what, target, higher in ISSUE10_TARGETS:
         measured = figures.get(name)
         met = measured is not None and (measured >= target if higher else measured <= target)
-        note = "; ".join(filter(None, [f"run `{sources[name]}`" if name in sources else "", notes.get(name, "")]))
+        note = "; ".join(filter(None, [f"run {sources[name]}" if name in sources else "", notes.get(name, "")]))
         if measured is None and not note:
             note = notes.get("engine_runs", "not run")
         table[name] = {"measured": None if measured is None else round(measured, 3), "target": target, "met": met,
@@ -328,15 +344,15 @@ def build(results: Path) -> str:
             f"torch {versions.get('torch', '?')}. Model: Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 layers, "
             "32 heads / 8 KV heads, vocab 128256), random bf16 weights (`bench/make_model.py`), int4 g128 symmetric "
             "codes shared by every int4 checkpoint. Raw results: `bench/results/`.", ""]
-    kernel = load(results / "kernel" / "micro_vs_vllm.json")
+    kernel = load(results / "kernel" / KERNEL_RUN)
     if kernel:
         lines, kernel_figures = kernel_section(kernel)
         engine_figures, sources = issue10_engine_figures(runs)
         out += ["## The project's W4A16 kernel (issue 10)", ""] + [f"- {n}" for n in meta.get("kernel_notes", [])]
         out += [""] + lines + [""]
-        tensor_core = load(results / "kernel" / "micro_mma_fused_2026-12-03.json")
+        tensor_core = load(results / "kernel" / KERNEL_RUN_LATEST)
         if tensor_core:
-            out += ["### The tensor-core kernel (2026-12-03)", ""]
+            out += [f"### {KERNEL_RUN_LATEST_TITLE}", ""]
             out += kernel_section(tensor_core, TENSOR_CORE_COLUMNS, TENSOR_CORE_CAPTION)[0] + [""]
         out += meta.get("kernel_analysis", []) + [""]
         out += issue10_targets({**kernel_figures, **engine_figures}, sources, meta, results)
