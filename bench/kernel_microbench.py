@@ -265,14 +265,15 @@ def sweep_report(default, results: dict) -> dict:
 
 def sweep_mma_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
     """Fastest tensor-core launch near the default: row tile, token tile, K split, then the shrink's
-    chunk and where the expand runs."""
+    chunk and where the expand runs, each with and without x loaded a block ahead."""
     space = w4a16.workspace(copies[0].qweight.device)
     default = w4a16.choose_mma_config(tokens, n, k, GROUP, space.sm_count)
     timed = config_timer(copies, xs, w4a16.mma_gemm, "fragment_qweight")
     results = {default: timed(default)}
     k_blocks = k // w4a16.fragments_block_k(k, GROUP)
     for block_n in (64, 128):
-        for block_t in sorted({8 if tokens <= 8 else 16, min(64, max(16, 1 << (tokens - 1).bit_length()))}):
+        for block_t in sorted({8 if tokens <= 8 else 16, min(32, max(16, 1 << (tokens - 1).bit_length())),
+                               min(64, max(16, 1 << (tokens - 1).bit_length()))}):
             for factor in (0.5, 1, 2):
                 split = max(1, min(k_blocks, round(default.split_k * factor)))
                 config = dataclasses.replace(default, block_n=block_n, block_t=block_t, split_k=split)
@@ -284,6 +285,10 @@ def sweep_mma_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
             config = dataclasses.replace(best, shrink_blocks=shrink_blocks, expand_items=expand_items)
             if config not in results:
                 results[config] = timed(config)
+    for config in list(results):  # x loaded a block ahead or not, on every launch tried
+        other = dataclasses.replace(config, prefetch_x=not config.prefetch_x)
+        if other not in results:
+            results[other] = timed(other)
     return sweep_report(default, results)
 
 

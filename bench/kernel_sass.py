@@ -66,14 +66,15 @@ MMA_INTEGERS = ("M", "N", "K", "RANK", "split_k", "k_chunk", "shrink_chunk", "sh
                 "stride_sg", "stride_zg", "stride_bk", "stride_an", "stride_om")
 
 
-def compile_mma(block_t: int, block_n: int, correct: bool):
+def compile_mma(block_t: int, block_n: int, correct: bool, prefetch_x: bool = True):
     """The tensor-core kernel (w4a16_mma.gemm_kernel) for sm_90, symmetric codes, rank 64, K block 128."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from vllm_glowq.kernels import w4a16_mma
 
     constexprs = dict(HAS_ZEROS=False, HAS_BIAS=False, CORRECT=correct, EXPAND_ITEMS=False, EVEN_N=True,
-                      GROUP_BLOCKS=1, BN=block_n, BT=block_t, BK=128, RP=64, SBK=64, MAGIC_VALUE=128.0, num_warps=4)
+                      GROUP_BLOCKS=1, BN=block_n, BT=block_t, BK=128, RP=64, SBK=64, MAGIC_VALUE=128.0, PREFETCH_X=prefetch_x,
+                      num_warps=4)
     signature = {**{k: f"*{v}" for k, v in MMA_POINTERS.items()}, **{k: "i32" for k in MMA_INTEGERS},
                  **{k: "constexpr" for k in constexprs}}
     names = w4a16_mma.gemm_kernel.arg_names
@@ -126,6 +127,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--correct", action="store_true", help="with the fused correction")
     parser.add_argument("--prefetch", action="store_true", help="one-token path: the hand prefetch")
+    parser.add_argument("--no-prefetch-x", action="store_true", help="tensor-core kernel: x not copied a block ahead")
     parser.add_argument("--mma", action="store_true", help="the tensor-core kernel (w4a16_mma.py) instead")
     args = parser.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -133,7 +135,7 @@ def main() -> None:
                                                           stages=args.stages)]
     print(f"Triton {triton.__version__}, target sm_90")
     if args.mma:
-        kernel = compile_mma(args.block_m or 16, args.block_n, args.correct)
+        kernel = compile_mma(args.block_m or 16, args.block_n, args.correct, not args.no_prefetch_x)
         print(f"tensor-core kernel, {args.block_m or 16} tokens x {args.block_n} rows: {describe(kernel, args.block_n)}")
         return
     for config in configs:

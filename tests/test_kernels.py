@@ -268,7 +268,7 @@ def test_gpu_every_path_matches_reference(shape, dtype, sym, group, rank, layout
 def test_gpu_fragments_either_expander_and_one_k_chunk_match_reference(shape, sym, group, rank, expand_items):
     """The tensor-core kernel with the correction's expand in programs of its own (the default) or
     in each tile's last contributor, split K as chosen and in one chunk (split_k 1, which must not
-    become a compile-time constant: gemm_kernel's do_not_specialize)."""
+    become a compile-time constant: gemm_kernel's do_not_specialize), x copied a block ahead or not."""
     from vllm_glowq.kernels import w4a16
 
     k, n = shape
@@ -281,10 +281,12 @@ def test_gpu_fragments_either_expander_and_one_k_chunk_match_reference(shape, sy
     for tokens in (1, 7, 16, 64):
         config = dataclasses.replace(w4a16.choose_mma_config(tokens, n, k, layer["group"], space.sm_count),
                                      expand_items=expand_items)
-        for split_k in (1, config.split_k):
+        # one K chunk with x loaded in the loop, the chosen split with x copied a block ahead (the default)
+        for split_k, prefetch_x in ((1, False), (config.split_k, True)):
             x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+            launch = dataclasses.replace(config, split_k=split_k, prefetch_x=prefetch_x)
             out = w4a16.mma_gemm(x, layer["qweight"], layer["scales"], layer["zeros"], bias, layer["factor_b"],
-                                 layer["factor_a"], layer["group"], dataclasses.replace(config, split_k=split_k))
+                                 layer["factor_a"], layer["group"], launch)
             err = relative_error(out, reference(x, layer, bias))
             assert err < TOLERANCE[torch.bfloat16], f"{tokens} tokens, split {split_k}: relative error {err:.2e}"
     torch.cuda.synchronize()

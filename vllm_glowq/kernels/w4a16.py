@@ -273,6 +273,7 @@ class MmaConfig:
     # with a correction: one more program per tile expands (a partial) instead of the tile's last
     # contributor, off its critical path as in the Triton kernel
     expand_items: bool = True
+    prefetch_x: bool = True  # x of the next K block loaded a block ahead, as the codes are
 
 
 def fragments_block_k(k: int, group_size: int) -> int | None:
@@ -368,7 +369,7 @@ def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
         EVEN_N=n % config.block_n == 0,
         GROUP_BLOCKS=group_size // block_k, BN=config.block_n, BT=config.block_t, BK=block_k,
         RP=max(16, 1 << max(0, rank - 1).bit_length()), SBK=min(64, block_k), MAGIC_VALUE=magic_value,
-        num_warps=config.num_warps)
+        PREFETCH_X=config.prefetch_x, num_warps=config.num_warps)
     if os.environ.get("GLOWQ_DEBUG") and config not in _reported:
         _reported.add(config)
         print(f"mma_gemm {config}: regs {handle.n_regs} spills {handle.n_spills} smem {handle.metadata.shared}",

@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton  # noqa: F401  (Gluon lives inside Triton)
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 
 @gluon.constexpr_function
@@ -148,9 +148,12 @@ def _expand(r_ptr, a_ptr, sync_ptr, n0, t0, M, N, RANK, tiles, shrink_programs, 
 @gluon.jit
 def _gemm_block_sum(x_ptr, w_ptr, s_ptr, z_ptr, n0, t0, kb0, kb1, M, N, magic, stride_xm, stride_sg, stride_zg,
                     HAS_ZEROS: gl.constexpr, EVEN_N: gl.constexpr, GROUP_BLOCKS: gl.constexpr, BN: gl.constexpr,
-                    BT: gl.constexpr, BK: gl.constexpr, MAGIC_VALUE: gl.constexpr, MMA: gl.constexpr,
-                    num_warps: gl.constexpr):
-    """sum over K blocks [kb0, kb1) of deq(W)[tile rows, block] x[tokens, block]^T, fp32 [BN, BT]."""
+                    BT: gl.constexpr, BK: gl.constexpr, MAGIC_VALUE: gl.constexpr, PREFETCH_X: gl.constexpr,
+                    MMA: gl.constexpr, num_warps: gl.constexpr):
+    """sum over K blocks [kb0, kb1) of deq(W)[tile rows, block] x[tokens, block]^T, fp32 [BN, BT].
+    With PREFETCH_X the next block's x is copied a block ahead into a second shared buffer
+    (cp.async, no registers: a register prefetch made the compiler repack bf16 pairs, +25%
+    instructions at 16 tokens), so its L2 latency hides behind this block's MMAs."""
     DTYPE: gl.constexpr = x_ptr.dtype.element_ty
     S: gl.constexpr = BK // 32
     A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -170,23 +173,39 @@ def _gemm_block_sum(x_ptr, w_ptr, s_ptr, z_ptr, n0, t0, kb0, kb1, M, N, magic, s
     x_mask = gl.expand_dims(x_rows < M, 1)
     out_rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
     n_ok = out_rows < N
-    x_smem = gl.allocate_shared_memory(DTYPE, [BT, BK], gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8,
-                                                                                 order=[1, 0]))
+    # two x buffers with PREFETCH_X (the next block's copy in flight), else one
+    x_smem = gl.allocate_shared_memory(DTYPE, [2 if PREFETCH_X else 1, BT, BK],
+                                       gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
     total = gl.zeros([BN, BT], gl.float32, MMA)
     words_next = gl.load(w_ptrs, mask=w_mask, other=0 if not EVEN_N else None)
+    if PREFETCH_X:
+        async_copy.async_copy_global_to_shared(x_smem.index(0), x_ptrs, mask=x_mask)
+        async_copy.commit_group()
     for kb in range(kb0, kb1):
         words = words_next
         if kb + 1 < kb1:  # the next block's words in flight while this one is unpacked
             w_ptrs += 4 * N * S
             words_next = gl.load(w_ptrs, mask=w_mask, other=0 if not EVEN_N else None)
-        xv = gl.load(x_ptrs, mask=x_mask, other=0.0)
-        x_ptrs += BK
+        if not PREFETCH_X:
+            xv = gl.load(x_ptrs, mask=x_mask, other=0.0)
         group = kb // GROUP_BLOCKS
         scale = gl.load(s_ptr + group * stride_sg + out_rows, mask=n_ok, other=0.0).to(gl.float32)
         gl.thread_barrier()  # the previous block's reads of x_smem are done
-        x_smem.store(xv)
+        if PREFETCH_X:  # cp.async of the next block's x into the other buffer, then wait for this block's
+            buffer = (kb - kb0) % 2
+            if kb + 1 < kb1:
+                async_copy.async_copy_global_to_shared(x_smem.index(1 - buffer), x_ptrs + BK, mask=x_mask)
+                async_copy.commit_group()
+                async_copy.wait_group(1)
+            else:
+                async_copy.wait_group(0)
+            x_now = x_smem.index(buffer)
+        else:
+            x_now = x_smem.index(0)
+            x_now.store(xv)
+        x_ptrs += BK
         gl.thread_barrier()
-        x_op = x_smem.permute((1, 0)).load(B_L)
+        x_op = x_now.permute((1, 0)).load(B_L)
         # (MAGIC + q) - (MAGIC + 8) = q - 8, exact: the tensor cores see the integer codes
         codes = _operand_a(words, magic, BN, BK, A_L, DTYPE) - (MAGIC_VALUE + 8.0)
         acc = mma_v2(codes, x_op, gl.zeros([BN, BT], gl.float32, MMA))
@@ -211,7 +230,7 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, par
                 HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, CORRECT: gl.constexpr, EXPAND_ITEMS: gl.constexpr,
                 EVEN_N: gl.constexpr, GROUP_BLOCKS: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr,
                 BK: gl.constexpr, RP: gl.constexpr, SBK: gl.constexpr, MAGIC_VALUE: gl.constexpr,
-                num_warps: gl.constexpr):
+                PREFETCH_X: gl.constexpr, num_warps: gl.constexpr):
     """See the module docstring. After the shrink programs, one (token block, output tile, K chunk)
     per program; token blocks of a tile are adjacent programs, so they read its words from L2
     together. With EXPAND_ITEMS, one more program per tile after those computes R A_tile^T as the
@@ -243,7 +262,7 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, par
         kb0 = split * (k_chunk // BK)
         total = _gemm_block_sum(x_ptr, w_ptr, s_ptr, z_ptr, n0, t0, kb0, gl.minimum(kb0 + k_chunk // BK, K // BK), M,
                                 N, magic, stride_xm, stride_sg, stride_zg, HAS_ZEROS, EVEN_N, GROUP_BLOCKS, BN, BT,
-                                BK, MAGIC_VALUE, MMA, num_warps)
+                                BK, MAGIC_VALUE, PREFETCH_X, MMA, num_warps)
 
     out_rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
     n_ok = out_rows < N
