@@ -281,7 +281,7 @@ def test_gpu_fragments_either_expander_and_one_k_chunk_match_reference(shape, sy
     for tokens in (1, 7, 16, 64):
         config = dataclasses.replace(w4a16.choose_mma_config(tokens, n, k, layer["group"], space.sm_count),
                                      expand_items=expand_items)
-        # one K chunk with x loaded in the loop, the chosen split with x copied a block ahead (the default)
+        # one K chunk with x loaded in the loop, the chosen split with x copied a block ahead
         for split_k, prefetch_x in ((1, False), (config.split_k, True)):
             x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
             launch = dataclasses.replace(config, split_k=split_k, prefetch_x=prefetch_x)

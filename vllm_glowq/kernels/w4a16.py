@@ -273,7 +273,7 @@ class MmaConfig:
     # with a correction: one more program per tile expands (a partial) instead of the tile's last
     # contributor, off its critical path as in the Triton kernel
     expand_items: bool = True
-    prefetch_x: bool = True  # x of the next K block loaded a block ahead, as the codes are
+    prefetch_x: bool = False  # x of the next K block copied ahead (cp.async): pays for 64-token tiles
 
 
 def fragments_block_k(k: int, group_size: int) -> int | None:
@@ -299,32 +299,37 @@ def mma_unsupported_reason(k: int, n: int, group_size: int, dtype: torch.dtype, 
 
 def choose_mma_config(tokens: int, n: int, k: int, group_size: int, sm_count: int) -> MmaConfig:
     """From the H200 sweeps (bench/results/kernel/mma_probe_2026-12-03.json, micro_mma_fused_2026-12-03.json,
-    micro_vs_vllm_2026-12-04.json; us per call, default -> the sweep's best, Llama-3-8B layers):
+    micro_vs_vllm_2026-12-04.json, micro_prefetch_2026-12-04.json; us per call, default -> the
+    sweep's best, Llama-3-8B layers):
 
     * rows per tile: 64 up to 16 tokens, 128 for very wide layers (gate_up), long K (down: 18.7
       -> 17.6 at 1 token, 23.8 -> 21.2 at 16) and above 16 tokens (o_proj at 64: 25.6 -> 23.2);
-    * tokens per tile: 8 up to 8 tokens, else 16; very wide layers above 16 tokens all 64 in one
-      tile (gate_up at 64: 82.6 -> 73.1);
+    * tokens per tile: 8 up to 8 tokens, else 16; above 16 tokens very wide layers and long K
+      all 64 in one tile with x copied a block ahead (gate_up at 64: 74.4 -> 63.1, down 47.2 ->
+      44.5; the copy ahead loses 0.1-4 us on every smaller tile);
     * K split until about 4 programs per SM (qkv at 16 tokens: split 8 14.2, 4 14.6, 2 19.0), at
-      most 8 chunks, and above 16 tokens chunks of at least 16 K blocks (qkv at 64: 27.7 -> 23.0,
-      o_proj 20.9 -> 19.8); very wide layers there in one chunk, their tile's one program
+      most 8 chunks, above 16 tokens 16-token tiles in chunks of at least 16 K blocks (qkv at 64:
+      27.7 -> 23.0, o_proj 20.9 -> 19.8), very wide layers in one chunk, their tile's one program
       expanding the correction itself (gate_up 82.0 -> 74.4);
     * otherwise the correction's expand in programs of its own (qkv: 14.0 -> 11.5 at 1 token,
       16.9 -> 14.0 at 16), and one K block per shrink program up to 16 tokens except for very
       wide layers (gate_up at 16: 29.8 -> 28.4).
 
-    17-63 tokens follow the 64-token choice untimed."""
+    17-63 tokens follow the 64-token choice untimed; o_proj at 1-16 tokens runs 0.5-0.9 us faster
+    split in 4 than in the 8 this gives."""
     wide = n // 64 >= 3 * sm_count
     k_blocks = k // fragments_block_k(k, group_size)
-    block_n = 128 if wide or tokens > 16 or k_blocks >= 64 else 64
-    block_t = 8 if tokens <= 8 else 64 if wide and tokens > 16 else 16
+    long_k = k_blocks >= 64
+    whole_tokens = tokens > 16 and (wide or long_k)  # one 64-token tile, x copied ahead
+    block_n = 128 if wide or long_k or tokens > 16 else 64
+    block_t = 8 if tokens <= 8 else 64 if whole_tokens else 16
     tiles = math.ceil(tokens / block_t) * math.ceil(n / block_n)
     split = min(8, round(4 * sm_count / tiles))
     if tokens > 16:
-        split = 1 if wide else min(split, k_blocks // 16)
+        split = 1 if wide else split if whole_tokens else min(split, k_blocks // 16)
     split = max(1, min(k_blocks, split, PARTIAL_SUM_BYTES // (4 * tokens * n) - 1))  # + R A^T's partial
     return MmaConfig(block_n, block_t, split, shrink_blocks=2 if wide or tokens > 16 else 1,
-                     expand_items=not (wide and tokens > 16))
+                     expand_items=not (wide and tokens > 16), prefetch_x=whole_tokens)
 
 
 def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
