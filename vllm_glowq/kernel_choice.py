@@ -7,10 +7,11 @@ kernels repack them; the project's kernel reads the checkpoint's GPTQ layout as 
 
 * `auto` (default): vLLM's kernel where it has one for the layer, else the project's kernel
   (odd shapes, asymmetric zero points vLLM cannot pack, GPUs vLLM has no W4A16 kernel for),
-  else dense dequantized weights. On the H200 the project's tensor-core kernel (Gluon) beats
-  Marlin per Llama-3-8B decoder layer at 1 and 16 tokens but not at 64, and prefill runs
-  dequantize + cuBLAS (docs/benchmarks.md); one layout is kept per layer, so the choice must
-  hold for every batch, and it stays vLLM's until an engine benchmark says otherwise;
+  else dense dequantized weights. On the H200 the project's tensor-core kernel (Gluon) serves
+  GlowQ faster than plain int4 on Machete at batch 1 and 16 but slower at 64, in throughput
+  and in time to first token (docs/benchmarks.md, `vllm_own_2026-12-04`); one layout is kept
+  per layer, so the choice must hold for every batch, and it stays vLLM's, whose kernels win
+  where a server is busy;
 * `glowq`: the project's kernel with the correction fused in; a layer it cannot run is an error;
 * `vllm`: vLLM's kernel, dense weights where it has none (the plugin before the project's kernel);
 * `dense`: dense dequantized weights everywhere (a reference for debugging).
@@ -54,7 +55,7 @@ def choose(mode: str, vllm_kernel: str | None, vllm_refusal: str, glowq_refusal:
             raise GlowQFormatError(f"{ENV_KERNEL}=glowq, but {glowq_refusal}; unset it or use vllm.")
         return KernelChoice(GLOWQ, f"{ENV_KERNEL}=glowq")
     if vllm_kernel is not None:
-        why = f"{ENV_KERNEL}=vllm" if mode == VLLM else "vLLM's kernel is the faster one where it exists"
+        why = f"{ENV_KERNEL}=vllm" if mode == VLLM else "vLLM's kernel is the faster one for busy servers"
         return KernelChoice(VLLM, why)
     if mode == "auto" and glowq_refusal is None:
         return KernelChoice(GLOWQ, f"vLLM has no int4 kernel for it ({vllm_refusal})")
