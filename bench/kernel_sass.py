@@ -73,8 +73,8 @@ def compile_mma(block_t: int, block_n: int, correct: bool, prefetch_x: bool = Tr
     from vllm_glowq.kernels import w4a16_mma
 
     constexprs = dict(HAS_ZEROS=False, HAS_BIAS=False, CORRECT=correct, EXPAND_ITEMS=False, EVEN_N=True,
-                      GROUP_BLOCKS=1, BN=block_n, BT=block_t, BK=128, RP=64, SBK=64, MAGIC_VALUE=128.0, PREFETCH_X=prefetch_x,
-                      num_warps=4)
+                      GROUP_BLOCKS=1, BN=block_n, BT=block_t, BK=128, RP=64, SBK=64, MAGIC_VALUE=128.0,
+                      PREFETCH_X=prefetch_x, num_warps=4)
     signature = {**{k: f"*{v}" for k, v in MMA_POINTERS.items()}, **{k: "i32" for k in MMA_INTEGERS},
                  **{k: "constexpr" for k in constexprs}}
     names = w4a16_mma.gemm_kernel.arg_names
