@@ -66,7 +66,7 @@ MMA_INTEGERS = ("M", "N", "K", "RANK", "split_k", "k_chunk", "shrink_chunk", "sh
                 "stride_sg", "stride_zg", "stride_bk", "stride_an", "stride_om")
 
 
-def compile_mma(block_t: int, block_n: int, correct: bool, prefetch_x: bool = True):
+def compile_mma(block_t: int, block_n: int, correct: bool, prefetch_x: bool = True, warps: int = 4):
     """The tensor-core kernel (w4a16_mma.gemm_kernel) for sm_90, symmetric codes, rank 64, K block 128."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -74,14 +74,14 @@ def compile_mma(block_t: int, block_n: int, correct: bool, prefetch_x: bool = Tr
 
     constexprs = dict(HAS_ZEROS=False, HAS_BIAS=False, CORRECT=correct, EXPAND_ITEMS=False, EVEN_N=True,
                       GROUP_BLOCKS=1, BN=block_n, BT=block_t, BK=128, RP=64, SBK=64, MAGIC_VALUE=128.0,
-                      PREFETCH_X=prefetch_x, num_warps=4)
+                      PREFETCH_X=prefetch_x, num_warps=warps)
     signature = {**{k: f"*{v}" for k, v in MMA_POINTERS.items()}, **{k: "i32" for k in MMA_INTEGERS},
                  **{k: "constexpr" for k in constexprs}}
     names = w4a16_mma.gemm_kernel.arg_names
     aligned = [*MMA_POINTERS, *(name for name in MMA_INTEGERS if name not in ("M", "RANK", "split_k", "shrink_programs"))]
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = GluonASTSource(w4a16_mma.gemm_kernel, signature, constexprs, attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
 
 
 def describe(kernel, block_n: int) -> str:
@@ -135,7 +135,7 @@ def main() -> None:
                                                           stages=args.stages)]
     print(f"Triton {triton.__version__}, target sm_90")
     if args.mma:
-        kernel = compile_mma(args.block_m or 16, args.block_n, args.correct, not args.no_prefetch_x)
+        kernel = compile_mma(args.block_m or 16, args.block_n, args.correct, not args.no_prefetch_x, args.warps)
         print(f"tensor-core kernel, {args.block_m or 16} tokens x {args.block_n} rows: {describe(kernel, args.block_n)}")
         return
     for config in configs:
