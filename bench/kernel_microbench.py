@@ -271,9 +271,9 @@ def sweep_mma_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
     timed = config_timer(copies, xs, w4a16.mma_gemm, "fragment_qweight")
     results = {default: timed(default)}
     k_blocks = k // w4a16.fragments_block_k(k, GROUP)
+    tokens_pow2 = max(16, 1 << (tokens - 1).bit_length())
     for block_n in (64, 128):
-        for block_t in sorted({8 if tokens <= 8 else 16, min(32, max(16, 1 << (tokens - 1).bit_length())),
-                               min(64, max(16, 1 << (tokens - 1).bit_length()))}):
+        for block_t in sorted({8 if tokens <= 8 else 16, min(32, tokens_pow2), min(64, tokens_pow2)}):
             for factor in (0.5, 1, 2):
                 split = max(1, min(k_blocks, round(default.split_k * factor)))
                 config = dataclasses.replace(default, block_n=block_n, block_t=block_t, split_k=split)

@@ -41,8 +41,8 @@ COMMANDS = {
 }
 # Runs in report order; the targets come from the first run that measured them. Runs named
 # *before_op* are the previous session's (correction as two cuBLAS GEMMs in series).
-RUN_ORDER = ("vllm_own_2026-12-04", "vllm_main", "vllm_overlap_first", "vllm_path_split", "vllm_path_fused", "vllm_before_op_main",
-             "vllm_before_op_rest", "vllm_issue10")
+RUN_ORDER = ("vllm_own_2026-12-04", "vllm_main", "vllm_overlap_first", "vllm_path_split", "vllm_path_fused",
+             "vllm_before_op_main", "vllm_before_op_rest", "vllm_issue10")
 
 
 def _run_rank(path: Path) -> tuple[int, str]:
@@ -263,8 +263,9 @@ ISSUE10_TARGETS = [
      "side-stream correction (speed)", 1.00, True),
 ]
 # Engine targets: (measure, variants, anchors, batch), variants in order of preference: GlowQ
-# through the project's kernel (VLLM_GLOWQ_KERNEL=glowq), else as the plugin's auto serves it. Decode and throughput are speed ratios
-# (variant over anchor, > 1 is faster), TTFT a time ratio; with several anchors the best counts.
+# through the project's kernel (VLLM_GLOWQ_KERNEL=glowq), else as the plugin's auto serves it.
+# Decode and throughput are speed ratios (variant over anchor, > 1 is faster), TTFT a time
+# ratio; with several anchors the best counts.
 GLOWQ = ("glowq_own", "glowq")
 ENGINE_RATIOS = {
     **{f"glowq_decode_vs_int4_default_b{b}": ("decode", GLOWQ, ("gptq",), b) for b in ("1", "16", "64")},
@@ -286,23 +287,28 @@ def _engine_value(variant: dict | None, measure: str, batch: str | None) -> floa
     return _dig(variant, ("ttft", "median_ms"))
 
 
+def _side_by_side_ratio(runs: dict[str, dict], measure: str, candidates: tuple[str, ...], anchors: tuple[str, ...],
+                        batch: str | None) -> tuple[float, str] | None:
+    """The first (variant, run) pair, preferred variant first and runs in RUN_ORDER, whose run
+    measured the variant and all the anchors: the ratio over the best anchor, and its source."""
+    for variant in candidates:
+        for run_name, run in runs.items():
+            variants = run.get("variants", {})
+            value = _engine_value(variants.get(variant), measure, batch)
+            anchor_values = [_engine_value(variants.get(a), measure, batch) for a in anchors]
+            if value is not None and None not in anchor_values:
+                best = min(anchor_values) if measure == "ttft" else max(anchor_values)
+                return ratio(value, best), f"`{run_name}` (`{variant}`)"
+    return None
+
+
 def issue10_engine_figures(runs: dict[str, dict]) -> tuple[dict[str, float | None], dict[str, str]]:
-    """Each engine ratio from the first run (RUN_ORDER) that measured a GlowQ variant and all its
-    anchors side by side, the preferred variant first; also where each came from."""
+    """Each engine ratio measured side by side in one run; also where each came from."""
     figures, sources = {}, {}
     for name, (measure, candidates, anchors, batch) in ENGINE_RATIOS.items():
-        for variant in candidates:
-            for run_name, run in runs.items():
-                variants = run.get("variants", {})
-                value = _engine_value(variants.get(variant), measure, batch)
-                anchor_values = [_engine_value(variants.get(a), measure, batch) for a in anchors]
-                if value is None or None in anchor_values:
-                    continue
-                best = min(anchor_values) if measure == "ttft" else max(anchor_values)
-                figures[name], sources[name] = ratio(value, best), f"`{run_name}` (`{variant}`)"
-                break
-            if name in figures:
-                break
+        found = _side_by_side_ratio(runs, measure, candidates, anchors, batch)
+        if found:
+            figures[name], sources[name] = found
     return figures, sources
 
 

@@ -325,8 +325,10 @@ def choose_mma_config(tokens: int, n: int, k: int, group_size: int, sm_count: in
     block_t = 8 if tokens <= 8 else 64 if whole_tokens else 16
     tiles = math.ceil(tokens / block_t) * math.ceil(n / block_n)
     split = min(8, round(4 * sm_count / tiles))
-    if tokens > 16:
-        split = 1 if wide else split if whole_tokens else min(split, k_blocks // 16)
+    if tokens > 16 and wide:
+        split = 1
+    elif tokens > 16 and not whole_tokens:
+        split = min(split, k_blocks // 16)
     split = max(1, min(k_blocks, split, PARTIAL_SUM_BYTES // (4 * tokens * n) - 1))  # + R A^T's partial
     return MmaConfig(block_n, block_t, split, shrink_blocks=2 if wide or tokens > 16 else 1,
                      expand_items=not (wide and tokens > 16), prefetch_x=whole_tokens)
