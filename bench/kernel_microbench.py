@@ -10,7 +10,9 @@ token count it times, in microseconds per call:
 * `glowq_triton`, `int4_triton`: the Triton kernel (w4a16_triton.py, nibble planes), which
   runs where Gluon does not;
 * `glowq_mainloop`: the GEMM kernel itself where forward() dequantizes instead (GEMM_MAX_TOKENS
-  < tokens <= WORKSPACE_TOKENS), to place that threshold;
+  < tokens <= WORKSPACE_TOKENS, not Hopper), to place that threshold;
+* `glowq_dense`, `int4_dense`: dequantize + cuBLAS where forward() runs the warpgroup MMA
+  instead (Hopper, above GEMM_MAX_TOKENS);
 * `machete`, `marlin`: vLLM's int4 kernels on the same codes (when vLLM is installed);
 * `machete+corr`: the plugin's previous path, Machete with the correction on a side stream
   (torch.ops.glowq.linear, `overlap` / `split`);
@@ -23,7 +25,8 @@ Correctness: each kernel's output against a float64 reference on fresh inputs.
 Timing: gpu_timing.py (one CUDA graph per case that calls the kernel once per weight copy, with
 enough copies to overflow L2, median of several replays).
 `--sweep` also times launch configurations around the tensor-core kernel's default one and
-reports the fastest (`--sweep-triton`: the Triton kernel's).
+reports the fastest (`--sweep-triton`: the Triton kernel's; `--sweep-wgmma`: the warpgroup-MMA
+launches above 16 tokens on Hopper).
 
     python bench/kernel_microbench.py --out kernel_micro.json [--tokens 1,16,64,256,2048] [--sweep]
 """
@@ -156,7 +159,14 @@ def bytes_moved(kind: str, tokens: int, k: int, n: int) -> int:
     return int4 + factors + act
 
 
-CORRECTED = ("glowq", "glowq_triton", "glowq_mainloop", "machete+corr")
+CORRECTED = ("glowq", "glowq_triton", "glowq_mainloop", "glowq_dense", "machete+corr")
+
+
+def dense_forward(x: torch.Tensor, copy: LayerCopy, correct: bool) -> torch.Tensor:
+    """What forward() does above the GEMM's token range: the weight (with the correction folded
+    in) dequantized into the dense workspace, then cuBLAS."""
+    factors = (copy.factor_b, copy.factor_a) if correct else (None, None)
+    return torch.mm(x, w4a16.dequantize_fragments(copy.fragment_qweight, copy.scales, None, *factors, GROUP, x.dtype))
 
 
 def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm: bool, sweep: str | None) -> list[dict]:
@@ -187,7 +197,12 @@ def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm:
                                                            GROUP) for c, x in zip(copies, xs)],
             "bf16": [lambda w=w, x=x: F.linear(x, w) for w, x in zip(dense, xs)],
         }
-        if w4a16.GEMM_MAX_TOKENS < tokens <= w4a16.WORKSPACE_TOKENS:  # where forward() dequantizes instead
+        space = w4a16.workspace(copies[0].qweight.device)
+        if tokens > w4a16.GEMM_MAX_TOKENS and space.hopper and tokens <= w4a16.WGMMA_MAX_TOKENS:
+            # forward() runs the warpgroup MMA here: against dequantize + cuBLAS, its alternative
+            for name, factors in (("glowq_dense", True), ("int4_dense", False)):
+                kernels[name] = [lambda c=c, x=x, f=factors: dense_forward(x, c, f) for c, x in zip(copies, xs)]
+        elif w4a16.GEMM_MAX_TOKENS < tokens <= w4a16.WORKSPACE_TOKENS:  # where forward() dequantizes instead
             kernels["glowq_mainloop"] = [
                 lambda c=c, x=x: w4a16.mma_gemm(x, c.fragment_qweight, c.scales, None, None, c.factor_b, c.factor_a,
                                                 GROUP) for c, x in zip(copies, xs)]
@@ -210,7 +225,9 @@ def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm:
             row["error"][name] = relative_error(got, ref)
             row["us"][name] = time_per_call(calls)
             row["bandwidth_fraction"][name] = bytes_moved(name, tokens, k, n) / (row["us"][name] * 1e-6) / bandwidth
-        if sweep and tokens <= w4a16.GEMM_MAX_TOKENS:
+        if sweep == "wgmma" and space.hopper and tokens >= w4a16.WGMMA_MIN_TOKENS:
+            row["sweep"] = sweep_wgmma_configs(copies, xs, tokens, k, n)
+        elif sweep in ("mma", "triton") and tokens <= w4a16.GEMM_MAX_TOKENS:
             row["sweep"] = (sweep_mma_configs if sweep == "mma" else sweep_configs)(copies, xs, tokens, k, n)
         print(format_row(row), flush=True)
         rows.append(row)
@@ -300,6 +317,37 @@ def sweep_mma_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
     return sweep_report(default, results)
 
 
+WGMMA_TILES = [(64, 64), (64, 128), (128, 64), (128, 128), (256, 64)]  # (tokens, rows): accumulator <= 128 registers
+
+
+def sweep_wgmma_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
+    """Fastest warpgroup-MMA launch: token x row tile, K split (within the partials workspace),
+    the shrink's chunk; up to 64 tokens also the mma.sync kernel's default, for comparison."""
+    space = w4a16.workspace(copies[0].qweight.device)
+    default = w4a16.choose_mma_config(tokens, n, k, GROUP, space.sm_count, hopper=True)
+    timed = config_timer(copies, xs, w4a16.mma_gemm, "fragment_qweight")
+    results = {default: timed(default)}
+    k_blocks = k // w4a16.fragments_block_k(k, GROUP)
+    splits = (1, 2, 4, 8) if tokens <= w4a16.WORKSPACE_TOKENS else (1,)
+    for block_t, block_n in WGMMA_TILES:
+        if block_t > max(64, 1 << (tokens - 1).bit_length()):
+            continue
+        for split in splits:
+            if split <= k_blocks and split * tokens * n * 4 <= w4a16.PARTIAL_SUM_BYTES:
+                config = dataclasses.replace(default, block_t=block_t, block_n=block_n, split_k=split)
+                if config not in results:
+                    results[config] = timed(config)
+    best = min(results, key=results.get)
+    for shrink_blocks in (1, 4):
+        config = dataclasses.replace(best, shrink_blocks=shrink_blocks)
+        if config not in results:
+            results[config] = timed(config)
+    if tokens <= w4a16.GEMM_MAX_TOKENS:
+        mma_sync = w4a16.choose_mma_config(tokens, n, k, GROUP, space.sm_count, hopper=False)
+        results[mma_sync] = timed(mma_sync)
+    return sweep_report(default, results)
+
+
 def sweep_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
     """Fastest launch configuration of the Triton kernel near its default."""
     space = w4a16.workspace(copies[0].qweight.device)
@@ -359,6 +407,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_const", const="mma", help="the tensor-core kernel's launches")
     parser.add_argument("--sweep-triton", dest="sweep", action="store_const", const="triton",
                         help="the Triton kernel's launches instead")
+    parser.add_argument("--sweep-wgmma", dest="sweep", action="store_const", const="wgmma",
+                        help="the tensor-core kernel's warpgroup-MMA launches (Hopper, above 16 tokens)")
     parser.add_argument("--no-vllm", action="store_true")
     parser.add_argument("--max-block-k", type=int, choices=(16, 32, 64, 128), default=w4a16.MAX_BLOCK_K,
                         help="largest K block, which is also the repacked layout's (w4a16.MAX_BLOCK_K)")

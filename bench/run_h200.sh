@@ -146,9 +146,13 @@ moe_calibrate() {
   df -h "$MOE_WORK" | tail -1 | tee -a "$OUT/moe_disk.txt"
 }
 
-kernel() {
+kernel() {  # GLOWQ_BENCH_SWEEP=1 (mma.sync launches) or wgmma; GLOWQ_BENCH_TOKENS=1,16,...; GLOWQ_BENCH_NO_VLLM=1
   ensure_plugin
-  timeout 540 $PY "$HERE/kernel_microbench.py" ${GLOWQ_BENCH_SWEEP:+--sweep} --out "$OUT/kernel_micro.json" 2>&1 \
+  local args=()
+  case "${GLOWQ_BENCH_SWEEP:-}" in "") ;; wgmma) args+=(--sweep-wgmma) ;; *) args+=(--sweep) ;; esac
+  [ -n "${GLOWQ_BENCH_TOKENS:-}" ] && args+=(--tokens "$GLOWQ_BENCH_TOKENS")
+  [ -n "${GLOWQ_BENCH_NO_VLLM:-}" ] && args+=(--no-vllm)
+  timeout 540 $PY "$HERE/kernel_microbench.py" "${args[@]}" --out "$OUT/kernel_micro.json" 2>&1 \
       | tee "$OUT/kernel_micro.log" | grep -E "T=|copy"
 }
 

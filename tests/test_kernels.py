@@ -106,7 +106,7 @@ def interpreted():
     space.partial = torch.empty(1 << 16, dtype=torch.float32)
     space.reduced = torch.zeros(0, dtype=torch.float32)
     space.sync = torch.zeros(2, dtype=torch.int32)
-    space.dense, space.sm_count = {}, 4
+    space.dense, space.sm_count, space.hopper = {}, 4, False
     module._workspaces[space.device] = space
     yield module
     for name in [n for n in sys.modules if n.startswith("vllm_glowq.kernels")]:
@@ -289,6 +289,41 @@ def test_gpu_fragments_either_expander_and_one_k_chunk_match_reference(shape, sy
                                  layer["factor_a"], layer["group"], launch)
             err = relative_error(out, reference(x, layer, bias))
             assert err < TOLERANCE[torch.bfloat16], f"{tokens} tokens, split {split_k}: relative error {err:.2e}"
+    torch.cuda.synchronize()
+    assert not space.sync.any() and not space.reduced.any()
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 6144), (14336, 4096), (576, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("sym,group,rank", [(True, 128, 64), (False, 64, 16), (True, -1, 0)],
+                         ids=["sym-r64", "asym-r16", "rows-r0"])
+def test_gpu_warpgroup_mma_tiles_match_reference(shape, dtype, sym, group, rank):
+    """Every warpgroup-MMA tile the sweep tries (Hopper only), in one K chunk and split, at token
+    counts that fill a tile, leave one short, and need several token tiles."""
+    from vllm_glowq.kernels import w4a16
+
+    if not w4a16.workspace(torch.device("cuda", 0)).hopper:
+        pytest.skip("the warpgroup MMA runs on Hopper (sm_90) only")
+    k, n = shape
+    if group != -1 and k % group:
+        pytest.skip(f"group size {group} does not divide K={k}: such modules stay in full precision")
+    layer = make_layer(k, n, group, rank, sym, dtype, seed=k + rank, device="cuda", layout="fragments")
+    space = w4a16.workspace(torch.device("cuda", 0))
+    space.reserve(n, k, rank, dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    for block_t, block_n in ((64, 64), (64, 128), (128, 64), (128, 128), (256, 64)):
+        for tokens in (17, block_t, 300):
+            for split_k in (1, 3) if tokens <= w4a16.WORKSPACE_TOKENS else (1,):
+                config = w4a16.MmaConfig(block_n, block_t, split_k, expand_items=False, wgmma=True)
+                x = torch.randn(tokens, k, device="cuda", dtype=dtype)
+                out = w4a16.mma_gemm(x, layer["qweight"], layer["scales"], layer["zeros"], bias, layer["factor_b"],
+                                     layer["factor_a"], layer["group"], config)
+                err = relative_error(out, reference(x, layer, bias))
+                assert err < TOLERANCE[dtype], f"{config}, {tokens} tokens: relative error {err:.2e}"
+                if rank:
+                    assert relative_error(out, reference(x, layer, bias, False)) > 5 * TOLERANCE[dtype]
     torch.cuda.synchronize()
     assert not space.sync.any() and not space.reduced.any()
 

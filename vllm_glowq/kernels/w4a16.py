@@ -32,7 +32,12 @@ GEMM_MAX_TOKENS = 64
 # loop compiles longer with 64 rows (7.6 against 5.4). Not timed yet: `bench/kernel_microbench.py
 # --max-block-k 64` times it.
 MAX_BLOCK_K = 128
-WORKSPACE_TOKENS = 256  # rows the gemm workspace holds (the microbenchmark times gemm up to here)
+SHRINK_MAX_TOKENS = 64  # tokens per shrink program of the tensor-core kernel (its R tile: RP x tokens)
+WORKSPACE_TOKENS = 256
+# Above 16 tokens on Hopper the tensor-core kernel runs on the warpgroup MMA, up to this many
+# tokens in one launch (its R workspace: 2 MB at rank 64); forward() dequantizes beyond.
+WGMMA_MAX_TOKENS = 8192
+WGMMA_MIN_TOKENS = 17  # rows the gemm workspace holds (the microbenchmark times gemm up to here)
 PARTIAL_SUM_BYTES = 32 * 1024**2  # split-K partials that choose_gemm_config splits into (fp32 tiles)
 _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}  # bits and value of MAGIC
 
@@ -137,19 +142,24 @@ class Workspace:
         self.sync = torch.zeros(2, dtype=torch.int32, device=device)
         self.dense: dict[torch.dtype, torch.Tensor] = {}
         self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+        self.hopper = torch.cuda.get_device_capability(device)[0] == 9  # the warpgroup MMA (sm_90)
 
     def reserve(self, n: int, k: int, rank: int, dtype: torch.dtype) -> None:
         """Grow the buffers for a layer of N outputs, K inputs and this correction rank."""
         # a tile split in one K chunk still has two partials with a correction (its product, R A^T)
         if self.partial.numel() < 2 * WORKSPACE_TOKENS * n:
             self.partial = torch.empty(2 * WORKSPACE_TOKENS * n, dtype=torch.float32, device=self.device)
-        if self.reduced.numel() < WORKSPACE_TOKENS * rank:
-            self.reduced = torch.zeros(WORKSPACE_TOKENS * rank, dtype=torch.float32, device=self.device)
+        if self.reduced.numel() < self.max_tokens() * rank:
+            self.reduced = torch.zeros(self.max_tokens() * rank, dtype=torch.float32, device=self.device)
         tickets = 2 + math.ceil(WORKSPACE_TOKENS / 16) * math.ceil(n / 16)
         if self.sync.numel() < tickets:
             self.sync = torch.zeros(tickets, dtype=torch.int32, device=self.device)
         if self.dense.get(dtype, torch.empty(0)).numel() < k * n:
             self.dense[dtype] = torch.empty(k * n, dtype=dtype, device=self.device)
+
+    def max_tokens(self) -> int:
+        """Tokens one tensor-core launch takes here (the R workspace's rows)."""
+        return WGMMA_MAX_TOKENS if self.hopper else WORKSPACE_TOKENS
 
     def dense_matrix(self, k: int, n: int, dtype: torch.dtype) -> torch.Tensor:
         """The dense workspace as a [K, N] matrix, grown first if needed (valid until the next call)."""
@@ -175,7 +185,8 @@ def forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     (packing.repack_fragments with fragments_block_k(K, group_size)), scales [G, N] (x's dtype),
     zeros uint8 [G, N] or None, factors B [r, K] and A [N, r] or None (plain int4)."""
     fragments = qweight.dim() == 4
-    if x.shape[0] <= GEMM_MAX_TOKENS:
+    tokens = x.shape[0]
+    if tokens <= GEMM_MAX_TOKENS or (fragments and workspace(x.device).hopper and tokens <= WGMMA_MAX_TOKENS):
         return (mma_gemm if fragments else gemm)(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size)
     dense = (dequantize_fragments if fragments else dequantize)(qweight, scales, zeros, factor_b, factor_a,
                                                                 group_size, x.dtype)
@@ -274,6 +285,7 @@ class MmaConfig:
     # contributor, off its critical path as in the Triton kernel
     expand_items: bool = True
     prefetch_x: bool = False  # x of the next K block copied ahead (cp.async): pays for 64-token tiles
+    wgmma: bool = False  # Hopper's warpgroup MMA (x always copied ahead), for many tokens
 
 
 def fragments_block_k(k: int, group_size: int) -> int | None:
@@ -292,12 +304,13 @@ def mma_unsupported_reason(k: int, n: int, group_size: int, dtype: torch.dtype, 
         return f"in_features={k} with group_size={group_size} has no K block of 32-128 that divides both"
     try:
         from triton.experimental.gluon.language.nvidia.ampere import mma_v2  # noqa: F401
+        from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma  # noqa: F401
     except ImportError:
         return "this Triton has no Gluon (Triton 3.5 or newer)"
     return None
 
 
-def choose_mma_config(tokens: int, n: int, k: int, group_size: int, sm_count: int) -> MmaConfig:
+def choose_mma_config(tokens: int, n: int, k: int, group_size: int, sm_count: int, hopper: bool = False) -> MmaConfig:
     """From the H200 sweeps (bench/results/kernel/mma_probe_2026-12-03.json, micro_mma_fused_2026-12-03.json,
     micro_vs_vllm_2026-12-04.json, micro_prefetch_2026-12-04.json; us per call, default -> the
     sweep's best, Llama-3-8B layers):
@@ -317,8 +330,10 @@ def choose_mma_config(tokens: int, n: int, k: int, group_size: int, sm_count: in
 
     17-63 tokens follow the 64-token choice untimed; o_proj at 1-16 tokens runs 0.5-0.9 us faster
     split in 4 than in the 8 this gives."""
-    wide = n // 64 >= 3 * sm_count
     k_blocks = k // fragments_block_k(k, group_size)
+    if hopper and tokens >= WGMMA_MIN_TOKENS:
+        return choose_wgmma_config(tokens, n, k_blocks, sm_count)
+    wide = n // 64 >= 3 * sm_count
     long_k = k_blocks >= 64
     whole_tokens = tokens > 16 and (wide or long_k)  # one 64-token tile, x copied ahead
     block_n = 128 if wide or long_k or tokens > 16 else 64
@@ -334,6 +349,19 @@ def choose_mma_config(tokens: int, n: int, k: int, group_size: int, sm_count: in
                      expand_items=not (wide and tokens > 16), prefetch_x=whole_tokens)
 
 
+def choose_wgmma_config(tokens: int, n: int, k_blocks: int, sm_count: int) -> MmaConfig:
+    """Hopper's warpgroup MMA above 16 tokens. Not timed yet (first guesses; the sweep times them):
+    64-token tiles of 128 rows up to 64 tokens, above that 128 tokens of 64 rows (the accumulator
+    at most 64 registers a thread: split K sums partials in the same tile); K split until about
+    two programs per SM, only within the partials workspace (WORKSPACE_TOKENS)."""
+    block_t, block_n = (64, 128) if tokens <= 64 else (128, 64)
+    tiles = math.ceil(tokens / block_t) * math.ceil(n / block_n)
+    split = 1
+    if tokens <= WORKSPACE_TOKENS:
+        split = max(1, min(8, k_blocks // 4, round(2 * sm_count / tiles), PARTIAL_SUM_BYTES // (4 * tokens * n)))
+    return MmaConfig(block_n, block_t, split, shrink_blocks=2, expand_items=False, wgmma=True)
+
+
 def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
              bias: torch.Tensor | None, factor_b: torch.Tensor | None, factor_a: torch.Tensor | None,
              group_size: int, config: MmaConfig | None = None) -> torch.Tensor:
@@ -341,8 +369,10 @@ def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     from .w4a16_mma import gemm_kernel
 
     tokens, k = x.shape
-    if tokens > WORKSPACE_TOKENS:
-        raise ValueError(f"mma_gemm takes at most {WORKSPACE_TOKENS} rows, got {tokens}; forward() dequantizes above")
+    space = workspace(x.device)
+    if tokens > space.max_tokens():
+        raise ValueError(f"mma_gemm takes at most {space.max_tokens()} rows here, got {tokens}; forward() dequantizes "
+                         "above")
     blocks, _, n, sigma = qweight.shape
     block_k = 32 * sigma
     out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
@@ -350,19 +380,22 @@ def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()
     correct = factor_a is not None
-    space = workspace(x.device)
-    config = config or choose_mma_config(tokens, n, k, group_size, space.sm_count)
+    config = config or choose_mma_config(tokens, n, k, group_size, space.sm_count, space.hopper)
+    if config.wgmma and not space.hopper:
+        raise ValueError(f"{config} runs on Hopper's warpgroup MMA; this GPU has none")
+    if not config.wgmma and tokens > WORKSPACE_TOKENS:
+        raise ValueError(f"{config} takes at most {WORKSPACE_TOKENS} rows, got {tokens}")
     chunk_blocks = math.ceil(blocks / config.split_k)
     split = math.ceil(blocks / chunk_blocks)  # every chunk non-empty
-    expand_items = correct and config.expand_items
+    expand_items = correct and config.expand_items and not config.wgmma  # the warpgroup MMA chains it in
     contributors = split + expand_items
-    if contributors > 1 and contributors * tokens * n > space.partial.numel():
+    if contributors > 1 and (tokens > WORKSPACE_TOKENS or contributors * tokens * n > space.partial.numel()):
         raise ValueError(f"{config} needs {contributors} partial slots of {tokens} x {n}, more than the workspace "
                          "holds; reserve() the layer first or choose a smaller split")
     shrink_chunk = config.shrink_blocks * block_k
-    t_tiles = math.ceil(tokens / config.block_t)
-    shrink_programs = t_tiles * math.ceil(k / shrink_chunk) if correct else 0
-    grid = shrink_programs + contributors * t_tiles * math.ceil(n / config.block_n)
+    shrink_block_t = min(config.block_t, SHRINK_MAX_TOKENS)
+    shrink_programs = math.ceil(tokens / shrink_block_t) * math.ceil(k / shrink_chunk) if correct else 0
+    grid = shrink_programs + contributors * math.ceil(tokens / config.block_t) * math.ceil(n / config.block_n)
     magic, magic_value = _MAGIC[x.dtype]
     rank = factor_a.shape[1] if correct else 0
     dummy = space.sync
@@ -375,8 +408,8 @@ def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, CORRECT=correct, EXPAND_ITEMS=expand_items,
         EVEN_N=n % config.block_n == 0,
         GROUP_BLOCKS=group_size // block_k, BN=config.block_n, BT=config.block_t, BK=block_k,
-        RP=max(16, 1 << max(0, rank - 1).bit_length()), SBK=min(64, block_k), MAGIC_VALUE=magic_value,
-        PREFETCH_X=config.prefetch_x, num_warps=config.num_warps)
+        RP=max(16, 1 << max(0, rank - 1).bit_length()), SBT=shrink_block_t, SBK=min(64, block_k),
+        MAGIC_VALUE=magic_value, PREFETCH_X=config.prefetch_x, WGMMA=config.wgmma, num_warps=config.num_warps)
     if os.environ.get("GLOWQ_DEBUG") and config not in _reported:
         _reported.add(config)
         print(f"mma_gemm {config}: regs {handle.n_regs} spills {handle.n_spills} smem {handle.metadata.shared}",

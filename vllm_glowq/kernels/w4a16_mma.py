@@ -32,6 +32,7 @@ import triton  # noqa: F401  (Gluon lives inside Triton)
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 
 @gluon.constexpr_function
@@ -110,16 +111,8 @@ def _shrink(x_ptr, b_ptr, r_ptr, item, M, K, RANK, stride_xm, stride_bk, shrink_
 
 
 @gluon.jit
-def _expand(r_ptr, a_ptr, sync_ptr, n0, t0, M, N, RANK, tiles, shrink_programs, stride_an, acc, BN: gl.constexpr,
-            BT: gl.constexpr, RP: gl.constexpr, MMA: gl.constexpr, num_warps: gl.constexpr):
-    """acc + A[tile, :] R[tokens, :]^T on the tensor cores (rank padded to RP with zeros), once
-    R is complete; the last tile to have read R zeroes it and the counters sync_ptr[0:2]."""
-    DTYPE: gl.constexpr = a_ptr.dtype.element_ty
-    LD: gl.constexpr = rows_layout(RP, num_warps)
-    a_rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, LD))
-    ranks = gl.expand_dims(gl.arange(0, RP, layout=gl.SliceLayout(0, LD)), 0)
-    a_tile = gl.load(a_ptr + gl.expand_dims(a_rows, 1) * stride_an + ranks,
-                     mask=gl.expand_dims(a_rows < N, 1) & (ranks < RANK), other=0.0)
+def _await_r(sync_ptr, shrink_programs):
+    """Wait until every shrink program has added its part of R (sync_ptr[0] counts them)."""
     # Spin on plain (volatile) loads, which many programs can issue at once, then an acquire
     # (its result used, or the compiler drops it) orders the reads of R after the shrink's atomics.
     while gl.load(sync_ptr, volatile=True) < shrink_programs:
@@ -127,21 +120,76 @@ def _expand(r_ptr, a_ptr, sync_ptr, n0, t0, M, N, RANK, tiles, shrink_programs, 
     arrived = gl.atomic_add(sync_ptr, 0, sem="acquire")
     while arrived < shrink_programs:
         arrived = gl.atomic_add(sync_ptr, 0, sem="acquire")
-    t_rows = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, LD))
-    r_mask = gl.expand_dims(t_rows < M, 1) & (ranks < RANK)
-    r_ptrs = r_ptr + gl.expand_dims(t_rows, 1) * RANK + ranks
-    r_tile = gl.load(r_ptrs, mask=r_mask, other=0.0, cache_modifier=".cg").to(DTYPE)
-    a_op = gl.convert_layout(a_tile, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
-    r_op = gl.convert_layout(gl.permute(r_tile, (1, 0)), gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
-    acc = mma_v2(a_op, r_op, acc)
+
+
+@gluon.jit
+def _release_r(r_ptr, sync_ptr, M, RANK, tiles, RP: gl.constexpr, num_warps: gl.constexpr):
+    """Count this tile's reads of R done; the last tile zeroes R and the counters sync_ptr[0:2]."""
+    LD: gl.constexpr = rows_layout(RP, num_warps)
+    ranks = gl.expand_dims(gl.arange(0, RP, layout=gl.SliceLayout(0, LD)), 0)
     gl.thread_barrier()  # this program's reads of R are done
     if gl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == tiles - 1:  # every tile has read R
-        for m0 in range(0, M, BT):
-            rows = m0 + gl.arange(0, BT, layout=gl.SliceLayout(1, LD))
-            gl.store(r_ptr + gl.expand_dims(rows, 1) * RANK + ranks, gl.zeros([BT, RP], gl.float32, LD),
+        for m0 in range(0, M, 64):
+            rows = m0 + gl.arange(0, 64, layout=gl.SliceLayout(1, LD))
+            gl.store(r_ptr + gl.expand_dims(rows, 1) * RANK + ranks, gl.zeros([64, RP], gl.float32, LD),
                      mask=gl.expand_dims(rows < M, 1) & (ranks < RANK))
         gl.atomic_xchg(sync_ptr, 0)
         gl.atomic_xchg(sync_ptr + 1, 0)
+
+
+@gluon.jit
+def _factor_a_tile(a_ptr, n0, N, RANK, stride_an, BN: gl.constexpr, RP: gl.constexpr, num_warps: gl.constexpr):
+    """A[tile rows, :] [BN, RP], the rank padded with zeros."""
+    LD: gl.constexpr = rows_layout(RP, num_warps)
+    a_rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, LD))
+    ranks = gl.expand_dims(gl.arange(0, RP, layout=gl.SliceLayout(0, LD)), 0)
+    return gl.load(a_ptr + gl.expand_dims(a_rows, 1) * stride_an + ranks,
+                   mask=gl.expand_dims(a_rows < N, 1) & (ranks < RANK), other=0.0)
+
+
+@gluon.jit
+def _r_rows(r_ptr, t0, M, RANK, BT: gl.constexpr, RP: gl.constexpr, DTYPE: gl.constexpr, num_warps: gl.constexpr):
+    """R[t0 : t0 + BT, :] as DTYPE [BT, RP], read past the caches (other programs' atomics wrote it)."""
+    LD: gl.constexpr = rows_layout(RP, num_warps)
+    ranks = gl.expand_dims(gl.arange(0, RP, layout=gl.SliceLayout(0, LD)), 0)
+    t_rows = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, LD))
+    return gl.load(r_ptr + gl.expand_dims(t_rows, 1) * RANK + ranks, mask=gl.expand_dims(t_rows < M, 1) & (ranks < RANK),
+                   other=0.0, cache_modifier=".cg").to(DTYPE)
+
+
+@gluon.jit
+def _expand(r_ptr, a_ptr, sync_ptr, n0, t0, M, N, RANK, tiles, shrink_programs, stride_an, acc, BN: gl.constexpr,
+            BT: gl.constexpr, RP: gl.constexpr, MMA: gl.constexpr, num_warps: gl.constexpr):
+    """acc + A[tile, :] R[tokens, :]^T on the tensor cores (rank padded to RP with zeros), once
+    R is complete."""
+    DTYPE: gl.constexpr = a_ptr.dtype.element_ty
+    a_tile = _factor_a_tile(a_ptr, n0, N, RANK, stride_an, BN, RP, num_warps)
+    _await_r(sync_ptr, shrink_programs)
+    r_tile = _r_rows(r_ptr, t0, M, RANK, BT, RP, DTYPE, num_warps)
+    a_op = gl.convert_layout(a_tile, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
+    r_op = gl.convert_layout(gl.permute(r_tile, (1, 0)), gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2))
+    acc = mma_v2(a_op, r_op, acc)
+    _release_r(r_ptr, sync_ptr, M, RANK, tiles, RP, num_warps)
+    return acc
+
+
+@gluon.jit
+def _expand_wgmma(r_ptr, a_ptr, sync_ptr, n0, t0, M, N, RANK, tiles, shrink_programs, stride_an, acc,
+                  BN: gl.constexpr, BT: gl.constexpr, RP: gl.constexpr, ACC: gl.constexpr, num_warps: gl.constexpr):
+    """_expand on the warpgroup MMA, chained into the GEMM's accumulator: R^T goes through shared
+    memory 64 tokens at a time (a whole 256-token tile of R would take 128 registers a thread)."""
+    DTYPE: gl.constexpr = a_ptr.dtype.element_ty
+    a_op = gl.convert_layout(_factor_a_tile(a_ptr, n0, N, RANK, stride_an, BN, RP, num_warps),
+                             gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2))
+    r_smem = gl.allocate_shared_memory(DTYPE, [BT, RP], gl.NVMMASharedLayout.get_default_for([BT, RP], DTYPE))
+    _await_r(sync_ptr, shrink_programs)
+    for chunk in gl.static_range(0, BT, 64 if BT > 64 else BT):
+        r_smem.slice(chunk, 64 if BT > 64 else BT).store(
+            _r_rows(r_ptr, t0 + chunk, M, RANK, 64 if BT > 64 else BT, RP, DTYPE, num_warps))
+    fence_async_shared()
+    gl.thread_barrier()
+    acc = warpgroup_mma(a_op, r_smem.permute((1, 0)), acc)
+    _release_r(r_ptr, sync_ptr, M, RANK, tiles, RP, num_warps)
     return acc
 
 
@@ -220,6 +268,95 @@ def _gemm_block_sum(x_ptr, w_ptr, s_ptr, z_ptr, n0, t0, kb0, kb1, M, N, magic, s
     return total
 
 
+@gluon.constexpr_function
+def wgmma_layout(block_t, warps):
+    """Accumulator of Hopper's wgmma over [BN, BT]: one warpgroup per 64 output rows, BT tokens as N."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, block_t, 16])
+
+
+@gluon.constexpr_function
+def epilogue_layout(wgmma, block_n, block_t, warps):
+    """The layout a tile is summed and stored in: the MMA accumulator's, or after the warpgroup MMA
+    (up to 256 tokens) 4 consecutive output columns per thread: one 16-byte partial store each
+    rather than a 64-bit address per value (a 128 x 128 tile spilled 976 bytes, sm_90 compile)."""
+    if not wgmma:
+        return mma_layout(warps)
+    along_n = min(32, block_n // 4)
+    return gl.BlockedLayout(size_per_thread=[4, 1], threads_per_warp=[along_n, 32 // along_n],
+                            warps_per_cta=[1, warps], order=[0, 1])
+
+
+@gluon.jit
+def _scaled_operand_a(words, magic, scale, zero, BN: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr,
+                      DTYPE: gl.constexpr):
+    """Words -> (q - z) s as operand A [BN, BK] in DTYPE, for a chained accumulator: (MAGIC + q) -
+    (MAGIC + z) is exact and the product rounds once, as the dense path's weight does. scale and
+    zero (MAGIC + z): DTYPE [BN] in SliceLayout(1, A_L), so pairs stay as the MMA reads them."""
+    codes = _operand_a(words, magic, BN, BK, A_L, DTYPE)
+    return (codes - gl.expand_dims(zero, 1)) * gl.expand_dims(scale, 1)
+
+
+@gluon.jit
+def _gemm_block_sum_wgmma(x_ptr, w_ptr, s_ptr, z_ptr, n0, t0, kb0, kb1, M, N, magic, stride_xm, stride_sg,
+                          stride_zg, HAS_ZEROS: gl.constexpr, EVEN_N: gl.constexpr, GROUP_BLOCKS: gl.constexpr,
+                          BN: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr, MAGIC_VALUE: gl.constexpr,
+                          num_warps: gl.constexpr):
+    """_gemm_block_sum on Hopper's warpgroup MMA, for many tokens: the scaled codes are operand A
+    from registers, x (copied a block ahead by cp.async) operand B from shared memory, and the
+    accumulator chains across K blocks, so it is held once (64 x 256: 128 registers a thread).
+    The MMAs of one program wait for its unpacking (a next block unpacked during them was
+    scheduled after the wait by ptxas, sm_90 compile); other programs on the SM fill the gap."""
+    DTYPE: gl.constexpr = x_ptr.dtype.element_ty
+    S: gl.constexpr = BK // 32
+    ACC: gl.constexpr = wgmma_layout(BT, num_warps)
+    A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
+    WL: gl.constexpr = words_layout(BN, S, num_warps)
+    XL: gl.constexpr = rows_layout(BK, num_warps)
+    rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, A_L))
+    n_ok = rows < N
+    w_rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, WL)))
+    ts = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WL)))
+    sig = gl.arange(0, S, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))
+    rows3 = gl.expand_dims(gl.expand_dims(w_rows, 1), 2)
+    w_ptrs = (w_ptr + kb0 * (4 * N * S) + (gl.expand_dims(gl.expand_dims(ts, 0), 2) * N + rows3) * S
+              + gl.expand_dims(gl.expand_dims(sig, 0), 1))
+    w_mask = rows3 < N if not EVEN_N else None
+    x_rows = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, XL))
+    x_ptrs = (x_ptr + kb0 * BK + gl.expand_dims(x_rows, 1) * stride_xm
+              + gl.expand_dims(gl.arange(0, BK, layout=gl.SliceLayout(0, XL)), 0))
+    x_mask = gl.expand_dims(x_rows < M, 1)
+    x_smem = gl.allocate_shared_memory(DTYPE, [2, BT, BK], gl.NVMMASharedLayout.get_default_for([BT, BK], DTYPE))
+    async_copy.async_copy_global_to_shared(x_smem.index(0), x_ptrs, mask=x_mask)
+    async_copy.commit_group()
+    zero = gl.full([BN], MAGIC_VALUE + 8.0, DTYPE, gl.SliceLayout(1, A_L))
+    total = gl.zeros([BN, BT], gl.float32, ACC)
+    words_next = gl.load(w_ptrs, mask=w_mask, other=0 if not EVEN_N else None)
+    for kb in range(kb0, kb1):
+        buffer = (kb - kb0) % 2
+        words = words_next
+        if kb + 1 < kb1:  # the next block's words in flight while this one is unpacked
+            w_ptrs += 4 * N * S
+            words_next = gl.load(w_ptrs, mask=w_mask, other=0 if not EVEN_N else None)
+        group = kb // GROUP_BLOCKS
+        if HAS_ZEROS:
+            zero = (gl.load(z_ptr + group * stride_zg + rows, mask=n_ok, other=8).to(gl.float32)
+                    + MAGIC_VALUE).to(DTYPE)
+        scale = gl.load(s_ptr + group * stride_sg + rows, mask=n_ok, other=0.0)
+        codes = _scaled_operand_a(words, magic, scale, zero, BN, BK, A_L, DTYPE)
+        gl.thread_barrier()  # every warp's MMAs on the other buffer are done
+        if kb + 1 < kb1:
+            async_copy.async_copy_global_to_shared(x_smem.index(1 - buffer), x_ptrs + BK, mask=x_mask)
+            async_copy.commit_group()
+            async_copy.wait_group(1)
+        else:
+            async_copy.wait_group(0)
+        x_ptrs += BK
+        fence_async_shared()
+        gl.thread_barrier()
+        total = warpgroup_mma(codes, x_smem.index(buffer).permute((1, 0)), total)
+    return total
+
+
 # split_k == 1 specialised into a constant makes Triton 3.6's lowering to LLVM fail an assertion
 # (ConvertTritonGPUToLLVM, SmallVector index; offline sm_90 compile, and on the H200 for 256-token
 # launches), and M changes every step: neither becomes a constant.
@@ -229,8 +366,8 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, par
                 stride_zg, stride_bk, stride_an, stride_om,
                 HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, CORRECT: gl.constexpr, EXPAND_ITEMS: gl.constexpr,
                 EVEN_N: gl.constexpr, GROUP_BLOCKS: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr,
-                BK: gl.constexpr, RP: gl.constexpr, SBK: gl.constexpr, MAGIC_VALUE: gl.constexpr,
-                PREFETCH_X: gl.constexpr, num_warps: gl.constexpr):
+                BK: gl.constexpr, RP: gl.constexpr, SBT: gl.constexpr, SBK: gl.constexpr,
+                MAGIC_VALUE: gl.constexpr, PREFETCH_X: gl.constexpr, WGMMA: gl.constexpr, num_warps: gl.constexpr):
     """See the module docstring. After the shrink programs, one (token block, output tile, K chunk)
     per program; token blocks of a tile are adjacent programs, so they read its words from L2
     together. With EXPAND_ITEMS, one more program per tile after those computes R A_tile^T as the
@@ -239,11 +376,12 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, par
     that read R, [2 + tile] the tile's tickets."""
     DTYPE: gl.constexpr = x_ptr.dtype.element_ty
     MMA: gl.constexpr = mma_layout(num_warps)
+    EPI: gl.constexpr = epilogue_layout(WGMMA, BN, BT, num_warps)
     pid = gl.program_id(0)
     if CORRECT:
         if pid < shrink_programs:
-            _shrink(x_ptr, b_ptr, r_ptr, pid, M, K, RANK, stride_xm, stride_bk, shrink_chunk, BT, SBK, RP, MMA,
-                    num_warps)
+            _shrink(x_ptr, b_ptr, r_ptr, pid, M, K, RANK, stride_xm, stride_bk, shrink_chunk, SBT, SBK, RP,
+                    mma_layout(num_warps), num_warps)
             gl.thread_barrier()  # every thread's atomics into R precede the release of the count
             gl.atomic_add(sync_ptr, 1, sem="release")
             return
@@ -256,17 +394,27 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, par
     split = pid // tiles
     contributors = split_k + 1 if CORRECT and EXPAND_ITEMS else split_k
     if CORRECT and EXPAND_ITEMS and split == split_k:
-        total = _expand(r_ptr, a_ptr, sync_ptr, n0, t0, M, N, RANK, tiles, shrink_programs, stride_an,
-                        gl.zeros([BN, BT], gl.float32, MMA), BN, BT, RP, MMA, num_warps)
+        total = gl.convert_layout(_expand(r_ptr, a_ptr, sync_ptr, n0, t0, M, N, RANK, tiles, shrink_programs,
+                                          stride_an, gl.zeros([BN, BT], gl.float32, MMA), BN, BT, RP, MMA, num_warps),
+                                  EPI)
+    elif WGMMA:
+        kb0 = split * (k_chunk // BK)
+        total = _gemm_block_sum_wgmma(x_ptr, w_ptr, s_ptr, z_ptr, n0, t0, kb0, gl.minimum(kb0 + k_chunk // BK, K // BK),
+                                      M, N, magic, stride_xm, stride_sg, stride_zg, HAS_ZEROS, EVEN_N, GROUP_BLOCKS,
+                                      BN, BT, BK, MAGIC_VALUE, num_warps)
+        if CORRECT and split == 0:  # the correction is linear: any one contributor may add it
+            total = _expand_wgmma(r_ptr, a_ptr, sync_ptr, n0, t0, M, N, RANK, tiles, shrink_programs, stride_an,
+                                  total, BN, BT, RP, wgmma_layout(BT, num_warps), num_warps)
+        total = gl.convert_layout(total, EPI)
     else:
         kb0 = split * (k_chunk // BK)
         total = _gemm_block_sum(x_ptr, w_ptr, s_ptr, z_ptr, n0, t0, kb0, gl.minimum(kb0 + k_chunk // BK, K // BK), M,
                                 N, magic, stride_xm, stride_sg, stride_zg, HAS_ZEROS, EVEN_N, GROUP_BLOCKS, BN, BT,
                                 BK, MAGIC_VALUE, PREFETCH_X, MMA, num_warps)
 
-    out_rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+    out_rows = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, EPI))
     n_ok = out_rows < N
-    out_cols = t0 + gl.arange(0, BT, layout=gl.SliceLayout(0, MMA))
+    out_cols = t0 + gl.arange(0, BT, layout=gl.SliceLayout(0, EPI))
     tile_offs = gl.expand_dims(out_cols, 0) * N + gl.expand_dims(out_rows, 1)
     in_tile = gl.expand_dims(n_ok, 1) & gl.expand_dims(out_cols < M, 0)
     last = contributors == 1
@@ -276,11 +424,11 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, par
         last = gl.atomic_add(sync_ptr + 2 + tile, 1, sem="acq_rel") == contributors - 1
         if last:
             gl.atomic_xchg(sync_ptr + 2 + tile, 0)
-            total = gl.zeros([BN, BT], gl.float32, MMA)
+            total = gl.zeros([BN, BT], gl.float32, EPI)
             for s in range(contributors):
                 total += gl.load(part_ptr + s * M * N + tile_offs, mask=in_tile, other=0.0, cache_modifier=".cg")
     if last:
-        if CORRECT and not EXPAND_ITEMS:
+        if CORRECT and not EXPAND_ITEMS and not WGMMA:
             total = _expand(r_ptr, a_ptr, sync_ptr, n0, t0, M, N, RANK, tiles, shrink_programs, stride_an, total,
                             BN, BT, RP, MMA, num_warps)
         if HAS_BIAS:
