@@ -225,7 +225,7 @@ def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm:
             row["error"][name] = relative_error(got, ref)
             row["us"][name] = time_per_call(calls)
             row["bandwidth_fraction"][name] = bytes_moved(name, tokens, k, n) / (row["us"][name] * 1e-6) / bandwidth
-        if sweep == "wgmma" and space.hopper and tokens >= w4a16.WGMMA_MIN_TOKENS:
+        if sweep == "wgmma" and space.hopper:
             row["sweep"] = sweep_wgmma_configs(copies, xs, tokens, k, n)
         elif sweep in ("mma", "triton") and tokens <= w4a16.GEMM_MAX_TOKENS:
             row["sweep"] = (sweep_mma_configs if sweep == "mma" else sweep_configs)(copies, xs, tokens, k, n)
@@ -317,28 +317,32 @@ def sweep_mma_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
     return sweep_report(default, results)
 
 
-WGMMA_TILES = [(64, 64), (64, 128), (128, 64), (128, 128), (256, 64)]  # (tokens, rows): accumulator <= 128 registers
+# (tokens, rows, warps): the accumulator at most 128 registers a thread, 16 rows per warp
+WGMMA_TILES = [(8, 64, 4), (8, 128, 4), (16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 64, 4), (32, 128, 4), (32, 128, 8), (64, 64, 4),
+               (64, 128, 4), (64, 128, 8), (64, 256, 8), (128, 64, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8),
+               (256, 64, 4), (256, 128, 8)]
 
 
 def sweep_wgmma_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
-    """Fastest warpgroup-MMA launch: token x row tile, K split (within the partials workspace),
-    the shrink's chunk; up to 64 tokens also the mma.sync kernel's default, for comparison."""
+    """Fastest warpgroup-MMA launch: token x row tile and warps, K split (within the partials
+    workspace), the shrink's chunk; up to 64 tokens also the mma.sync kernel's default."""
     space = w4a16.workspace(copies[0].qweight.device)
     default = w4a16.choose_mma_config(tokens, n, k, GROUP, space.sm_count, hopper=True)
     timed = config_timer(copies, xs, w4a16.mma_gemm, "fragment_qweight")
     results = {default: timed(default)}
     k_blocks = k // w4a16.fragments_block_k(k, GROUP)
-    splits = (1, 2, 4, 8) if tokens <= w4a16.WORKSPACE_TOKENS else (1,)
-    for block_t, block_n in WGMMA_TILES:
-        if block_t > max(64, 1 << (tokens - 1).bit_length()):
+    base = w4a16.choose_mma_config(max(tokens, w4a16.WGMMA_MIN_TOKENS), n, k, GROUP, space.sm_count, hopper=True)
+    for block_t, block_n, warps in WGMMA_TILES:
+        if block_t > max(16, 1 << (tokens - 1).bit_length()) or (tokens > 64 and block_t < 64):
             continue
-        for split in splits:
-            if split <= k_blocks and split * tokens * n * 4 <= w4a16.PARTIAL_SUM_BYTES:
-                config = dataclasses.replace(default, block_t=block_t, block_n=block_n, split_k=split)
+        for split in (1, 2, 4, 8):
+            fits = split == 1 or (tokens <= w4a16.WORKSPACE_TOKENS and split * tokens * n * 4 <= w4a16.PARTIAL_SUM_BYTES)
+            if split <= k_blocks and fits:
+                config = dataclasses.replace(base, block_t=block_t, block_n=block_n, split_k=split, num_warps=warps)
                 if config not in results:
                     results[config] = timed(config)
     best = min(results, key=results.get)
-    for shrink_blocks in (1, 4):
+    for shrink_blocks in (1, 2, 4, 8):
         config = dataclasses.replace(best, shrink_blocks=shrink_blocks)
         if config not in results:
             results[config] = timed(config)

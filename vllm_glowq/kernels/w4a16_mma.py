@@ -297,6 +297,34 @@ def _scaled_operand_a(words, magic, scale, zero, BN: gl.constexpr, BK: gl.conste
 
 
 @gluon.jit
+def _unpack_block(words, kb, s_ptr, z_ptr, rows, n_ok, magic, stride_sg, stride_zg, HAS_ZEROS: gl.constexpr,
+                  GROUP_BLOCKS: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, MAGIC_VALUE: gl.constexpr,
+                  A_L: gl.constexpr, DTYPE: gl.constexpr):
+    """K block kb's words as scaled codes, operand A of the warpgroup MMA."""
+    group = kb // GROUP_BLOCKS
+    zero = gl.full([BN], MAGIC_VALUE + 8.0, DTYPE, gl.SliceLayout(1, A_L))
+    if HAS_ZEROS:
+        zero = (gl.load(z_ptr + group * stride_zg + rows, mask=n_ok, other=8).to(gl.float32) + MAGIC_VALUE).to(DTYPE)
+    scale = gl.load(s_ptr + group * stride_sg + rows, mask=n_ok, other=0.0)
+    return _scaled_operand_a(words, magic, scale, zero, BN, BK, A_L, DTYPE)
+
+
+@gluon.jit
+def _x_block_ready(x_smem, x_ptrs, x_mask, kb, kb1, buffer, BK: gl.constexpr):
+    """x of K block kb (at x_ptrs) in x_smem[buffer] for every warp, block kb + 1's copy started
+    into the other buffer once every warp's MMAs on it are done."""
+    gl.thread_barrier()
+    if kb + 1 < kb1:
+        async_copy.async_copy_global_to_shared(x_smem.index(1 - buffer), x_ptrs + BK, mask=x_mask)
+        async_copy.commit_group()
+        async_copy.wait_group(1)
+    else:
+        async_copy.wait_group(0)
+    fence_async_shared()
+    gl.thread_barrier()
+
+
+@gluon.jit
 def _gemm_block_sum_wgmma(x_ptr, w_ptr, s_ptr, z_ptr, n0, t0, kb0, kb1, M, N, magic, stride_xm, stride_sg,
                           stride_zg, HAS_ZEROS: gl.constexpr, EVEN_N: gl.constexpr, GROUP_BLOCKS: gl.constexpr,
                           BN: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr, MAGIC_VALUE: gl.constexpr,
@@ -304,8 +332,9 @@ def _gemm_block_sum_wgmma(x_ptr, w_ptr, s_ptr, z_ptr, n0, t0, kb0, kb1, M, N, ma
     """_gemm_block_sum on Hopper's warpgroup MMA, for many tokens: the scaled codes are operand A
     from registers, x (copied a block ahead by cp.async) operand B from shared memory, and the
     accumulator chains across K blocks, so it is held once (64 x 256: 128 registers a thread).
-    The MMAs of one program wait for its unpacking (a next block unpacked during them was
-    scheduled after the wait by ptxas, sm_90 compile); other programs on the SM fill the gap."""
+    A program's MMAs wait for its unpacking: ptxas put the wait for asynchronous MMAs before
+    any unpacking issued behind them, with one set of code registers carried around the loop
+    or two alternating (sm_90 compiles); other warps on the SM fill the gap."""
     DTYPE: gl.constexpr = x_ptr.dtype.element_ty
     S: gl.constexpr = BK // 32
     ACC: gl.constexpr = wgmma_layout(BT, num_warps)
@@ -318,42 +347,26 @@ def _gemm_block_sum_wgmma(x_ptr, w_ptr, s_ptr, z_ptr, n0, t0, kb0, kb1, M, N, ma
     ts = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WL)))
     sig = gl.arange(0, S, layout=gl.SliceLayout(0, gl.SliceLayout(1, WL)))
     rows3 = gl.expand_dims(gl.expand_dims(w_rows, 1), 2)
-    w_ptrs = (w_ptr + kb0 * (4 * N * S) + (gl.expand_dims(gl.expand_dims(ts, 0), 2) * N + rows3) * S
-              + gl.expand_dims(gl.expand_dims(sig, 0), 1))
+    w_ptrs = (w_ptr + (gl.expand_dims(gl.expand_dims(ts, 0), 2) * N + rows3) * S
+              + gl.expand_dims(gl.expand_dims(sig, 0), 1))  # of K block 0: + kb * 4 N S
     w_mask = rows3 < N if not EVEN_N else None
     x_rows = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, XL))
-    x_ptrs = (x_ptr + kb0 * BK + gl.expand_dims(x_rows, 1) * stride_xm
-              + gl.expand_dims(gl.arange(0, BK, layout=gl.SliceLayout(0, XL)), 0))
+    x_ptrs = (x_ptr + gl.expand_dims(x_rows, 1) * stride_xm
+              + gl.expand_dims(gl.arange(0, BK, layout=gl.SliceLayout(0, XL)), 0))  # of K block 0: + kb * BK
     x_mask = gl.expand_dims(x_rows < M, 1)
     x_smem = gl.allocate_shared_memory(DTYPE, [2, BT, BK], gl.NVMMASharedLayout.get_default_for([BT, BK], DTYPE))
-    async_copy.async_copy_global_to_shared(x_smem.index(0), x_ptrs, mask=x_mask)
+    async_copy.async_copy_global_to_shared(x_smem.index(0), x_ptrs + kb0 * BK, mask=x_mask)
     async_copy.commit_group()
-    zero = gl.full([BN], MAGIC_VALUE + 8.0, DTYPE, gl.SliceLayout(1, A_L))
     total = gl.zeros([BN, BT], gl.float32, ACC)
-    words_next = gl.load(w_ptrs, mask=w_mask, other=0 if not EVEN_N else None)
+    words = gl.load(w_ptrs + kb0 * (4 * N * S), mask=w_mask, other=0 if not EVEN_N else None)
     for kb in range(kb0, kb1):
-        buffer = (kb - kb0) % 2
-        words = words_next
-        if kb + 1 < kb1:  # the next block's words in flight while this one is unpacked
-            w_ptrs += 4 * N * S
-            words_next = gl.load(w_ptrs, mask=w_mask, other=0 if not EVEN_N else None)
-        group = kb // GROUP_BLOCKS
-        if HAS_ZEROS:
-            zero = (gl.load(z_ptr + group * stride_zg + rows, mask=n_ok, other=8).to(gl.float32)
-                    + MAGIC_VALUE).to(DTYPE)
-        scale = gl.load(s_ptr + group * stride_sg + rows, mask=n_ok, other=0.0)
-        codes = _scaled_operand_a(words, magic, scale, zero, BN, BK, A_L, DTYPE)
-        gl.thread_barrier()  # every warp's MMAs on the other buffer are done
-        if kb + 1 < kb1:
-            async_copy.async_copy_global_to_shared(x_smem.index(1 - buffer), x_ptrs + BK, mask=x_mask)
-            async_copy.commit_group()
-            async_copy.wait_group(1)
-        else:
-            async_copy.wait_group(0)
-        x_ptrs += BK
-        fence_async_shared()
-        gl.thread_barrier()
-        total = warpgroup_mma(codes, x_smem.index(buffer).permute((1, 0)), total)
+        codes = _unpack_block(words, kb, s_ptr, z_ptr, rows, n_ok, magic, stride_sg, stride_zg, HAS_ZEROS,
+                              GROUP_BLOCKS, BN, BK, MAGIC_VALUE, A_L, DTYPE)
+        # the next block's words in flight while this one's MMAs run
+        words = gl.load(w_ptrs + gl.minimum(kb + 1, kb1 - 1) * (4 * N * S), mask=w_mask,
+                        other=0 if not EVEN_N else None)
+        _x_block_ready(x_smem, x_ptrs + kb * BK, x_mask, kb, kb1, (kb - kb0) % 2, BK)
+        total = warpgroup_mma(codes, x_smem.index((kb - kb0) % 2).permute((1, 0)), total)
     return total
 
 
