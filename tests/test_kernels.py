@@ -7,9 +7,9 @@
   tensor-core GEMM's dialect, has no interpreter: it is tested on the GPU only); the GEMM kernel (shrink programs, split-K tickets, last-arrival
   epilogue, workspace cleanup) on small odd shapes, sym and asym, group sizes 64/128/per-row,
   with and without a correction. float16 (the interpreter has no bfloat16 arithmetic).
-* GPU (skipped without CUDA), for both layouts: every path (tensor-core kernel; Triton kernel:
-  one token without tensor cores, <= 64 tokens on the tensor cores; dequantize + cuBLAS above
-  GEMM_MAX_TOKENS; and each GEMM kernel itself up to
+* GPU (skipped without CUDA), for both layouts: every path (tensor-core kernel, on Hopper on the
+  warpgroup MMA from 17 to WGMMA_MAX_TOKENS tokens; Triton kernel: one token without tensor
+  cores, <= 64 tokens on the tensor cores; dequantize + cuBLAS above; and each GEMM kernel itself up to
   WORKSPACE_TOKENS, where more than 16 rows run the interleaved tile) on the Llama-3-8B
   layer shapes and odd ones, bf16 and fp16, sym and asym, group sizes 64/128/-1, rank 0/16/64,
   repeated on fresh inputs (a race shows as a moving error); inside a CUDA graph replayed many
@@ -221,7 +221,7 @@ def test_interpreted_gemm_matches_reference(interpreted, case):
 # K, N: Llama-3-8B's qkv, gate_up and down (o_proj has qkv's K), and odd ones (N not a multiple of
 # any tile; K = 576 has no 128 block: SmolLM2's hidden size)
 GPU_SHAPES = [(4096, 6144), (4096, 28672), (14336, 4096), (576, 1000), (1152, 600)]
-GPU_TOKENS = [1, 7, 16, 64, 100, 256, 300]
+GPU_TOKENS = [1, 7, 16, 64, 100, 256, 300, 600]
 
 
 @cuda

@@ -9,12 +9,13 @@ rank. On the H200 (bench/results/kernel/micro_mma_fused_2026-12-03.json) a Llama
 layer with the correction took 72.8 / 92.2 / 207.7 us at 1 / 16 / 64 tokens on the tensor-core
 kernel, 75.5 / 173.0 / 417.4 on the Triton kernel.
 
-Up to GEMM_MAX_TOKENS tokens (decode, small batches) one GEMM launch does everything.
-Above it the layer's weight, with the correction folded in, is dequantized into a shared dense
-workspace and multiplied by cuBLAS. On the H200 (bench/results/kernel/micro_vs_vllm.json,
-2026-12-02) a Llama-3-8B decoder layer with the correction took 462 us in the Triton kernel's
-mainloop and 805 us dequantized at 64 tokens, 1314 against 858 us at 256: the crossover lay
-between 64 and 256 (the tensor-core kernel, at 208 us for 64 tokens, moves it up; not timed yet).
+Up to GEMM_MAX_TOKENS tokens (decode, small batches) one GEMM launch does everything; on
+Hopper the tensor-core kernel runs on the warpgroup MMA from WGMMA_MIN_TOKENS to
+WGMMA_MAX_TOKENS tokens (mma.sync below). Above that the layer's weight, with the correction
+folded in, is dequantized into a shared dense workspace and multiplied by cuBLAS. On the H200
+(bench/results/kernel/micro_wgmma_sweep*_2026-12-04.json) a Llama-3-8B decoder layer with the
+correction took 122 us at 64 tokens on the warpgroup MMA (mma.sync: about 151), 342 against 474
+dequantized at 256, 582 against 598 at 512, 2306 against 1434 at 2048.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ GEMM_MAX_TOKENS = 64
 MAX_BLOCK_K = 128
 SHRINK_MAX_TOKENS = 64  # tokens per shrink program of the tensor-core kernel (its R tile: RP x tokens)
 WORKSPACE_TOKENS = 256
-# Above 16 tokens on Hopper the tensor-core kernel runs on the warpgroup MMA, up to this many
-# tokens in one launch (its R workspace: 2 MB at rank 64); forward() dequantizes beyond.
-WGMMA_MAX_TOKENS = 8192
-WGMMA_MIN_TOKENS = 17  # rows the gemm workspace holds (the microbenchmark times gemm up to here)
+# From 17 tokens on Hopper the tensor-core kernel runs on the warpgroup MMA, up to this many
+# tokens; forward() dequantizes beyond. H200, a Llama-3-8B decoder layer with the correction
+# (bench/results/kernel/micro_wgmma_sweep*_2026-12-04.json): 582 us at 512 tokens against 598
+# dequantized, 2306 against 1434 at 2048.
+WGMMA_MIN_TOKENS = 17
+WGMMA_MAX_TOKENS = 512  # rows the gemm workspace holds (the microbenchmark times gemm up to here)
 PARTIAL_SUM_BYTES = 32 * 1024**2  # split-K partials that choose_gemm_config splits into (fp32 tiles)
 _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}  # bits and value of MAGIC
 
@@ -350,16 +353,44 @@ def choose_mma_config(tokens: int, n: int, k: int, group_size: int, sm_count: in
 
 
 def choose_wgmma_config(tokens: int, n: int, k_blocks: int, sm_count: int) -> MmaConfig:
-    """Hopper's warpgroup MMA above 16 tokens. Not timed yet (first guesses; the sweep times them):
-    64-token tiles of 128 rows up to 64 tokens, above that 128 tokens of 64 rows (the accumulator
-    at most 64 registers a thread: split K sums partials in the same tile); K split until about
-    two programs per SM, only within the partials workspace (WORKSPACE_TOKENS)."""
-    block_t, block_n = (64, 128) if tokens <= 64 else (128, 64)
+    """Hopper's warpgroup MMA from WGMMA_MIN_TOKENS up, from the H200 sweep
+    (bench/results/kernel/micro_wgmma_sweep2_2026-12-04.json; us per call, Llama-3-8B layers, the
+    rule's launch -> the sweep's best where they differ):
+
+    * tokens per tile 32 up to 32 tokens, else 64, except very wide layers (gate_up) above 64:
+      128 x 256 rows on 8 warps up to 128 tokens, 256 x 128 up to 256 (80.5 and 151.3 against
+      87.8 and 167.0 on 128 x 64), 128 x 64 beyond;
+    * rows per tile 64 up to 32 tokens (gate_up at 32: 37.9 against 47.4 with 64 x 128), then 128
+      for very wide layers up to 64 tokens and long K (down), else 64 while the layer has rows
+      for most SMs in 64-row tiles (qkv at 256: 44.3), 128 where it has fewer (o_proj at 256:
+      31.4, at 512 56.0 against 70.1);
+    * above 64 tokens long K in 128-token tiles of 64 rows up to 128 tokens (down: 48.8);
+    * K split to about 3 programs per SM (a power of two, at most 8; long K twice that up to 64
+      tokens: down at 32, 24.1 with 8 against 27.8 with 4), very wide layers in one chunk;
+    * the shrink's chunk: 8 K blocks for very wide layers above 64 tokens (gate_up at 128: 80.5
+      against 87.5 with 2), 4 for long K (down at 256: 82.6 against 85.5), else 2.
+
+    Up to 16 tokens the mma.sync kernel stays (within 1 us of the best everywhere but down)."""
+    wide = n // 64 >= 3 * sm_count
+    long_k = k_blocks >= 64
+    warps = 4
+    if wide and tokens > 64:
+        block_t, block_n, warps = (128, 256, 8) if tokens <= 128 else (256, 128, 8) if tokens <= 256 else (128, 64, 4)
+    elif long_k and 64 < tokens <= 128:
+        block_t, block_n = 128, 64
+    else:
+        block_t = 32 if tokens <= 32 else 64
+        few_rows = n // 64 < 0.7 * sm_count
+        block_n = 64 if tokens <= 32 else 128 if wide or long_k or (few_rows and tokens > 64) else 64
     tiles = math.ceil(tokens / block_t) * math.ceil(n / block_n)
     split = 1
-    if tokens <= WORKSPACE_TOKENS:
-        split = max(1, min(8, k_blocks // 4, round(2 * sm_count / tiles), PARTIAL_SUM_BYTES // (4 * tokens * n)))
-    return MmaConfig(block_n, block_t, split, shrink_blocks=2, expand_items=False, wgmma=True)
+    if not wide and tokens <= WORKSPACE_TOKENS:
+        wanted = 3 * sm_count / tiles * (2 if long_k and tokens <= 64 else 1)
+        split = 1 << max(0, math.floor(math.log2(max(1.0, wanted))))
+        split = max(1, min(8, k_blocks, split, PARTIAL_SUM_BYTES // (4 * tokens * n)))
+    shrink_blocks = 8 if wide and tokens > 64 else 4 if long_k and tokens > 64 else 2
+    return MmaConfig(block_n, block_t, split, num_warps=warps, shrink_blocks=shrink_blocks, expand_items=False,
+                     wgmma=True)
 
 
 def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
