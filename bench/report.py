@@ -22,6 +22,7 @@ NAMES = {
     "fp8": "FP8 on the bf16 model",
     "glowq_own": "GlowQ through the project's kernel",
     "int4_own": "plain int4 through the project's kernel",
+    "glowq_vllm": "GlowQ on vLLM's kernel, the correction on a side stream",
 }
 COMMANDS = {
     "prepare": "bash bench/run_h200.sh prepare",
@@ -37,11 +38,23 @@ COMMANDS = {
     "kernel-tests": "GLOWQ_GPU_TESTS_WORKERS=12 GLOWQ_GPU_TESTS_SELECT=fragments bash bench/run_h200.sh gpu-tests "
                     "tests/test_kernels.py",
     "kernel-alone": "cd bench && python3 kernel_microbench.py --no-vllm --sweep --out micro_own.json",
+    "wgmma-tests": "GLOWQ_GPU_TESTS_WORKERS=8 GLOWQ_GPU_TESTS_SELECT=warpgroup bash bench/run_h200.sh gpu-tests "
+                   "tests/test_kernels.py",
+    "wgmma-sweep": "GLOWQ_BENCH_NO_VLLM=1 GLOWQ_BENCH_SWEEP=wgmma GLOWQ_BENCH_TOKENS=8,16,32,64,128,256,512 "
+                   "bash bench/run_h200.sh kernel  # kernel/micro_wgmma_sweep2_2026-12-04.json",
+    "kernel-tests-wgmma": "GLOWQ_GPU_TESTS_WORKERS=12 GLOWQ_GPU_TESTS_SELECT='fragments or warpgroup' bash "
+                          "bench/run_h200.sh gpu-tests tests/test_kernels.py",
+    "kernel-vs-vllm": "GLOWQ_BENCH_TOKENS=1,16,64,128,256,512,2048 bash bench/run_h200.sh kernel  "
+                      "# kernel/micro_vs_vllm_wgmma_2026-12-04.json",
+    "issue10-wgmma": "GLOWQ_BENCH_BUDGET_S=540 bash bench/run_h200.sh vllm gptq glowq_own int4_own  # vllm_wgmma_2026-12-04",
+    "issue10-anchors": "GLOWQ_BENCH_BUDGET_S=360 bash bench/run_h200.sh vllm glowq_own marlin fp8  "
+                       "# vllm_wgmma_anchors_2026-12-04",
+    "plugin-tests": "bash bench/run_h200.sh gpu-tests tests/test_plugin_gpu.py",
     **{stage: f"bash bench/run_h200.sh {stage}" for stage in ("moe-prepare", "moe-calibrate", "moe-vllm", "moe-vllm-rest", "moe-micro")},
 }
 # Runs in report order; the targets come from the first run that measured them. Runs named
 # *before_op* are the previous session's (correction as two cuBLAS GEMMs in series).
-RUN_ORDER = ("vllm_own_2026-12-04", "vllm_main", "vllm_overlap_first", "vllm_path_split", "vllm_path_fused",
+RUN_ORDER = ("vllm_wgmma_2026-12-04", "vllm_wgmma_anchors_2026-12-04", "vllm_own_2026-12-04", "vllm_main", "vllm_overlap_first", "vllm_path_split", "vllm_path_fused",
              "vllm_before_op_main", "vllm_before_op_rest", "vllm_issue10")
 
 
@@ -155,17 +168,19 @@ def _sweep_names(micro: dict) -> list[str]:
 
 # The kernel microbenchmark beside vLLM's kernels in one call (the targets' figures), and the
 # latest one of the project's kernel alone.
-KERNEL_RUN = "micro_vs_vllm_2026-12-04.json"
-KERNEL_RUN_LATEST = "micro_own_2026-12-04.json"
-KERNEL_RUN_LATEST_TITLE = ("The tensor-core kernel with the defaults of the sweep above and the correction folded into "
-                           "the prefill dequantize (2026-12-04, later call)")
-KERNEL_COLUMNS = ("glowq", "int4", "machete", "marlin", "machete+corr", "glowq_triton", "int4_triton", "bf16")
+KERNEL_RUN = "micro_vs_vllm_wgmma_2026-12-04.json"
+KERNEL_RUN_LATEST: str | None = None  # a later call of the project's kernel alone, if there is one
+KERNEL_RUN_LATEST_TITLE = ""
+KERNEL_COLUMNS = ("glowq", "int4", "machete", "marlin", "machete+corr", "glowq_dense", "int4_dense", "glowq_triton",
+                  "int4_triton", "bf16")
 LAYER_ORDER = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 KERNEL_CAPTION = (
     "`glowq` / `int4`: the project's tensor-core kernel (kernels/w4a16_mma.py, Gluon) with / without the correction, "
-    "as forward() runs it: up to GEMM_MAX_TOKENS one launch; above, dequantize + cuBLAS; `machete`, `marlin`: vLLM "
+    "as forward() runs it: one launch up to WGMMA_MAX_TOKENS (512; mma.sync up to 16 tokens, Hopper's warpgroup MMA "
+    "above), dequantize + cuBLAS beyond; `glowq_dense` / `int4_dense`: dequantize + cuBLAS where forward() runs the "
+    "warpgroup MMA instead; `machete`, `marlin`: vLLM "
     "0.26's int4 kernels on the same codes; `machete+corr`: the plugin's default path (Machete with the correction "
     "on a side stream, torch.ops.glowq.linear); `glowq_triton` / `int4_triton`: the project's earlier Triton kernel "
     "(kernels/w4a16_triton.py); `bf16`: cuBLAS on the dense weight.")
@@ -356,7 +371,7 @@ def build(results: Path) -> str:
         engine_figures, sources = issue10_engine_figures(runs)
         out += ["## The project's W4A16 kernel (issue 10)", ""] + [f"- {n}" for n in meta.get("kernel_notes", [])]
         out += [""] + lines + [""]
-        tensor_core = load(results / "kernel" / KERNEL_RUN_LATEST)
+        tensor_core = KERNEL_RUN_LATEST and load(results / "kernel" / KERNEL_RUN_LATEST)
         if tensor_core:
             out += [f"### {KERNEL_RUN_LATEST_TITLE}", ""]
             out += kernel_section(tensor_core, TENSOR_CORE_COLUMNS, TENSOR_CORE_CAPTION)[0] + [""]

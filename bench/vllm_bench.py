@@ -54,6 +54,7 @@ VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
     "fp8": {"engine": {"quantization": "fp8"}},  # vLLM's FP8 (CUTLASS) on the bf16 model
     "glowq_own": {"env": {"VLLM_GLOWQ_KERNEL": "glowq"}},  # the project's kernel, correction fused in
     "int4_own": {"env": {"VLLM_GLOWQ_KERNEL": "glowq"}},  # plain int4 through the project's kernel
+    "glowq_vllm": {"env": {"VLLM_GLOWQ_KERNEL": "vllm"}},  # vLLM's kernel, the correction on a side stream
     "lora": {"engine": {"enable_lora": True, "max_lora_rank": 64, "max_loras": 1}},  # EoRA as users serve it
 }
 MODEL_SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "num_experts", "num_local_experts",

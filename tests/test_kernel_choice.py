@@ -13,19 +13,20 @@ NO_GLOWQ = "the GlowQ int4 kernel runs on CUDA GPUs only"
 
 
 @pytest.mark.parametrize(
-    "mode, vllm_kernel, glowq_refusal, expected",
+    "mode, vllm_kernel, glowq_refusal, glowq_faster, expected",
     [
-        ("auto", MACHETE, None, "vllm"),  # measured faster where it exists (docs/benchmarks.md)
-        ("auto", None, None, "glowq"),  # vLLM has nothing for the layer: the project's kernel, not dense
-        ("auto", None, NO_GLOWQ, "dense"),  # neither (this CPU)
-        ("vllm", MACHETE, None, "vllm"),
-        ("vllm", None, None, "dense"),  # the plugin as it was before the project's kernel
-        ("glowq", MACHETE, None, "glowq"),
-        ("dense", MACHETE, None, "dense"),
+        ("auto", MACHETE, None, True, "glowq"),  # a corrected layer on Hopper (docs/benchmarks.md)
+        ("auto", MACHETE, None, False, "vllm"),  # plain int4 layers, other GPUs
+        ("auto", None, None, False, "glowq"),  # vLLM has nothing for the layer: the project's kernel, not dense
+        ("auto", None, NO_GLOWQ, False, "dense"),  # neither (this CPU)
+        ("vllm", MACHETE, None, True, "vllm"),
+        ("vllm", None, None, False, "dense"),  # the plugin as it was before the project's kernel
+        ("glowq", MACHETE, None, False, "glowq"),
+        ("dense", MACHETE, None, True, "dense"),
     ],
 )
-def test_choice_per_mode(mode, vllm_kernel, glowq_refusal, expected):
-    choice = kernel_choice.choose(mode, vllm_kernel, NO_VLLM, glowq_refusal)
+def test_choice_per_mode(mode, vllm_kernel, glowq_refusal, glowq_faster, expected):
+    choice = kernel_choice.choose(mode, vllm_kernel, NO_VLLM, glowq_refusal, glowq_faster)
     assert choice.kind == expected
     if expected == "dense" and mode == "auto":
         assert NO_VLLM in choice.why and NO_GLOWQ in choice.why  # the log says why both were refused

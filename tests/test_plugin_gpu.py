@@ -70,8 +70,9 @@ NOISE_MEAN_SANITY = 0.15  # the unquantized model's own mean |delta| (expected ~
 FALLBACK_WARNING = "run dense-fallback"
 N_QUANTIZED_LAYERS = 8  # 2 decoder layers x (qkv, o, gate_up, down)
 MODES = {"eager": True, "compiled": False}  # name -> enforce_eager
-# VLLM_GLOWQ_KERNEL per engine: vLLM's kernel (the default on Hopper) and the project's own
-KERNELS = {"vllm": "auto", "glowq": "glowq"}
+# VLLM_GLOWQ_KERNEL per engine: vLLM's kernel with the correction beside it, and the project's own
+# (auto's choice for corrected layers on Hopper)
+KERNELS = {"vllm": "vllm", "glowq": "glowq"}
 # Engines are a minute each on the GPU machine: vLLM's kernel in both modes, the project's kernel
 # the way vLLM runs by default (compiled, CUDA graphs)
 ENGINES = [(name, mode, "vllm") for name in ("sym", "asym") for mode in MODES] + [

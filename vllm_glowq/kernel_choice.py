@@ -5,13 +5,16 @@ kernels repack them; the project's kernel reads the checkpoint's GPTQ layout as 
 
 `VLLM_GLOWQ_KERNEL` forces a choice for benchmarks and debugging:
 
-* `auto` (default): vLLM's kernel where it has one for the layer, else the project's kernel
-  (odd shapes, asymmetric zero points vLLM cannot pack, GPUs vLLM has no W4A16 kernel for),
-  else dense dequantized weights. On the H200 the project's tensor-core kernel (Gluon) serves
-  GlowQ faster than plain int4 on Machete at batch 1 and 16 but slower at 64, in throughput
-  and in time to first token (docs/benchmarks.md, `vllm_own_2026-12-04`); one layout is kept
-  per layer, so the choice must hold for every batch, and it stays vLLM's, whose kernels win
-  where a server is busy;
+* `auto` (default): the project's kernel for layers with a correction where it runs on the
+  warpgroup MMA (Hopper): on the H200 GlowQ through it decodes at 1.21 / 1.03 / 1.03x plain
+  int4 on Machete at batch 1 / 16 / 64 with 0.90x the throughput, against 0.82-0.86 / 0.79-0.82
+  / 0.78-0.89x and 0.91-0.92x for Machete with the correction on a side stream (runs
+  `vllm_wgmma_2026-12-04` and `vllm_issue10`, `vllm_main`, `vllm_overlap_first`:
+  docs/benchmarks.md). Elsewhere vLLM's kernel where it has one for the layer (plain int4
+  layers: Machete's throughput is 6% higher; other GPUs: not measured), else the project's
+  kernel (odd shapes, asymmetric zero points vLLM cannot pack, GPUs vLLM has no W4A16 kernel
+  for), else dense dequantized weights. One layout is kept per layer, so a choice holds for
+  every batch;
 * `glowq`: the project's kernel with the correction fused in; a layer it cannot run is an error;
 * `vllm`: vLLM's kernel, dense weights where it has none (the plugin before the project's kernel);
 * `dense`: dense dequantized weights everywhere (a reference for debugging).
@@ -45,17 +48,22 @@ class KernelChoice:
     why: str
 
 
-def choose(mode: str, vllm_kernel: str | None, vllm_refusal: str, glowq_refusal: str | None) -> KernelChoice:
+def choose(mode: str, vllm_kernel: str | None, vllm_refusal: str, glowq_refusal: str | None,
+           glowq_faster: bool = False) -> KernelChoice:
     """`vllm_kernel`: the class name vLLM would use (None: `vllm_refusal` says why not);
-    `glowq_refusal`: why the project's kernel cannot run the layer (None: it can)."""
+    `glowq_refusal`: why the project's kernel cannot run the layer (None: it can);
+    `glowq_faster`: the project's kernel was measured faster for such a layer on this GPU."""
     if mode == DENSE:
         return KernelChoice(DENSE, f"{ENV_KERNEL}=dense")
     if mode == GLOWQ:
         if glowq_refusal is not None:
             raise GlowQFormatError(f"{ENV_KERNEL}=glowq, but {glowq_refusal}; unset it or use vllm.")
         return KernelChoice(GLOWQ, f"{ENV_KERNEL}=glowq")
+    if mode == "auto" and glowq_faster and glowq_refusal is None:
+        return KernelChoice(GLOWQ, "the correction fused into the project's kernel is faster here than vLLM's kernel "
+                                   "with the correction beside it")
     if vllm_kernel is not None:
-        why = f"{ENV_KERNEL}=vllm" if mode == VLLM else "vLLM's kernel is the faster one for busy servers"
+        why = f"{ENV_KERNEL}=vllm" if mode == VLLM else "vLLM's kernel is the faster one for this layer here"
         return KernelChoice(VLLM, why)
     if mode == "auto" and glowq_refusal is None:
         return KernelChoice(GLOWQ, f"vLLM has no int4 kernel for it ({vllm_refusal})")

@@ -252,8 +252,9 @@ class GlowQLinearMethod(LinearMethodBase):
         vllm_kernel, vllm_refusal = self._choose_vllm_kernel()
         geo = self.geometry
         glowq_refusal = self._glowq_kernel_refusal(layer)
+        glowq_faster = self.has_factors and glowq_refusal is None and self._on_warpgroup_mma(layer)
         choice = kernel_choice.choose(kernel_choice.kernel_mode(), vllm_kernel and vllm_kernel.__name__,
-                                      vllm_refusal, glowq_refusal)
+                                      vllm_refusal, glowq_refusal, glowq_faster)
         if self.has_factors:
             for name in (FACTOR_A, FACTOR_B):  # plain Parameters for torch.compile (notes §7.2)
                 data = getattr(layer, name).data.to(self.params_dtype)
@@ -295,6 +296,16 @@ class GlowQLinearMethod(LinearMethodBase):
 
         return w4a16.unsupported_reason(self.geometry.k_local, self.geometry.n_local, self._glowq_group_size(),
                                         self.params_dtype, device)
+
+    def _on_warpgroup_mma(self, layer: torch.nn.Module) -> bool:
+        """Whether the project's tensor-core kernel runs this layer here on Hopper's warpgroup MMA
+        (where it was measured faster than vLLM's kernel with the correction beside it)."""
+        from .kernels import w4a16
+
+        geo = self.geometry
+        device = layer.qweight.device
+        return (w4a16.workspace(device).hopper and w4a16.mma_unsupported_reason(
+            geo.k_local, geo.n_local, self._glowq_group_size(), self.params_dtype, device) is None)
 
     def _glowq_group_size(self) -> int:
         return self.geometry.k_local if self.kernel_group_size == -1 else self.kernel_group_size
