@@ -325,7 +325,8 @@ WGMMA_TILES = [(8, 64, 4), (8, 128, 4), (16, 64, 4), (16, 128, 4), (16, 128, 8),
 
 def sweep_wgmma_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
     """Fastest warpgroup-MMA launch: token x row tile and warps, K split (within the partials
-    workspace), the shrink's chunk; up to 64 tokens also the mma.sync kernel's default."""
+    workspace), codes from registers or through shared memory, the shrink's chunk; up to 64
+    tokens also the mma.sync kernel's default."""
     space = w4a16.workspace(copies[0].qweight.device)
     default = w4a16.choose_mma_config(tokens, n, k, GROUP, space.sm_count, hopper=True)
     timed = config_timer(copies, xs, w4a16.mma_gemm, "fragment_qweight")
@@ -338,9 +339,11 @@ def sweep_wgmma_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
         for split in (1, 2, 4, 8):
             fits = split == 1 or (tokens <= w4a16.WORKSPACE_TOKENS and split * tokens * n * 4 <= w4a16.PARTIAL_SUM_BYTES)
             if split <= k_blocks and fits:
-                config = dataclasses.replace(base, block_t=block_t, block_n=block_n, split_k=split, num_warps=warps)
-                if config not in results:
-                    results[config] = timed(config)
+                for codes_in_smem in (False, True):
+                    config = dataclasses.replace(base, block_t=block_t, block_n=block_n, split_k=split,
+                                                 num_warps=warps, codes_in_smem=codes_in_smem)
+                    if config not in results:
+                        results[config] = timed(config)
     best = min(results, key=results.get)
     for shrink_blocks in (1, 2, 4, 8):
         config = dataclasses.replace(best, shrink_blocks=shrink_blocks)

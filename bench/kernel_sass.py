@@ -67,7 +67,8 @@ MMA_INTEGERS = ("M", "N", "K", "RANK", "split_k", "k_chunk", "shrink_chunk", "sh
 
 
 def compile_mma(block_t: int, block_n: int, correct: bool, prefetch_x: bool = True, warps: int = 4,
-                wgmma: bool = False, zeros: bool = False):
+                wgmma: bool = False, zeros: bool = False,
+                codes_in_smem: bool = False):
     """The tensor-core kernel (w4a16_mma.gemm_kernel) for sm_90, symmetric codes, rank 64, K block 128."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -75,7 +76,7 @@ def compile_mma(block_t: int, block_n: int, correct: bool, prefetch_x: bool = Tr
 
     constexprs = dict(HAS_ZEROS=zeros, HAS_BIAS=False, CORRECT=correct, EXPAND_ITEMS=False, EVEN_N=True,
                       GROUP_BLOCKS=1, BN=block_n, BT=block_t, BK=128, RP=64, SBT=min(64, block_t), SBK=64,
-                      MAGIC_VALUE=128.0, PREFETCH_X=prefetch_x, WGMMA=wgmma, num_warps=warps)
+                      MAGIC_VALUE=128.0, PREFETCH_X=prefetch_x, WGMMA=wgmma, CODES_IN_SMEM=codes_in_smem, num_warps=warps)
     signature = {**{k: f"*{v}" for k, v in MMA_POINTERS.items()}, **{k: "i32" for k in MMA_INTEGERS},
                  **{k: "constexpr" for k in constexprs}}
     names = w4a16_mma.gemm_kernel.arg_names
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--mma", action="store_true", help="the tensor-core kernel (w4a16_mma.py) instead")
     parser.add_argument("--wgmma", action="store_true", help="tensor-core kernel: Hopper's warpgroup MMA")
     parser.add_argument("--zeros", action="store_true", help="tensor-core kernel: asymmetric codes")
+    parser.add_argument("--codes-in-smem", action="store_true", help="warpgroup MMA: codes through shared memory")
     args = parser.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     configs = DEFAULTS if args.block_m is None else [dict(block_m=args.block_m, block_n=args.block_n, warps=args.warps,
@@ -139,7 +141,7 @@ def main() -> None:
     print(f"Triton {triton.__version__}, target sm_90")
     if args.mma:
         kernel = compile_mma(args.block_m or 16, args.block_n, args.correct, not args.no_prefetch_x, args.warps,
-                             args.wgmma, args.zeros)
+                             args.wgmma, args.zeros, args.codes_in_smem)
         print(f"tensor-core kernel, {args.block_m or 16} tokens x {args.block_n} rows: {describe(kernel, args.block_n)}")
         return
     for config in configs:

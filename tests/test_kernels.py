@@ -300,8 +300,9 @@ def test_gpu_fragments_either_expander_and_one_k_chunk_match_reference(shape, sy
 @pytest.mark.parametrize("sym,group,rank", [(True, 128, 64), (False, 64, 16), (True, -1, 0)],
                          ids=["sym-r64", "asym-r16", "rows-r0"])
 def test_gpu_warpgroup_mma_tiles_match_reference(shape, dtype, sym, group, rank):
-    """Every warpgroup-MMA tile the sweep tries (Hopper only), in one K chunk and split, at token
-    counts that fill a tile, leave one short, and need several token tiles."""
+    """Warpgroup-MMA tiles of both token ranges, 4 and 8 warps, codes from registers and through
+    shared memory (Hopper only), in one K chunk and split, at token counts that fill a tile,
+    leave one short, and need several token tiles."""
     from vllm_glowq.kernels import w4a16
 
     if not w4a16.workspace(torch.device("cuda", 0)).hopper:
@@ -313,10 +314,13 @@ def test_gpu_warpgroup_mma_tiles_match_reference(shape, dtype, sym, group, rank)
     space = w4a16.workspace(torch.device("cuda", 0))
     space.reserve(n, k, rank, dtype)
     bias = torch.randn(n, device="cuda", dtype=dtype)
-    for block_t, block_n in ((64, 64), (64, 128), (128, 64), (128, 128), (256, 64)):
+    tiles = [(64, 64, 4, False), (64, 128, 4, True), (128, 64, 4, False), (128, 128, 4, True), (256, 64, 4, False),
+             (32, 64, 4, True), (128, 256, 8, False), (256, 128, 8, True)]  # tokens, rows, warps, codes in smem
+    for block_t, block_n, warps, codes_in_smem in tiles:
         for tokens in (17, block_t, 300):
             for split_k in (1, 3) if tokens <= w4a16.WORKSPACE_TOKENS else (1,):
-                config = w4a16.MmaConfig(block_n, block_t, split_k, expand_items=False, wgmma=True)
+                config = w4a16.MmaConfig(block_n, block_t, split_k, num_warps=warps, expand_items=False, wgmma=True,
+                                         codes_in_smem=codes_in_smem)
                 x = torch.randn(tokens, k, device="cuda", dtype=dtype)
                 out = w4a16.mma_gemm(x, layer["qweight"], layer["scales"], layer["zeros"], bias, layer["factor_b"],
                                      layer["factor_a"], layer["group"], config)

@@ -289,6 +289,7 @@ class MmaConfig:
     expand_items: bool = True
     prefetch_x: bool = False  # x of the next K block copied ahead (cp.async): pays for 64-token tiles
     wgmma: bool = False  # Hopper's warpgroup MMA (x always copied ahead), for many tokens
+    codes_in_smem: bool = False  # warpgroup MMA: codes through shared memory, unpacked during the previous MMAs
 
 
 def fragments_block_k(k: int, group_size: int) -> int | None:
@@ -440,7 +441,8 @@ def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
         EVEN_N=n % config.block_n == 0,
         GROUP_BLOCKS=group_size // block_k, BN=config.block_n, BT=config.block_t, BK=block_k,
         RP=max(16, 1 << max(0, rank - 1).bit_length()), SBT=shrink_block_t, SBK=min(64, block_k),
-        MAGIC_VALUE=magic_value, PREFETCH_X=config.prefetch_x, WGMMA=config.wgmma, num_warps=config.num_warps)
+        MAGIC_VALUE=magic_value, PREFETCH_X=config.prefetch_x, WGMMA=config.wgmma,
+        CODES_IN_SMEM=config.codes_in_smem, num_warps=config.num_warps)
     if os.environ.get("GLOWQ_DEBUG") and config not in _reported:
         _reported.add(config)
         print(f"mma_gemm {config}: regs {handle.n_regs} spills {handle.n_spills} smem {handle.metadata.shared}",

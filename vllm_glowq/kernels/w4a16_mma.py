@@ -337,13 +337,15 @@ def _x_block_ready(x_smem, x_ptrs, x_mask, kb, kb1, buffer, BK: gl.constexpr):
 def _gemm_block_sum_wgmma(x_ptr, w_ptr, s_ptr, z_ptr, n0, t0, kb0, kb1, M, N, magic, stride_xm, stride_sg,
                           stride_zg, HAS_ZEROS: gl.constexpr, EVEN_N: gl.constexpr, GROUP_BLOCKS: gl.constexpr,
                           BN: gl.constexpr, BT: gl.constexpr, BK: gl.constexpr, MAGIC_VALUE: gl.constexpr,
-                          num_warps: gl.constexpr):
+                          CODES_IN_SMEM: gl.constexpr, num_warps: gl.constexpr):
     """_gemm_block_sum on Hopper's warpgroup MMA, for many tokens: the scaled codes are operand A
     from registers, x (copied a block ahead by cp.async) operand B from shared memory, and the
     accumulator chains across K blocks, so it is held once (64 x 256: 128 registers a thread).
-    A program's MMAs wait for its unpacking: ptxas put the wait for asynchronous MMAs before
-    any unpacking issued behind them, with one set of code registers carried around the loop
-    or two alternating (sm_90 compiles); other warps on the SM fill the gap."""
+    From registers, a program's MMAs wait for its unpacking: ptxas put the wait for asynchronous
+    MMAs before any unpacking issued behind them, with one set of code registers carried around
+    the loop or two alternating (sm_90 compiles). With CODES_IN_SMEM the codes go through two
+    shared buffers (stmatrix) and block kb + 1 is unpacked while block kb's MMAs run, which
+    ptxas keeps (sm_90 compile; not timed yet: the sweep and the GPU test try it)."""
     DTYPE: gl.constexpr = x_ptr.dtype.element_ty
     S: gl.constexpr = BK // 32
     ACC: gl.constexpr = wgmma_layout(BT, num_warps)
@@ -368,14 +370,31 @@ def _gemm_block_sum_wgmma(x_ptr, w_ptr, s_ptr, z_ptr, n0, t0, kb0, kb1, M, N, ma
     async_copy.commit_group()
     total = gl.zeros([BN, BT], gl.float32, ACC)
     words = gl.load(w_ptrs + kb0 * (4 * N * S), mask=w_mask, other=0 if not EVEN_N else None)
-    for kb in range(kb0, kb1):
-        codes = _unpack_block(words, kb, s_ptr, z_ptr, rows, n_ok, magic, stride_sg, stride_zg, HAS_ZEROS,
-                              GROUP_BLOCKS, BN, BK, MAGIC_VALUE, A_L, DTYPE)
-        # the next block's words in flight while this one's MMAs run
-        words = gl.load(w_ptrs + gl.minimum(kb + 1, kb1 - 1) * (4 * N * S), mask=w_mask,
-                        other=0 if not EVEN_N else None)
-        _x_block_ready(x_smem, x_ptrs + kb * BK, x_mask, kb, kb1, (kb - kb0) % 2, BK)
-        total = warpgroup_mma(codes, x_smem.index((kb - kb0) % 2).permute((1, 0)), total)
+    if CODES_IN_SMEM:
+        a_smem = gl.allocate_shared_memory(DTYPE, [2, BN, BK], gl.NVMMASharedLayout.get_default_for([BN, BK], DTYPE))
+        a_smem.index(0).store(_unpack_block(words, kb0, s_ptr, z_ptr, rows, n_ok, magic, stride_sg, stride_zg,
+                                            HAS_ZEROS, GROUP_BLOCKS, BN, BK, MAGIC_VALUE, A_L, DTYPE))
+        following = gl.minimum(kb0 + 1, kb1 - 1)  # past the chunk's end: its last block again, unused
+        words = gl.load(w_ptrs + following * (4 * N * S), mask=w_mask, other=0 if not EVEN_N else None)
+        for kb in range(kb0, kb1):
+            buffer = (kb - kb0) % 2
+            _x_block_ready(x_smem, x_ptrs + kb * BK, x_mask, kb, kb1, buffer, BK)  # codes of kb stored too
+            running = warpgroup_mma(a_smem.index(buffer), x_smem.index(buffer).permute((1, 0)), total, is_async=True)
+            codes = _unpack_block(words, following, s_ptr, z_ptr, rows, n_ok, magic, stride_sg, stride_zg, HAS_ZEROS,
+                                  GROUP_BLOCKS, BN, BK, MAGIC_VALUE, A_L, DTYPE)
+            following = gl.minimum(kb + 2, kb1 - 1)
+            words = gl.load(w_ptrs + following * (4 * N * S), mask=w_mask, other=0 if not EVEN_N else None)
+            a_smem.index(1 - buffer).store(codes)  # its last reader, block kb - 1's MMAs, is done
+            total = warpgroup_mma_wait(0, deps=[running])
+    else:
+        for kb in range(kb0, kb1):
+            codes = _unpack_block(words, kb, s_ptr, z_ptr, rows, n_ok, magic, stride_sg, stride_zg, HAS_ZEROS,
+                                  GROUP_BLOCKS, BN, BK, MAGIC_VALUE, A_L, DTYPE)
+            # the next block's words in flight while this one's MMAs run
+            words = gl.load(w_ptrs + gl.minimum(kb + 1, kb1 - 1) * (4 * N * S), mask=w_mask,
+                            other=0 if not EVEN_N else None)
+            _x_block_ready(x_smem, x_ptrs + kb * BK, x_mask, kb, kb1, (kb - kb0) % 2, BK)
+            total = warpgroup_mma(codes, x_smem.index((kb - kb0) % 2).permute((1, 0)), total)
     return total
 
 
@@ -389,7 +408,8 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, par
                 HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, CORRECT: gl.constexpr, EXPAND_ITEMS: gl.constexpr,
                 EVEN_N: gl.constexpr, GROUP_BLOCKS: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr,
                 BK: gl.constexpr, RP: gl.constexpr, SBT: gl.constexpr, SBK: gl.constexpr,
-                MAGIC_VALUE: gl.constexpr, PREFETCH_X: gl.constexpr, WGMMA: gl.constexpr, num_warps: gl.constexpr):
+                MAGIC_VALUE: gl.constexpr, PREFETCH_X: gl.constexpr, WGMMA: gl.constexpr, CODES_IN_SMEM: gl.constexpr,
+                num_warps: gl.constexpr):
     """See the module docstring. After the shrink programs, one (token block, output tile, K chunk)
     per program; token blocks of a tile are adjacent programs, so they read its words from L2
     together. With EXPAND_ITEMS, one more program per tile after those computes R A_tile^T as the
@@ -423,7 +443,7 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, b_ptr, a_ptr, out_ptr, par
         kb0 = split * (k_chunk // BK)
         total = _gemm_block_sum_wgmma(x_ptr, w_ptr, s_ptr, z_ptr, n0, t0, kb0, gl.minimum(kb0 + k_chunk // BK, K // BK),
                                       M, N, magic, stride_xm, stride_sg, stride_zg, HAS_ZEROS, EVEN_N, GROUP_BLOCKS,
-                                      BN, BT, BK, MAGIC_VALUE, num_warps)
+                                      BN, BT, BK, MAGIC_VALUE, CODES_IN_SMEM, num_warps)
         if CORRECT and split == 0:  # the correction is linear: any one contributor may add it
             total = _expand_wgmma(r_ptr, a_ptr, sync_ptr, n0, t0, M, N, RANK, tiles, shrink_programs, stride_an,
                                   total, BN, BT, RP, wgmma_layout(BT, num_warps), num_warps)
