@@ -40,7 +40,8 @@ WORKSPACE_TOKENS = 256
 # (bench/results/kernel/micro_wgmma_sweep*_2026-12-04.json): 582 us at 512 tokens against 598
 # dequantized, 2306 against 1434 at 2048.
 WGMMA_MIN_TOKENS = 17
-WGMMA_MAX_TOKENS = 512  # rows the gemm workspace holds (the microbenchmark times gemm up to here)
+WGMMA_MAX_TOKENS = 512
+WGMMA_LAUNCH_TOKENS = 8192  # rows one warpgroup-MMA launch takes (its R workspace: 2 MB at rank 64)  # rows the gemm workspace holds (the microbenchmark times gemm up to here)
 PARTIAL_SUM_BYTES = 32 * 1024**2  # split-K partials that choose_gemm_config splits into (fp32 tiles)
 _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}  # bits and value of MAGIC
 
@@ -162,7 +163,7 @@ class Workspace:
 
     def max_tokens(self) -> int:
         """Tokens one tensor-core launch takes here (the R workspace's rows)."""
-        return WGMMA_MAX_TOKENS if self.hopper else WORKSPACE_TOKENS
+        return WGMMA_LAUNCH_TOKENS if self.hopper else WORKSPACE_TOKENS
 
     def dense_matrix(self, k: int, n: int, dtype: torch.dtype) -> torch.Tensor:
         """The dense workspace as a [K, N] matrix, grown first if needed (valid until the next call)."""
