@@ -34,14 +34,14 @@ GEMM_MAX_TOKENS = 64
 # --max-block-k 64` times it.
 MAX_BLOCK_K = 128
 SHRINK_MAX_TOKENS = 64  # tokens per shrink program of the tensor-core kernel (its R tile: RP x tokens)
-WORKSPACE_TOKENS = 256
+WORKSPACE_TOKENS = 256  # rows the gemm workspace holds (the microbenchmark times gemm up to here)
 # From 17 tokens on Hopper the tensor-core kernel runs on the warpgroup MMA, up to this many
 # tokens; forward() dequantizes beyond. H200, a Llama-3-8B decoder layer with the correction
 # (bench/results/kernel/micro_wgmma_sweep*_2026-12-04.json): 582 us at 512 tokens against 598
 # dequantized, 2306 against 1434 at 2048.
 WGMMA_MIN_TOKENS = 17
 WGMMA_MAX_TOKENS = 512
-WGMMA_LAUNCH_TOKENS = 8192  # rows one warpgroup-MMA launch takes (its R workspace: 2 MB at rank 64)  # rows the gemm workspace holds (the microbenchmark times gemm up to here)
+WGMMA_LAUNCH_TOKENS = 8192  # rows one warpgroup-MMA launch takes (its R workspace: 2 MB at rank 64)
 PARTIAL_SUM_BYTES = 32 * 1024**2  # split-K partials that choose_gemm_config splits into (fp32 tiles)
 _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}  # bits and value of MAGIC
 
