@@ -122,6 +122,30 @@ def test_block_k_is_capped_by_max_block_k(monkeypatch):
     assert block_k_for(4096, 128) == 64 and block_k_for(4096, 32) == 32
 
 
+@pytest.mark.parametrize("shape", [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (576, 1000),
+                                   (1152, 600), (8192, 57344)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_warpgroup_launch_defaults_fit_the_hardware_and_workspace(shape):
+    """What choose_mma_config gives Hopper from WGMMA_MIN_TOKENS up: a warpgroup per 64 rows, an
+    accumulator of at most 128 fp32 registers a thread, shared memory within an H100's 227 KB,
+    and split K only where the partials workspace holds it (mma_gemm refuses the rest)."""
+    from vllm_glowq.kernels import w4a16
+
+    k, n = shape
+    group = 64 if k % 128 else 128
+    for tokens in (w4a16.WGMMA_MIN_TOKENS, 32, 33, 64, 65, 100, 128, 200, 256, 300, w4a16.WGMMA_MAX_TOKENS):
+        config = w4a16.choose_mma_config(tokens, n, k, group, 132, hopper=True)
+        assert config.wgmma and not config.expand_items, config
+        assert config.block_n % (16 * config.num_warps) == 0 and config.block_n >= 64, config
+        assert config.block_t & (config.block_t - 1) == 0 and 8 <= config.block_t <= 256, config
+        assert config.block_n * config.block_t // (32 * config.num_warps) <= 128, config  # accumulator registers
+        assert 2 * 2 * config.block_t * w4a16.MAX_BLOCK_K <= 227 * 1024, config  # x's two buffers
+        k_blocks = k // w4a16.fragments_block_k(k, group)
+        assert 1 <= config.split_k <= min(8, k_blocks), config
+        if config.split_k > 1:
+            assert tokens <= w4a16.WORKSPACE_TOKENS and config.split_k * tokens * n * 4 <= w4a16.PARTIAL_SUM_BYTES
+    assert not w4a16.choose_mma_config(16, n, k, group, 132, hopper=True).wgmma  # mma.sync up to 16 tokens
+
+
 @pytest.mark.parametrize("block_k", [16, 32, 64, 128])
 def test_repacking_round_trips_exactly(block_k):
     codes = torch.randint(0, 16, (4 * block_k, 40))
