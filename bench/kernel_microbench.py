@@ -26,7 +26,7 @@ Timing: gpu_timing.py (one CUDA graph per case that calls the kernel once per we
 enough copies to overflow L2, median of several replays).
 `--sweep` also times launch configurations around the tensor-core kernel's default one and
 reports the fastest (`--sweep-triton`: the Triton kernel's; `--sweep-wgmma`: the warpgroup-MMA
-launches above 16 tokens on Hopper).
+launches from 8 tokens on Hopper).
 
     python bench/kernel_microbench.py --out kernel_micro.json [--tokens 1,16,64,256,2048] [--sweep]
 """
@@ -162,13 +162,6 @@ def bytes_moved(kind: str, tokens: int, k: int, n: int) -> int:
 CORRECTED = ("glowq", "glowq_triton", "glowq_mainloop", "glowq_dense", "machete+corr")
 
 
-def dense_forward(x: torch.Tensor, copy: LayerCopy, correct: bool) -> torch.Tensor:
-    """What forward() does above the GEMM's token range: the weight (with the correction folded
-    in) dequantized into the dense workspace, then cuBLAS."""
-    factors = (copy.factor_b, copy.factor_a) if correct else (None, None)
-    return torch.mm(x, w4a16.dequantize_fragments(copy.fragment_qweight, copy.scales, None, *factors, GROUP, x.dtype))
-
-
 def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm: bool, sweep: str | None) -> list[dict]:
     k, n = LAYERS[layer]
     count = max(2, math.ceil(ROTATE_BYTES / (k * n // 2)))
@@ -200,8 +193,11 @@ def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm:
         space = w4a16.workspace(copies[0].qweight.device)
         if tokens > w4a16.GEMM_MAX_TOKENS and space.hopper and tokens <= w4a16.WGMMA_MAX_TOKENS:
             # forward() runs the warpgroup MMA here: against dequantize + cuBLAS, its alternative
-            for name, factors in (("glowq_dense", True), ("int4_dense", False)):
-                kernels[name] = [lambda c=c, x=x, f=factors: dense_forward(x, c, f) for c, x in zip(copies, xs)]
+            kernels["glowq_dense"] = [lambda c=c, x=x: w4a16.dense_forward(x, c.fragment_qweight, c.scales, None, None,
+                                                                           c.factor_b, c.factor_a, GROUP)
+                                      for c, x in zip(copies, xs)]
+            kernels["int4_dense"] = [lambda c=c, x=x: w4a16.dense_forward(x, c.fragment_qweight, c.scales, None, None,
+                                                                          None, None, GROUP) for c, x in zip(copies, xs)]
         elif w4a16.GEMM_MAX_TOKENS < tokens <= w4a16.WORKSPACE_TOKENS:  # where forward() dequantizes instead
             kernels["glowq_mainloop"] = [
                 lambda c=c, x=x: w4a16.mma_gemm(x, c.fragment_qweight, c.scales, None, None, c.factor_b, c.factor_a,
@@ -318,8 +314,8 @@ def sweep_mma_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
 
 
 # (tokens, rows, warps): the accumulator at most 128 registers a thread, 16 rows per warp
-WGMMA_TILES = [(8, 64, 4), (8, 128, 4), (16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 64, 4), (32, 128, 4), (32, 128, 8), (64, 64, 4),
-               (64, 128, 4), (64, 128, 8), (64, 256, 8), (128, 64, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8),
+WGMMA_TILES = [(8, 64, 4), (8, 128, 4), (16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 64, 4), (32, 128, 4),
+               (32, 128, 8), (64, 64, 4), (64, 128, 4), (64, 128, 8), (64, 256, 8), (128, 64, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8),
                (256, 64, 4), (256, 128, 8)]
 
 
@@ -337,7 +333,8 @@ def sweep_wgmma_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
         if block_t > max(16, 1 << (tokens - 1).bit_length()) or (tokens > 64 and block_t < 64):
             continue
         for split in (1, 2, 4, 8):
-            fits = split == 1 or (tokens <= w4a16.WORKSPACE_TOKENS and split * tokens * n * 4 <= w4a16.PARTIAL_SUM_BYTES)
+            fits = split == 1 or (tokens <= w4a16.WORKSPACE_TOKENS
+                                  and split * tokens * n * 4 <= w4a16.PARTIAL_SUM_BYTES)
             if split <= k_blocks and fits:
                 for codes_in_smem in (False, True):
                     config = dataclasses.replace(base, block_t=block_t, block_n=block_n, split_k=split,
@@ -415,7 +412,7 @@ def main() -> None:
     parser.add_argument("--sweep-triton", dest="sweep", action="store_const", const="triton",
                         help="the Triton kernel's launches instead")
     parser.add_argument("--sweep-wgmma", dest="sweep", action="store_const", const="wgmma",
-                        help="the tensor-core kernel's warpgroup-MMA launches (Hopper, above 16 tokens)")
+                        help="the tensor-core kernel's warpgroup-MMA launches (Hopper, from 8 tokens)")
     parser.add_argument("--no-vllm", action="store_true")
     parser.add_argument("--max-block-k", type=int, choices=(16, 32, 64, 128), default=w4a16.MAX_BLOCK_K,
                         help="largest K block, which is also the repacked layout's (w4a16.MAX_BLOCK_K)")

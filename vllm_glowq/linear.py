@@ -252,7 +252,8 @@ class GlowQLinearMethod(LinearMethodBase):
         vllm_kernel, vllm_refusal = self._choose_vllm_kernel()
         geo = self.geometry
         glowq_refusal = self._glowq_kernel_refusal(layer)
-        glowq_faster = self.has_factors and glowq_refusal is None and self._on_warpgroup_mma(layer)
+        tensor_core_refusal = glowq_refusal or self._tensor_core_refusal(layer)
+        glowq_faster = self.has_factors and tensor_core_refusal is None and self._on_warpgroup_mma(layer)
         choice = kernel_choice.choose(kernel_choice.kernel_mode(), vllm_kernel and vllm_kernel.__name__,
                                       vllm_refusal, glowq_refusal, glowq_faster)
         if self.has_factors:
@@ -261,7 +262,7 @@ class GlowQLinearMethod(LinearMethodBase):
                 layer.register_parameter(name, torch.nn.Parameter(data.contiguous(), requires_grad=False))
         why = choice.why
         if choice.kind == kernel_choice.GLOWQ:
-            why += f"; {self._use_glowq_kernel(layer)}"
+            why += f"; {self._use_glowq_kernel(layer, tensor_core_refusal)}"
         elif choice.kind == kernel_choice.VLLM:
             self._use_kernel(layer, vllm_kernel)
         else:
@@ -297,28 +298,33 @@ class GlowQLinearMethod(LinearMethodBase):
         return w4a16.unsupported_reason(self.geometry.k_local, self.geometry.n_local, self._glowq_group_size(),
                                         self.params_dtype, device)
 
-    def _on_warpgroup_mma(self, layer: torch.nn.Module) -> bool:
-        """Whether the project's tensor-core kernel runs this layer here on Hopper's warpgroup MMA
-        (where it was measured faster than vLLM's kernel with the correction beside it)."""
+    def _tensor_core_refusal(self, layer: torch.nn.Module) -> str | None:
+        """Why the project's tensor-core kernel (w4a16_mma.py) cannot run this layer, which the
+        project's kernel can run (_glowq_kernel_refusal is None), or None."""
         from .kernels import w4a16
 
-        geo = self.geometry
-        device = layer.qweight.device
-        return (w4a16.workspace(device).hopper and w4a16.mma_unsupported_reason(
-            geo.k_local, geo.n_local, self._glowq_group_size(), self.params_dtype, device) is None)
+        return w4a16.mma_unsupported_reason(self.geometry.k_local, self.geometry.n_local, self._glowq_group_size(),
+                                            self.params_dtype, layer.qweight.device)
+
+    @staticmethod
+    def _on_warpgroup_mma(layer: torch.nn.Module) -> bool:
+        """Whether the tensor-core kernel runs here on Hopper's warpgroup MMA (where it was
+        measured faster than vLLM's kernel with the correction beside it)."""
+        from .kernels import w4a16
+
+        return w4a16.has_warpgroup_mma(layer.qweight.device)
 
     def _glowq_group_size(self) -> int:
         return self.geometry.k_local if self.kernel_group_size == -1 else self.kernel_group_size
 
-    def _use_glowq_kernel(self, layer: torch.nn.Module) -> str:
+    def _use_glowq_kernel(self, layer: torch.nn.Module, refusal: str | None) -> str:
         """qweight repacked in place into the tensor-core kernel's layout (w4a16_mma.py) where
-        Gluon runs it, else the Triton kernel's (same shape); scales [G, N] in the activation
-        dtype, zero points uint8 [G, N] (as loaded); the shared workspace grows. Returns which
-        of the two kernels it is, for the log."""
+        Gluon runs it (`refusal` None: _tensor_core_refusal), else the Triton kernel's (same
+        shape); scales [G, N] in the activation dtype, zero points uint8 [G, N] (as loaded); the
+        shared workspace grows. Returns which of the two kernels it is, for the log."""
         from .kernels import w4a16
 
         geo, group = self.geometry, self._glowq_group_size()
-        refusal = w4a16.mma_unsupported_reason(geo.k_local, geo.n_local, group, self.params_dtype, layer.qweight.device)
         if refusal is None:
             layer.qweight.data = repack_fragments(layer.qweight.data, w4a16.fragments_block_k(geo.k_local, group))
             which = "the tensor-core kernel (Gluon)"

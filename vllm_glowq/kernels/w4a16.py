@@ -134,6 +134,11 @@ def choose_gemm_config(tokens: int, n: int, k: int, group_size: int, sm_count: i
     return GemmConfig(block_m, block_n, block_k, split, warps, stages, **shrink)
 
 
+def has_warpgroup_mma(device: torch.device) -> bool:
+    """Hopper (sm_90): the tensor-core kernel runs on the warpgroup MMA from WGMMA_MIN_TOKENS up."""
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
 class Workspace:
     """Per-device buffers shared by every layer in turn (kernels run one after another on one
     stream). Sized at load time, before CUDA graphs are captured, so captured launches keep
@@ -146,7 +151,7 @@ class Workspace:
         self.sync = torch.zeros(2, dtype=torch.int32, device=device)
         self.dense: dict[torch.dtype, torch.Tensor] = {}
         self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-        self.hopper = torch.cuda.get_device_capability(device)[0] == 9  # the warpgroup MMA (sm_90)
+        self.hopper = has_warpgroup_mma(device)
 
     def reserve(self, n: int, k: int, rank: int, dtype: torch.dtype) -> None:
         """Grow the buffers for a layer of N outputs, K inputs and this correction rank."""
@@ -192,8 +197,16 @@ def forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     tokens = x.shape[0]
     if tokens <= GEMM_MAX_TOKENS or (fragments and workspace(x.device).hopper and tokens <= WGMMA_MAX_TOKENS):
         return (mma_gemm if fragments else gemm)(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size)
-    dense = (dequantize_fragments if fragments else dequantize)(qweight, scales, zeros, factor_b, factor_a,
-                                                                group_size, x.dtype)
+    return dense_forward(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size)
+
+
+def dense_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  bias: torch.Tensor | None, factor_b: torch.Tensor | None, factor_a: torch.Tensor | None,
+                  group_size: int) -> torch.Tensor:
+    """forward() above the GEMM's token range, either layout: W_eff = deq(Wq) + (A B)^T written
+    into the dense workspace, then cuBLAS."""
+    dense = (dequantize_fragments if qweight.dim() == 4 else dequantize)(qweight, scales, zeros, factor_b, factor_a,
+                                                                         group_size, x.dtype)
     return torch.mm(x, dense) if bias is None else torch.addmm(bias, x, dense)
 
 
@@ -336,10 +349,10 @@ def choose_mma_config(tokens: int, n: int, k: int, group_size: int, sm_count: in
     17-63 tokens follow the 64-token choice untimed; o_proj at 1-16 tokens runs 0.5-0.9 us faster
     split in 4 than in the 8 this gives."""
     k_blocks = k // fragments_block_k(k, group_size)
+    wide = n // 64 >= 3 * sm_count  # gate_up on the H200
+    long_k = k_blocks >= 64  # down
     if hopper and tokens >= WGMMA_MIN_TOKENS:
-        return choose_wgmma_config(tokens, n, k_blocks, sm_count)
-    wide = n // 64 >= 3 * sm_count
-    long_k = k_blocks >= 64
+        return choose_wgmma_config(tokens, n, k_blocks, sm_count, wide, long_k)
     whole_tokens = tokens > 16 and (wide or long_k)  # one 64-token tile, x copied ahead
     block_n = 128 if wide or long_k or tokens > 16 else 64
     block_t = 8 if tokens <= 8 else 64 if whole_tokens else 16
@@ -354,7 +367,7 @@ def choose_mma_config(tokens: int, n: int, k: int, group_size: int, sm_count: in
                      expand_items=not (wide and tokens > 16), prefetch_x=whole_tokens)
 
 
-def choose_wgmma_config(tokens: int, n: int, k_blocks: int, sm_count: int) -> MmaConfig:
+def choose_wgmma_config(tokens: int, n: int, k_blocks: int, sm_count: int, wide: bool, long_k: bool) -> MmaConfig:
     """Hopper's warpgroup MMA from WGMMA_MIN_TOKENS up, from the H200 sweep
     (bench/results/kernel/micro_wgmma_sweep2_2026-12-04.json; us per call, Llama-3-8B layers, the
     rule's launch -> the sweep's best where they differ):
@@ -372,9 +385,8 @@ def choose_wgmma_config(tokens: int, n: int, k_blocks: int, sm_count: int) -> Mm
     * the shrink's chunk: 8 K blocks for very wide layers above 64 tokens (gate_up at 128: 80.5
       against 87.5 with 2), 4 for long K (down at 256: 82.6 against 85.5), else 2.
 
-    Up to 16 tokens the mma.sync kernel stays (within 1 us of the best everywhere but down)."""
-    wide = n // 64 >= 3 * sm_count
-    long_k = k_blocks >= 64
+    Up to 16 tokens the mma.sync kernel stays (within 1 us of the best everywhere but down).
+    `wide`, `long_k`: choose_mma_config's kinds of layer."""
     warps = 4
     if wide and tokens > 64:
         block_t, block_n, warps = (128, 256, 8) if tokens <= 128 else (256, 128, 8) if tokens <= 256 else (128, 64, 4)

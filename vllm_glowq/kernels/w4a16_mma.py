@@ -189,10 +189,10 @@ def _expand_wgmma(r_ptr, a_ptr, sync_ptr, n0, t0, M, N, RANK, tiles, shrink_prog
     a_op = gl.convert_layout(_factor_a_tile(a_ptr, n0, N, RANK, stride_an, BN, RP, num_warps),
                              gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2))
     r_smem = gl.allocate_shared_memory(DTYPE, [BT, RP], gl.NVMMASharedLayout.get_default_for([BT, RP], DTYPE))
+    CHUNK: gl.constexpr = 64 if BT > 64 else BT
     _await_r(sync_ptr, shrink_programs)
-    for chunk in gl.static_range(0, BT, 64 if BT > 64 else BT):
-        r_smem.slice(chunk, 64 if BT > 64 else BT).store(
-            _r_rows(r_ptr, t0 + chunk, M, RANK, 64 if BT > 64 else BT, RP, DTYPE, num_warps))
+    for chunk in gl.static_range(0, BT, CHUNK):
+        r_smem.slice(chunk, CHUNK).store(_r_rows(r_ptr, t0 + chunk, M, RANK, CHUNK, RP, DTYPE, num_warps))
     fence_async_shared()
     gl.thread_barrier()
     acc = warpgroup_mma(a_op, r_smem.permute((1, 0)), acc)
