@@ -8,7 +8,7 @@ kernels repack them; the project's kernel reads the checkpoint's GPTQ layout as 
 * `auto` (default): the project's kernel for layers with a correction where it runs on the
   warpgroup MMA (Hopper): on the H200 GlowQ through it decodes at 1.21 / 1.03 / 1.03x plain
   int4 on Machete at batch 1 / 16 / 64 with 0.90x the throughput, against 0.82-0.86 / 0.79-0.82
-  / 0.78-0.89x and 0.91-0.92x for Machete with the correction on a side stream (runs
+  / 0.85-0.89x and 0.91-0.92x for Machete with the correction on a side stream (runs
   `vllm_wgmma_2026-12-04` and `vllm_issue10`, `vllm_main`, `vllm_overlap_first`:
   docs/benchmarks.md). Elsewhere vLLM's kernel where it has one for the layer (plain int4
   layers: Machete's throughput is 6% higher; other GPUs: not measured), else the project's
