@@ -159,7 +159,7 @@ def bytes_moved(kind: str, tokens: int, k: int, n: int) -> int:
     return int4 + factors + act
 
 
-CORRECTED = ("glowq", "glowq_triton", "glowq_mainloop", "glowq_dense", "machete+corr")
+CORRECTED = ("glowq", "glowq_triton", "glowq_mainloop", "glowq_dense", "glowq_smem", "glowq_wgmma", "machete+corr")
 
 
 def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm: bool, sweep: str | None) -> list[dict]:
@@ -191,13 +191,20 @@ def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm:
             "bf16": [lambda w=w, x=x: F.linear(x, w) for w, x in zip(dense, xs)],
         }
         space = w4a16.workspace(copies[0].qweight.device)
-        if tokens > w4a16.GEMM_MAX_TOKENS and space.hopper and tokens <= w4a16.WGMMA_MAX_TOKENS:
-            # forward() runs the warpgroup MMA here: against dequantize + cuBLAS, its alternative
+        if tokens > w4a16.GEMM_MAX_TOKENS and space.hopper:
+            # forward()'s two paths on Hopper: the warpgroup MMA against dequantize + cuBLAS
             kernels["glowq_dense"] = [lambda c=c, x=x: w4a16.dense_forward(x, c.fragment_qweight, c.scales, None, None,
                                                                            c.factor_b, c.factor_a, GROUP)
                                       for c, x in zip(copies, xs)]
             kernels["int4_dense"] = [lambda c=c, x=x: w4a16.dense_forward(x, c.fragment_qweight, c.scales, None, None,
                                                                           None, None, GROUP) for c, x in zip(copies, xs)]
+        if space.hopper and tokens >= w4a16.WGMMA_MIN_TOKENS:
+            # the warpgroup MMA's default launch with the codes through shared memory, and above
+            # WGMMA_MAX_TOKENS (where forward() dequantizes) with its own codes in registers too
+            for suffix, smem in (("smem", True), ("wgmma", False)):
+                if smem or tokens > w4a16.WGMMA_MAX_TOKENS:
+                    kernels[f"glowq_{suffix}"] = wgmma_calls(copies, xs, True, smem)
+                    kernels[f"int4_{suffix}"] = wgmma_calls(copies, xs, False, smem)
         elif w4a16.GEMM_MAX_TOKENS < tokens <= w4a16.WORKSPACE_TOKENS:  # where forward() dequantizes instead
             kernels["glowq_mainloop"] = [
                 lambda c=c, x=x: w4a16.mma_gemm(x, c.fragment_qweight, c.scales, None, None, c.factor_b, c.factor_a,
@@ -228,6 +235,18 @@ def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm:
         print(format_row(row), flush=True)
         rows.append(row)
     return rows
+
+
+def wgmma_calls(copies, xs, correct: bool, codes_in_smem: bool) -> list[Callable[[], torch.Tensor]]:
+    """One warpgroup-MMA launch per copy, on the default tiles, codes in registers or shared memory."""
+    space = w4a16.workspace(copies[0].qweight.device)
+    tokens, k = xs[0].shape
+    n = copies[0].scales.shape[1]
+    config = dataclasses.replace(w4a16.choose_mma_config(tokens, n, k, GROUP, space.sm_count, hopper=True),
+                                 codes_in_smem=codes_in_smem)
+    return [lambda c=c, x=x: w4a16.mma_gemm(x, c.fragment_qweight, c.scales, None, None,
+                                            c.factor_b if correct else None, c.factor_a if correct else None,
+                                            GROUP, config) for c, x in zip(copies, xs)]
 
 
 def corrected_vllm_calls(machete, copies, xs, layer: str) -> list[Callable[[], torch.Tensor]]:
@@ -313,6 +332,8 @@ def sweep_mma_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
     return sweep_report(default, results)
 
 
+SWEEP_SPLITS = (1, 2, 4, 8)  # K splits the warpgroup-MMA sweep tries (--sweep-splits)
+SWEEP_CODES_IN_SMEM = (False, True)  # and where its codes go (--sweep-codes)
 # (tokens, rows, warps): the accumulator at most 128 registers a thread, 16 rows per warp
 WGMMA_TILES = [(8, 64, 4), (8, 128, 4), (16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 64, 4), (32, 128, 4),
                (32, 128, 8), (64, 64, 4), (64, 128, 4), (64, 128, 8), (64, 256, 8), (128, 64, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8),
@@ -332,11 +353,11 @@ def sweep_wgmma_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
     for block_t, block_n, warps in WGMMA_TILES:
         if block_t > max(16, 1 << (tokens - 1).bit_length()) or (tokens > 64 and block_t < 64):
             continue
-        for split in (1, 2, 4, 8):
+        for split in SWEEP_SPLITS:
             fits = split == 1 or (tokens <= w4a16.WORKSPACE_TOKENS
                                   and split * tokens * n * 4 <= w4a16.PARTIAL_SUM_BYTES)
             if split <= k_blocks and fits:
-                for codes_in_smem in (False, True):
+                for codes_in_smem in SWEEP_CODES_IN_SMEM:
                     config = dataclasses.replace(base, block_t=block_t, block_n=block_n, split_k=split,
                                                  num_warps=warps, codes_in_smem=codes_in_smem)
                     if config not in results:
@@ -392,6 +413,24 @@ def sweep_configs(copies, xs, tokens: int, k: int, n: int) -> dict:
     return sweep_report(default, results)
 
 
+def launch_table(result: dict, args: dict) -> dict:
+    """The sweep's fastest launch per layer and token count, or `dense` where dequantize + cuBLAS
+    beat it, in the form kernels/tuned.py reads."""
+    from vllm_glowq.kernels import tuned
+
+    layers: dict[str, dict] = {}
+    for row in result["rows"]:
+        if "sweep" not in row:
+            continue
+        dense_us = row["us"].get("glowq_dense", float("inf"))
+        best = tuned.DENSE if dense_us < row["sweep"]["best_us"] else row["sweep"]["best"]
+        layers.setdefault(f"{row['n']}x{row['k']}", {})[str(row["tokens"])] = best
+    command = "python bench/kernel_microbench.py --sweep-wgmma " + " ".join(
+        f"--{key.replace('_', '-')} {value}" for key, value in args.items()
+        if key in ("tokens", "layers", "sweep_splits", "sweep_codes"))
+    return {"device": result["device"], "triton": result["triton"], "command": command, "layers": layers}
+
+
 def format_row(row: dict) -> str:
     parts = [f"{row['layer']:>12} T={row['tokens']:<5}"]
     for name, us in row["us"].items():
@@ -416,7 +455,15 @@ def main() -> None:
     parser.add_argument("--no-vllm", action="store_true")
     parser.add_argument("--max-block-k", type=int, choices=(16, 32, 64, 128), default=w4a16.MAX_BLOCK_K,
                         help="largest K block, which is also the repacked layout's (w4a16.MAX_BLOCK_K)")
+    parser.add_argument("--tuned-out", help="with --sweep-wgmma: write the fastest launch of each layer and token "
+                        "count (or dense, where dequantize + cuBLAS was faster) as a launch table (kernels/tuned.py)")
+    parser.add_argument("--sweep-splits", default="1,2,4,8", help="K splits the warpgroup-MMA sweep tries")
+    parser.add_argument("--sweep-codes", choices=("both", "registers", "smem"), default="both",
+                        help="the warpgroup-MMA sweep's codes: from registers, through shared memory, or both")
     args = parser.parse_args()
+    global SWEEP_SPLITS, SWEEP_CODES_IN_SMEM
+    SWEEP_SPLITS = tuple(int(s) for s in args.sweep_splits.split(","))
+    SWEEP_CODES_IN_SMEM = {"both": (False, True), "registers": (False,), "smem": (True,)}[args.sweep_codes]
     w4a16.MAX_BLOCK_K = args.max_block_k  # before any layer is repacked or configured
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -433,6 +480,8 @@ def main() -> None:
         result["rows"] += bench_layer(layer, [int(t) for t in args.tokens.split(",")], bandwidth, why_not is None,
                                       args.sweep)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        if args.tuned_out:
+            Path(args.tuned_out).write_text(json.dumps(launch_table(result, vars(args)), indent=1) + "\n")
         torch.cuda.empty_cache()
     print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
 

@@ -106,7 +106,7 @@ def interpreted():
     space.partial = torch.empty(1 << 16, dtype=torch.float32)
     space.reduced = torch.zeros(0, dtype=torch.float32)
     space.sync = torch.zeros(2, dtype=torch.int32)
-    space.dense, space.sm_count, space.hopper = {}, 4, False
+    space.dense, space.sm_count, space.hopper, space.tuned = {}, 4, False, {}
     module._workspaces[space.device] = space
     yield module
     for name in [n for n in sys.modules if n.startswith("vllm_glowq.kernels")]:

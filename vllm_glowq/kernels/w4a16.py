@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
+
+from . import tuned
 
 GEMM_MAX_TOKENS = 64
 # Largest K block (and repacking block). Smaller blocks cut the one-token path's registers per
@@ -42,6 +44,9 @@ WORKSPACE_TOKENS = 256  # rows the gemm workspace holds (the microbenchmark time
 WGMMA_MIN_TOKENS = 17
 WGMMA_MAX_TOKENS = 512
 WGMMA_LAUNCH_TOKENS = 8192  # rows one warpgroup-MMA launch takes (its R workspace: 2 MB at rank 64)
+# column blocks one prefill dequantize program folds the correction into, reading B's block once
+# (not timed yet: `bench/kernel_microbench.py --tokens 2048` shows glowq_dense against int4_dense)
+DEQUANTIZE_CHUNKS = 4
 PARTIAL_SUM_BYTES = 32 * 1024**2  # split-K partials that choose_gemm_config splits into (fp32 tiles)
 _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}  # bits and value of MAGIC
 
@@ -152,6 +157,8 @@ class Workspace:
         self.dense: dict[torch.dtype, torch.Tensor] = {}
         self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count
         self.hopper = has_warpgroup_mma(device)
+        self.tuned = tuned.load(tuned.table_path(torch.cuda.get_device_name(device)),
+                                frozenset(field.name for field in fields(MmaConfig)))
 
     def reserve(self, n: int, k: int, rank: int, dtype: torch.dtype) -> None:
         """Grow the buffers for a layer of N outputs, K inputs and this correction rank."""
@@ -165,6 +172,15 @@ class Workspace:
             self.sync = torch.zeros(tickets, dtype=torch.int32, device=self.device)
         if self.dense.get(dtype, torch.empty(0)).numel() < k * n:
             self.dense[dtype] = torch.empty(k * n, dtype=dtype, device=self.device)
+
+    def tuned_launch(self, n: int, k: int, tokens: int) -> MmaConfig | str | None:
+        """The tensor-core kernel's launch for this layer and token count from the GPU's tuned
+        table (tuned.py): an MmaConfig, tuned.DENSE, or None where the table has no entry (or
+        more tokens than one launch takes)."""
+        entry = tuned.lookup(self.tuned, n, k, tokens)
+        if isinstance(entry, dict):
+            return MmaConfig(**entry) if tokens <= self.max_tokens() else None
+        return entry
 
     def max_tokens(self) -> int:
         """Tokens one tensor-core launch takes here (the R workspace's rows)."""
@@ -195,6 +211,12 @@ def forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     zeros uint8 [G, N] or None, factors B [r, K] and A [N, r] or None (plain int4)."""
     fragments = qweight.dim() == 4
     tokens = x.shape[0]
+    if fragments:
+        launch = workspace(x.device).tuned_launch(qweight.shape[2], x.shape[1], tokens)
+        if launch == tuned.DENSE:
+            return dense_forward(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size)
+        if launch is not None:
+            return mma_gemm(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size, launch)
     if tokens <= GEMM_MAX_TOKENS or (fragments and workspace(x.device).hopper and tokens <= WGMMA_MAX_TOKENS):
         return (mma_gemm if fragments else gemm)(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size)
     return dense_forward(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size)
@@ -465,7 +487,7 @@ def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
 
 def dequantize_fragments(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                          factor_b: torch.Tensor | None, factor_a: torch.Tensor | None, group_size: int,
-                         dtype: torch.dtype, block_n: int = 64) -> torch.Tensor:
+                         dtype: torch.dtype, block_n: int = 64, chunks: int = DEQUANTIZE_CHUNKS) -> torch.Tensor:
     """dequantize() for the tensor-core layout: W_eff = deq(Wq) + (A B)^T as [K, N] in the shared
     dense workspace, the correction added in the same kernel (valid until the next call)."""
     from .w4a16_triton import dequantize_fragments_kernel
@@ -477,10 +499,13 @@ def dequantize_fragments(qweight: torch.Tensor, scales: torch.Tensor, zeros: tor
     dense = space.dense_matrix(k, n, dtype)
     correct = factor_a is not None
     dummy = space.sync
-    dequantize_fragments_kernel[(blocks, math.ceil(n / block_n))](
+    rank = factor_a.shape[1] if correct else 0
+    chunks = chunks if correct else 1  # without a correction there is no B to share between column blocks
+    dequantize_fragments_kernel[(blocks, math.ceil(n / (block_n * chunks)))](
         qweight, scales, dummy if zeros is None else zeros, factor_b if correct else dummy,
-        factor_a if correct else dummy, dense, n, factor_a.shape[1] if correct else 0, scales.stride(0),
+        factor_a if correct else dummy, dense, n, rank, scales.stride(0),
         0 if zeros is None else zeros.stride(0), factor_b.stride(0) if correct else 0,
         factor_a.stride(0) if correct else 0, dense.stride(0), HAS_ZEROS=zeros is not None, CORRECT=correct,
-        GROUP_BLOCKS=group_size // block_k, BN=block_n, BK=block_k, BR=16, num_warps=4)
+        GROUP_BLOCKS=group_size // block_k, BN=block_n, BK=block_k, RP=max(16, 1 << max(0, rank - 1).bit_length()),
+        CHUNKS=chunks, num_warps=4)
     return dense

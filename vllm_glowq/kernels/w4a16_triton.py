@@ -435,33 +435,45 @@ def _nibbles_j_and_j4(words, j: tl.constexpr):
 @triton.jit
 def dequantize_fragments_kernel(qw_ptr, s_ptr, z_ptr, b_ptr, a_ptr, w_ptr, N, RANK, stride_sg, stride_zg, stride_bk,
                                 stride_an, stride_wk, HAS_ZEROS: tl.constexpr, CORRECT: tl.constexpr,
-                                GROUP_BLOCKS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-    """W_eff[k, n] = (q - z) s + sum_r B[r, k] A[n, r] for one K block and BN columns of the
-    tensor-core layout (packing.repack_fragments: word (t, n, s) nibble j + 4 b is block row
-    32 s + 8 j + 2 t + b). With the correction the nibbles are put in row order in registers, so
-    it is one product per rank chunk on the whole block and every row is written once, rounded
-    once; without, each nibble's rows are written as they come."""
+                                GROUP_BLOCKS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+                                CHUNKS: tl.constexpr):
+    """W_eff[k, n] = (q - z) s + sum_r B[r, k] A[n, r] for one K block and CHUNKS blocks of BN
+    columns of the tensor-core layout (packing.repack_fragments: word (t, n, s) nibble j + 4 b is
+    block row 32 s + 8 j + 2 t + b). With the correction B's block is read once per program (one
+    read per BN columns cost gate_up about 235 MB from L2 at 64 columns) and the nibbles are put
+    in row order in registers, so it is one product over the whole rank (RP: padded to a power
+    of two) per column block and every row is written once, rounded once; without, each
+    nibble's rows are written as they come."""
     DTYPE = w_ptr.dtype.element_ty
     S: tl.constexpr = BK // 32
     block = tl.program_id(0)
-    offs_t = tl.arange(0, 4)[:, None, None]
-    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
-    offs_s = tl.arange(0, S)[None, None, :]
-    n_ok = offs_n < N
-    words = tl.load(qw_ptr + block * 4 * N * S + (offs_t * N + offs_n[None, :, None]) * S + offs_s,
-                    mask=n_ok[None, :, None], other=0)
     group = block // GROUP_BLOCKS
-    scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, 0.0)
-    if CORRECT:  # [t, n, s, b, j % 2, j // 2] -> row 32 s + 16 (j // 2) + 8 (j % 2) + 2 t + b
-        codes = tl.join(tl.join(_nibbles_j_and_j4(words, 0), _nibbles_j_and_j4(words, 1)),
-                        tl.join(_nibbles_j_and_j4(words, 2), _nibbles_j_and_j4(words, 3)))
-        codes = tl.reshape(tl.permute(codes, (2, 5, 4, 0, 3, 1)), [BK, BN])
-        _store_plane(codes, block * BK + tl.arange(0, BK), offs_n, n_ok, scale, zero_term, b_ptr, a_ptr, w_ptr,
-                     RANK, stride_bk, stride_an, stride_wk, CORRECT, BR, DTYPE)
-    else:  # each nibble's rows straight from the words: plain int4 prefill at 1.03x bf16 cuBLAS, 1.10x reordered (H200)
-        for nibble in tl.static_range(8):
-            codes = ((words >> (4 * nibble)) & 0xF).to(tl.float32)
-            rows = block * BK + 32 * offs_s + 8 * (nibble % 4) + 2 * offs_t + nibble // 4
-            tl.store(w_ptr + rows * stride_wk + offs_n[None, :, None],
-                     ((codes - zero_term[None, :, None]) * scale[None, :, None]).to(DTYPE), mask=n_ok[None, :, None])
+    offs_t = tl.arange(0, 4)[:, None, None]
+    offs_s = tl.arange(0, S)[None, None, :]
+    rows = block * BK + tl.arange(0, BK)
+    if CORRECT:
+        offs_r = tl.arange(0, RP)
+        b_t = tl.load(b_ptr + offs_r[None, :] * stride_bk + rows[:, None], mask=offs_r[None, :] < RANK, other=0.0)
+    for chunk in range(CHUNKS):
+        offs_n = (tl.program_id(1) * CHUNKS + chunk) * BN + tl.arange(0, BN)
+        n_ok = offs_n < N
+        words = tl.load(qw_ptr + block * 4 * N * S + (offs_t * N + offs_n[None, :, None]) * S + offs_s,
+                        mask=n_ok[None, :, None], other=0)
+        scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        zero_term = _zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, 0.0)
+        if CORRECT:  # [t, n, s, b, j % 2, j // 2] -> row 32 s + 16 (j // 2) + 8 (j % 2) + 2 t + b
+            codes = tl.join(tl.join(_nibbles_j_and_j4(words, 0), _nibbles_j_and_j4(words, 1)),
+                            tl.join(_nibbles_j_and_j4(words, 2), _nibbles_j_and_j4(words, 3)))
+            codes = tl.reshape(tl.permute(codes, (2, 5, 4, 0, 3, 1)), [BK, BN])
+            weight = (codes.to(tl.float32) - zero_term[None, :]) * scale[None, :]
+            a_t = tl.load(a_ptr + offs_n[None, :] * stride_an + offs_r[:, None],
+                          mask=n_ok[None, :] & (offs_r[:, None] < RANK), other=0.0)
+            weight = tl.dot(b_t, a_t, weight)
+            tl.store(w_ptr + rows[:, None] * stride_wk + offs_n[None, :], weight.to(DTYPE), mask=n_ok[None, :])
+        else:  # each nibble's rows straight from the words: plain int4 prefill at 1.03x bf16 cuBLAS, 1.10x reordered (H200)
+            for nibble in tl.static_range(8):
+                codes = ((words >> (4 * nibble)) & 0xF).to(tl.float32)
+                nibble_rows = block * BK + 32 * offs_s + 8 * (nibble % 4) + 2 * offs_t + nibble // 4
+                tl.store(w_ptr + nibble_rows * stride_wk + offs_n[None, :, None],
+                         ((codes - zero_term[None, :, None]) * scale[None, :, None]).to(DTYPE),
+                         mask=n_ok[None, :, None])
