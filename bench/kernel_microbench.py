@@ -431,6 +431,16 @@ def launch_table(result: dict, args: dict) -> dict:
     return {"device": result["device"], "triton": result["triton"], "command": command, "layers": layers}
 
 
+def write_launch_table(path: Path, table: dict) -> None:
+    """Write `table`, keeping the layers of a table already at `path` that this run did not sweep
+    (one call's time limit sweeps some layers, the next call the others)."""
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        table = {**table, "command": f"{earlier['command']}; {table['command']}",
+                 "layers": {**earlier["layers"], **table["layers"]}}
+    path.write_text(json.dumps(table, indent=1) + "\n")
+
+
 def format_row(row: dict) -> str:
     parts = [f"{row['layer']:>12} T={row['tokens']:<5}"]
     for name, us in row["us"].items():
@@ -481,7 +491,7 @@ def main() -> None:
                                       args.sweep)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         if args.tuned_out:
-            Path(args.tuned_out).write_text(json.dumps(launch_table(result, vars(args)), indent=1) + "\n")
+            write_launch_table(Path(args.tuned_out), launch_table(result, vars(args)))
         torch.cuda.empty_cache()
     print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
 

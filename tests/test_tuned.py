@@ -70,6 +70,14 @@ def test_the_microbenchmark_writes_a_table_the_plugin_reads(tmp_path):
     result = {"device": "NVIDIA H200", "triton": "3.6.0", "rows": rows}
     table = kernel_microbench.launch_table(result, {"tokens": "256,512", "sweep_codes": "both", "out": "x"})
     assert table["command"] == "python bench/kernel_microbench.py --sweep-wgmma --tokens 256,512 --sweep-codes both"
-    loaded = tuned.load(write_table(tmp_path / "t.json", table["layers"]), FIELDS)
-    assert tuned.lookup(loaded, 6144, 4096, 200) == LAUNCH
-    assert tuned.lookup(loaded, 6144, 4096, 300) == tuned.DENSE
+    path = tmp_path / "t.json"
+    kernel_microbench.write_launch_table(path, table)
+    for row in rows:  # a second call sweeps another layer into the same table
+        row.update(n=4096, k=14336)
+    kernel_microbench.write_launch_table(path, kernel_microbench.launch_table(result, {"layers": "down_proj"}))
+    loaded = tuned.load(path, FIELDS)
+    for n, k in ((6144, 4096), (4096, 14336)):
+        assert tuned.lookup(loaded, n, k, 200) == LAUNCH
+        assert tuned.lookup(loaded, n, k, 300) == tuned.DENSE
+    assert json.loads(path.read_text())["command"].endswith("--sweep-codes both; python bench/kernel_microbench.py "
+                                                            "--sweep-wgmma --layers down_proj")
