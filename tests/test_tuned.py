@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from vllm_glowq.format import GlowQFormatError
 from vllm_glowq.kernels import tuned
 from vllm_glowq.kernels.w4a16 import MmaConfig
 
@@ -54,10 +55,10 @@ def test_the_environment_variable_names_the_table_before_the_packaged_one(tmp_pa
 def test_an_unusable_table_fails_with_one_message_naming_it(tmp_path, text, problem):
     path = tmp_path / "bad.json"
     path.write_text(text)
-    with pytest.raises(ValueError, match=problem) as error:
+    with pytest.raises(GlowQFormatError, match=problem) as error:
         tuned.load(path, FIELDS)
     assert str(path) in str(error.value) and tuned.ENV_TUNED in str(error.value)
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(GlowQFormatError, match="cannot read"):
         tuned.load(tmp_path / "missing.json", FIELDS)
 
 
@@ -81,3 +82,16 @@ def test_the_microbenchmark_writes_a_table_the_plugin_reads(tmp_path):
         assert tuned.lookup(loaded, n, k, 300) == tuned.DENSE
     assert json.loads(path.read_text())["command"].endswith("--sweep-codes both; python bench/kernel_microbench.py "
                                                             "--sweep-wgmma --layers down_proj")
+
+
+def test_the_front_end_refuses_a_bad_table_before_an_engine_starts(tmp_path, monkeypatch):
+    """GlowQQuantConfig (built in the front-end process) reads VLLM_GLOWQ_TUNED_CONFIGS's table."""
+    config = pytest.importorskip("vllm_glowq.config")
+    from vllm_glowq.format import GlowQConfig
+
+    glowq = GlowQConfig(group_size=128, rank=8)
+    monkeypatch.setenv(tuned.ENV_TUNED, str(tmp_path / "missing.json"))
+    with pytest.raises(GlowQFormatError, match="missing.json"):
+        config.GlowQQuantConfig(glowq)
+    monkeypatch.setenv(tuned.ENV_TUNED, str(write_table(tmp_path / "t.json", {"6144x4096": {"128": LAUNCH}})))
+    assert config.GlowQQuantConfig(glowq).glowq is glowq

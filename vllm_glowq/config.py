@@ -19,6 +19,7 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 from . import compat, kernel_choice
+from .kernels import w4a16
 from .format import (
     QUANT_METHOD,
     SHARED_INPUT_GROUPS,
@@ -47,6 +48,7 @@ class GlowQQuantConfig(QuantizationConfig):
             )
         super().__init__()
         kernel_choice.kernel_mode()  # a bad VLLM_GLOWQ_KERNEL stops the front end, not a worker
+        w4a16.check_tuned_table()  # and so does a bad VLLM_GLOWQ_TUNED_CONFIGS
         self.glowq = glowq
         # experts unit -> linear layers (a shared expert's gate_up_proj) whose B the expert
         # layer loads, since the checkpoint stores that B once (vllm_glowq/moe.py)

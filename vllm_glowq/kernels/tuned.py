@@ -21,6 +21,8 @@ import json
 import os
 from pathlib import Path
 
+from ..format import GlowQFormatError
+
 ENV_TUNED = "VLLM_GLOWQ_TUNED_CONFIGS"
 DENSE = "dense"  # an entry that sends the layer to dequantize + cuBLAS
 CONFIGS = Path(__file__).with_name("configs")
@@ -49,13 +51,13 @@ def load(path: Path | None, fields: frozenset[str]) -> Table:
             n, k = (int(v) for v in shape.split("x"))
             table[n, k] = {int(tokens): entry for tokens, entry in entries.items()}
     except (OSError, ValueError, KeyError, AttributeError) as exc:
-        raise ValueError(f"{ENV_TUNED}: cannot read the launch table {path} ({type(exc).__name__}: {exc}); write it "
+        raise GlowQFormatError(f"{ENV_TUNED}: cannot read the launch table {path} ({type(exc).__name__}: {exc}); write it "
                          "with bench/kernel_microbench.py --sweep-wgmma --tuned-out, or unset the variable") from exc
     for (n, k), entries in table.items():
         for tokens, entry in entries.items():
             unknown = set(entry) - fields if isinstance(entry, dict) else set() if entry == DENSE else {entry}
             if unknown:
-                raise ValueError(f"{ENV_TUNED}: launch table {path}, layer {n}x{k} at {tokens} tokens: unknown "
+                raise GlowQFormatError(f"{ENV_TUNED}: launch table {path}, layer {n}x{k} at {tokens} tokens: unknown "
                                  f"{', '.join(map(str, sorted(unknown)))}; sweep it again with this version")
     return table
 

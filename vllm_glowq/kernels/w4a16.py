@@ -157,8 +157,7 @@ class Workspace:
         self.dense: dict[torch.dtype, torch.Tensor] = {}
         self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count
         self.hopper = has_warpgroup_mma(device)
-        self.tuned = tuned.load(tuned.table_path(torch.cuda.get_device_name(device)),
-                                frozenset(field.name for field in fields(MmaConfig)))
+        self.tuned = tuned.load(tuned.table_path(torch.cuda.get_device_name(device)), MMA_FIELDS)
 
     def reserve(self, n: int, k: int, rank: int, dtype: torch.dtype) -> None:
         """Grow the buffers for a layer of N outputs, K inputs and this correction rank."""
@@ -326,6 +325,16 @@ class MmaConfig:
     prefetch_x: bool = False  # x of the next K block copied ahead (cp.async): pays for 64-token tiles
     wgmma: bool = False  # Hopper's warpgroup MMA (x always copied ahead), for many tokens
     codes_in_smem: bool = False  # warpgroup MMA: codes through shared memory, unpacked during the previous MMAs
+
+
+MMA_FIELDS = frozenset(field.name for field in fields(MmaConfig))  # what a tuned launch table may set
+
+
+def check_tuned_table() -> None:
+    """Read the table VLLM_GLOWQ_TUNED_CONFIGS names now, so a bad one stops the front end before
+    an engine starts (each worker reads it again for its GPU)."""
+    if os.environ.get(tuned.ENV_TUNED):
+        tuned.load(tuned.table_path(""), MMA_FIELDS)
 
 
 def fragments_block_k(k: int, group_size: int) -> int | None:
