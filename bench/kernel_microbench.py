@@ -162,8 +162,17 @@ def bytes_moved(kind: str, tokens: int, k: int, n: int) -> int:
 CORRECTED = ("glowq", "glowq_triton", "glowq_mainloop", "glowq_dense", "glowq_smem", "glowq_wgmma", "machete+corr")
 
 
+def layer_shape(layer: str) -> tuple[int, int]:
+    """(K, N) of a Llama-3-8B layer by name, or of any layer written as the launch tables key it,
+    "NxK" (outputs x inputs), e.g. 1536x2048 for a model of your own."""
+    if layer in LAYERS:
+        return LAYERS[layer]
+    n, k = (int(v) for v in layer.split("x"))
+    return k, n
+
+
 def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm: bool, sweep: str | None) -> list[dict]:
-    k, n = LAYERS[layer]
+    k, n = layer_shape(layer)
     count = max(2, math.ceil(ROTATE_BYTES / (k * n // 2)))
     copies = make_copies(k, n, count)
     dense = [dense_weight(c).to(torch.bfloat16) for c in copies[: max(2, math.ceil(ROTATE_BYTES / (2 * k * n)))]]
@@ -456,7 +465,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--tokens", default="1,16,64,256,2048")
-    parser.add_argument("--layers", default=",".join(LAYERS))
+    parser.add_argument("--layers", default=",".join(LAYERS),
+                        help="Llama-3-8B layer names, or shapes as NxK (outputs x inputs)")
     parser.add_argument("--sweep", action="store_const", const="mma", help="the tensor-core kernel's launches")
     parser.add_argument("--sweep-triton", dest="sweep", action="store_const", const="triton",
                         help="the Triton kernel's launches instead")
