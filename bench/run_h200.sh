@@ -16,6 +16,8 @@
 #   bash bench/run_h200.sh vllm NAME...   # any of: gptq glowq permodule glowq_s bf16 int4 marlin fp8
 #                                         #         glowq_own int4_own glowq_vllm lora (anchors: bench/vllm_bench.py)
 #   bash bench/run_h200.sh kernel         # the project's W4A16 kernel vs vLLM's, per layer (+ launch sweep)
+#   bash bench/run_h200.sh tune           # sweep the warpgroup-MMA launches into this GPU's launch table
+#                                         # ($WORK/tuned.json, kernels/tuned.py); every later stage uses it
 #   bash bench/run_h200.sh gpu-tests [TEST_FILE...]  # the GPU tests (default: every GPU test file;
 #                                         # GLOWQ_GPU_TESTS_WORKERS=8 runs them in 8 processes)
 #
@@ -37,7 +39,7 @@
 # Results (JSON, logs) go to $OUT (default bench/results/raw); bench/report.py turns them into
 # docs/benchmarks.md.
 set -euo pipefail
-STAGE=${1:?usage: run_h200.sh prepare|calibrate|vllm-main|vllm-rest|vllm-issue10a|vllm-issue10b|vllm NAME...|kernel|gpu-tests [FILE...]|moe-prepare|moe-calibrate|moe-vllm|moe-vllm-rest|moe-micro|all}
+STAGE=${1:?usage: run_h200.sh prepare|calibrate|tune|vllm-main|vllm-rest|vllm-issue10a|vllm-issue10b|vllm NAME...|kernel|gpu-tests [FILE...]|moe-prepare|moe-calibrate|moe-vllm|moe-vllm-rest|moe-micro|all}
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$HERE")
 WORK=${GLOWQ_BENCH_WORK:-/root/bench}
@@ -60,6 +62,10 @@ MOE_WORK=${GLOWQ_BENCH_MOE_WORK:-/root/bench-moe}
 MOE_SHAPE=${GLOWQ_BENCH_MOE_SHAPE:-qwen3-30b-a3b}
 MOE_LAYERS=${GLOWQ_BENCH_MOE_LAYERS:-auto}  # or a number; auto: bench/make_model.py's disk plan
 say() { echo "[$(date +%H:%M:%S)] $*"; }
+# the launch table `tune` wrote, for the kernel and engine stages after it (the packaged table otherwise)
+if [ -f "$WORK/tuned.json" ] && [ -z "${VLLM_GLOWQ_TUNED_CONFIGS:-}" ]; then
+  export VLLM_GLOWQ_TUNED_CONFIGS=$WORK/tuned.json
+fi
 
 ensure_plugin() {  # the vllm.general_plugins entry point needs installed dist-info
   # compressed-tensors 0.17 (in the shared wheelhouse) imports loguru, which the wheelhouse
@@ -156,6 +162,14 @@ kernel() {  # GLOWQ_BENCH_SWEEP=1 (mma.sync launches) or wgmma; GLOWQ_BENCH_TOKE
       | tee "$OUT/kernel_micro.log" | grep -E "T=|copy"
 }
 
+tune() {  # GLOWQ_BENCH_TOKENS=8,16,...: the token counts swept (one entry each)
+  ensure_plugin
+  timeout 480 $PY "$HERE/kernel_microbench.py" --no-vllm --sweep-wgmma \
+      --tokens "${GLOWQ_BENCH_TOKENS:-8,16,32,64,128,256,512,1024,2048}" --out "$OUT/tune.json" \
+      --tuned-out "$WORK/tuned.json" 2>&1 | tee "$OUT/tune.log" | grep -E "T=|copy" | cut -c1-400
+  cp "$WORK/tuned.json" "$OUT/tuned.json"
+}
+
 moe_micro() {
   ensure_plugin
   local tokens=()
@@ -192,6 +206,7 @@ case $STAGE in
   vllm-issue10a) vllm_run vllm "$WORK" gptq marlin fp8 glowq ;;
   vllm-issue10b) vllm_run vllm "$WORK" gptq glowq_own int4_own lora ;;
   kernel) kernel ;;
+  tune) tune ;;
   vllm) shift; vllm_run vllm "$WORK" "$@" ;;          # any list, e.g. vllm gptq glowq_s
   gpu-tests) shift; gpu_tests "$@" ;;
   moe-prepare) moe_prepare ;;
