@@ -9,7 +9,9 @@ rank. On the H200 (bench/results/kernel/micro_mma_fused_2026-12-03.json) a Llama
 layer with the correction took 72.8 / 92.2 / 207.7 us at 1 / 16 / 64 tokens on the tensor-core
 kernel, 75.5 / 173.0 / 417.4 on the Triton kernel.
 
-Up to GEMM_MAX_TOKENS tokens (decode, small batches) one GEMM launch does everything; on
+Where the GPU's tuned launch table (tuned.py) has an entry for the layer shape and token
+count, forward() runs that launch or dequantizes, as the table says. Otherwise:
+up to GEMM_MAX_TOKENS tokens (decode, small batches) one GEMM launch does everything; on
 Hopper the tensor-core kernel runs on the warpgroup MMA from WGMMA_MIN_TOKENS to
 WGMMA_MAX_TOKENS tokens (mma.sync below). Above that the layer's weight, with the correction
 folded in, is dequantized into a shared dense workspace and multiplied by cuBLAS. On the H200
