@@ -214,7 +214,8 @@ def bench_layer(layer: str, tokens_list: list[int], bandwidth: float, with_vllm:
                 if smem or tokens > w4a16.WGMMA_MAX_TOKENS:
                     kernels[f"glowq_{suffix}"] = wgmma_calls(copies, xs, True, smem)
                     kernels[f"int4_{suffix}"] = wgmma_calls(copies, xs, False, smem)
-        elif w4a16.GEMM_MAX_TOKENS < tokens <= w4a16.WORKSPACE_TOKENS:  # where forward() dequantizes instead
+        if not space.hopper and w4a16.GEMM_MAX_TOKENS < tokens <= w4a16.WORKSPACE_TOKENS:
+            # where forward() dequantizes instead
             kernels["glowq_mainloop"] = [
                 lambda c=c, x=x: w4a16.mma_gemm(x, c.fragment_qweight, c.scales, None, None, c.factor_b, c.factor_a,
                                                 GROUP) for c, x in zip(copies, xs)]

@@ -67,7 +67,8 @@ def test_the_microbenchmark_writes_a_table_the_plugin_reads(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     kernel_microbench = pytest.importorskip("kernel_microbench")
     rows = [{"layer": "qkv_proj", "tokens": tokens, "n": 6144, "k": 4096, "us": {"glowq_dense": dense},
-             "sweep": {"best": LAUNCH, "best_us": best}} for tokens, dense, best in ((256, 50.0, 40.0), (512, 60.0, 80.0))]
+             "sweep": {"best": LAUNCH, "best_us": best}}
+            for tokens, dense, best in ((256, 50.0, 40.0), (512, 60.0, 80.0))]
     result = {"device": "NVIDIA H200", "triton": "3.6.0", "rows": rows}
     table = kernel_microbench.launch_table(result, {"tokens": "256,512", "sweep_codes": "both", "out": "x"})
     assert table["command"] == "python bench/kernel_microbench.py --sweep-wgmma --tokens 256,512 --sweep-codes both"

@@ -40,8 +40,9 @@ def table_path(device_name: str) -> Path | None:
 
 @functools.cache
 def load(path: Path | None, fields: frozenset[str]) -> Table:
-    """{(N, K): {tokens: launch fields or DENSE}} from `path` (None: an empty table); `fields`: the
-    launch configuration's field names, checked here so a stale table fails at load, not mid-serve."""
+    """{(N, K): {tokens: launch fields or DENSE}, in increasing tokens} from `path` (None: an empty
+    table); `fields`: the launch configuration's field names, checked here so a stale table fails
+    at load, not mid-serve."""
     if path is None:
         return {}
     try:
@@ -49,23 +50,25 @@ def load(path: Path | None, fields: frozenset[str]) -> Table:
         table = {}
         for shape, entries in layers.items():
             n, k = (int(v) for v in shape.split("x"))
-            table[n, k] = {int(tokens): entry for tokens, entry in entries.items()}
+            table[n, k] = dict(sorted((int(tokens), entry) for tokens, entry in entries.items()))
     except (OSError, ValueError, KeyError, AttributeError) as exc:
-        raise GlowQFormatError(f"{ENV_TUNED}: cannot read the launch table {path} ({type(exc).__name__}: {exc}); write it "
-                         "with bench/kernel_microbench.py --sweep-wgmma --tuned-out, or unset the variable") from exc
+        raise GlowQFormatError(f"{ENV_TUNED}: cannot read the launch table {path} ({type(exc).__name__}: {exc}); "
+                               "write it with bench/kernel_microbench.py --sweep-wgmma --tuned-out, or unset the "
+                               "variable") from exc
     for (n, k), entries in table.items():
         for tokens, entry in entries.items():
             unknown = set(entry) - fields if isinstance(entry, dict) else set() if entry == DENSE else {entry}
             if unknown:
-                raise GlowQFormatError(f"{ENV_TUNED}: launch table {path}, layer {n}x{k} at {tokens} tokens: unknown "
-                                 f"{', '.join(map(str, sorted(unknown)))}; sweep it again with this version")
+                raise GlowQFormatError(f"{ENV_TUNED}: launch table {path}, layer {n}x{k} at {tokens} tokens: "
+                                       f"unknown {', '.join(map(str, sorted(unknown)))}; sweep it again with this "
+                                       "version")
     return table
 
 
 def lookup(table: Table, n: int, k: int, tokens: int) -> dict | str | None:
     """The tuned launch (fields or DENSE) for `tokens` rows of an N x K layer, or None when the
     table has no entry T with T/2 < tokens <= T."""
-    for entry_tokens, entry in sorted(table.get((n, k), {}).items()):
+    for entry_tokens, entry in table.get((n, k), {}).items():  # sorted at load: the smallest T wins
         if entry_tokens // 2 < tokens <= entry_tokens:
             return entry
     return None

@@ -141,6 +141,12 @@ def choose_gemm_config(tokens: int, n: int, k: int, group_size: int, sm_count: i
     return GemmConfig(block_m, block_n, block_k, split, warps, stages, **shrink)
 
 
+def padded_rank(rank: int) -> int:
+    """The correction's rank as the tensor-core products take it: a power of two, at least 16
+    (tl.arange and the MMA's K), the padding zeros."""
+    return max(16, 1 << max(0, rank - 1).bit_length())
+
+
 def has_warpgroup_mma(device: torch.device) -> bool:
     """Hopper (sm_90): the tensor-core kernel runs on the warpgroup MMA from WGMMA_MIN_TOKENS up."""
     return torch.cuda.get_device_capability(device)[0] == 9
@@ -212,13 +218,14 @@ def forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     zeros uint8 [G, N] or None, factors B [r, K] and A [N, r] or None (plain int4)."""
     fragments = qweight.dim() == 4
     tokens = x.shape[0]
+    space = workspace(x.device)
     if fragments:
-        launch = workspace(x.device).tuned_launch(qweight.shape[2], x.shape[1], tokens)
+        launch = space.tuned_launch(qweight.shape[2], x.shape[1], tokens)
         if launch == tuned.DENSE:
             return dense_forward(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size)
         if launch is not None:
             return mma_gemm(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size, launch)
-    if tokens <= GEMM_MAX_TOKENS or (fragments and workspace(x.device).hopper and tokens <= WGMMA_MAX_TOKENS):
+    if tokens <= GEMM_MAX_TOKENS or (fragments and space.hopper and tokens <= WGMMA_MAX_TOKENS):
         return (mma_gemm if fragments else gemm)(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size)
     return dense_forward(x, qweight, scales, zeros, bias, factor_b, factor_a, group_size)
 
@@ -486,7 +493,7 @@ def mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, CORRECT=correct, EXPAND_ITEMS=expand_items,
         EVEN_N=n % config.block_n == 0,
         GROUP_BLOCKS=group_size // block_k, BN=config.block_n, BT=config.block_t, BK=block_k,
-        RP=max(16, 1 << max(0, rank - 1).bit_length()), SBT=shrink_block_t, SBK=min(64, block_k),
+        RP=padded_rank(rank), SBT=shrink_block_t, SBK=min(64, block_k),
         MAGIC_VALUE=magic_value, PREFETCH_X=config.prefetch_x, WGMMA=config.wgmma,
         CODES_IN_SMEM=config.codes_in_smem, num_warps=config.num_warps)
     if os.environ.get("GLOWQ_DEBUG") and config not in _reported:
@@ -517,6 +524,5 @@ def dequantize_fragments(qweight: torch.Tensor, scales: torch.Tensor, zeros: tor
         factor_a if correct else dummy, dense, n, rank, scales.stride(0),
         0 if zeros is None else zeros.stride(0), factor_b.stride(0) if correct else 0,
         factor_a.stride(0) if correct else 0, dense.stride(0), HAS_ZEROS=zeros is not None, CORRECT=correct,
-        GROUP_BLOCKS=group_size // block_k, BN=block_n, BK=block_k, RP=max(16, 1 << max(0, rank - 1).bit_length()),
-        CHUNKS=chunks, num_warps=4)
+        GROUP_BLOCKS=group_size // block_k, BN=block_n, BK=block_k, RP=padded_rank(rank), CHUNKS=chunks, num_warps=4)
     return dense
