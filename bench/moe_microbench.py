@@ -10,9 +10,14 @@ token count it times:
 * `grouped`: GlowQ with the correction on pairs sorted by expert (moe_marlin.forward, fused=False);
 * `fused`: GlowQ with the small-batch fused correction (fused=True), where
   moe_marlin.takes_fused_path would take it; `--threshold-sweep` times it at every count, and
-  prints the pair count up to which it beats the grouped path (what FUSED_MAX_PAIRS should be).
+  prints the pair count up to which it beats the grouped path (what FUSED_MAX_PAIRS should be);
+* `own`: GlowQ on the project's own int4 MoE kernels, the correction inside the expert GEMMs
+  (moe_triton.forward on the same codes repacked for them), on the path the pair count picks;
+  `own_plain` the same kernels without factors (plain int4 through them); `--threshold-sweep`
+  also times `own_pairs` and `own_blocks` (each path forced) at every count (what
+  moe_triton.PAIRS_MAX_PAIRS should be).
 
-and the ratios plain / GlowQ per path (the issue's target: >= 0.90 at decode). Each case is one
+and the ratios plain / path (the issue's target for GlowQ: >= 0.90 at decode). Each case is one
 CUDA graph that runs the layer once on each of COPIES copies of its weights, with its own
 routing, so that the experts a step touches come from HBM as in a 48-layer model, not from L2;
 the median replay over COPIES is the time per layer. Accuracy: on the first CHECK_TOKENS tokens
@@ -35,13 +40,14 @@ import torch
 import torch.nn.functional as F
 
 from gpu_timing import seconds_per_call
-from vllm_glowq import moe_marlin
+from vllm_glowq import moe_marlin, moe_triton
 from vllm_glowq.packing import dequantize
 
 SHAPE = dict(hidden=2048, experts=128, top_k=8, inter=768, rank=64, group=128)  # Qwen3-30B-A3B
 COPIES = 8  # x 24 MB of experts and factors touched per copy at one token: past the H200's L2
 CHECK_TOKENS = 4
-PATHS = ("plain", "grouped", "fused")
+PATHS = ("plain", "grouped", "fused", "own", "own_plain", "own_pairs", "own_blocks")
+SWEEP_ONLY = ("own_pairs", "own_blocks")  # timed with --threshold-sweep only
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,7 +94,9 @@ def make_layer(seed: int) -> dict:
     factors = moe_marlin.ExpertFactors(b13=randn(r, h, scale=h**-0.5), a13=randn(e, 2 * i, r, scale=0.5 * r**-0.5),
                                        b2=randn(e, r, i, scale=i**-0.5), a2=randn(e, h, r, scale=0.5 * r**-0.5))
     int4 = moe_marlin.repack(q13, s13, None, q2, s2, None, torch.bfloat16)
-    return dict(int4=int4, factors=factors, gptq=(q13, s13, q2, s2))
+    own = (moe_triton.repack(q13, s13, None, torch.bfloat16), moe_triton.repack(q2, s2, None, torch.bfloat16))
+    moe_triton.reserve(q13.device, h, i, *own)
+    return dict(int4=int4, own=own, factors=factors, gptq=(q13, s13, q2, s2))
 
 
 def routing(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +110,10 @@ def step(layer: dict, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     """One call of the layer on `path` (a closure for the CUDA graph)."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
-    factors = moe_marlin.ExpertFactors() if path == "plain" else layer["factors"]
+    factors = moe_marlin.ExpertFactors() if path in ("plain", "own_plain") else layer["factors"]
+    if path.startswith("own"):
+        pairs_path = {"own_pairs": True, "own_blocks": False}.get(path)
+        return lambda: moe_triton.forward(*layer["own"], factors, x, weights, ids, pairs_path=pairs_path)
     fused = None if path == "plain" else path == "fused"
     return lambda: moe_marlin.forward(layer["int4"], factors, x, weights, ids, MoEActivation.SILU, fused=fused)
 
@@ -132,7 +143,8 @@ def max_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def bench_tokens(layers: list[dict], tokens: int, sweep: bool) -> dict:
     """Times and errors of every path that runs at this token count."""
     pairs = tokens * SHAPE["top_k"]
-    paths = [p for p in PATHS if p != "fused" or sweep or moe_marlin.takes_fused_path(pairs)]
+    paths = [p for p in PATHS if (p != "fused" or sweep or moe_marlin.takes_fused_path(pairs))
+             and (p not in SWEEP_ONLY or sweep)]
     inputs = []
     for c, _ in enumerate(layers):
         x = torch.randn(tokens, SHAPE["hidden"], device="cuda", generator=torch.Generator(device="cuda").manual_seed(c))
@@ -150,11 +162,11 @@ def bench_tokens(layers: list[dict], tokens: int, sweep: bool) -> dict:
     return row
 
 
-def suggested_threshold(rows: list[dict]) -> int | None:
-    """The largest timed pair count up to which the fused path was never slower than the grouped one."""
+def suggested_threshold(rows: list[dict], small: str = "fused", large: str = "grouped") -> int | None:
+    """The largest timed pair count up to which path `small` was never slower than `large`."""
     best = None
     for row in sorted(rows, key=lambda r: r["pairs"]):
-        if "fused" not in row["us"] or row["us"]["fused"] > row["us"]["grouped"]:
+        if small not in row["us"] or row["us"][small] > row["us"][large]:
             break
         best = row["pairs"]
     return best
@@ -182,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
 
     layers = [make_layer(seed) for seed in range(COPIES)]
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, vllm=vllm.__version__, shape=SHAPE,
-                  copies=COPIES, fused_max_pairs=moe_marlin.FUSED_MAX_PAIRS, rows=[])
+                  copies=COPIES, fused_max_pairs=moe_marlin.FUSED_MAX_PAIRS,
+                  pairs_max_pairs=moe_triton.PAIRS_MAX_PAIRS, rows=[])
     print(f"{result['device']}, vLLM {result['vllm']}; shapes {SHAPE}; plain/GlowQ ratios, * = the default path",
           flush=True)
     for tokens in args.tokens:
@@ -193,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
         result["suggested_fused_max_pairs"] = suggested_threshold(result["rows"])
         print(f"fused path never slower up to {result['suggested_fused_max_pairs']} pairs "
               f"(FUSED_MAX_PAIRS is {moe_marlin.FUSED_MAX_PAIRS})")
+        result["suggested_pairs_max_pairs"] = suggested_threshold(result["rows"], "own_pairs", "own_blocks")
+        print(f"own pairs path never slower up to {result['suggested_pairs_max_pairs']} pairs "
+              f"(PAIRS_MAX_PAIRS is {moe_triton.PAIRS_MAX_PAIRS})")
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
 

@@ -422,6 +422,7 @@ def test_loaded_layer_hands_marlin_codes_and_factors_to_the_gpu_forward(monkeypa
     layer.activation = "silu"
     method = moe.GlowQMoEMethod.__new__(moe.GlowQMoEMethod)
     method.prefix, method.on_gpu, method.params_dtype = "test.mlp.experts", True, torch.bfloat16
+    method.own_kernels, method.codes = False, None
     method.expected = ExpectedTensors(method.prefix)
     marlin = [torch.full((e, 7), v) for v in range(4)]
     monkeypatch.setattr(moe_marlin, "repack", lambda *args: moe_marlin.Int4Experts(*marlin, None, None, torch.zeros(2)))

@@ -16,6 +16,8 @@ kernels repack them; the project's kernel reads the checkpoint's GPTQ layout as 
   for), else dense dequantized weights. One layout is kept per layer, so a choice holds for
   every batch;
 * `glowq`: the project's kernel with the correction fused in; a layer it cannot run is an error;
+  MoE experts run the project's own MoE kernels (moe_triton.py; `auto` keeps Marlin MoE for
+  them until a GPU has timed the two);
 * `vllm`: vLLM's kernel, dense weights where it has none (the plugin before the project's kernel);
 * `dense`: dense dequantized weights everywhere (a reference for debugging).
 

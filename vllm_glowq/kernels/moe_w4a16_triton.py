@@ -1,0 +1,395 @@
+"""The experts' int4 GEMMs of the project's own, with GlowQ's correction inside them.
+
+vLLM's Marlin MoE kernels take no operand for the correction, so on that path
+(vllm_glowq/moe_marlin.py) the correction runs as launches of its own beside Marlin's, and a
+decode step pays for them: 0.72x plain int4 MoE at one token on the H200, 19 us of a 53 us
+layer for about 4.7 MB of factors. Here the correction is part of the expert GEMMs, as the
+dense kernel (w4a16_triton.py) does for linear layers, whose helpers these kernels call:
+
+* the w13 GEMM's epilogue adds A13_e R (R = B13 x, one row per token, computed once before
+  the launch: the shared B), applies SiLU-and-mul and stores h, then the chunk's share of the
+  down correction's own factor, B2_e h, as a partial sum (kernels/moe_fused_triton.py's
+  `activate_pair`, the same epilogue that path runs on Marlin's output);
+* the w2 GEMM's epilogue adds w_p A2_e S_p (S_p the pair's partials summed) and the router
+  weight, and the top-k sum.
+
+Codes are in the dense kernel's nibble-plane layout, per expert (`packing.repack_planes`):
+qweight [E, K / 8, N] int32, scales [E, G, N] in the activation dtype, zero points [E, G, N]
+uint8 or none (symmetric: z = 8). Two paths over that one layout, chosen per call from the
+number of (token, expert) pairs (vllm_glowq/moe_triton.py):
+
+* pairs (decode, small batches): every (pair, column chunk, K chunk) is one program on the
+  CUDA cores (`w4a16_triton._gemv_block_sum`), no sorting: at one token the eight routed
+  experts' 19 MB would otherwise be read by a few dozen programs. Each program stores its
+  float32 partial; the last of a tile's programs to arrive (a ticket per tile, as in the dense
+  kernel) sums them and runs the epilogue. For w2 a tile is a token's chunk of H and its
+  programs are all its pairs' K chunks, so the top-k sum needs no launch of its own. Three
+  launches per layer: R = B13 x (cuBLAS), w13, w2.
+* blocks (larger batches): the pairs sorted by expert in blocks of BLOCK_M
+  (vLLM's `moe_align_block_size`), one (block, column tile) per program on the tensor cores
+  (`w4a16_triton._int4_block_sum`), the correction's products in the epilogue as `tl.dot`s;
+  w2 writes one row per pair, summed over top-k by one torch op.
+
+Tickets live in a zeroed int32 buffer that the last arrival of each tile zeroes again, so a
+captured CUDA graph replays on a clean one. Only Triton builtins and the dense kernel's
+helpers appear, so Triton's interpreter runs these kernels on a CPU for the tests. Launch
+shapes are first guesses: not timed on a GPU yet (bench/moe_microbench.py times them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_glowq.kernels import moe_fused_triton as pairs_lib
+from vllm_glowq.kernels import w4a16_triton as dense  # absolute: tests load this file alone
+
+
+@triton.jit
+def _ticket(sync_ptr, tile, contributors):
+    """Whether this program is the last of `contributors` to arrive at `tile` (which it then
+    resets); its partial stores precede the ticket (barrier + acq_rel), and the others' are
+    visible to the last."""
+    tl.debug_barrier()
+    last = tl.atomic_add(sync_ptr + tile, 1, sem="acq_rel") == contributors - 1
+    if last:
+        tl.atomic_xchg(sync_ptr + tile, 0)
+    return last
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _gate_up_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, ids_ptr, h_ptr, part_ptr,
+                          gemm_ptr, sync_ptr, num_pairs, I, K, R13, R2, TOP_K, ROW_DIV, group_size, split_k,
+                          k_chunk, stride_x, stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg,
+                          stride_r, stride_a13e, stride_b2e, stride_h,
+                          HAS_ZEROS: tl.constexpr, HAS13: tl.constexpr, HAS2: tl.constexpr, BN: tl.constexpr,
+                          BK: tl.constexpr, BLOCK_R13: tl.constexpr, BLOCK_R2: tl.constexpr,
+                          SPLITS: tl.constexpr, PREFETCH: tl.constexpr):
+    """Program (pair, chunk of I, K chunk): its gate and up columns' partial sums over the K
+    chunk; the chunk's last arrival adds them up and runs `activate_pair`."""
+    item = tl.program_id(0)
+    split = item % split_k
+    tile = item // split_k  # = pair * chunks + chunk
+    chunks = (I + BN - 1) // BN
+    pair = tile // chunks
+    chunk = tile % chunks
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    offs_n = chunk * BN + tl.arange(0, BN)
+    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x
+    qw = qw_ptr + expert * stride_qe
+    s = s_ptr + expert * stride_se
+    z = z_ptr + expert * stride_ze
+    k_start = split * k_chunk
+    k_end = tl.minimum(K, k_start + k_chunk)
+    zero = tl.full((1, BN), 0.0, tl.float32)
+    gate = dense._gemv_block_sum(x_row, qw, s, z, offs_n, k_start, k_end, I, group_size, stride_qk, stride_sg,
+                                 stride_zg, zero, HAS_ZEROS, BK, PREFETCH)
+    up = dense._gemv_block_sum(x_row, qw + I, s + I, z + I, offs_n, k_start, k_end, I, group_size, stride_qk,
+                               stride_sg, stride_zg, zero, HAS_ZEROS, BK, PREFETCH)
+    row = tl.full((1,), 0, tl.int64) + pair
+    if split_k > 1:
+        # partials [split_k, pairs, 2I]: gate's columns, then up's
+        tl.store(gemm_ptr + split * num_pairs * 2 * I + row[:, None] * 2 * I + offs_n[None, :], gate,
+                 mask=offs_n[None, :] < I)
+        tl.store(gemm_ptr + split * num_pairs * 2 * I + row[:, None] * 2 * I + I + offs_n[None, :], up,
+                 mask=offs_n[None, :] < I)
+        last = _ticket(sync_ptr, tile, split_k)
+        if last:
+            gate = dense._sum_partials(gemm_ptr, row, offs_n, num_pairs, 2 * I, split_k, SPLITS)
+            up = dense._sum_partials(gemm_ptr, row, offs_n + I, num_pairs, 2 * I, split_k, SPLITS)
+    else:
+        last = True
+    if last:
+        pairs_lib.activate_pair(dense._sum(gate, 0), dense._sum(up, 0), pair, expert, offs_n, offs_n < I, r_ptr,
+                                a13_ptr, b2_ptr, h_ptr, part_ptr, num_pairs, I, R13, R2, ROW_DIV, chunk, stride_r,
+                                stride_a13e, stride_b2e, stride_h, HAS13, HAS2, BLOCK_R13, BLOCK_R2)
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _down_pairs_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, a2_ptr, ids_ptr, weights_ptr, out_ptr, gemm_ptr,
+                       sync_ptr, num_tokens, H, I, R2, num_chunks, group_size, split_k, k_chunk,
+                       stride_h, stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg, stride_a2e,
+                       stride_out, TOP_K: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS2: tl.constexpr,
+                       BN: tl.constexpr, BK: tl.constexpr, BLOCK_R2: tl.constexpr, BLOCK_C: tl.constexpr,
+                       SPLITS: tl.constexpr, PREFETCH: tl.constexpr):
+    """Program (token, chunk of H, routed expert k, K chunk): w_p h_p deq(W2_e) over the K
+    chunk; the tile's last arrival (of TOP_K * split_k) sums them, adds every pair's
+    w_p A2_e S_p and writes the token's output chunk."""
+    item = tl.program_id(0)
+    contributors = TOP_K * split_k
+    slot = item % contributors  # = k * split_k + split
+    tile = item // contributors  # = token * chunks + chunk
+    chunks = (H + BN - 1) // BN
+    token = tile // chunks
+    offs_n = (tile % chunks) * BN + tl.arange(0, BN)
+    n_ok = offs_n < H
+    pair = token * TOP_K + slot // split_k
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    k_start = (slot % split_k) * k_chunk
+    acc = dense._gemv_block_sum(h_ptr + pair.to(tl.int64) * stride_h, qw_ptr + expert * stride_qe,
+                                s_ptr + expert * stride_se, z_ptr + expert * stride_ze, offs_n, k_start,
+                                tl.minimum(I, k_start + k_chunk), H, group_size, stride_qk, stride_sg, stride_zg,
+                                tl.full((1, BN), 0.0, tl.float32), HAS_ZEROS, BK, PREFETCH)
+    acc = acc * tl.load(weights_ptr + pair)
+    row = tl.full((1,), 0, tl.int64) + token
+    # partials [TOP_K * split_k, tokens, H]
+    tl.store(gemm_ptr + slot * num_tokens * H + row[:, None] * H + offs_n[None, :], acc, mask=n_ok[None, :])
+    if _ticket(sync_ptr, tile, contributors):
+        total = dense._sum(dense._sum_partials(gemm_ptr, row, offs_n, num_tokens, H, contributors, SPLITS), 0)
+        if HAS2:
+            for k in tl.static_range(TOP_K):
+                p = token * TOP_K + k
+                e = tl.load(ids_ptr + p).to(tl.int64)
+                total += tl.load(weights_ptr + p) * pairs_lib.down_correction(
+                    part_ptr, a2_ptr, p, e, offs_n, n_ok, num_tokens * TOP_K, R2, num_chunks, stride_a2e,
+                    BLOCK_R2, BLOCK_C)
+        tl.store(out_ptr + token.to(tl.int64) * stride_out + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _block_rows(sorted_ptr, expert_ptr, padded_ptr, num_pairs, BLOCK_M: tl.constexpr):
+    """A sorted block's pair ids, which of them are real, its expert, and whether it is in use
+    (blocks past the padded count hold stale ids)."""
+    block = tl.program_id(0)
+    expert = tl.load(expert_ptr + block)
+    live = (block * BLOCK_M < tl.load(padded_ptr)) & (expert >= 0)
+    pairs = tl.load(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = pairs < num_pairs
+    return tl.where(valid, pairs, 0).to(tl.int64), valid, expert.to(tl.int64), live
+
+
+@triton.jit(do_not_specialize=["num_pairs", "num_tokens"])
+def _gate_up_blocks_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, sorted_ptr, expert_ptr, padded_ptr,
+                           h_ptr, part_ptr, num_pairs, num_tokens, I, K, R13, R2, TOP_K, ROW_DIV, group_size,
+                           stride_x, stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg, stride_r,
+                           stride_a13e, stride_b2e, stride_h,
+                           HAS_ZEROS: tl.constexpr, HAS13: tl.constexpr, HAS2: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_R13: tl.constexpr,
+                           BLOCK_R2: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VALUE: tl.constexpr):
+    """Program (sorted block, chunk of I): gate and up of the block's pairs on the tensor cores,
+    + R A13_e^T, h = SiLU(gate) * up, and the chunk's partial h B2_e^T."""
+    pairs, valid, expert, live = _block_rows(sorted_ptr, expert_ptr, padded_ptr, num_pairs, BLOCK_M)
+    if live:
+        DTYPE = h_ptr.dtype.element_ty
+        chunk = tl.program_id(1)
+        offs_n = chunk * BN + tl.arange(0, BN)
+        n_ok = offs_n < I
+        tokens = pairs // TOP_K
+        qw = qw_ptr + expert * stride_qe
+        s = s_ptr + expert * stride_se
+        z = z_ptr + expert * stride_ze
+        zero = tl.full((BLOCK_M, BN), 0.0, tl.float32)
+        gate = dense._int4_block_sum(x_ptr, qw, s, z, tokens, offs_n, 0, K, num_tokens, I, group_size, stride_x,
+                                     stride_qk, stride_sg, stride_zg, zero, HAS_ZEROS, BK, MAGIC, MAGIC_VALUE, DTYPE)
+        up = dense._int4_block_sum(x_ptr, qw + I, s + I, z + I, tokens, offs_n, 0, K, num_tokens, I, group_size,
+                                   stride_x, stride_qk, stride_sg, stride_zg, zero, HAS_ZEROS, BK, MAGIC, MAGIC_VALUE,
+                                   DTYPE)
+        if HAS13:
+            offs_r = tl.arange(0, BLOCK_R13)
+            reduced = tl.load(r_ptr + (pairs // ROW_DIV)[:, None] * stride_r + offs_r[None, :],
+                              mask=valid[:, None] & (offs_r[None, :] < R13), other=0.0).to(DTYPE)
+            a_t = a13_ptr + expert * stride_a13e + offs_n[None, :] * R13 + offs_r[:, None]
+            a_ok = n_ok[None, :] & (offs_r[:, None] < R13)
+            gate = tl.dot(reduced, tl.load(a_t, mask=a_ok, other=0.0).to(DTYPE), gate)
+            up = tl.dot(reduced, tl.load(a_t + I * R13, mask=a_ok, other=0.0).to(DTYPE), up)
+        gate = gate.to(DTYPE).to(tl.float32)  # what the w13 output holds
+        up = up.to(DTYPE).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(DTYPE).to(tl.float32)
+        hidden = (silu * up).to(DTYPE)
+        tl.store(h_ptr + pairs[:, None] * stride_h + offs_n[None, :], hidden, mask=valid[:, None] & n_ok[None, :])
+        if HAS2:
+            offs_s = tl.arange(0, BLOCK_R2)
+            b_t = tl.load(b2_ptr + expert * stride_b2e + offs_s[None, :] * I + offs_n[:, None],
+                          mask=n_ok[:, None] & (offs_s[None, :] < R2), other=0.0).to(DTYPE)
+            partial = tl.dot(hidden, b_t)  # [BLOCK_M, BLOCK_R2]
+            slots = (chunk * num_pairs + pairs)[:, None] * R2 + offs_s[None, :]
+            tl.store(part_ptr + slots, partial, mask=valid[:, None] & (offs_s[None, :] < R2))
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _down_blocks_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, a2_ptr, sorted_ptr, expert_ptr, padded_ptr,
+                        weights_ptr, out_ptr, num_pairs, H, I, R2, num_chunks, group_size,
+                        stride_h, stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg, stride_a2e,
+                        stride_out, HAS_ZEROS: tl.constexpr, HAS2: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BN: tl.constexpr, BK: tl.constexpr, BLOCK_R2: tl.constexpr, MAGIC: tl.constexpr,
+                        MAGIC_VALUE: tl.constexpr):
+    """Program (sorted block, chunk of H): out[p] = w_p (h_p deq(W2_e) + S_p A2_e^T), one row per pair."""
+    pairs, valid, expert, live = _block_rows(sorted_ptr, expert_ptr, padded_ptr, num_pairs, BLOCK_M)
+    if live:
+        DTYPE = h_ptr.dtype.element_ty
+        offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+        n_ok = offs_n < H
+        acc = dense._int4_block_sum(h_ptr, qw_ptr + expert * stride_qe, s_ptr + expert * stride_se,
+                                    z_ptr + expert * stride_ze, pairs, offs_n, 0, I, num_pairs, H, group_size,
+                                    stride_h, stride_qk, stride_sg, stride_zg, tl.full((BLOCK_M, BN), 0.0, tl.float32),
+                                    HAS_ZEROS, BK, MAGIC, MAGIC_VALUE, DTYPE)
+        if HAS2:
+            offs_s = tl.arange(0, BLOCK_R2)
+            reduced = tl.full((BLOCK_M, BLOCK_R2), 0.0, tl.float32)
+            s_ok = valid[:, None] & (offs_s[None, :] < R2)
+            for c in range(0, num_chunks):
+                reduced += tl.load(part_ptr + (c * num_pairs + pairs)[:, None] * R2 + offs_s[None, :], mask=s_ok,
+                                   other=0.0)
+            a_t = tl.load(a2_ptr + expert * stride_a2e + offs_n[None, :] * R2 + offs_s[:, None],
+                          mask=n_ok[None, :] & (offs_s[:, None] < R2), other=0.0).to(DTYPE)
+            acc = tl.dot(reduced.to(DTYPE), a_t, acc)
+        acc = acc * tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
+        tl.store(out_ptr + pairs[:, None] * stride_out + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=valid[:, None] & n_ok[None, :])
+
+
+# ----- launches ---------------------------------------------------------------------------------
+
+PAIRS_PER_SM = 8  # programs per SM the pairs path aims for by splitting K (a guess, not timed)
+PAIRS_BLOCK_N = 64  # columns per program of the pairs path (the dense one-token path's tile)
+PAIRS_WARPS = 2
+_PARTIALS_PER_LOAD = 16
+
+
+def pairs_split(tiles: int, k_blocks: int, sm_count: int) -> int:
+    """K chunks per tile for the pairs path: a divisor of the K blocks that gives about
+    PAIRS_PER_SM programs per SM (fewer chunks where the tiles already fill the GPU)."""
+    wanted = math.ceil(PAIRS_PER_SM * sm_count / max(1, tiles))
+    return min((d for d in range(1, k_blocks + 1) if k_blocks % d == 0), key=lambda d: (d < wanted, abs(d - wanted)))
+
+
+class Workspace:
+    """Per-device float32 partials and zeroed tickets of the pairs path, sized at load time
+    (before CUDA graphs are captured) for `max_pairs` pairs; every launch leaves the tickets zeroed."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.partial = torch.empty(0, dtype=torch.float32, device=device)
+        self.sync = torch.zeros(0, dtype=torch.int32, device=device)
+        self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+    def reserve(self, max_pairs: int, hidden: int, inter: int, hidden_blocks: int, inter_blocks: int) -> None:
+        """Grow for up to `max_pairs` pairs of experts with this hidden and intermediate size
+        (and K blocks along each): the partials of a K split as fine as the blocks, one ticket
+        per tile (for w2 at most one token per pair)."""
+        floats = max(hidden_blocks * max_pairs * 2 * inter, inter_blocks * max_pairs * hidden)
+        if self.partial.numel() < floats:
+            self.partial = torch.empty(floats, dtype=torch.float32, device=self.device)
+        tickets = max_pairs * max(triton.cdiv(inter, PAIRS_BLOCK_N), triton.cdiv(hidden, PAIRS_BLOCK_N))
+        if self.sync.numel() < tickets:
+            self.sync = torch.zeros(tickets, dtype=torch.int32, device=self.device)
+
+
+_workspaces: dict[torch.device, Workspace] = {}
+
+
+def workspace(device: torch.device) -> Workspace:
+    if device not in _workspaces:
+        _workspaces[device] = Workspace(device)
+    return _workspaces[device]
+
+
+def _strides(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> tuple[int, ...]:
+    """(stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg) of one projection's codes."""
+    z = (0, 0) if zeros is None else (zeros.stride(0), zeros.stride(1))
+    return (qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1), *z)
+
+
+def _pow2(value: int) -> int:
+    return max(16, triton.next_power_of_2(value))
+
+
+def gate_up_pairs(x, qweight, scales, zeros, group_size: int, block_k: int, reduced, a13, b2, topk_ids, hidden,
+                  row_div: int, space: Workspace):
+    """hidden [P, I] = SiLU(gate) * up of x deq(W13_e) + A13_e R, pair by pair (W13 [E, K/8, 2I]
+    in the kernel layout), and with b2 the partial sums [chunks, P, r2] of B2_e h that
+    `down_pairs` reads (None without b2)."""
+    pairs, inter = hidden.shape
+    k = x.shape[1]
+    chunks = triton.cdiv(inter, PAIRS_BLOCK_N)
+    split = pairs_split(pairs * chunks, k // block_k, space.sm_count)
+    r13 = 1 if a13 is None else a13.shape[2]
+    r2 = 1 if b2 is None else b2.shape[1]
+    partials = None if b2 is None else torch.empty((chunks, pairs, r2), dtype=torch.float32, device=x.device)
+    dummy = hidden
+    _gate_up_pairs_kernel[(pairs * chunks * split,)](
+        x, qweight, scales, dummy if zeros is None else zeros, dummy if reduced is None else reduced,
+        dummy if a13 is None else a13, dummy if b2 is None else b2, topk_ids, hidden,
+        dummy if partials is None else partials, space.partial, space.sync, pairs, inter, k, r13, r2,
+        topk_ids.shape[1], row_div, group_size, split, k // split, x.stride(0), *_strides(qweight, scales, zeros),
+        0 if reduced is None else reduced.stride(0), 0 if a13 is None else a13.stride(0),
+        0 if b2 is None else b2.stride(0), hidden.stride(0),
+        HAS_ZEROS=zeros is not None, HAS13=a13 is not None, HAS2=b2 is not None, BN=PAIRS_BLOCK_N, BK=block_k,
+        BLOCK_R13=_pow2(r13), BLOCK_R2=_pow2(r2), SPLITS=min(_PARTIALS_PER_LOAD, triton.next_power_of_2(split)),
+        PREFETCH=False, num_warps=PAIRS_WARPS)
+    return partials
+
+
+def down_pairs(hidden, qweight, scales, zeros, group_size: int, block_k: int, partials, a2, topk_ids, topk_weights,
+               out, space: Workspace):
+    """out [T, H] = sum over top-k of w_p (h_p deq(W2_e) + A2_e S_p), S_p from `gate_up_pairs`."""
+    tokens, top_k = topk_ids.shape
+    inter, h = hidden.shape[1], out.shape[1]
+    chunks = triton.cdiv(h, PAIRS_BLOCK_N)
+    split = pairs_split(tokens * chunks * top_k, inter // block_k, space.sm_count)
+    r2 = 1 if a2 is None else a2.shape[2]
+    contributors = top_k * split
+    _down_pairs_kernel[(tokens * chunks * contributors,)](
+        hidden, qweight, scales, out if zeros is None else zeros, out if partials is None else partials,
+        out if a2 is None else a2, topk_ids, topk_weights, out, space.partial, space.sync, tokens, h, inter, r2,
+        1 if partials is None else partials.shape[0], group_size, split, inter // split, hidden.stride(0),
+        *_strides(qweight, scales, zeros), 0 if a2 is None else a2.stride(0), out.stride(0),
+        TOP_K=top_k, HAS_ZEROS=zeros is not None, HAS2=a2 is not None, BN=PAIRS_BLOCK_N, BK=block_k,
+        BLOCK_R2=_pow2(r2), BLOCK_C=_PARTIALS_PER_LOAD,
+        SPLITS=min(_PARTIALS_PER_LOAD, triton.next_power_of_2(contributors)), PREFETCH=False,
+        num_warps=PAIRS_WARPS)
+    return out
+
+
+shrink_pairs = pairs_lib.shrink_pairs  # R per pair for `--share module` checkpoints
+BLOCKS_BLOCK_N = 64  # columns per program of the blocks path (not timed)
+
+
+def _magic(dtype: torch.dtype) -> tuple[int, float]:
+    from vllm_glowq.kernels.w4a16 import _MAGIC
+
+    return _MAGIC[dtype]
+
+
+def gate_up_blocks(x, qweight, scales, zeros, group_size: int, block_k: int, reduced, a13, b2, alignment, top_k: int,
+                   hidden, row_div: int):
+    """As `gate_up_pairs`, on pairs sorted by expert (`alignment`, moe_lowrank_triton.Alignment)."""
+    pairs, inter = hidden.shape
+    tokens, k = x.shape
+    chunks = triton.cdiv(inter, BLOCKS_BLOCK_N)
+    r13 = 1 if a13 is None else a13.shape[2]
+    r2 = 1 if b2 is None else b2.shape[1]
+    partials = None if b2 is None else torch.empty((chunks, pairs, r2), dtype=torch.float32, device=x.device)
+    magic, magic_value = _magic(x.dtype)
+    dummy = hidden
+    _gate_up_blocks_kernel[(alignment.expert_ids.numel(), chunks)](
+        x, qweight, scales, dummy if zeros is None else zeros, dummy if reduced is None else reduced,
+        dummy if a13 is None else a13, dummy if b2 is None else b2, alignment.sorted_ids, alignment.expert_ids,
+        alignment.padded, hidden, dummy if partials is None else partials, pairs, tokens, inter, k, r13, r2, top_k,
+        row_div, group_size, x.stride(0), *_strides(qweight, scales, zeros),
+        0 if reduced is None else reduced.stride(0), 0 if a13 is None else a13.stride(0),
+        0 if b2 is None else b2.stride(0), hidden.stride(0),
+        HAS_ZEROS=zeros is not None, HAS13=a13 is not None, HAS2=b2 is not None, BLOCK_M=alignment.block_m,
+        BN=BLOCKS_BLOCK_N, BK=block_k, BLOCK_R13=_pow2(r13), BLOCK_R2=_pow2(r2), MAGIC=magic,
+        MAGIC_VALUE=magic_value, num_warps=4)
+    return partials
+
+
+def down_blocks(hidden, qweight, scales, zeros, group_size: int, block_k: int, partials, a2, alignment, topk_weights,
+                rows):
+    """rows [P, H] = w_p (h_p deq(W2_e) + A2_e S_p), one row per pair (summed over top-k by the caller)."""
+    pairs, inter = hidden.shape
+    h = rows.shape[1]
+    r2 = 1 if a2 is None else a2.shape[2]
+    magic, magic_value = _magic(hidden.dtype)
+    _down_blocks_kernel[(alignment.expert_ids.numel(), triton.cdiv(h, BLOCKS_BLOCK_N))](
+        hidden, qweight, scales, rows if zeros is None else zeros, rows if partials is None else partials,
+        rows if a2 is None else a2, alignment.sorted_ids, alignment.expert_ids, alignment.padded, topk_weights, rows,
+        pairs, h, inter, r2, 1 if partials is None else partials.shape[0], group_size, hidden.stride(0),
+        *_strides(qweight, scales, zeros), 0 if a2 is None else a2.stride(0), rows.stride(0),
+        HAS_ZEROS=zeros is not None, HAS2=a2 is not None, BLOCK_M=alignment.block_m, BN=BLOCKS_BLOCK_N, BK=block_k,
+        BLOCK_R2=_pow2(r2), MAGIC=magic, MAGIC_VALUE=magic_value, num_warps=4)
+    return rows

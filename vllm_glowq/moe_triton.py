@@ -1,0 +1,129 @@
+"""GlowQ experts on CUDA GPUs through the project's own int4 MoE kernels, the correction inside
+the expert GEMMs (kernels/moe_w4a16_triton.py says how).
+
+The alternative to moe_marlin.py, which keeps vLLM's Marlin MoE GEMMs and adds the correction
+in launches of its own around them: on the H200 that path decodes at 0.72-0.78x plain int4
+MoE (docs/benchmarks.md), and the launches, not the factors' bytes, cost it. Each layer keeps
+one layout: the codes are repacked once at load time into the dense kernel's nibble planes
+per expert (`repack`), so the choice between the two paths is made per layer when the model
+loads (vllm_glowq/moe.py; `VLLM_GLOWQ_KERNEL=glowq` picks this one).
+
+Per call, `forward` takes the pairs path up to PAIRS_MAX_PAIRS (token, expert) pairs (no
+sorting, three launches: R = B13 x, w13, w2) and the blocks path past it (the pairs sorted by
+expert with vLLM's `moe_align_block_size`, tensor-core tiles, five launches). Shapes depend
+only on the token count, so CUDA graphs capture either path; torch.compile sees the block
+through the `torch.ops.glowq.moe` custom op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .kernels.w4a16 import block_k_for
+from .packing import repack_planes
+
+PAIRS_MAX_PAIRS = 64  # (token, expert) pairs up to which `forward` takes the pairs path (not timed)
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class ExpertCodes:
+    """One projection of every expert in the kernels' layout (from `repack`)."""
+
+    qweight: torch.Tensor  # [E, K / 8, N] int32, packing.repack_planes per expert in K blocks of block_k
+    scales: torch.Tensor  # [E, G, N] activation dtype
+    zeros: torch.Tensor | None  # [E, G, N] uint8; None: symmetric codes (z = 8)
+    group_size: int
+    block_k: int
+
+    def launch_args(self) -> tuple:
+        return self.qweight, self.scales, self.zeros, self.group_size, self.block_k
+
+
+def unsupported_reason(hidden: int, inter_local: int, group_h: int, group_i: int, dtype: torch.dtype) -> str | None:
+    """Why the project's MoE kernels cannot run these experts (None when they can)."""
+    if dtype not in _DTYPES:
+        return f"the int4 MoE kernels take bfloat16 or float16 activations, not {dtype} (use --dtype bfloat16)"
+    for name, features, group in (("hidden", hidden, group_h), ("expert intermediate", inter_local, group_i)):
+        if block_k_for(features, group) is None:
+            return f"the {name} size {features} with group_size={group} has no K block of 16-128 that divides both"
+    return None
+
+
+def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, dtype: torch.dtype) -> ExpertCodes:
+    """The kernels' layout from the checkpoint's (per rank): qweight [E, K/8, N] int32 (GPTQ
+    packing along K), scales [E, G, N], zero points [E, G, N] unpacked (uint8) or None."""
+    k = qweight.shape[1] * 8
+    group = k // scales.shape[1]
+    block_k = block_k_for(k, group)
+    codes = torch.stack([repack_planes(q, block_k) for q in qweight])
+    return ExpertCodes(codes, scales.to(dtype).contiguous(), None if zeros is None else zeros.contiguous(), group,
+                       block_k)
+
+
+def reserve(device: torch.device, hidden: int, inter_local: int, w13: ExpertCodes, w2: ExpertCodes) -> None:
+    """Size the pairs path's workspace for a layer (at load time, before graph capture)."""
+    from .kernels import moe_w4a16_triton as kernels
+
+    kernels.workspace(device).reserve(PAIRS_MAX_PAIRS, hidden, inter_local, hidden // w13.block_k,
+                                      inter_local // w2.block_k)
+
+
+def takes_pairs_path(num_pairs: int) -> bool:
+    return num_pairs <= PAIRS_MAX_PAIRS
+
+
+def forward(w13: ExpertCodes, w2: ExpertCodes, factors, x: torch.Tensor, topk_weights: torch.Tensor,
+            topk_ids: torch.Tensor, pairs_path: bool | None = None, align: Callable | None = None,
+            kernels=None) -> torch.Tensor:
+    """The routed experts' output [T, H] (router weights applied, top-k summed); `factors` a
+    moe_marlin.ExpertFactors. `pairs_path` forces a path (tests, bench/moe_microbench.py);
+    `align` and `kernels` default to vLLM's op and kernels/moe_w4a16_triton.py (the CPU tests
+    pass a torch stand-in and the module loaded into Triton's interpreter)."""
+    if kernels is None:
+        from .kernels import moe_w4a16_triton as kernels
+    tokens, top_k = topk_ids.shape
+    if tokens == 0:
+        return torch.zeros_like(x)
+    x = x.contiguous()
+    topk_ids = topk_ids.contiguous()
+    topk_weights = topk_weights.float().contiguous()
+    num_pairs, inter = tokens * top_k, w2.qweight.shape[1] * 8
+    reduced, row_div = _reduced(factors, x, topk_ids, top_k, kernels)
+    hidden = x.new_empty((num_pairs, inter))
+    out = torch.empty_like(x)
+    if pairs_path if pairs_path is not None else takes_pairs_path(num_pairs):
+        space = kernels.workspace(x.device)
+        space.reserve(num_pairs, x.shape[1], inter, x.shape[1] // w13.block_k, inter // w2.block_k)  # sized at load
+        partials = kernels.gate_up_pairs(x, *w13.launch_args(), reduced, factors.a13, factors.b2, topk_ids, hidden,
+                                         row_div, space)
+        return kernels.down_pairs(hidden, *w2.launch_args(), partials, factors.a2, topk_ids, topk_weights, out, space)
+    from .kernels.moe_lowrank_triton import block_m_for
+
+    num_experts = w13.qweight.shape[0]
+    alignment = (align or _vllm_align)(topk_ids, block_m_for(num_pairs, num_experts), num_experts)
+    partials = kernels.gate_up_blocks(x, *w13.launch_args(), reduced, factors.a13, factors.b2, alignment, top_k,
+                                      hidden, row_div)
+    rows = kernels.down_blocks(hidden, *w2.launch_args(), partials, factors.a2, alignment, topk_weights,
+                               x.new_empty((num_pairs, x.shape[1])))
+    return torch.sum(rows.view(tokens, top_k, -1), dim=1, out=out)
+
+
+def _reduced(factors, x: torch.Tensor, topk_ids: torch.Tensor, top_k: int, kernels) -> tuple[torch.Tensor | None, int]:
+    """What A13 multiplies and the pair -> row divisor: R = B13 x once per token (the shared B),
+    or per pair with one B per expert (`--share module`)."""
+    if factors.a13 is None:
+        return None, 1
+    if factors.b13.dim() == 2:
+        return F.linear(x, factors.b13), top_k
+    return kernels.shrink_pairs(x, factors.b13, topk_ids), 1
+
+
+def _vllm_align(topk_ids: torch.Tensor, block_m: int, num_experts: int):
+    from . import compat
+
+    return compat.moe_align(topk_ids, block_m, num_experts)
