@@ -27,6 +27,8 @@
 #   bash bench/run_h200.sh moe-calibrate  # GlowQ calibration (timed) + the plain int4 variants (GPTQ, plugin)
 #   bash bench/run_h200.sh moe-vllm       # vLLM: gptq (in-tree GPTQ-Marlin MoE), glowq, bf16 -> vllm_moe.json
 #   bash bench/run_h200.sh moe-vllm-rest  # vLLM: gptq again, int4 (the plugin, no factors), bf16 -> vllm_moe_rest.json
+#   bash bench/run_h200.sh moe-vllm-own   # vLLM: gptq again, glowq_own and int4_own (the project's MoE kernels,
+#                                         # VLLM_GLOWQ_KERNEL=glowq) -> vllm_moe_own.json
 #   bash bench/run_h200.sh moe-micro      # one expert layer: plain Marlin MoE vs GlowQ's grouped and fused paths
 #                                         # (needs no model; GLOWQ_BENCH_SWEEP=1 times both paths at every count,
 #                                         # GLOWQ_BENCH_MOE_TOKENS=1,2,4,... the token counts) -> moe_micro.json
@@ -39,7 +41,7 @@
 # Results (JSON, logs) go to $OUT (default bench/results/raw); bench/report.py turns them into
 # docs/benchmarks.md.
 set -euo pipefail
-STAGE=${1:?usage: run_h200.sh prepare|calibrate|tune|vllm-main|vllm-rest|vllm-issue10a|vllm-issue10b|vllm NAME...|kernel|gpu-tests [FILE...]|moe-prepare|moe-calibrate|moe-vllm|moe-vllm-rest|moe-micro|all}
+STAGE=${1:?usage: run_h200.sh prepare|calibrate|tune|vllm-main|vllm-rest|vllm-issue10a|vllm-issue10b|vllm NAME...|kernel|gpu-tests [FILE...]|moe-prepare|moe-calibrate|moe-vllm|moe-vllm-rest|moe-vllm-own|moe-micro|all}
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$HERE")
 WORK=${GLOWQ_BENCH_WORK:-/root/bench}
@@ -179,7 +181,7 @@ moe_micro() {
       --out "$OUT/moe_micro.json" 2>&1 | tee "$OUT/moe_micro.log"
 }
 
-GPU_TEST_FILES=(tests/test_kernels.py tests/test_correction.py tests/test_plugin_gpu.py tests/test_moe_marlin.py
+GPU_TEST_FILES=(tests/test_kernels.py tests/test_correction.py tests/test_plugin_gpu.py tests/test_moe_marlin.py tests/test_moe_triton.py
                 tests/test_plugin_moe_gpu.py)
 
 gpu_tests() {  # gpu_tests [TEST_FILE...] (default: all of GPU_TEST_FILES; more than one call's worth)
@@ -215,6 +217,7 @@ case $STAGE in
   moe-vllm) GLOWQ_BENCH_BUDGET_S=${GLOWQ_BENCH_BUDGET_S:-560} vllm_run vllm_moe "$MOE_WORK" gptq glowq bf16 ;;
   moe-micro) moe_micro ;;
   moe-vllm-rest) GLOWQ_BENCH_BUDGET_S=${GLOWQ_BENCH_BUDGET_S:-560} vllm_run vllm_moe_rest "$MOE_WORK" gptq int4 bf16 ;;
+  moe-vllm-own) GLOWQ_BENCH_BUDGET_S=${GLOWQ_BENCH_BUDGET_S:-560} vllm_run vllm_moe_own "$MOE_WORK" gptq glowq_own int4_own ;;
   all) prepare; calibrate; vllm_run vllm "$WORK" gptq glowq permodule glowq_s bf16 int4 ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac
