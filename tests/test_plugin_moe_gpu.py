@@ -1,5 +1,6 @@
-"""GlowQ Mixture-of-Experts checkpoints through vLLM on a CUDA GPU: the experts on vLLM's Marlin
-MoE kernels with the grouped correction (vllm_glowq/moe_marlin.py), against the fp32 reference.
+"""GlowQ Mixture-of-Experts checkpoints through vLLM on a CUDA GPU, against the fp32 reference: the
+experts on vLLM's Marlin MoE kernels with the correction beside them (vllm_glowq/moe_marlin.py,
+the default) and on the project's own MoE kernels (vllm_glowq/moe_triton.py, VLLM_GLOWQ_KERNEL=glowq).
 
 A tiny random Qwen3-MoE whose expert shapes the Marlin MoE kernels take (hidden 512, 8 experts
 of intermediate size 128, top-2, 2 layers; group size 128, rank 16), in bf16, eager and with
@@ -19,7 +20,9 @@ from typing import Any
 
 import pytest
 import torch
+import vllm_helpers
 from vllm_helpers import (
+    ENGINE_TIMEOUT_S,
     GPU_SHAPE,
     PROMPTS,
     agreeing_tokens,
@@ -30,8 +33,9 @@ from vllm_helpers import (
     greedy_mismatches,
     noise_tolerance,
     reference_models,
+    engine_env,
     report_summary,
-    run_engine,
+    run_job_script,
     zero_expert_factor_a,
 )
 
@@ -44,9 +48,13 @@ pytestmark = [
 SHAPE = dict(GPU_SHAPE, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128)
 INIT_STD = 0.1  # as tests/test_plugin_gpu.py: bf16 noise small enough for a tight bar
 CALIBRATION = dict(group_size=128, rank=16, samples=4, seq_len=64, dataset="random", seed=0)
-MODES = {"eager": True, "compiled": False}  # name -> enforce_eager
-# five engines, about a minute each (asymmetric codes: tests/test_moe_marlin.py's layer tests)
-ENGINES = [("sym", "eager"), ("sym", "compiled"), ("rtn", "compiled")]
+# name -> (enforce_eager, VLLM_GLOWQ_KERNEL): Marlin MoE (auto) or the project's MoE kernels (glowq)
+MODES = {"eager": (True, "auto"), "compiled": (False, "auto"), "compiled-own": (False, "glowq")}
+# seven engines, about a minute each (asymmetric codes: the layer tests of tests/test_moe_marlin.py
+# and tests/test_moe_triton.py)
+ENGINES = [("sym", "eager"), ("sym", "compiled"), ("rtn", "compiled"), ("sym", "compiled-own"),
+           ("rtn", "compiled-own")]
+OWN_KERNELS_LOG = "MoE experts run the project's own int4 MoE kernels"
 FALLBACK_WARNING = "the experts use dense dequantized weights"
 SUMMARY: dict[str, Any] = {}  # printed at the end (pytest -s) and written to $GLOWQ_GPU_REPORT
 
@@ -67,8 +75,12 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def engine(checkpoints):
     def run(name: str, mode: str) -> dict[str, Any]:
-        return run_engine({"model": str(checkpoints[name]), "prompts": PROMPTS, "dtype": "bfloat16", "max_tokens": 12,
-                           "enforce_eager": MODES[mode], "inspect_layers": True})
+        eager, kernel = MODES[mode]
+        env = engine_env(allow_pickled_functions=True)
+        env["VLLM_GLOWQ_KERNEL"] = kernel
+        job = {"model": str(checkpoints[name]), "prompts": PROMPTS, "dtype": "bfloat16", "max_tokens": 12,
+               "enforce_eager": eager, "inspect_layers": True}
+        return run_job_script(Path(vllm_helpers.__file__).resolve(), job, env, ENGINE_TIMEOUT_S)
 
     return cached_runs(run)
 
@@ -113,6 +125,7 @@ def test_moe_checkpoint_matches_reference(name, mode, engine, reference, noise):
 def test_experts_run_on_int4_codes(name, mode, engine):
     result = engine(name, mode)
     assert FALLBACK_WARNING not in result["log"], "the experts fell back to dense weights"
+    assert (OWN_KERNELS_LOG in result["log"]) == (mode == "compiled-own"), "not the MoE kernels asked for"
     experts = _experts(result["layers"])
     assert len(experts) == SHAPE["num_hidden_layers"]
     for layer, params in experts.items():
@@ -122,9 +135,10 @@ def test_experts_run_on_int4_codes(name, mode, engine):
         assert (factors <= set(params)) == (name != "rtn"), (layer, params)
 
 
-def test_zeroed_expert_factors_are_caught(engine, reference, noise):
+@pytest.mark.parametrize("mode", ["compiled", "compiled-own"])
+def test_zeroed_expert_factors_are_caught(mode, engine, reference, noise):
     """Negative control: the experts without their correction clearly miss the bar."""
-    comparison = compare_outputs(reference("sym"), engine("sym-zeroed", "compiled")["outputs"])
-    SUMMARY["sym-zeroed/compiled (negative control)"] = {"mean_abs_diff": comparison["mean_abs_diff"],
+    comparison = compare_outputs(reference("sym"), engine("sym-zeroed", mode)["outputs"])
+    SUMMARY[f"sym-zeroed/{mode} (negative control)"] = {"mean_abs_diff": comparison["mean_abs_diff"],
                                                          "max_abs_diff": comparison["max_abs_diff"]}
     assert comparison["mean_abs_diff"] > 2 * noise_tolerance(noise)["mean"], comparison["mean_abs_diff"]
