@@ -446,8 +446,9 @@ def write_launch_table(path: Path, table: dict) -> None:
     (one call's time limit sweeps some layers, the next call the others)."""
     if path.is_file():
         earlier = json.loads(path.read_text())
-        table = {**table, "command": f"{earlier['command']}; {table['command']}",
-                 "layers": {**earlier["layers"], **table["layers"]}}
+        commands = earlier["command"].split("; ")
+        command = "; ".join(commands + [table["command"]] if table["command"] not in commands else commands)
+        table = {**table, "command": command, "layers": {**earlier["layers"], **table["layers"]}}
     path.write_text(json.dumps(table, indent=1) + "\n")
 
 
