@@ -14,8 +14,8 @@ token count it times:
 * `own`: GlowQ on the project's own int4 MoE kernels, the correction inside the expert GEMMs
   (moe_triton.forward on the same codes repacked for them), on the path the pair count picks;
   `own_plain` the same kernels without factors (plain int4 through them); `--threshold-sweep`
-  also times `own_pairs` and `own_blocks` (each path forced) at every count (what
-  moe_triton.PAIRS_MAX_PAIRS should be).
+  also times `own_pairs`, `own_rows` and `own_blocks` (each path forced) at every count (what
+  moe_triton.PAIRS_MAX_PAIRS and ROWS_MAX_PAIRS should be).
 
 and the ratios plain / path (the issue's target for GlowQ: >= 0.90 at decode). Each case is one
 CUDA graph that runs the layer once on each of COPIES copies of its weights, with its own
@@ -46,8 +46,8 @@ from vllm_glowq.packing import dequantize
 SHAPE = dict(hidden=2048, experts=128, top_k=8, inter=768, rank=64, group=128)  # Qwen3-30B-A3B
 COPIES = 8  # x 24 MB of experts and factors touched per copy at one token: past the H200's L2
 CHECK_TOKENS = 4
-PATHS = ("plain", "grouped", "fused", "own", "own_plain", "own_pairs", "own_blocks")
-SWEEP_ONLY = ("own_pairs", "own_blocks")  # timed with --threshold-sweep only
+PATHS = ("plain", "grouped", "fused", "own", "own_plain", "own_pairs", "own_rows", "own_blocks")
+SWEEP_ONLY = ("own_pairs", "own_rows", "own_blocks")  # timed with --threshold-sweep only
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,8 +112,8 @@ def step(layer: dict, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
 
     factors = moe_marlin.ExpertFactors() if path in ("plain", "own_plain") else layer["factors"]
     if path.startswith("own"):
-        pairs_path = {"own_pairs": True, "own_blocks": False}.get(path)
-        return lambda: moe_triton.forward(*layer["own"], factors, x, weights, ids, pairs_path=pairs_path)
+        forced = path.removeprefix("own_") if path in SWEEP_ONLY else None
+        return lambda: moe_triton.forward(*layer["own"], factors, x, weights, ids, path=forced)
     fused = None if path == "plain" else path == "fused"
     return lambda: moe_marlin.forward(layer["int4"], factors, x, weights, ids, MoEActivation.SILU, fused=fused)
 
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     layers = [make_layer(seed) for seed in range(COPIES)]
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, vllm=vllm.__version__, shape=SHAPE,
                   copies=COPIES, fused_max_pairs=moe_marlin.FUSED_MAX_PAIRS,
-                  pairs_max_pairs=moe_triton.PAIRS_MAX_PAIRS, rows=[])
+                  pairs_max_pairs=moe_triton.PAIRS_MAX_PAIRS, rows_max_pairs=moe_triton.ROWS_MAX_PAIRS, rows=[])
     print(f"{result['device']}, vLLM {result['vllm']}; shapes {SHAPE}; plain/GlowQ ratios, * = the default path",
           flush=True)
     for tokens in args.tokens:
@@ -206,9 +206,11 @@ def main(argv: list[str] | None = None) -> None:
         result["suggested_fused_max_pairs"] = suggested_threshold(result["rows"])
         print(f"fused path never slower up to {result['suggested_fused_max_pairs']} pairs "
               f"(FUSED_MAX_PAIRS is {moe_marlin.FUSED_MAX_PAIRS})")
-        result["suggested_pairs_max_pairs"] = suggested_threshold(result["rows"], "own_pairs", "own_blocks")
-        print(f"own pairs path never slower up to {result['suggested_pairs_max_pairs']} pairs "
-              f"(PAIRS_MAX_PAIRS is {moe_triton.PAIRS_MAX_PAIRS})")
+        result["suggested_pairs_max_pairs"] = suggested_threshold(result["rows"], "own_pairs", "own_rows")
+        result["suggested_rows_max_pairs"] = suggested_threshold(result["rows"], "own_rows", "own_blocks")
+        print(f"own pairs path never slower than rows up to {result['suggested_pairs_max_pairs']} pairs "
+              f"(PAIRS_MAX_PAIRS is {moe_triton.PAIRS_MAX_PAIRS}), rows than blocks up to "
+              f"{result['suggested_rows_max_pairs']} (ROWS_MAX_PAIRS is {moe_triton.ROWS_MAX_PAIRS})")
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
 

@@ -507,20 +507,27 @@ def moe_section(results: Path, meta: dict) -> list[str]:
                       "apart on one machine)."] + [""]
 
 
+MICRO_PATHS = {  # moe_microbench's paths, as the table heads them
+    "grouped": "GlowQ grouped", "fused": "GlowQ fused", "own": "GlowQ own kernels", "own_plain": "int4 own kernels",
+    "own_pairs": "GlowQ own, pairs path", "own_rows": "GlowQ own, rows path", "own_blocks": "GlowQ own, blocks path"}
+
+
 def moe_micro_section(micro: dict | None) -> list[str]:
-    """One expert layer per token count: plain Marlin MoE against GlowQ's two correction paths."""
+    """One expert layer per token count: plain Marlin MoE against GlowQ's correction paths and
+    the project's own MoE kernels (the paths the run timed)."""
     if not micro:
         return ["Expert-layer microbenchmark (`bench/moe_microbench.py`): not run.", ""]
+    paths = [p for p in MICRO_PATHS if any(p in row["us"] for row in micro["rows"])]
     out = ["### One expert layer (`GLOWQ_BENCH_SWEEP=1 bash bench/run_h200.sh moe-micro`)", "",
            f"{micro['device']}, vLLM {micro['vllm']}, shapes {micro['shape']}, CUDA graphs over {micro['copies']} "
-           f"weight copies; FUSED_MAX_PAIRS was {micro['fused_max_pairs']} in this run (* = the path it chose).", "",
-           "| tokens | pairs | plain int4 (us) | GlowQ grouped (us) | GlowQ fused (us) | plain / grouped | plain / fused |",
-           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           f"weight copies; FUSED_MAX_PAIRS was {micro['fused_max_pairs']} in this run (* = the Marlin path it "
+           "chose). Microseconds per layer, and plain int4 Marlin MoE's time over each path's (above 1: faster).", "",
+           "| tokens | pairs | plain int4, Marlin MoE (us) | " + " | ".join(MICRO_PATHS[p] for p in paths) + " |",
+           "| ---: | ---: | ---: | " + " | ".join("---:" for _ in paths) + " |"]
     for row in micro["rows"]:
-        us, share, mark = row["us"], row["ratio"], {row["default_path"]: "*"}
-        out.append(f"| {row['tokens']} | {row['pairs']} | {us['plain']:.1f} | {us.get('grouped', float('nan')):.1f}"
-                   f"{mark.get('grouped', '')} | {us.get('fused', float('nan')):.1f}{mark.get('fused', '')} | "
-                   f"{fmt(share.get('grouped'), 2)} | {fmt(share.get('fused'), 2)} |")
+        us, ratio, mark = row["us"], row["ratio"], {row["default_path"]: "*"}
+        cells = [f"{us[p]:.1f}{mark.get(p, '')} ({fmt(ratio.get(p), 2)}x)" if p in us else "-" for p in paths]
+        out.append(f"| {row['tokens']} | {row['pairs']} | {us['plain']:.1f} | " + " | ".join(cells) + " |")
     return out + [""]
 
 

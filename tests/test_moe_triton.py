@@ -65,17 +65,18 @@ def codes_and_block(experts, hidden, inter, group, sym, dtype, seed):
 CPU_CASES = [(1, 4, 2, 128, 48, 32), (3, 5, 3, 64, 80, 16), (6, 3, 1, 96, 32, 32), (9, 8, 2, 64, 64, 64)]
 
 
-# every variant on two of the shapes (the whole product took twice as long)
+# each variant on two of the shapes, and on each path once (the whole product took four times as long)
 CPU_VARIANT_CASES = [
     ("group-sym", CPU_CASES[0]), ("group-sym", CPU_CASES[1]), ("module-asym", CPU_CASES[1]),
     ("module-asym", CPU_CASES[2]), ("gate-up-only-asym", CPU_CASES[0]), ("gate-up-only-asym", CPU_CASES[3]),
     ("down-only-sym", CPU_CASES[2]), ("down-only-sym", CPU_CASES[3]), ("rank0-sym", CPU_CASES[0]),
     ("rank0-sym", CPU_CASES[3])]
+CPU_PATH_CASES = [(path, variant, case) for i, (variant, case) in enumerate(CPU_VARIANT_CASES)
+                  for j, path in enumerate(moe_triton.PATHS) if (i + j) % 2 == 0]
 
 
-@pytest.mark.parametrize("variant,case", CPU_VARIANT_CASES, ids=lambda v: v if isinstance(v, str) else
-                         "-".join(map(str, v)))
-@pytest.mark.parametrize("path", ["pairs", "blocks"])
+@pytest.mark.parametrize("path,variant,case", CPU_PATH_CASES,
+                         ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v)))
 def test_block_matches_float64_in_the_interpreter(kernels, case, path, variant):
     tokens, experts, top_k, hidden, inter, group = case
     share = "module" if variant.startswith("module") else "group"
@@ -89,8 +90,8 @@ def test_block_matches_float64_in_the_interpreter(kernels, case, path, variant):
     factors = as_factors(f, dtype)
     x = torch.randn(tokens, hidden, generator=gen).to(dtype)
     weights, ids = routing(tokens, experts, top_k, seed=tokens + 1)
-    out = moe_triton.forward(codes13, codes2, factors, x, weights, ids, pairs_path=path == "pairs",
-                             align=align_reference, kernels=kernels)
+    out = moe_triton.forward(codes13, codes2, factors, x, weights, ids, path=path, align=align_reference,
+                             kernels=kernels)
     ref = reference_block(x, w13["dense"], w2["dense"], f, weights, ids)
     assert relative_error(out, ref) < INTERPRETER_TOLERANCE[dtype]
     if f["a13"] is not None or f["a2"] is not None:  # negative control: the correction is really there
@@ -109,9 +110,9 @@ def test_pairs_path_splits_k_and_leaves_its_tickets_zeroed(kernels):
     weights, ids = routing(1, experts, 2, seed=5)
     space = kernels.workspace(x.device)
     assert kernels.pairs_split(2 * 1, hidden // 32, space.sm_count) > 1
-    first = moe_triton.forward(codes13, codes2, factors, x, weights, ids, pairs_path=True, kernels=kernels)
+    first = moe_triton.forward(codes13, codes2, factors, x, weights, ids, path="pairs", kernels=kernels)
     assert int(space.sync.abs().sum()) == 0
-    again = moe_triton.forward(codes13, codes2, factors, x, weights, ids, pairs_path=True, kernels=kernels)
+    again = moe_triton.forward(codes13, codes2, factors, x, weights, ids, path="pairs", kernels=kernels)
     assert torch.equal(first, again)
     assert relative_error(first, reference_block(x, w13["dense"], w2["dense"], f, weights, ids)) < TOLERANCE[dtype]
 
@@ -121,6 +122,22 @@ def test_split_is_a_divisor_near_the_wanted_programs(kernels):
     assert kernels.pairs_split(1000, 16, 132) == 2
     assert kernels.pairs_split(5000, 6, 132) == 1
     assert 6 % kernels.pairs_split(8 * 32 * 8, 6, 132) == 0
+
+
+def test_paths_follow_the_pair_count():
+    assert moe_triton.path_for(8) == "pairs" and moe_triton.path_for(moe_triton.PAIRS_MAX_PAIRS) == "pairs"
+    assert moe_triton.path_for(moe_triton.PAIRS_MAX_PAIRS + 1) == "rows"
+    assert moe_triton.path_for(moe_triton.ROWS_MAX_PAIRS + 1) == "blocks"
+    assert moe_triton.rows_block_m(128, 128) == 2 and moe_triton.rows_block_m(512, 128) == 4  # 16 and 64 tokens
+
+
+def test_rows_split_fits_the_workspace(kernels):
+    """The rows path splits K no finer than the partials the workspace holds."""
+    space = kernels.Workspace(torch.device("cpu"))
+    space.reserve(3 * 100, 0)
+    assert kernels._rows_split(1, 16, 100, space) == 2  # wanted 16; 4 would need 400 floats
+    space.reserve(10_000, 0)
+    assert kernels._rows_split(1, 16, 100, space) == 16
 
 
 def test_unsupported_shapes_are_named():
@@ -145,9 +162,14 @@ def test_kernels_compile_for_hopper(dtype):
     magic = dict(bf16=(0x4300, 128.0), fp16=(0x6400, 1024.0))[dtype]
     for zeros, corrected in ((False, True), (True, False)):
         compile_one(k._gate_up_pairs_kernel, ints, dict(HAS_ZEROS=zeros, HAS13=corrected, HAS2=corrected, BN=64,
-                                                        BK=128, BLOCK_R13=64, BLOCK_R2=64, SPLITS=16, PREFETCH=False))
+                                                        BK=128, SPLITS=16, PREFETCH=False))
         compile_one(k._down_pairs_kernel, ints, dict(TOP_K=8, HAS_ZEROS=zeros, HAS2=corrected, BN=64, BK=128,
-                                                     BLOCK_R2=64, BLOCK_C=16, SPLITS=16, PREFETCH=False))
+                                                     BLOCK_C=16, SPLITS=16, PREFETCH=False))
+        for block_m, (block_n, warps) in k.ROWS_LAUNCH.items():
+            compile_one(k._gate_up_rows_kernel, ints, dict(HAS_ZEROS=zeros, HAS13=corrected, HAS2=corrected,
+                                                           BLOCK_M=block_m, BN=block_n, BK=128, SPLITS=16))
+            compile_one(k._down_rows_kernel, ints, dict(TOP_K=8, HAS_ZEROS=zeros, HAS2=corrected, BLOCK_M=block_m,
+                                                        BN=block_n, BK=128, BLOCK_C=16, SPLITS=16))
         for block_m in (16, 64):
             compile_one(k._gate_up_blocks_kernel, ints, dict(
                 HAS_ZEROS=zeros, HAS13=corrected, HAS2=corrected, BLOCK_M=block_m, BN=64, BK=128, BLOCK_R13=64,
@@ -216,7 +238,7 @@ def gpu_block(experts, dtype, sym, seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
-@pytest.mark.parametrize("path", ["pairs", "blocks"])
+@pytest.mark.parametrize("path", moe_triton.PATHS)
 def test_gpu_block_matches_float64(dtype, case, path):
     experts, top_k, rank, share, sym = case
     w13, w2, codes13, codes2, gen = gpu_block(experts, dtype, sym, experts + rank)
@@ -229,7 +251,7 @@ def test_gpu_block_matches_float64(dtype, case, path):
         x = torch.randn(tokens, GPU_SHAPE["hidden"], generator=gen).to(dtype)
         weights, ids = routing(tokens, experts, top_k, seed=tokens)
         out = moe_triton.forward(codes13, codes2, factors, x.cuda(), weights.cuda(), ids.cuda(),
-                                 pairs_path=path == "pairs")
+                                 path=path)
         ref = reference_block(x, w13["dense"], w2["dense"], f, weights, ids)
         assert relative_error(out.cpu(), ref) < TOLERANCE[dtype], (tokens, relative_error(out.cpu(), ref))
         if rank:

@@ -8,11 +8,21 @@ one layout: the codes are repacked once at load time into the dense kernel's nib
 per expert (`repack`), so the choice between the two paths is made per layer when the model
 loads (vllm_glowq/moe.py; `VLLM_GLOWQ_KERNEL=glowq` picks this one).
 
-Per call, `forward` takes the pairs path up to PAIRS_MAX_PAIRS (token, expert) pairs (no
-sorting, three launches: R = B13 x, w13, w2) and the blocks path past it (the pairs sorted by
-expert with vLLM's `moe_align_block_size`, tensor-core tiles, five launches). Shapes depend
-only on the token count, so CUDA graphs capture either path; torch.compile sees the block
-through the `torch.ops.glowq.moe` custom op.
+Per call, `forward` takes one of three paths by the number of (token, expert) pairs (`path_for`):
+
+* pairs, up to PAIRS_MAX_PAIRS: no sorting, three launches (R = B13 x, w13, w2), each pair's
+  expert read for that pair; on the H200 plain int4 through it took 20.5 us per Qwen3-30B-A3B
+  layer at one token against 31.1 for Marlin MoE, and fell behind from 8 tokens, where pairs
+  share experts (docs/benchmarks.md);
+* rows, up to ROWS_MAX_PAIRS: the pairs sorted by expert (vLLM's `moe_align_block_size`) in
+  blocks of 2 or 4 (`rows_block_m`), each program reading a chunk of one expert's codes once for
+  all of its block's pairs, on the CUDA cores with the pairs path's epilogues (not timed yet);
+* blocks, beyond: sorted in tensor-core tiles (five launches; 2.3-2.5x slower than Marlin MoE
+  from 16 tokens on the H200).
+
+The thresholds are first guesses until bench/moe_microbench.py's sweep times the paths side by
+side. Shapes depend only on the token count, so CUDA graphs capture every path; torch.compile
+sees the block through the `torch.ops.glowq.moe` custom op.
 """
 
 from __future__ import annotations
@@ -26,7 +36,9 @@ import torch.nn.functional as F
 from .kernels.w4a16 import block_k_for
 from .packing import repack_planes
 
-PAIRS_MAX_PAIRS = 64  # (token, expert) pairs up to which `forward` takes the pairs path (not timed)
+PAIRS_MAX_PAIRS = 32  # (token, expert) pairs up to which `forward` takes the pairs path
+ROWS_MAX_PAIRS = 512  # ... and the rows path (64 tokens at top-8; a guess, not timed)
+PATHS = ("pairs", "rows", "blocks")
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -66,22 +78,33 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | No
 
 
 def reserve(device: torch.device, hidden: int, inter_local: int, w13: ExpertCodes, w2: ExpertCodes) -> None:
-    """Size the pairs path's workspace for a layer (at load time, before graph capture)."""
+    """Size the pairs and rows paths' workspace for a layer (at load time, before graph capture):
+    partials for the pairs path's finest K split, and for the rows path's split of one."""
     from .kernels import moe_w4a16_triton as kernels
 
-    kernels.workspace(device).reserve(PAIRS_MAX_PAIRS, hidden, inter_local, hidden // w13.block_k,
-                                      inter_local // w2.block_k)
+    floats = max(PAIRS_MAX_PAIRS * 2 * inter_local * (hidden // w13.block_k),
+                 PAIRS_MAX_PAIRS * hidden * (inter_local // w2.block_k),
+                 ROWS_MAX_PAIRS * max(2 * inter_local, hidden))
+    tickets = ROWS_MAX_PAIRS * -(-max(inter_local, hidden) // kernels.ROWS_MIN_BLOCK_N)
+    kernels.workspace(device).reserve(floats, tickets)
 
 
-def takes_pairs_path(num_pairs: int) -> bool:
-    return num_pairs <= PAIRS_MAX_PAIRS
+def rows_block_m(num_pairs: int, num_experts: int) -> int:
+    """Pairs per sorted block of the rows path: about what an expert receives (every row of a
+    block costs its multiply-adds, used or not), 2 or 4."""
+    return 2 if num_pairs <= 2 * num_experts else 4
+
+
+def path_for(num_pairs: int) -> str:
+    """The path `forward` takes for this many (token, expert) pairs."""
+    return "pairs" if num_pairs <= PAIRS_MAX_PAIRS else "rows" if num_pairs <= ROWS_MAX_PAIRS else "blocks"
 
 
 def forward(w13: ExpertCodes, w2: ExpertCodes, factors, x: torch.Tensor, topk_weights: torch.Tensor,
-            topk_ids: torch.Tensor, pairs_path: bool | None = None, align: Callable | None = None,
+            topk_ids: torch.Tensor, path: str | None = None, align: Callable | None = None,
             kernels=None) -> torch.Tensor:
     """The routed experts' output [T, H] (router weights applied, top-k summed); `factors` a
-    moe_marlin.ExpertFactors. `pairs_path` forces a path (tests, bench/moe_microbench.py);
+    moe_marlin.ExpertFactors. `path` forces one of PATHS (tests, bench/moe_microbench.py);
     `align` and `kernels` default to vLLM's op and kernels/moe_w4a16_triton.py (the CPU tests
     pass a torch stand-in and the module loaded into Triton's interpreter)."""
     if kernels is None:
@@ -93,19 +116,31 @@ def forward(w13: ExpertCodes, w2: ExpertCodes, factors, x: torch.Tensor, topk_we
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.float().contiguous()
     num_pairs, inter = tokens * top_k, w2.qweight.shape[1] * 8
+    path = path or path_for(num_pairs)
     reduced, row_div = _reduced(factors, x, topk_ids, top_k, kernels)
     hidden = x.new_empty((num_pairs, inter))
     out = torch.empty_like(x)
-    if pairs_path if pairs_path is not None else takes_pairs_path(num_pairs):
-        space = kernels.workspace(x.device)
-        space.reserve(num_pairs, x.shape[1], inter, x.shape[1] // w13.block_k, inter // w2.block_k)  # sized at load
+    space = kernels.workspace(x.device)
+    if path == "pairs":
+        # a no-op where `reserve` ran at load time (more pairs than PAIRS_MAX_PAIRS: tests, the sweep)
+        space.reserve(num_pairs * max(2 * inter * x.shape[1] // w13.block_k, x.shape[1] * inter // w2.block_k),
+                      num_pairs * -(-max(inter, x.shape[1]) // kernels.PAIRS_BLOCK_N))
         partials = kernels.gate_up_pairs(x, *w13.launch_args(), reduced, factors.a13, factors.b2, topk_ids, hidden,
                                          row_div, space)
         return kernels.down_pairs(hidden, *w2.launch_args(), partials, factors.a2, topk_ids, topk_weights, out, space)
+    num_experts = w13.qweight.shape[0]
+    align = align or _vllm_align
+    if path == "rows":
+        space.reserve(num_pairs * max(2 * inter, x.shape[1]), num_pairs * -(-max(inter, x.shape[1]) //
+                                                                            kernels.ROWS_MIN_BLOCK_N))
+        alignment = align(topk_ids, rows_block_m(num_pairs, num_experts), num_experts)
+        partials = kernels.gate_up_rows(x, *w13.launch_args(), reduced, factors.a13, factors.b2, alignment, top_k,
+                                        hidden, row_div, space)
+        return kernels.down_rows(hidden, *w2.launch_args(), partials, factors.a2, topk_ids, topk_weights, alignment,
+                                 out, space)
     from .kernels.moe_lowrank_triton import block_m_for
 
-    num_experts = w13.qweight.shape[0]
-    alignment = (align or _vllm_align)(topk_ids, block_m_for(num_pairs, num_experts), num_experts)
+    alignment = align(topk_ids, block_m_for(num_pairs, num_experts), num_experts)
     partials = kernels.gate_up_blocks(x, *w13.launch_args(), reduced, factors.a13, factors.b2, alignment, top_k,
                                       hidden, row_div)
     rows = kernels.down_blocks(hidden, *w2.launch_args(), partials, factors.a2, alignment, topk_weights,

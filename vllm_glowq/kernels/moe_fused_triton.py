@@ -47,58 +47,72 @@ def _add(a, b):
     return a + b
 
 
+# rank columns per step of the per-pair products. A GEMM kernel that calls these helpers in its
+# epilogue (kernels/moe_w4a16_triton.py, 2 warps) compiles for sm_90 at its own register count,
+# 96, with steps of 8; steps of 16 took 168, whole-rank tiles 255 and spilled. On the H200 the
+# whole-rank version cost 24 us per layer at one token over the same kernels without the
+# correction (20.5 us), most of it from that register count (bench/results/moe_micro.json)
+RANK_BLOCK = tl.constexpr(8)
+
+
 @triton.jit
 def activate_pair(gate, up, pair, expert, offs_i, mask_i, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, num_pairs, I, R13,
                   R2, ROW_DIV, chunk, stride_r, stride_a13e, stride_b2e, stride_h, HAS13: tl.constexpr,
-                  HAS2: tl.constexpr, BLOCK_R13: tl.constexpr, BLOCK_R2: tl.constexpr):
+                  HAS2: tl.constexpr):
     """One pair's chunk of the intermediate size, from its gate and up rows (float32 [BLOCK_I]):
     adds A13_e R, stores h = SiLU(gate) * up and, with HAS2, the chunk's partial B2_e h.
     kernels/moe_w4a16_triton.py calls it on its own GEMM's rows."""
     dtype = h_ptr.dtype.element_ty
     if HAS13:
-        offs_r = tl.arange(0, BLOCK_R13)
-        reduced = tl.load(r_ptr + (pair // ROW_DIV).to(tl.int64) * stride_r + offs_r, mask=offs_r < R13,
-                          other=0.0).to(tl.float32)
-        tile = a13_ptr + expert * stride_a13e + offs_i[:, None] * R13 + offs_r[None, :]
-        mask = mask_i[:, None] & (offs_r[None, :] < R13)
-        gate += tl.reduce(tl.load(tile, mask=mask, other=0.0).to(tl.float32) * reduced[None, :], 1, _add)
-        up += tl.reduce(tl.load(tile + I * R13, mask=mask, other=0.0).to(tl.float32) * reduced[None, :], 1, _add)
+        row = r_ptr + (pair // ROW_DIV).to(tl.int64) * stride_r
+        a13_rows = a13_ptr + expert * stride_a13e + offs_i[:, None] * R13
+        for r0 in range(0, R13, RANK_BLOCK):
+            offs_r = r0 + tl.arange(0, RANK_BLOCK)
+            reduced = tl.load(row + offs_r, mask=offs_r < R13, other=0.0).to(tl.float32)
+            mask = mask_i[:, None] & (offs_r[None, :] < R13)
+            gate += tl.reduce(tl.load(a13_rows + offs_r[None, :], mask=mask, other=0.0).to(tl.float32)
+                              * reduced[None, :], 1, _add)
+            up += tl.reduce(tl.load(a13_rows + I * R13 + offs_r[None, :], mask=mask, other=0.0).to(tl.float32)
+                            * reduced[None, :], 1, _add)
         gate = gate.to(dtype).to(tl.float32)  # what the w13 output would hold
         up = up.to(dtype).to(tl.float32)
     silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
     hidden = (silu * up).to(dtype)
     tl.store(h_ptr + pair.to(tl.int64) * stride_h + offs_i, hidden, mask=mask_i)
     if HAS2:
-        offs_s = tl.arange(0, BLOCK_R2)
-        tile = b2_ptr + expert * stride_b2e + offs_s[:, None] * I + offs_i[None, :]
-        b2 = tl.load(tile, mask=(offs_s[:, None] < R2) & mask_i[None, :], other=0.0).to(tl.float32)
-        partial = tl.reduce(b2 * hidden.to(tl.float32)[None, :], 1, _add)
-        slot = (chunk * num_pairs + pair).to(tl.int64) * R2
-        tl.store(part_ptr + slot + offs_s, partial, mask=offs_s < R2)
+        slot = part_ptr + (chunk * num_pairs + pair).to(tl.int64) * R2
+        for s0 in range(0, R2, RANK_BLOCK):
+            offs_s = s0 + tl.arange(0, RANK_BLOCK)
+            b2 = tl.load(b2_ptr + expert * stride_b2e + offs_s[:, None] * I + offs_i[None, :],
+                         mask=(offs_s[:, None] < R2) & mask_i[None, :], other=0.0).to(tl.float32)
+            tl.store(slot + offs_s, tl.reduce(b2 * hidden.to(tl.float32)[None, :], 1, _add), mask=offs_s < R2)
 
 
 @triton.jit
 def down_correction(part_ptr, a2_ptr, pair, expert, offs_h, mask_h, num_pairs, R2, num_chunks, stride_a2e,
-                    BLOCK_R2: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_C: tl.constexpr):
     """A2_e S_p on a chunk of the hidden size (float32 [BLOCK_H]), S_p the sum of the pair's
     partials that `activate_pair` stored, BLOCK_C chunks per load."""
-    offs_s = tl.arange(0, BLOCK_R2)
-    reduced = tl.full((BLOCK_R2,), 0.0, tl.float32)
-    for c0 in range(0, num_chunks, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        slots = (offs_c[:, None] * num_pairs + pair).to(tl.int64) * R2 + offs_s[None, :]
-        parts = tl.load(part_ptr + slots, mask=(offs_c[:, None] < num_chunks) & (offs_s[None, :] < R2), other=0.0)
-        reduced += tl.reduce(parts, 0, _add)
-    tile = a2_ptr + expert * stride_a2e + offs_h[:, None] * R2 + offs_s[None, :]
-    a2 = tl.load(tile, mask=mask_h[:, None] & (offs_s[None, :] < R2), other=0.0).to(tl.float32)
-    return tl.reduce(a2 * reduced[None, :], 1, _add)
+    total = tl.full(offs_h.shape, 0.0, tl.float32)
+    for s0 in range(0, R2, RANK_BLOCK):
+        offs_s = s0 + tl.arange(0, RANK_BLOCK)
+        reduced = tl.full((RANK_BLOCK,), 0.0, tl.float32)
+        for c0 in range(0, num_chunks, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            slots = (offs_c[:, None] * num_pairs + pair).to(tl.int64) * R2 + offs_s[None, :]
+            parts = tl.load(part_ptr + slots, mask=(offs_c[:, None] < num_chunks) & (offs_s[None, :] < R2),
+                            other=0.0)
+            reduced += tl.reduce(parts, 0, _add)
+        a2 = tl.load(a2_ptr + expert * stride_a2e + offs_h[:, None] * R2 + offs_s[None, :],
+                     mask=mask_h[:, None] & (offs_s[None, :] < R2), other=0.0).to(tl.float32)
+        total += tl.reduce(a2 * reduced[None, :], 1, _add)
+    return total
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, ids_ptr, h_ptr, part_ptr, num_pairs, I, R13, R2, ROW_DIV,
                      num_chunks, stride_w13, stride_r, stride_a13e, stride_b2e, stride_h,
-                     HAS13: tl.constexpr, HAS2: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R13: tl.constexpr,
-                     BLOCK_R2: tl.constexpr):
+                     HAS13: tl.constexpr, HAS2: tl.constexpr, BLOCK_I: tl.constexpr):
     for item in range(tl.program_id(0), num_pairs * num_chunks, tl.num_programs(0)):
         pair = item // num_chunks
         chunk = item % num_chunks
@@ -109,14 +123,13 @@ def _activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, ids_ptr, h_ptr, part_ptr, 
         gate = tl.load(row + offs_i, mask=mask_i, other=0.0).to(tl.float32)
         up = tl.load(row + I + offs_i, mask=mask_i, other=0.0).to(tl.float32)
         activate_pair(gate, up, pair, expert, offs_i, mask_i, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, num_pairs, I,
-                      R13, R2, ROW_DIV, chunk, stride_r, stride_a13e, stride_b2e, stride_h, HAS13, HAS2, BLOCK_R13,
-                      BLOCK_R2)
+                      R13, R2, ROW_DIV, chunk, stride_r, stride_a13e, stride_b2e, stride_h, HAS13, HAS2)
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
 def _sum_topk_kernel(w2_ptr, part_ptr, a2_ptr, ids_ptr, weights_ptr, out_ptr, num_tokens, H, R2, num_chunks,
                      stride_w2, stride_a2e, stride_out, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
-                     BLOCK_R2: tl.constexpr, BLOCK_C: tl.constexpr):
+                     BLOCK_C: tl.constexpr):
     tiles = (H + BLOCK_H - 1) // BLOCK_H
     num_pairs = num_tokens * TOP_K
     for item in range(tl.program_id(0), num_tokens * tiles, tl.num_programs(0)):
@@ -129,8 +142,7 @@ def _sum_topk_kernel(w2_ptr, part_ptr, a2_ptr, ids_ptr, weights_ptr, out_ptr, nu
             acc += tl.load(w2_ptr + pair.to(tl.int64) * stride_w2 + offs_h, mask=mask_h, other=0.0).to(tl.float32)
             expert = tl.load(ids_ptr + pair).to(tl.int64)
             acc += tl.load(weights_ptr + pair) * down_correction(part_ptr, a2_ptr, pair, expert, offs_h, mask_h,
-                                                                 num_pairs, R2, num_chunks, stride_a2e, BLOCK_R2,
-                                                                 BLOCK_C)
+                                                                 num_pairs, R2, num_chunks, stride_a2e, BLOCK_C)
         tl.store(out_ptr + token.to(tl.int64) * stride_out + offs_h, acc.to(out_ptr.dtype.element_ty), mask=mask_h)
 
 
@@ -196,7 +208,7 @@ def activate(w13_out: torch.Tensor, reduced: torch.Tensor | None, a13: torch.Ten
         w13_out if b2 is None else b2, topk_ids, hidden, hidden if partials is None else partials,
         pairs, inter, r13, r2, row_div, chunks, w13_out.stride(0), 0 if reduced is None else reduced.stride(0),
         0 if a13 is None else a13.stride(0), 0 if b2 is None else b2.stride(0), hidden.stride(0),
-        HAS13=a13 is not None, HAS2=b2 is not None, BLOCK_I=block_i, BLOCK_R13=_pow2(r13), BLOCK_R2=_pow2(r2),
+        HAS13=a13 is not None, HAS2=b2 is not None, BLOCK_I=block_i,
         num_warps=4)
     return partials
 
@@ -213,7 +225,7 @@ def sum_topk(w2_out: torch.Tensor, partials: torch.Tensor, a2: torch.Tensor, top
     r2 = a2.shape[2]
     _sum_topk_kernel[_grid(tokens * triton.cdiv(hidden, block_h))](
         rows, partials, a2, topk_ids, topk_weights, out, tokens, hidden, r2, partials.shape[0], rows.stride(0),
-        a2.stride(0), out.stride(0), TOP_K=top_k, BLOCK_H=block_h, BLOCK_R2=_pow2(r2),
+        a2.stride(0), out.stride(0), TOP_K=top_k, BLOCK_H=block_h,
         BLOCK_C=_PARTIALS_PER_LOAD, num_warps=4)
     return out
 

@@ -66,8 +66,7 @@ def _gate_up_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, i
                           k_chunk, stride_x, stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg,
                           stride_r, stride_a13e, stride_b2e, stride_h,
                           HAS_ZEROS: tl.constexpr, HAS13: tl.constexpr, HAS2: tl.constexpr, BN: tl.constexpr,
-                          BK: tl.constexpr, BLOCK_R13: tl.constexpr, BLOCK_R2: tl.constexpr,
-                          SPLITS: tl.constexpr, PREFETCH: tl.constexpr):
+                          BK: tl.constexpr, SPLITS: tl.constexpr, PREFETCH: tl.constexpr):
     """Program (pair, chunk of I, K chunk): its gate and up columns' partial sums over the K
     chunk; the chunk's last arrival adds them up and runs `activate_pair`."""
     item = tl.program_id(0)
@@ -105,7 +104,7 @@ def _gate_up_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, i
     if last:
         pairs_lib.activate_pair(dense._sum(gate, 0), dense._sum(up, 0), pair, expert, offs_n, offs_n < I, r_ptr,
                                 a13_ptr, b2_ptr, h_ptr, part_ptr, num_pairs, I, R13, R2, ROW_DIV, chunk, stride_r,
-                                stride_a13e, stride_b2e, stride_h, HAS13, HAS2, BLOCK_R13, BLOCK_R2)
+                                stride_a13e, stride_b2e, stride_h, HAS13, HAS2)
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -113,7 +112,7 @@ def _down_pairs_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, a2_ptr, ids_ptr, w
                        sync_ptr, num_tokens, H, I, R2, num_chunks, group_size, split_k, k_chunk,
                        stride_h, stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg, stride_a2e,
                        stride_out, TOP_K: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS2: tl.constexpr,
-                       BN: tl.constexpr, BK: tl.constexpr, BLOCK_R2: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BN: tl.constexpr, BK: tl.constexpr, BLOCK_C: tl.constexpr,
                        SPLITS: tl.constexpr, PREFETCH: tl.constexpr):
     """Program (token, chunk of H, routed expert k, K chunk): w_p h_p deq(W2_e) over the K
     chunk; the tile's last arrival (of TOP_K * split_k) sums them, adds every pair's
@@ -138,15 +137,177 @@ def _down_pairs_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, a2_ptr, ids_ptr, w
     # partials [TOP_K * split_k, tokens, H]
     tl.store(gemm_ptr + slot * num_tokens * H + row[:, None] * H + offs_n[None, :], acc, mask=n_ok[None, :])
     if _ticket(sync_ptr, tile, contributors):
-        total = dense._sum(dense._sum_partials(gemm_ptr, row, offs_n, num_tokens, H, contributors, SPLITS), 0)
-        if HAS2:
-            for k in tl.static_range(TOP_K):
-                p = token * TOP_K + k
-                e = tl.load(ids_ptr + p).to(tl.int64)
-                total += tl.load(weights_ptr + p) * pairs_lib.down_correction(
-                    part_ptr, a2_ptr, p, e, offs_n, n_ok, num_tokens * TOP_K, R2, num_chunks, stride_a2e,
-                    BLOCK_R2, BLOCK_C)
-        tl.store(out_ptr + token.to(tl.int64) * stride_out + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+        _finish_token(gemm_ptr, part_ptr, a2_ptr, ids_ptr, weights_ptr, out_ptr, token, offs_n, num_tokens, H, R2,
+                      num_chunks, contributors, stride_a2e, stride_out, TOP_K, HAS2, BLOCK_C, SPLITS)
+
+
+@triton.jit
+def _finish_token(gemm_ptr, part_ptr, a2_ptr, ids_ptr, weights_ptr, out_ptr, token, offs_n, num_tokens, H, R2,
+                  num_chunks, contributors, stride_a2e, stride_out, TOP_K: tl.constexpr, HAS2: tl.constexpr,
+                  BLOCK_C: tl.constexpr, SPLITS: tl.constexpr):
+    """A token's output chunk, by the last of its w2 tile's programs: the sum of the tile's
+    partials (every routed expert's K chunks, router-weighted) and every pair's w_p A2_e S_p."""
+    n_ok = offs_n < H
+    row = tl.full((1,), 0, tl.int64) + token
+    total = dense._sum(dense._sum_partials(gemm_ptr, row, offs_n, num_tokens, H, contributors, SPLITS), 0)
+    if HAS2:
+        for k in range(TOP_K):  # not unrolled: one pair's registers at a time
+            p = token * TOP_K + k
+            e = tl.load(ids_ptr + p).to(tl.int64)
+            total += tl.load(weights_ptr + p) * pairs_lib.down_correction(
+                part_ptr, a2_ptr, p, e, offs_n, n_ok, num_tokens * TOP_K, R2, num_chunks, stride_a2e, BLOCK_C)
+    tl.store(out_ptr + token.to(tl.int64) * stride_out + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+HIGH_BIAS = dense.HIGH_BIAS
+
+
+@triton.jit
+def _gemv_rows(x_ptr, x_rows, rows_ok, stride_x, qw_ptr, s_ptr, z_ptr, offs_n, k_start, k_end, N, group_size,
+               stride_qk, stride_sg, stride_zg, HAS_ZEROS: tl.constexpr, BK: tl.constexpr):
+    """x[rows] deq(W) over [k_start, k_end) on the CUDA cores, float32 [BM, BN]: the dense
+    kernel's one-token GEMV (w4a16_triton._gemv_block_sum, same arithmetic) for the few rows
+    of one expert's sorted block, each word unpacked once for all of them."""
+    KW: tl.constexpr = BK // 8
+    offs_kw = tl.arange(0, KW)
+    n_ok = offs_n < N
+    words_at = offs_kw[:, None] * stride_qk + offs_n[None, :]
+    magic = dense._register_magic(N, 0x4300)
+    x_base = x_ptr + x_rows[:, None] * stride_x
+    total = tl.full((x_rows.shape[0], offs_n.shape[0]), 0.0, tl.float32)
+    for k0 in range(k_start, k_end, BK):
+        words = tl.load(qw_ptr + (k0 // 8) * stride_qk + words_at, mask=n_ok[None, :], other=0)
+        products = tl.full((x_rows.shape[0], KW, offs_n.shape[0]), 0.0, tl.float32)
+        x_sums = tl.full((x_rows.shape[0], KW), 0.0, tl.float32)
+        x_high_sums = tl.full((x_rows.shape[0], KW), 0.0, tl.float32)
+        for p in tl.static_range(4):
+            pair = ((words >> (4 * p)) & 0x000F000F) | magic
+            low = (pair << 16).to(tl.float32, bitcast=True)  # 128 + q exactly
+            high = pair.to(tl.float32, bitcast=True)  # 128 + q + HIGH_BIAS + q_low / 2^16
+            plane = KW * (4 * (p % 2) + 2 * (p // 2))  # nibble p's rows; nibble p + 4's follow
+            x_low = tl.load(x_base + k0 + plane + offs_kw[None, :], mask=rows_ok[:, None], other=0.0).to(tl.float32)
+            x_high = tl.load(x_base + k0 + plane + KW + offs_kw[None, :], mask=rows_ok[:, None],
+                             other=0.0).to(tl.float32)
+            products += x_low[:, :, None] * low[None, :, :]
+            products += x_high[:, :, None] * high[None, :, :]
+            x_sums += x_low + x_high
+            x_high_sums += x_high
+        raw = dense._sum(products, 1) - HIGH_BIAS * dense._sum(x_high_sums, 1)[:, None]
+        group = k0 // group_size
+        scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        zero_term = dense._zero_point_term(z_ptr, group, offs_n, N, stride_zg, HAS_ZEROS, 128.0)
+        total += (raw - dense._sum(x_sums, 1)[:, None] * zero_term[None, :]) * scale[None, :]
+    return total
+
+
+@triton.jit
+def _entry(values, m: tl.constexpr):
+    """Entry m of a [BM] tensor (Triton has no indexing: a masked sum)."""
+    return dense._sum(tl.where(tl.arange(0, values.shape[0]) == m, values, 0), 0)
+
+
+@triton.jit
+def _row(values, m: tl.constexpr):
+    """Row m of a [BM, C] tensor, [C]."""
+    return dense._sum(tl.where((tl.arange(0, values.shape[0]) == m)[:, None], values, 0.0), 0)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _gate_up_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, sorted_ptr, expert_ptr, padded_ptr,
+                         h_ptr, part_ptr, gemm_ptr, sync_ptr, num_pairs, I, K, R13, R2, TOP_K, ROW_DIV, group_size,
+                         split_k, k_chunk, stride_x, stride_qe, stride_qk, stride_se, stride_sg, stride_ze,
+                         stride_zg, stride_r, stride_a13e, stride_b2e, stride_h,
+                         HAS_ZEROS: tl.constexpr, HAS13: tl.constexpr, HAS2: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BN: tl.constexpr, BK: tl.constexpr, SPLITS: tl.constexpr):
+    """Program (sorted block, chunk of I, K chunk): gate and up of the block's pairs (one expert)
+    on the CUDA cores, each word read once for all of them; per pair the chunk's last arrival
+    runs `activate_pair`, as on the pairs path."""
+    item = tl.program_id(0)
+    split = item % split_k
+    chunks = (I + BN - 1) // BN
+    chunk = (item // split_k) % chunks
+    block = item // (split_k * chunks)
+    expert = tl.load(expert_ptr + block).to(tl.int64)
+    if (block * BLOCK_M < tl.load(padded_ptr)) & (expert >= 0):
+        pairs = tl.load(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = pairs < num_pairs
+        pairs = tl.where(valid, pairs, 0).to(tl.int64)
+        offs_n = chunk * BN + tl.arange(0, BN)
+        qw = qw_ptr + expert * stride_qe
+        s = s_ptr + expert * stride_se
+        z = z_ptr + expert * stride_ze
+        k_start = split * k_chunk
+        k_end = tl.minimum(K, k_start + k_chunk)
+        tokens = pairs // TOP_K
+        gate = _gemv_rows(x_ptr, tokens, valid, stride_x, qw, s, z, offs_n, k_start, k_end, I, group_size, stride_qk,
+                          stride_sg, stride_zg, HAS_ZEROS, BK)
+        up = _gemv_rows(x_ptr, tokens, valid, stride_x, qw + I, s + I, z + I, offs_n, k_start, k_end, I, group_size,
+                        stride_qk, stride_sg, stride_zg, HAS_ZEROS, BK)
+        if split_k > 1:  # partials [split_k, pairs, 2I], as on the pairs path
+            at = gemm_ptr + split * num_pairs * 2 * I + pairs[:, None] * 2 * I + offs_n[None, :]
+            mask = valid[:, None] & (offs_n[None, :] < I)
+            tl.store(at, gate, mask=mask)
+            tl.store(at + I, up, mask=mask)
+        for m in tl.static_range(BLOCK_M):
+            pair = _entry(pairs, m)
+            if _entry(valid.to(tl.int32), m) > 0:
+                if split_k > 1:
+                    last = _ticket(sync_ptr, pair * chunks + chunk, split_k)
+                else:
+                    last = True
+                if last:
+                    if split_k > 1:
+                        one = tl.full((1,), 0, tl.int64) + pair
+                        gate_m = dense._sum(dense._sum_partials(gemm_ptr, one, offs_n, num_pairs, 2 * I, split_k,
+                                                                SPLITS), 0)
+                        up_m = dense._sum(dense._sum_partials(gemm_ptr, one, offs_n + I, num_pairs, 2 * I, split_k,
+                                                              SPLITS), 0)
+                    else:
+                        gate_m = _row(gate, m)
+                        up_m = _row(up, m)
+                    pairs_lib.activate_pair(gate_m, up_m, pair, expert, offs_n, offs_n < I, r_ptr, a13_ptr, b2_ptr,
+                                            h_ptr, part_ptr, num_pairs, I, R13, R2, ROW_DIV, chunk, stride_r,
+                                            stride_a13e, stride_b2e, stride_h, HAS13, HAS2)
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _down_rows_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, a2_ptr, ids_ptr, sorted_ptr, expert_ptr, padded_ptr,
+                      weights_ptr, out_ptr, gemm_ptr, sync_ptr, num_tokens, H, I, R2, num_chunks, group_size,
+                      split_k, k_chunk, stride_h, stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg,
+                      stride_a2e, stride_out, TOP_K: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS2: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_C: tl.constexpr,
+                      SPLITS: tl.constexpr):
+    """Program (sorted block, chunk of H, K chunk): w_p h_p deq(W2_e) for the block's pairs,
+    each stored as its token's partial (slot k * split_k + split, k the pair's place in the
+    top-k); a token's tile is done when all TOP_K * split_k partials are in (`_finish_token`)."""
+    item = tl.program_id(0)
+    split = item % split_k
+    chunks = (H + BN - 1) // BN
+    chunk = (item // split_k) % chunks
+    block = item // (split_k * chunks)
+    expert = tl.load(expert_ptr + block).to(tl.int64)
+    if (block * BLOCK_M < tl.load(padded_ptr)) & (expert >= 0):
+        num_pairs = num_tokens * TOP_K
+        pairs = tl.load(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = pairs < num_pairs
+        pairs = tl.where(valid, pairs, 0).to(tl.int64)
+        offs_n = chunk * BN + tl.arange(0, BN)
+        k_start = split * k_chunk
+        acc = _gemv_rows(h_ptr, pairs, valid, stride_h, qw_ptr + expert * stride_qe, s_ptr + expert * stride_se,
+                         z_ptr + expert * stride_ze, offs_n, k_start, tl.minimum(I, k_start + k_chunk), H, group_size,
+                         stride_qk, stride_sg, stride_zg, HAS_ZEROS, BK)
+        acc = acc * tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
+        slots = (pairs % TOP_K) * split_k + split
+        tl.store(gemm_ptr + (slots * num_tokens + pairs // TOP_K)[:, None] * H + offs_n[None, :], acc,
+                 mask=valid[:, None] & (offs_n[None, :] < H))
+        contributors = TOP_K * split_k
+        for m in tl.static_range(BLOCK_M):
+            token = _entry(pairs, m) // TOP_K
+            if _entry(valid.to(tl.int32), m) > 0:
+                if _ticket(sync_ptr, token * chunks + chunk, contributors):
+                    _finish_token(gemm_ptr, part_ptr, a2_ptr, ids_ptr, weights_ptr, out_ptr, token, offs_n,
+                                  num_tokens, H, R2, num_chunks, contributors, stride_a2e, stride_out, TOP_K, HAS2,
+                                  BLOCK_C, SPLITS)
 
 
 @triton.jit
@@ -246,6 +407,11 @@ def _down_blocks_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, a2_ptr, sorted_pt
 PAIRS_PER_SM = 8  # programs per SM the pairs path aims for by splitting K (a guess, not timed)
 PAIRS_BLOCK_N = 64  # columns per program of the pairs path (the dense one-token path's tile)
 PAIRS_WARPS = 2
+# the rows path's (columns per program, warps) by pairs per sorted block: compiled for sm_90 the
+# [BLOCK_M, 16, BN] products take 128 registers at (2, 64 columns, 2 warps) and 149 at
+# (4, 32, 2), no spill; 4 rows on 64 columns took 255 and spilled, on 4 warps too (not timed)
+ROWS_LAUNCH = {2: (64, 2), 4: (32, 2)}
+ROWS_MIN_BLOCK_N = 32
 _PARTIALS_PER_LOAD = 16
 
 
@@ -266,14 +432,11 @@ class Workspace:
         self.sync = torch.zeros(0, dtype=torch.int32, device=device)
         self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
-    def reserve(self, max_pairs: int, hidden: int, inter: int, hidden_blocks: int, inter_blocks: int) -> None:
-        """Grow for up to `max_pairs` pairs of experts with this hidden and intermediate size
-        (and K blocks along each): the partials of a K split as fine as the blocks, one ticket
-        per tile (for w2 at most one token per pair)."""
-        floats = max(hidden_blocks * max_pairs * 2 * inter, inter_blocks * max_pairs * hidden)
+    def reserve(self, floats: int, tickets: int) -> None:
+        """Grow to at least `floats` float32 partials and `tickets` tickets (moe_triton.reserve
+        sizes them for a layer)."""
         if self.partial.numel() < floats:
             self.partial = torch.empty(floats, dtype=torch.float32, device=self.device)
-        tickets = max_pairs * max(triton.cdiv(inter, PAIRS_BLOCK_N), triton.cdiv(hidden, PAIRS_BLOCK_N))
         if self.sync.numel() < tickets:
             self.sync = torch.zeros(tickets, dtype=torch.int32, device=self.device)
 
@@ -318,7 +481,7 @@ def gate_up_pairs(x, qweight, scales, zeros, group_size: int, block_k: int, redu
         0 if reduced is None else reduced.stride(0), 0 if a13 is None else a13.stride(0),
         0 if b2 is None else b2.stride(0), hidden.stride(0),
         HAS_ZEROS=zeros is not None, HAS13=a13 is not None, HAS2=b2 is not None, BN=PAIRS_BLOCK_N, BK=block_k,
-        BLOCK_R13=_pow2(r13), BLOCK_R2=_pow2(r2), SPLITS=min(_PARTIALS_PER_LOAD, triton.next_power_of_2(split)),
+        SPLITS=min(_PARTIALS_PER_LOAD, triton.next_power_of_2(split)),
         PREFETCH=False, num_warps=PAIRS_WARPS)
     return partials
 
@@ -338,13 +501,70 @@ def down_pairs(hidden, qweight, scales, zeros, group_size: int, block_k: int, pa
         1 if partials is None else partials.shape[0], group_size, split, inter // split, hidden.stride(0),
         *_strides(qweight, scales, zeros), 0 if a2 is None else a2.stride(0), out.stride(0),
         TOP_K=top_k, HAS_ZEROS=zeros is not None, HAS2=a2 is not None, BN=PAIRS_BLOCK_N, BK=block_k,
-        BLOCK_R2=_pow2(r2), BLOCK_C=_PARTIALS_PER_LOAD,
+        BLOCK_C=_PARTIALS_PER_LOAD,
         SPLITS=min(_PARTIALS_PER_LOAD, triton.next_power_of_2(contributors)), PREFETCH=False,
         num_warps=PAIRS_WARPS)
     return out
 
 
 shrink_pairs = pairs_lib.shrink_pairs  # R per pair for `--share module` checkpoints
+def gate_up_rows(x, qweight, scales, zeros, group_size: int, block_k: int, reduced, a13, b2, alignment, top_k: int,
+                 hidden, row_div: int, space: Workspace):
+    """As `gate_up_pairs`, on pairs sorted by expert in small blocks (`alignment`): each program
+    multiplies its K chunk of one expert's columns with all of the block's pairs."""
+    pairs, inter = hidden.shape
+    k = x.shape[1]
+    block_n, warps = ROWS_LAUNCH[alignment.block_m]
+    chunks = triton.cdiv(inter, block_n)
+    blocks = alignment.expert_ids.numel()
+    split = _rows_split(min(blocks, pairs) * chunks, k // block_k, pairs * 2 * inter, space)
+    r13 = 1 if a13 is None else a13.shape[2]
+    r2 = 1 if b2 is None else b2.shape[1]
+    partials = None if b2 is None else torch.empty((chunks, pairs, r2), dtype=torch.float32, device=x.device)
+    dummy = hidden
+    _gate_up_rows_kernel[(blocks * chunks * split,)](
+        x, qweight, scales, dummy if zeros is None else zeros, dummy if reduced is None else reduced,
+        dummy if a13 is None else a13, dummy if b2 is None else b2, alignment.sorted_ids, alignment.expert_ids,
+        alignment.padded, hidden, dummy if partials is None else partials, space.partial, space.sync, pairs, inter, k,
+        r13, r2, top_k, row_div, group_size, split, k // split, x.stride(0), *_strides(qweight, scales, zeros),
+        0 if reduced is None else reduced.stride(0), 0 if a13 is None else a13.stride(0),
+        0 if b2 is None else b2.stride(0), hidden.stride(0),
+        HAS_ZEROS=zeros is not None, HAS13=a13 is not None, HAS2=b2 is not None, BLOCK_M=alignment.block_m,
+        BN=block_n, BK=block_k, SPLITS=min(_PARTIALS_PER_LOAD, triton.next_power_of_2(split)), num_warps=warps)
+    return partials
+
+
+def down_rows(hidden, qweight, scales, zeros, group_size: int, block_k: int, partials, a2, topk_ids, topk_weights,
+              alignment, out, space: Workspace):
+    """As `down_pairs`, on pairs sorted by expert in small blocks (`alignment`)."""
+    tokens, top_k = topk_ids.shape
+    pairs, inter = hidden.shape
+    h = out.shape[1]
+    block_n, warps = ROWS_LAUNCH[alignment.block_m]
+    chunks = triton.cdiv(h, block_n)
+    blocks = alignment.expert_ids.numel()
+    split = _rows_split(min(blocks, pairs) * chunks, inter // block_k, pairs * h, space)
+    r2 = 1 if a2 is None else a2.shape[2]
+    _down_rows_kernel[(blocks * chunks * split,)](
+        hidden, qweight, scales, out if zeros is None else zeros, out if partials is None else partials,
+        out if a2 is None else a2, topk_ids, alignment.sorted_ids, alignment.expert_ids, alignment.padded,
+        topk_weights, out, space.partial, space.sync, tokens, h, inter, r2,
+        1 if partials is None else partials.shape[0], group_size, split, inter // split, hidden.stride(0),
+        *_strides(qweight, scales, zeros), 0 if a2 is None else a2.stride(0), out.stride(0),
+        TOP_K=top_k, HAS_ZEROS=zeros is not None, HAS2=a2 is not None, BLOCK_M=alignment.block_m, BN=block_n,
+        BK=block_k, BLOCK_C=_PARTIALS_PER_LOAD,
+        SPLITS=min(_PARTIALS_PER_LOAD, triton.next_power_of_2(top_k * split)), num_warps=warps)
+    return out
+
+
+def _rows_split(tiles: int, k_blocks: int, floats_per_split: int, space: Workspace) -> int:
+    """The rows path's K split: `pairs_split`'s, at most what the workspace's partials hold."""
+    split = pairs_split(tiles, k_blocks, space.sm_count)
+    while split > 1 and split * floats_per_split > space.partial.numel():
+        split = max(d for d in range(1, split) if k_blocks % d == 0)
+    return split
+
+
 BLOCKS_BLOCK_N = 64  # columns per program of the blocks path (not timed)
 
 
