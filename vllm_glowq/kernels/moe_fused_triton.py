@@ -51,7 +51,7 @@ def _add(a, b):
 # epilogue (kernels/moe_w4a16_triton.py, 2 warps) compiles for sm_90 at its own register count,
 # 96, with steps of 8; steps of 16 took 168, whole-rank tiles 255 and spilled. On the H200 the
 # whole-rank version cost 24 us per layer at one token over the same kernels without the
-# correction (20.5 us), most of it from that register count (bench/results/moe_micro.json)
+# correction (20.5 us), likely mostly from that register count (bench/results/moe_micro.json)
 RANK_BLOCK = tl.constexpr(8)
 
 
