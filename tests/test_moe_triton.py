@@ -100,8 +100,9 @@ def test_block_matches_float64_in_the_interpreter(kernels, case, path, variant):
 
 
 def test_pairs_path_splits_k_and_leaves_its_tickets_zeroed(kernels):
-    """One token: few tiles, so K is split into several chunks per tile; a second call (what a
-    CUDA-graph replay does) gives the same output on the same workspace."""
+    """One token: few tiles, so K is split into several chunks per tile, and the launch's first
+    programs compute R; a second call (what a CUDA-graph replay does) gives the same output on
+    the same workspace."""
     hidden, inter, experts, dtype = 256, 64, 4, torch.bfloat16
     w13, w2, codes13, codes2, gen = codes_and_block(experts, hidden, inter, 32, True, dtype, 3)
     f = make_factors(experts, hidden, inter, 8, "group")
@@ -111,7 +112,7 @@ def test_pairs_path_splits_k_and_leaves_its_tickets_zeroed(kernels):
     space = kernels.workspace(x.device)
     assert kernels.pairs_split(2 * 1, hidden // 32, space.sm_count) > 1
     first = moe_triton.forward(codes13, codes2, factors, x, weights, ids, path="pairs", kernels=kernels)
-    assert int(space.sync.abs().sum()) == 0
+    assert int(space.sync.abs().sum()) == 0 and int(space.counters.abs().sum()) == 0  # tickets, the shrink's counts
     again = moe_triton.forward(codes13, codes2, factors, x, weights, ids, path="pairs", kernels=kernels)
     assert torch.equal(first, again)
     assert relative_error(first, reference_block(x, w13["dense"], w2["dense"], f, weights, ids)) < TOLERANCE[dtype]
@@ -157,12 +158,13 @@ def test_kernels_compile_for_hopper(dtype):
         signature.update({n: "constexpr" for n in constexprs})
         assert compile_for_hopper(fn, signature, constexprs).asm["cubin"]
 
-    ints = dict(qw_ptr="i32", z_ptr="u8", ids_ptr="i32", sync_ptr="i32", gemm_ptr="fp32", part_ptr="fp32",
-                weights_ptr="fp32", sorted_ptr="i32", expert_ptr="i32", padded_ptr="i32")
+    ints = dict(qw_ptr="i32", z_ptr="u8", ids_ptr="i32", sync_ptr="i32", counters_ptr="i32", gemm_ptr="fp32",
+                part_ptr="fp32", r_ptr="fp32", weights_ptr="fp32", sorted_ptr="i32", expert_ptr="i32", padded_ptr="i32")
     magic = dict(bf16=(0x4300, 128.0), fp16=(0x6400, 1024.0))[dtype]
     for zeros, corrected in ((False, True), (True, False)):
-        compile_one(k._gate_up_pairs_kernel, ints, dict(HAS_ZEROS=zeros, HAS13=corrected, HAS2=corrected, BN=64,
-                                                        BK=128, SPLITS=16, PREFETCH=False))
+        compile_one(k._gate_up_pairs_kernel, ints, dict(HAS_ZEROS=zeros, HAS13=corrected, HAS2=corrected,
+                                                        SHRINK=corrected, BN=64, BK=128, SPLITS=16, PREFETCH=False,
+                                                        BLOCK_R=16, SHRINK_BK=32))
         compile_one(k._down_pairs_kernel, ints, dict(TOP_K=8, HAS_ZEROS=zeros, HAS2=corrected, BN=64, BK=128,
                                                      BLOCK_C=16, SPLITS=16, PREFETCH=False))
         for block_m, (block_n, warps) in k.ROWS_LAUNCH.items():

@@ -10,7 +10,8 @@ loads (vllm_glowq/moe.py; `VLLM_GLOWQ_KERNEL=glowq` picks this one).
 
 Per call, `forward` takes one of three paths by the number of (token, expert) pairs (`path_for`):
 
-* pairs, up to PAIRS_MAX_PAIRS: no sorting, three launches (R = B13 x, w13, w2), each pair's
+* pairs, up to PAIRS_MAX_PAIRS: no sorting, two launches (w13, whose first programs compute
+  R = B13 x, and w2; three with `--share module`'s per-pair R), each pair's
   expert read for that pair; on the H200 plain int4 through it took 20.5 us per Qwen3-30B-A3B
   layer at one token against 31.1 for Marlin MoE, and fell behind from 8 tokens, where pairs
   share experts (docs/benchmarks.md);
@@ -117,7 +118,9 @@ def forward(w13: ExpertCodes, w2: ExpertCodes, factors, x: torch.Tensor, topk_we
     topk_weights = topk_weights.float().contiguous()
     num_pairs, inter = tokens * top_k, w2.qweight.shape[1] * 8
     path = path or path_for(num_pairs)
-    reduced, row_div = _reduced(factors, x, topk_ids, top_k, kernels)
+    # the pairs path computes the shared B's R = B13 x inside its w13 launch
+    own_shrink = path == "pairs" and factors.a13 is not None and factors.b13.dim() == 2
+    reduced, row_div = (None, top_k) if own_shrink else _reduced(factors, x, topk_ids, top_k, kernels)
     hidden = x.new_empty((num_pairs, inter))
     out = torch.empty_like(x)
     space = kernels.workspace(x.device)
@@ -126,7 +129,7 @@ def forward(w13: ExpertCodes, w2: ExpertCodes, factors, x: torch.Tensor, topk_we
         space.reserve(num_pairs * max(2 * inter * x.shape[1] // w13.block_k, x.shape[1] * inter // w2.block_k),
                       num_pairs * -(-max(inter, x.shape[1]) // kernels.PAIRS_BLOCK_N))
         partials = kernels.gate_up_pairs(x, *w13.launch_args(), reduced, factors.a13, factors.b2, topk_ids, hidden,
-                                         row_div, space)
+                                         row_div, space, b13=factors.b13 if own_shrink else None)
         return kernels.down_pairs(hidden, *w2.launch_args(), partials, factors.a2, topk_ids, topk_weights, out, space)
     num_experts = w13.qweight.shape[0]
     align = align or _vllm_align

@@ -58,17 +58,21 @@ RANK_BLOCK = tl.constexpr(8)
 @triton.jit
 def activate_pair(gate, up, pair, expert, offs_i, mask_i, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, num_pairs, I, R13,
                   R2, ROW_DIV, chunk, stride_r, stride_a13e, stride_b2e, stride_h, HAS13: tl.constexpr,
-                  HAS2: tl.constexpr):
+                  HAS2: tl.constexpr, r_slices, stride_slice):
     """One pair's chunk of the intermediate size, from its gate and up rows (float32 [BLOCK_I]):
     adds A13_e R, stores h = SiLU(gate) * up and, with HAS2, the chunk's partial B2_e h.
-    kernels/moe_w4a16_triton.py calls it on its own GEMM's rows."""
+    kernels/moe_w4a16_triton.py calls it on its own GEMM's rows, with R as `r_slices` float32
+    partial sums `stride_slice` apart where its own programs computed R."""
     dtype = h_ptr.dtype.element_ty
     if HAS13:
         row = r_ptr + (pair // ROW_DIV).to(tl.int64) * stride_r
         a13_rows = a13_ptr + expert * stride_a13e + offs_i[:, None] * R13
         for r0 in range(0, R13, RANK_BLOCK):
             offs_r = r0 + tl.arange(0, RANK_BLOCK)
-            reduced = tl.load(row + offs_r, mask=offs_r < R13, other=0.0).to(tl.float32)
+            reduced = tl.full((RANK_BLOCK,), 0.0, tl.float32)
+            for c in range(0, r_slices):
+                reduced += tl.load(row + c * stride_slice + offs_r, mask=offs_r < R13, other=0.0,
+                                   cache_modifier=".cg").to(tl.float32)
             mask = mask_i[:, None] & (offs_r[None, :] < R13)
             gate += tl.reduce(tl.load(a13_rows + offs_r[None, :], mask=mask, other=0.0).to(tl.float32)
                               * reduced[None, :], 1, _add)
@@ -123,7 +127,7 @@ def _activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, ids_ptr, h_ptr, part_ptr, 
         gate = tl.load(row + offs_i, mask=mask_i, other=0.0).to(tl.float32)
         up = tl.load(row + I + offs_i, mask=mask_i, other=0.0).to(tl.float32)
         activate_pair(gate, up, pair, expert, offs_i, mask_i, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, num_pairs, I,
-                      R13, R2, ROW_DIV, chunk, stride_r, stride_a13e, stride_b2e, stride_h, HAS13, HAS2)
+                      R13, R2, ROW_DIV, chunk, stride_r, stride_a13e, stride_b2e, stride_h, HAS13, HAS2, 1, 0)
 
 
 @triton.jit(do_not_specialize=["num_tokens"])

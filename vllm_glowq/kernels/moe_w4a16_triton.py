@@ -23,8 +23,13 @@ number of (token, expert) pairs (vllm_glowq/moe_triton.py):
   experts' 19 MB would otherwise be read by a few dozen programs. Each program stores its
   float32 partial; the last of a tile's programs to arrive (a ticket per tile, as in the dense
   kernel) sums them and runs the epilogue. For w2 a tile is a token's chunk of H and its
-  programs are all its pairs' K chunks, so the top-k sum needs no launch of its own. Three
-  launches per layer: R = B13 x (cuBLAS), w13, w2.
+  programs are all its pairs' K chunks, so the top-k sum needs no launch of its own. With the
+  shared B the w13 launch's first programs compute R = B13 x (`_shrink_item`): two launches
+  per layer.
+* rows (batches where experts receive a few pairs each): the pairs sorted by expert in blocks
+  of 2 or 4, each (block, column chunk, K chunk) program reading its chunk of one expert's
+  codes once for all of the block's pairs (`_gemv_rows`), with the pairs path's tickets and
+  epilogues.
 * blocks (larger batches): the pairs sorted by expert in blocks of BLOCK_M
   (vLLM's `moe_align_block_size`), one (block, column tile) per program on the tensor cores
   (`w4a16_triton._int4_block_sum`), the correction's products in the epilogue as `tl.dot`s;
@@ -60,16 +65,94 @@ def _ticket(sync_ptr, tile, contributors):
     return last
 
 
-@triton.jit(do_not_specialize=["num_pairs"])
+@triton.jit
+def _shrink_item(x_ptr, b13_ptr, rpart_ptr, counters_ptr, item, num_tokens, K, R13, stride_x, shrink_chunk,
+                 BLOCK_R: tl.constexpr, SHRINK_BK: tl.constexpr):
+    """R's partial over one K chunk for one token, R[c, t, :] = B13[:, chunk] x[t, chunk], into
+    its own slot (no atomics, nothing to zero); then counted done (release)."""
+    chunks = (K + shrink_chunk - 1) // shrink_chunk
+    token = item // chunks
+    k_start = (item % chunks) * shrink_chunk
+    k_end = tl.minimum(K, k_start + shrink_chunk)
+    offs_k = tl.arange(0, SHRINK_BK)
+    x_row = x_ptr + token.to(tl.int64) * stride_x
+    slot = rpart_ptr + ((item % chunks) * num_tokens + token).to(tl.int64) * R13
+    for r0 in range(0, R13, BLOCK_R):  # rank blocks of 16 rows: few registers beside the GEMV's
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        products = tl.full((BLOCK_R, SHRINK_BK), 0.0, tl.float32)
+        for k0 in range(k_start, k_end, SHRINK_BK):
+            k_ok = k0 + offs_k < K
+            x = tl.load(x_row + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            b = tl.load(b13_ptr + offs_r[:, None] * K + (k0 + offs_k)[None, :],
+                        mask=(offs_r[:, None] < R13) & k_ok[None, :], other=0.0)
+            products += b.to(tl.float32) * x[None, :]
+        tl.store(slot + offs_r, dense._sum(products, 1), mask=offs_r < R13)
+    tl.debug_barrier()  # every thread's stores precede the count
+    tl.atomic_add(counters_ptr, 1, sem="release")
+
+
+@triton.jit
+def _await_shrink(counters_ptr, shrink_programs):
+    """Wait until every shrink program has stored its part of R (plain volatile loads first,
+    which many programs can issue at once, then an acquire that orders the reads of R after)."""
+    while tl.load(counters_ptr, volatile=True) < shrink_programs:
+        pass
+    arrived = tl.atomic_add(counters_ptr, 0, sem="acquire")
+    while arrived < shrink_programs:
+        arrived = tl.atomic_add(counters_ptr, 0, sem="acquire")
+
+
+@triton.jit
+def _release_shrink(counters_ptr, consumers):
+    """Count one reader of R done; the last resets both counters for the next launch."""
+    tl.debug_barrier()
+    if tl.atomic_add(counters_ptr + 1, 1, sem="acq_rel") == consumers - 1:
+        tl.atomic_xchg(counters_ptr, 0)
+        tl.atomic_xchg(counters_ptr + 1, 0)
+
+
+@triton.jit(do_not_specialize=["num_pairs", "num_tokens", "shrink_programs"])
 def _gate_up_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, ids_ptr, h_ptr, part_ptr,
-                          gemm_ptr, sync_ptr, num_pairs, I, K, R13, R2, TOP_K, ROW_DIV, group_size, split_k,
-                          k_chunk, stride_x, stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg,
-                          stride_r, stride_a13e, stride_b2e, stride_h,
-                          HAS_ZEROS: tl.constexpr, HAS13: tl.constexpr, HAS2: tl.constexpr, BN: tl.constexpr,
-                          BK: tl.constexpr, SPLITS: tl.constexpr, PREFETCH: tl.constexpr):
-    """Program (pair, chunk of I, K chunk): its gate and up columns' partial sums over the K
-    chunk; the chunk's last arrival adds them up and runs `activate_pair`."""
+                          gemm_ptr, sync_ptr, b13_ptr, counters_ptr, num_pairs, num_tokens, I, K, R13, R2, TOP_K,
+                          ROW_DIV, group_size, split_k, k_chunk, shrink_programs, shrink_chunk, stride_x, stride_qe,
+                          stride_qk, stride_se, stride_sg, stride_ze, stride_zg, stride_r, stride_a13e, stride_b2e,
+                          stride_h, HAS_ZEROS: tl.constexpr, HAS13: tl.constexpr, HAS2: tl.constexpr,
+                          SHRINK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLITS: tl.constexpr,
+                          PREFETCH: tl.constexpr, BLOCK_R: tl.constexpr, SHRINK_BK: tl.constexpr):
+    """With SHRINK, the first `shrink_programs` programs compute R = B13 x (partials per K
+    chunk into r_ptr, [chunks, tokens, R13] float32), first in the grid so they are dispatched
+    first and wait for nothing. Every other program: (pair, chunk of I, K chunk), its gate and
+    up columns' partial sums over the K chunk; the chunk's last arrival adds them up and runs
+    `activate_pair` (with SHRINK once R is complete)."""
     item = tl.program_id(0)
+    if SHRINK:
+        if item < shrink_programs:
+            _shrink_item(x_ptr, b13_ptr, r_ptr, counters_ptr, item, num_tokens, K, R13, stride_x, shrink_chunk,
+                         BLOCK_R, SHRINK_BK)
+        else:
+            _gate_up_pair_item(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, ids_ptr, h_ptr, part_ptr,
+                               gemm_ptr, sync_ptr, counters_ptr, item - shrink_programs, num_pairs, num_tokens, I, K,
+                               R13, R2, TOP_K, ROW_DIV, group_size, split_k, k_chunk, shrink_programs, shrink_chunk,
+                               stride_x, stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg, stride_r,
+                               stride_a13e, stride_b2e, stride_h, HAS_ZEROS, HAS13, HAS2, SHRINK, BN, BK, SPLITS,
+                               PREFETCH)
+    else:
+        _gate_up_pair_item(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, ids_ptr, h_ptr, part_ptr, gemm_ptr,
+                           sync_ptr, counters_ptr, item, num_pairs, num_tokens, I, K, R13, R2, TOP_K, ROW_DIV,
+                           group_size, split_k, k_chunk, shrink_programs, shrink_chunk, stride_x, stride_qe, stride_qk,
+                           stride_se, stride_sg, stride_ze, stride_zg, stride_r, stride_a13e, stride_b2e, stride_h,
+                           HAS_ZEROS, HAS13, HAS2, SHRINK, BN, BK, SPLITS, PREFETCH)
+
+
+@triton.jit
+def _gate_up_pair_item(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, ids_ptr, h_ptr, part_ptr, gemm_ptr,
+                       sync_ptr, counters_ptr, item, num_pairs, num_tokens, I, K, R13, R2, TOP_K, ROW_DIV, group_size,
+                       split_k, k_chunk, shrink_programs, shrink_chunk, stride_x, stride_qe, stride_qk, stride_se,
+                       stride_sg, stride_ze, stride_zg, stride_r, stride_a13e, stride_b2e, stride_h,
+                       HAS_ZEROS: tl.constexpr, HAS13: tl.constexpr, HAS2: tl.constexpr, SHRINK: tl.constexpr,
+                       BN: tl.constexpr, BK: tl.constexpr, SPLITS: tl.constexpr, PREFETCH: tl.constexpr):
+    """One (pair, chunk of I, K chunk) of the pairs path's w13 GEMM and, for the chunk's last
+    arrival, its epilogue."""
     split = item % split_k
     tile = item // split_k  # = pair * chunks + chunk
     chunks = (I + BN - 1) // BN
@@ -102,9 +185,15 @@ def _gate_up_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, i
     else:
         last = True
     if last:
+        r_slices = 1
+        if SHRINK:
+            _await_shrink(counters_ptr, shrink_programs)
+            r_slices = (K + shrink_chunk - 1) // shrink_chunk
         pairs_lib.activate_pair(dense._sum(gate, 0), dense._sum(up, 0), pair, expert, offs_n, offs_n < I, r_ptr,
                                 a13_ptr, b2_ptr, h_ptr, part_ptr, num_pairs, I, R13, R2, ROW_DIV, chunk, stride_r,
-                                stride_a13e, stride_b2e, stride_h, HAS13, HAS2)
+                                stride_a13e, stride_b2e, stride_h, HAS13, HAS2, r_slices, num_tokens * R13)
+        if SHRINK:
+            _release_shrink(counters_ptr, num_pairs * chunks)
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -267,7 +356,7 @@ def _gate_up_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, so
                         up_m = _row(up, m)
                     pairs_lib.activate_pair(gate_m, up_m, pair, expert, offs_n, offs_n < I, r_ptr, a13_ptr, b2_ptr,
                                             h_ptr, part_ptr, num_pairs, I, R13, R2, ROW_DIV, chunk, stride_r,
-                                            stride_a13e, stride_b2e, stride_h, HAS13, HAS2)
+                                            stride_a13e, stride_b2e, stride_h, HAS13, HAS2, 1, 0)
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -430,6 +519,7 @@ class Workspace:
         self.device = device
         self.partial = torch.empty(0, dtype=torch.float32, device=device)
         self.sync = torch.zeros(0, dtype=torch.int32, device=device)
+        self.counters = torch.zeros(2, dtype=torch.int32, device=device)  # the pairs path's fused shrink
         self.sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
     def reserve(self, floats: int, tickets: int) -> None:
@@ -460,29 +550,38 @@ def _pow2(value: int) -> int:
     return max(16, triton.next_power_of_2(value))
 
 
+SHRINK_CHUNK = 256  # K columns of B13 per shrink program of the pairs path (8 per token at K = 2048)
+
+
 def gate_up_pairs(x, qweight, scales, zeros, group_size: int, block_k: int, reduced, a13, b2, topk_ids, hidden,
-                  row_div: int, space: Workspace):
+                  row_div: int, space: Workspace, b13=None):
     """hidden [P, I] = SiLU(gate) * up of x deq(W13_e) + A13_e R, pair by pair (W13 [E, K/8, 2I]
     in the kernel layout), and with b2 the partial sums [chunks, P, r2] of B2_e h that
-    `down_pairs` reads (None without b2)."""
+    `down_pairs` reads (None without b2). R comes as `reduced` (rows `row_div` pairs apart), or,
+    given the shared `b13` [r, K] instead, the launch's first programs compute it (one launch
+    less per layer)."""
     pairs, inter = hidden.shape
-    k = x.shape[1]
+    tokens, k = x.shape
     chunks = triton.cdiv(inter, PAIRS_BLOCK_N)
     split = pairs_split(pairs * chunks, k // block_k, space.sm_count)
     r13 = 1 if a13 is None else a13.shape[2]
     r2 = 1 if b2 is None else b2.shape[1]
     partials = None if b2 is None else torch.empty((chunks, pairs, r2), dtype=torch.float32, device=x.device)
+    shrink = b13 is not None
+    shrink_programs = tokens * triton.cdiv(k, SHRINK_CHUNK) if shrink else 0
+    if shrink:  # R's partials per K chunk: [chunks, tokens, r]
+        reduced = torch.empty((triton.cdiv(k, SHRINK_CHUNK), tokens, r13), dtype=torch.float32, device=x.device)
     dummy = hidden
-    _gate_up_pairs_kernel[(pairs * chunks * split,)](
+    _gate_up_pairs_kernel[(shrink_programs + pairs * chunks * split,)](
         x, qweight, scales, dummy if zeros is None else zeros, dummy if reduced is None else reduced,
         dummy if a13 is None else a13, dummy if b2 is None else b2, topk_ids, hidden,
-        dummy if partials is None else partials, space.partial, space.sync, pairs, inter, k, r13, r2,
-        topk_ids.shape[1], row_div, group_size, split, k // split, x.stride(0), *_strides(qweight, scales, zeros),
-        0 if reduced is None else reduced.stride(0), 0 if a13 is None else a13.stride(0),
-        0 if b2 is None else b2.stride(0), hidden.stride(0),
-        HAS_ZEROS=zeros is not None, HAS13=a13 is not None, HAS2=b2 is not None, BN=PAIRS_BLOCK_N, BK=block_k,
-        SPLITS=min(_PARTIALS_PER_LOAD, triton.next_power_of_2(split)),
-        PREFETCH=False, num_warps=PAIRS_WARPS)
+        dummy if partials is None else partials, space.partial, space.sync, b13 if shrink else dummy, space.counters,
+        pairs, tokens, inter, k, r13, r2, topk_ids.shape[1], row_div, group_size, split, k // split, shrink_programs,
+        SHRINK_CHUNK, x.stride(0), *_strides(qweight, scales, zeros), 0 if reduced is None else reduced.stride(-2),
+        0 if a13 is None else a13.stride(0), 0 if b2 is None else b2.stride(0), hidden.stride(0),
+        HAS_ZEROS=zeros is not None, HAS13=a13 is not None, HAS2=b2 is not None, SHRINK=shrink, BN=PAIRS_BLOCK_N,
+        BK=block_k, SPLITS=min(_PARTIALS_PER_LOAD, triton.next_power_of_2(split)), PREFETCH=False,
+        BLOCK_R=16, SHRINK_BK=32, num_warps=PAIRS_WARPS)
     return partials
 
 
