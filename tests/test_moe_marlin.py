@@ -513,18 +513,26 @@ def test_gpu_block_inside_a_cuda_graph(tokens, share, path):
                              w2["scales"].cuda(), None, dtype)
     f = make_factors(experts, h, i, rank, share)
     factors = as_factors(f, dtype, "cuda")
-    x = torch.zeros(tokens, h, device="cuda", dtype=dtype)
+    check_graph_replays(lambda x, weights, ids: moe_marlin.forward(int4, factors, x, weights, ids, MoEActivation.SILU,
+                                                                   fused=path == "fused"),
+                        tokens, h, experts, top_k, dtype, (w13["dense"], w2["dense"], f))
+
+
+def check_graph_replays(block, tokens: int, hidden: int, experts: int, top_k: int, dtype: torch.dtype,
+                        reference: tuple) -> None:
+    """`block(x, weights, ids)` captured once in a CUDA graph, replayed on new inputs copied
+    into the captured buffers, each replay against the float64 reference of (w13, w2, factors)."""
+    x = torch.zeros(tokens, hidden, device="cuda", dtype=dtype)
     weights = torch.zeros(tokens, top_k, device="cuda")
     ids = torch.zeros(tokens, top_k, device="cuda", dtype=torch.int32)
-    graph, out = capture(lambda: moe_marlin.forward(int4, factors, x, weights, ids, MoEActivation.SILU,
-                                                    fused=path == "fused"))
+    graph, out = capture(lambda: block(x, weights, ids))
     for seed in range(3):
-        fresh_x = torch.randn(tokens, h, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        fresh_x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).to(dtype)
         fresh_w, fresh_ids = routing(tokens, experts, top_k, seed=seed + 10)
         x.copy_(fresh_x)
         weights.copy_(fresh_w)
         ids.copy_(fresh_ids)
         graph.replay()
         torch.cuda.synchronize()
-        ref = reference_block(fresh_x, w13["dense"], w2["dense"], f, fresh_w, fresh_ids)
+        ref = reference_block(fresh_x, *reference, fresh_w, fresh_ids)
         assert relative_error(out.cpu(), ref) < TOLERANCE[dtype], seed

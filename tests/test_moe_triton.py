@@ -21,11 +21,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from gpu_timing import capture  # noqa: E402
 from interpreter import load_interpreted  # noqa: E402
 from test_moe_marlin import (  # noqa: E402
     TOLERANCE,
     as_factors,
+    check_graph_replays,
     compile_for_hopper,
     make_codes,
     make_factors,
@@ -193,16 +193,19 @@ def test_loaded_layer_hands_own_codes_and_factors_to_the_gpu_forward(monkeypatch
     e, h, i, r, g = 4, 64, 32, 8, 32
     gen = torch.Generator().manual_seed(0)
     layer = torch.nn.Module()
-    for name, shape, dtype in (("w13_qweight", (e, h // 8, 2 * i), torch.int32), ("w2_qweight", (e, i // 8, h), torch.int32),
-                               ("w13_scales", (e, h // g, 2 * i), torch.float16), ("w2_scales", (e, i // g, h), torch.float16),
-                               ("w13_qzeros", (e, h // g, 2 * i), torch.uint8), ("w2_qzeros", (e, i // g, h), torch.uint8),
-                               ("w13_glowq_B", (r, h), torch.float16), ("w13_glowq_A", (e, 2 * i, r), torch.float16),
-                               ("w2_glowq_B", (e, r, i), torch.float16), ("w2_glowq_A", (e, h, r), torch.float16)):
-        data = torch.randint(0, 15, shape, generator=gen).to(dtype) if dtype != torch.float16 else torch.rand(shape).half()
+    shapes = {"w13_qweight": (e, h // 8, 2 * i), "w2_qweight": (e, i // 8, h), "w13_scales": (e, h // g, 2 * i),
+              "w2_scales": (e, i // g, h), "w13_qzeros": (e, h // g, 2 * i), "w2_qzeros": (e, i // g, h),
+              "w13_glowq_B": (r, h), "w13_glowq_A": (e, 2 * i, r), "w2_glowq_B": (e, r, i), "w2_glowq_A": (e, h, r)}
+    for name, shape in shapes.items():
+        if name.endswith(("scales", "glowq_A", "glowq_B")):
+            data = torch.rand(shape, generator=gen).half()
+        else:  # codes int32 (any bits), zero points uint8 codes
+            data = torch.randint(0, 15, shape, generator=gen).to(torch.int32 if "qweight" in name else torch.uint8)
         layer.register_parameter(name, torch.nn.Parameter(data, requires_grad=False))
     gptq = layer.w13_qweight.data.clone()
     method = moe.GlowQMoEMethod.__new__(moe.GlowQMoEMethod)
-    method.prefix, method.on_gpu, method.own_kernels, method.params_dtype = "own.mlp.experts", True, True, torch.bfloat16
+    method.prefix, method.on_gpu, method.own_kernels = "own.mlp.experts", True, True
+    method.params_dtype = torch.bfloat16
     method.plan = moe.ExpertsPlan(method.prefix, ("gate_proj", "up_proj", "down_proj"), e, h, i, i, 0)
     method.expected = ExpectedTensors(method.prefix)
     method.int4 = method.codes = None
@@ -263,7 +266,7 @@ def test_gpu_block_matches_float64(dtype, case, path):
 
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 16, 64])
+@pytest.mark.parametrize("tokens", [1, 16, 64, 80])  # the pairs, rows (two block sizes) and blocks paths
 @pytest.mark.parametrize("share", ["group", "module"])
 def test_gpu_block_inside_a_cuda_graph(tokens, share):
     """Captured once (the path the pair count picks), replayed on new inputs."""
@@ -271,17 +274,5 @@ def test_gpu_block_inside_a_cuda_graph(tokens, share):
     w13, w2, codes13, codes2, _ = gpu_block(experts, dtype, True, tokens)
     f = make_factors(experts, GPU_SHAPE["hidden"], GPU_SHAPE["inter"], 16, share)
     factors = as_factors(f, dtype, "cuda")
-    x = torch.zeros(tokens, GPU_SHAPE["hidden"], device="cuda", dtype=dtype)
-    weights = torch.zeros(tokens, top_k, device="cuda")
-    ids = torch.zeros(tokens, top_k, device="cuda", dtype=torch.int32)
-    graph, out = capture(lambda: moe_triton.forward(codes13, codes2, factors, x, weights, ids))
-    for seed in range(3):
-        fresh_x = torch.randn(tokens, GPU_SHAPE["hidden"], generator=torch.Generator().manual_seed(seed)).to(dtype)
-        fresh_w, fresh_ids = routing(tokens, experts, top_k, seed=seed + 10)
-        x.copy_(fresh_x)
-        weights.copy_(fresh_w)
-        ids.copy_(fresh_ids)
-        graph.replay()
-        torch.cuda.synchronize()
-        ref = reference_block(fresh_x, w13["dense"], w2["dense"], f, fresh_w, fresh_ids)
-        assert relative_error(out.cpu(), ref) < TOLERANCE[dtype], seed
+    check_graph_replays(lambda x, weights, ids: moe_triton.forward(codes13, codes2, factors, x, weights, ids), tokens,
+                        GPU_SHAPE["hidden"], experts, top_k, dtype, (w13["dense"], w2["dense"], f))

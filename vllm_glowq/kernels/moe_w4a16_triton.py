@@ -301,6 +301,16 @@ def _row(values, m: tl.constexpr):
     return dense._sum(tl.where((tl.arange(0, values.shape[0]) == m)[:, None], values, 0.0), 0)
 
 
+@triton.jit
+def _rows_item(sorted_ptr, expert_ptr, padded_ptr, num_pairs, N, split_k, BLOCK_M: tl.constexpr, BN: tl.constexpr):
+    """A rows-path program's K chunk, column chunk (of `chunks`) and sorted block (`_block_rows`)."""
+    item = tl.program_id(0)
+    chunks = (N + BN - 1) // BN
+    block = item // (split_k * chunks)
+    pairs, valid, expert, live = _block_rows(block, sorted_ptr, expert_ptr, padded_ptr, num_pairs, BLOCK_M)
+    return item % split_k, (item // split_k) % chunks, chunks, pairs, valid, expert, live
+
+
 @triton.jit(do_not_specialize=["num_pairs"])
 def _gate_up_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, sorted_ptr, expert_ptr, padded_ptr,
                          h_ptr, part_ptr, gemm_ptr, sync_ptr, num_pairs, I, K, R13, R2, TOP_K, ROW_DIV, group_size,
@@ -311,16 +321,9 @@ def _gate_up_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, so
     """Program (sorted block, chunk of I, K chunk): gate and up of the block's pairs (one expert)
     on the CUDA cores, each word read once for all of them; per pair the chunk's last arrival
     runs `activate_pair`, as on the pairs path."""
-    item = tl.program_id(0)
-    split = item % split_k
-    chunks = (I + BN - 1) // BN
-    chunk = (item // split_k) % chunks
-    block = item // (split_k * chunks)
-    expert = tl.load(expert_ptr + block).to(tl.int64)
-    if (block * BLOCK_M < tl.load(padded_ptr)) & (expert >= 0):
-        pairs = tl.load(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
-        valid = pairs < num_pairs
-        pairs = tl.where(valid, pairs, 0).to(tl.int64)
+    split, chunk, chunks, pairs, valid, expert, live = _rows_item(sorted_ptr, expert_ptr, padded_ptr, num_pairs, I,
+                                                                  split_k, BLOCK_M, BN)
+    if live:
         offs_n = chunk * BN + tl.arange(0, BN)
         qw = qw_ptr + expert * stride_qe
         s = s_ptr + expert * stride_se
@@ -369,17 +372,9 @@ def _down_rows_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, a2_ptr, ids_ptr, so
     """Program (sorted block, chunk of H, K chunk): w_p h_p deq(W2_e) for the block's pairs,
     each stored as its token's partial (slot k * split_k + split, k the pair's place in the
     top-k); a token's tile is done when all TOP_K * split_k partials are in (`_finish_token`)."""
-    item = tl.program_id(0)
-    split = item % split_k
-    chunks = (H + BN - 1) // BN
-    chunk = (item // split_k) % chunks
-    block = item // (split_k * chunks)
-    expert = tl.load(expert_ptr + block).to(tl.int64)
-    if (block * BLOCK_M < tl.load(padded_ptr)) & (expert >= 0):
-        num_pairs = num_tokens * TOP_K
-        pairs = tl.load(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
-        valid = pairs < num_pairs
-        pairs = tl.where(valid, pairs, 0).to(tl.int64)
+    split, chunk, chunks, pairs, valid, expert, live = _rows_item(sorted_ptr, expert_ptr, padded_ptr,
+                                                                  num_tokens * TOP_K, H, split_k, BLOCK_M, BN)
+    if live:
         offs_n = chunk * BN + tl.arange(0, BN)
         k_start = split * k_chunk
         acc = _gemv_rows(h_ptr, pairs, valid, stride_h, qw_ptr + expert * stride_qe, s_ptr + expert * stride_se,
@@ -400,15 +395,14 @@ def _down_rows_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, a2_ptr, ids_ptr, so
 
 
 @triton.jit
-def _block_rows(sorted_ptr, expert_ptr, padded_ptr, num_pairs, BLOCK_M: tl.constexpr):
-    """A sorted block's pair ids, which of them are real, its expert, and whether it is in use
-    (blocks past the padded count hold stale ids)."""
-    block = tl.program_id(0)
-    expert = tl.load(expert_ptr + block)
+def _block_rows(block, sorted_ptr, expert_ptr, padded_ptr, num_pairs, BLOCK_M: tl.constexpr):
+    """A sorted block's pair ids (0 where padding), which of them are real, its expert, and
+    whether it is in use (blocks past the padded count hold stale ids; -1: not this rank's)."""
+    expert = tl.load(expert_ptr + block).to(tl.int64)
     live = (block * BLOCK_M < tl.load(padded_ptr)) & (expert >= 0)
     pairs = tl.load(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
     valid = pairs < num_pairs
-    return tl.where(valid, pairs, 0).to(tl.int64), valid, expert.to(tl.int64), live
+    return tl.where(valid, pairs, 0).to(tl.int64), valid, expert, live
 
 
 @triton.jit(do_not_specialize=["num_pairs", "num_tokens"])
@@ -421,7 +415,8 @@ def _gate_up_blocks_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, 
                            BLOCK_R2: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VALUE: tl.constexpr):
     """Program (sorted block, chunk of I): gate and up of the block's pairs on the tensor cores,
     + R A13_e^T, h = SiLU(gate) * up, and the chunk's partial h B2_e^T."""
-    pairs, valid, expert, live = _block_rows(sorted_ptr, expert_ptr, padded_ptr, num_pairs, BLOCK_M)
+    pairs, valid, expert, live = _block_rows(tl.program_id(0), sorted_ptr, expert_ptr, padded_ptr, num_pairs,
+                                             BLOCK_M)
     if live:
         DTYPE = h_ptr.dtype.element_ty
         chunk = tl.program_id(1)
@@ -467,7 +462,8 @@ def _down_blocks_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, a2_ptr, sorted_pt
                         BN: tl.constexpr, BK: tl.constexpr, BLOCK_R2: tl.constexpr, MAGIC: tl.constexpr,
                         MAGIC_VALUE: tl.constexpr):
     """Program (sorted block, chunk of H): out[p] = w_p (h_p deq(W2_e) + S_p A2_e^T), one row per pair."""
-    pairs, valid, expert, live = _block_rows(sorted_ptr, expert_ptr, padded_ptr, num_pairs, BLOCK_M)
+    pairs, valid, expert, live = _block_rows(tl.program_id(0), sorted_ptr, expert_ptr, padded_ptr, num_pairs,
+                                             BLOCK_M)
     if live:
         DTYPE = h_ptr.dtype.element_ty
         offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
