@@ -50,8 +50,8 @@ INIT_STD = 0.1  # as tests/test_plugin_gpu.py: bf16 noise small enough for a tig
 CALIBRATION = dict(group_size=128, rank=16, samples=4, seq_len=64, dataset="random", seed=0)
 # name -> (enforce_eager, VLLM_GLOWQ_KERNEL): Marlin MoE (auto) or the project's MoE kernels (glowq)
 MODES = {"eager": (True, "auto"), "compiled": (False, "auto"), "compiled-own": (False, "glowq")}
-# seven engines, about a minute each (asymmetric codes: the layer tests of tests/test_moe_marlin.py
-# and tests/test_moe_triton.py)
+# with the unquantized model and the two zeroed controls eight engines, about a minute each
+# (asymmetric codes: the layer tests of tests/test_moe_marlin.py and tests/test_moe_triton.py)
 ENGINES = [("sym", "eager"), ("sym", "compiled"), ("rtn", "compiled"), ("sym", "compiled-own"),
            ("rtn", "compiled-own")]
 OWN_KERNELS_LOG = "MoE experts run the project's own int4 MoE kernels"
