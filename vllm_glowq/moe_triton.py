@@ -79,15 +79,22 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | No
 
 
 def reserve(device: torch.device, hidden: int, inter_local: int, w13: ExpertCodes, w2: ExpertCodes) -> None:
-    """Size the pairs and rows paths' workspace for a layer (at load time, before graph capture):
-    partials for the pairs path's finest K split, and for the rows path's split of one."""
+    """Size the pairs and rows paths' workspace for a layer (at load time, before graph capture)."""
     from .kernels import moe_w4a16_triton as kernels
 
-    floats = max(PAIRS_MAX_PAIRS * 2 * inter_local * (hidden // w13.block_k),
-                 PAIRS_MAX_PAIRS * hidden * (inter_local // w2.block_k),
-                 ROWS_MAX_PAIRS * max(2 * inter_local, hidden))
-    tickets = ROWS_MAX_PAIRS * -(-max(inter_local, hidden) // kernels.ROWS_MIN_BLOCK_N)
-    kernels.workspace(device).reserve(floats, tickets)
+    needs = (_workspace_needs("pairs", PAIRS_MAX_PAIRS, hidden, inter_local, w13, w2, kernels),
+             _workspace_needs("rows", ROWS_MAX_PAIRS, hidden, inter_local, w13, w2, kernels))
+    kernels.workspace(device).reserve(*map(max, zip(*needs)))
+
+
+def _workspace_needs(path: str, num_pairs: int, hidden: int, inter: int, w13: ExpertCodes, w2: ExpertCodes,
+                     kernels) -> tuple[int, int]:
+    """(float32 partials, tickets) a call of `num_pairs` pairs needs on the pairs path (its finest
+    K split) or the rows path (a split of one: `gate_up_rows` splits no finer than what fits)."""
+    if path == "pairs":
+        floats = num_pairs * max(2 * inter * (hidden // w13.block_k), hidden * (inter // w2.block_k))
+        return floats, num_pairs * -(-max(inter, hidden) // kernels.PAIRS_BLOCK_N)
+    return num_pairs * max(2 * inter, hidden), num_pairs * -(-max(inter, hidden) // kernels.ROWS_MIN_BLOCK_N)
 
 
 def rows_block_m(num_pairs: int, num_experts: int) -> int:
@@ -124,18 +131,16 @@ def forward(w13: ExpertCodes, w2: ExpertCodes, factors, x: torch.Tensor, topk_we
     hidden = x.new_empty((num_pairs, inter))
     out = torch.empty_like(x)
     space = kernels.workspace(x.device)
+    if path in ("pairs", "rows"):
+        # a no-op where `reserve` ran at load time (more pairs than its bounds: tests, the sweep)
+        space.reserve(*_workspace_needs(path, num_pairs, x.shape[1], inter, w13, w2, kernels))
     if path == "pairs":
-        # a no-op where `reserve` ran at load time (more pairs than PAIRS_MAX_PAIRS: tests, the sweep)
-        space.reserve(num_pairs * max(2 * inter * x.shape[1] // w13.block_k, x.shape[1] * inter // w2.block_k),
-                      num_pairs * -(-max(inter, x.shape[1]) // kernels.PAIRS_BLOCK_N))
         partials = kernels.gate_up_pairs(x, *w13.launch_args(), reduced, factors.a13, factors.b2, topk_ids, hidden,
                                          row_div, space, b13=factors.b13 if own_shrink else None)
         return kernels.down_pairs(hidden, *w2.launch_args(), partials, factors.a2, topk_ids, topk_weights, out, space)
     num_experts = w13.qweight.shape[0]
     align = align or _vllm_align
     if path == "rows":
-        space.reserve(num_pairs * max(2 * inter, x.shape[1]), num_pairs * -(-max(inter, x.shape[1]) //
-                                                                            kernels.ROWS_MIN_BLOCK_N))
         alignment = align(topk_ids, rows_block_m(num_pairs, num_experts), num_experts)
         partials = kernels.gate_up_rows(x, *w13.launch_args(), reduced, factors.a13, factors.b2, alignment, top_k,
                                         hidden, row_div, space)

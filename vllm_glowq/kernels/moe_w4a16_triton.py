@@ -6,8 +6,8 @@ decode step pays for them: 0.72x plain int4 MoE at one token on the H200, 19 us 
 layer for about 4.7 MB of factors. Here the correction is part of the expert GEMMs, as the
 dense kernel (w4a16_triton.py) does for linear layers, whose helpers these kernels call:
 
-* the w13 GEMM's epilogue adds A13_e R (R = B13 x, one row per token, computed once before
-  the launch: the shared B), applies SiLU-and-mul and stores h, then the chunk's share of the
+* the w13 GEMM's epilogue adds A13_e R (R = B13 x, one row per token: the shared B), applies
+  SiLU-and-mul and stores h, then the chunk's share of the
   down correction's own factor, B2_e h, as a partial sum (kernels/moe_fused_triton.py's
   `activate_pair`, the same epilogue that path runs on Marlin's output);
 * the w2 GEMM's epilogue adds w_p A2_e S_p (S_p the pair's partials summed) and the router
@@ -15,7 +15,7 @@ dense kernel (w4a16_triton.py) does for linear layers, whose helpers these kerne
 
 Codes are in the dense kernel's nibble-plane layout, per expert (`packing.repack_planes`):
 qweight [E, K / 8, N] int32, scales [E, G, N] in the activation dtype, zero points [E, G, N]
-uint8 or none (symmetric: z = 8). Two paths over that one layout, chosen per call from the
+uint8 or none (symmetric: z = 8). Three paths over that one layout, chosen per call from the
 number of (token, expert) pairs (vllm_glowq/moe_triton.py):
 
 * pairs (decode, small batches): every (pair, column chunk, K chunk) is one program on the
@@ -37,8 +37,9 @@ number of (token, expert) pairs (vllm_glowq/moe_triton.py):
 
 Tickets live in a zeroed int32 buffer that the last arrival of each tile zeroes again, so a
 captured CUDA graph replays on a clean one. Only Triton builtins and the dense kernel's
-helpers appear, so Triton's interpreter runs these kernels on a CPU for the tests. Launch
-shapes are first guesses: not timed on a GPU yet (bench/moe_microbench.py times them).
+helpers appear, so Triton's interpreter runs these kernels on a CPU for the tests. The pairs
+and blocks paths were timed on the H200 (docs/benchmarks.md); the rows path, the fused shrink
+and the launch shapes are not tuned yet (bench/moe_microbench.py times them).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import triton.language as tl
 
 from vllm_glowq.kernels import moe_fused_triton as pairs_lib
 from vllm_glowq.kernels import w4a16_triton as dense  # absolute: tests load this file alone
+from vllm_glowq.kernels.w4a16 import _MAGIC, padded_rank
 
 
 @triton.jit
@@ -89,17 +91,6 @@ def _shrink_item(x_ptr, b13_ptr, rpart_ptr, counters_ptr, item, num_tokens, K, R
         tl.store(slot + offs_r, dense._sum(products, 1), mask=offs_r < R13)
     tl.debug_barrier()  # every thread's stores precede the count
     tl.atomic_add(counters_ptr, 1, sem="release")
-
-
-@triton.jit
-def _await_shrink(counters_ptr, shrink_programs):
-    """Wait until every shrink program has stored its part of R (plain volatile loads first,
-    which many programs can issue at once, then an acquire that orders the reads of R after)."""
-    while tl.load(counters_ptr, volatile=True) < shrink_programs:
-        pass
-    arrived = tl.atomic_add(counters_ptr, 0, sem="acquire")
-    while arrived < shrink_programs:
-        arrived = tl.atomic_add(counters_ptr, 0, sem="acquire")
 
 
 @triton.jit
@@ -156,7 +147,7 @@ def _gate_up_pair_item(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, ids_
     split = item % split_k
     tile = item // split_k  # = pair * chunks + chunk
     chunks = (I + BN - 1) // BN
-    pair = tile // chunks
+    pair = (tile // chunks).to(tl.int64)
     chunk = tile % chunks
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     offs_n = chunk * BN + tl.arange(0, BN)
@@ -171,27 +162,41 @@ def _gate_up_pair_item(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, ids_
                                  stride_zg, zero, HAS_ZEROS, BK, PREFETCH)
     up = dense._gemv_block_sum(x_row, qw + I, s + I, z + I, offs_n, k_start, k_end, I, group_size, stride_qk,
                                stride_sg, stride_zg, zero, HAS_ZEROS, BK, PREFETCH)
-    row = tl.full((1,), 0, tl.int64) + pair
     if split_k > 1:
         # partials [split_k, pairs, 2I]: gate's columns, then up's
-        tl.store(gemm_ptr + split * num_pairs * 2 * I + row[:, None] * 2 * I + offs_n[None, :], gate,
-                 mask=offs_n[None, :] < I)
-        tl.store(gemm_ptr + split * num_pairs * 2 * I + row[:, None] * 2 * I + I + offs_n[None, :], up,
-                 mask=offs_n[None, :] < I)
-        last = _ticket(sync_ptr, tile, split_k)
-        if last:
-            gate = dense._sum_partials(gemm_ptr, row, offs_n, num_pairs, 2 * I, split_k, SPLITS)
-            up = dense._sum_partials(gemm_ptr, row, offs_n + I, num_pairs, 2 * I, split_k, SPLITS)
+        at = gemm_ptr + split * num_pairs * 2 * I + pair * 2 * I + offs_n[None, :]
+        tl.store(at, gate, mask=offs_n[None, :] < I)
+        tl.store(at + I, up, mask=offs_n[None, :] < I)
+    _finish_gate_up(dense._sum(gate, 0), dense._sum(up, 0), pair, expert, chunk, chunks, offs_n, gemm_ptr, sync_ptr,
+                    counters_ptr, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, num_pairs, num_tokens, I, K, R13, R2,
+                    ROW_DIV, split_k, shrink_programs, shrink_chunk, stride_r, stride_a13e, stride_b2e, stride_h, HAS13,
+                    HAS2, SHRINK, SPLITS)
+
+
+@triton.jit
+def _finish_gate_up(gate, up, pair, expert, chunk, chunks, offs_n, gemm_ptr, sync_ptr, counters_ptr, r_ptr, a13_ptr,
+                    b2_ptr, h_ptr, part_ptr, num_pairs, num_tokens, I, K, R13, R2, ROW_DIV, split_k, shrink_programs,
+                    shrink_chunk, stride_r, stride_a13e, stride_b2e, stride_h, HAS13: tl.constexpr,
+                    HAS2: tl.constexpr, SHRINK: tl.constexpr, SPLITS: tl.constexpr):
+    """A pair's chunk of I once a program has its K chunk's gate and up ([BN] each, stored as
+    partials [split_k, pairs, 2I] where K is split): the chunk's last arrival adds the partials
+    up and runs `activate_pair`, with SHRINK once the launch's shrink programs have stored R."""
+    if split_k > 1:
+        last = _ticket(sync_ptr, pair * chunks + chunk, split_k)
     else:
         last = True
     if last:
+        if split_k > 1:
+            row = tl.full((1,), 0, tl.int64) + pair
+            gate = dense._sum(dense._sum_partials(gemm_ptr, row, offs_n, num_pairs, 2 * I, split_k, SPLITS), 0)
+            up = dense._sum(dense._sum_partials(gemm_ptr, row, offs_n + I, num_pairs, 2 * I, split_k, SPLITS), 0)
         r_slices = 1
         if SHRINK:
-            _await_shrink(counters_ptr, shrink_programs)
+            dense._await_count(counters_ptr, shrink_programs)  # every shrink program has stored its R
             r_slices = (K + shrink_chunk - 1) // shrink_chunk
-        pairs_lib.activate_pair(dense._sum(gate, 0), dense._sum(up, 0), pair, expert, offs_n, offs_n < I, r_ptr,
-                                a13_ptr, b2_ptr, h_ptr, part_ptr, num_pairs, I, R13, R2, ROW_DIV, chunk, stride_r,
-                                stride_a13e, stride_b2e, stride_h, HAS13, HAS2, r_slices, num_tokens * R13)
+        pairs_lib.activate_pair(gate, up, pair, expert, offs_n, offs_n < I, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr,
+                                num_pairs, I, R13, R2, ROW_DIV, chunk, stride_r, stride_a13e, stride_b2e, stride_h,
+                                HAS13, HAS2, r_slices, num_tokens * R13)
         if SHRINK:
             _release_shrink(counters_ptr, num_pairs * chunks)
 
@@ -341,25 +346,11 @@ def _gate_up_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, so
             tl.store(at, gate, mask=mask)
             tl.store(at + I, up, mask=mask)
         for m in tl.static_range(BLOCK_M):
-            pair = _entry(pairs, m)
             if _entry(valid.to(tl.int32), m) > 0:
-                if split_k > 1:
-                    last = _ticket(sync_ptr, pair * chunks + chunk, split_k)
-                else:
-                    last = True
-                if last:
-                    if split_k > 1:
-                        one = tl.full((1,), 0, tl.int64) + pair
-                        gate_m = dense._sum(dense._sum_partials(gemm_ptr, one, offs_n, num_pairs, 2 * I, split_k,
-                                                                SPLITS), 0)
-                        up_m = dense._sum(dense._sum_partials(gemm_ptr, one, offs_n + I, num_pairs, 2 * I, split_k,
-                                                              SPLITS), 0)
-                    else:
-                        gate_m = _row(gate, m)
-                        up_m = _row(up, m)
-                    pairs_lib.activate_pair(gate_m, up_m, pair, expert, offs_n, offs_n < I, r_ptr, a13_ptr, b2_ptr,
-                                            h_ptr, part_ptr, num_pairs, I, R13, R2, ROW_DIV, chunk, stride_r,
-                                            stride_a13e, stride_b2e, stride_h, HAS13, HAS2, 1, 0)
+                _finish_gate_up(_row(gate, m), _row(up, m), _entry(pairs, m), expert, chunk, chunks, offs_n, gemm_ptr,
+                                sync_ptr, sync_ptr, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, num_pairs, 1, I, K, R13,
+                                R2, ROW_DIV, split_k, 0, K, stride_r, stride_a13e, stride_b2e, stride_h, HAS13, HAS2,
+                                False, SPLITS)
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -508,8 +499,9 @@ def pairs_split(tiles: int, k_blocks: int, sm_count: int) -> int:
 
 
 class Workspace:
-    """Per-device float32 partials and zeroed tickets of the pairs path, sized at load time
-    (before CUDA graphs are captured) for `max_pairs` pairs; every launch leaves the tickets zeroed."""
+    """Per-device float32 partials, zeroed tickets and the fused shrink's counters of the pairs
+    and rows paths, sized at load time (before CUDA graphs are captured, moe_triton.reserve);
+    every launch leaves the tickets and counters zeroed."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -540,10 +532,6 @@ def _strides(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
     """(stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg) of one projection's codes."""
     z = (0, 0) if zeros is None else (zeros.stride(0), zeros.stride(1))
     return (qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1), *z)
-
-
-def _pow2(value: int) -> int:
-    return max(16, triton.next_power_of_2(value))
 
 
 SHRINK_CHUNK = 256  # K columns of B13 per shrink program of the pairs path (8 per token at K = 2048)
@@ -603,6 +591,8 @@ def down_pairs(hidden, qweight, scales, zeros, group_size: int, block_k: int, pa
 
 
 shrink_pairs = pairs_lib.shrink_pairs  # R per pair for `--share module` checkpoints
+
+
 def gate_up_rows(x, qweight, scales, zeros, group_size: int, block_k: int, reduced, a13, b2, alignment, top_k: int,
                  hidden, row_div: int, space: Workspace):
     """As `gate_up_pairs`, on pairs sorted by expert in small blocks (`alignment`): each program
@@ -663,12 +653,6 @@ def _rows_split(tiles: int, k_blocks: int, floats_per_split: int, space: Workspa
 BLOCKS_BLOCK_N = 64  # columns per program of the blocks path (not timed)
 
 
-def _magic(dtype: torch.dtype) -> tuple[int, float]:
-    from vllm_glowq.kernels.w4a16 import _MAGIC
-
-    return _MAGIC[dtype]
-
-
 def gate_up_blocks(x, qweight, scales, zeros, group_size: int, block_k: int, reduced, a13, b2, alignment, top_k: int,
                    hidden, row_div: int):
     """As `gate_up_pairs`, on pairs sorted by expert (`alignment`, moe_lowrank_triton.Alignment)."""
@@ -678,7 +662,7 @@ def gate_up_blocks(x, qweight, scales, zeros, group_size: int, block_k: int, red
     r13 = 1 if a13 is None else a13.shape[2]
     r2 = 1 if b2 is None else b2.shape[1]
     partials = None if b2 is None else torch.empty((chunks, pairs, r2), dtype=torch.float32, device=x.device)
-    magic, magic_value = _magic(x.dtype)
+    magic, magic_value = _MAGIC[x.dtype]
     dummy = hidden
     _gate_up_blocks_kernel[(alignment.expert_ids.numel(), chunks)](
         x, qweight, scales, dummy if zeros is None else zeros, dummy if reduced is None else reduced,
@@ -688,7 +672,7 @@ def gate_up_blocks(x, qweight, scales, zeros, group_size: int, block_k: int, red
         0 if reduced is None else reduced.stride(0), 0 if a13 is None else a13.stride(0),
         0 if b2 is None else b2.stride(0), hidden.stride(0),
         HAS_ZEROS=zeros is not None, HAS13=a13 is not None, HAS2=b2 is not None, BLOCK_M=alignment.block_m,
-        BN=BLOCKS_BLOCK_N, BK=block_k, BLOCK_R13=_pow2(r13), BLOCK_R2=_pow2(r2), MAGIC=magic,
+        BN=BLOCKS_BLOCK_N, BK=block_k, BLOCK_R13=padded_rank(r13), BLOCK_R2=padded_rank(r2), MAGIC=magic,
         MAGIC_VALUE=magic_value, num_warps=4)
     return partials
 
@@ -699,12 +683,12 @@ def down_blocks(hidden, qweight, scales, zeros, group_size: int, block_k: int, p
     pairs, inter = hidden.shape
     h = rows.shape[1]
     r2 = 1 if a2 is None else a2.shape[2]
-    magic, magic_value = _magic(hidden.dtype)
+    magic, magic_value = _MAGIC[hidden.dtype]
     _down_blocks_kernel[(alignment.expert_ids.numel(), triton.cdiv(h, BLOCKS_BLOCK_N))](
         hidden, qweight, scales, rows if zeros is None else zeros, rows if partials is None else partials,
         rows if a2 is None else a2, alignment.sorted_ids, alignment.expert_ids, alignment.padded, topk_weights, rows,
         pairs, h, inter, r2, 1 if partials is None else partials.shape[0], group_size, hidden.stride(0),
         *_strides(qweight, scales, zeros), 0 if a2 is None else a2.stride(0), rows.stride(0),
         HAS_ZEROS=zeros is not None, HAS2=a2 is not None, BLOCK_M=alignment.block_m, BN=BLOCKS_BLOCK_N, BK=block_k,
-        BLOCK_R2=_pow2(r2), MAGIC=magic, MAGIC_VALUE=magic_value, num_warps=4)
+        BLOCK_R2=padded_rank(r2), MAGIC=magic, MAGIC_VALUE=magic_value, num_warps=4)
     return rows

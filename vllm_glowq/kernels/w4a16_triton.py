@@ -351,6 +351,20 @@ def _gemm_item(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr, sync_pt
 
 
 @triton.jit
+def _await_count(counter_ptr, count):
+    """Wait until the counter reaches `count` (the shrink programs counting themselves done).
+    Spin on plain (volatile) loads, which many programs can issue at once, not on atomics,
+    which queue at the counter's address in front of the shrink programs' own increments; then
+    an acquire (its result used, or the compiler drops it) orders the reads of R after the
+    shrink programs' writes."""
+    while tl.load(counter_ptr, volatile=True) < count:
+        pass
+    arrived = tl.atomic_add(counter_ptr, 0, sem="acquire")
+    while arrived < count:
+        arrived = tl.atomic_add(counter_ptr, 0, sem="acquire")
+
+
+@triton.jit
 def _expand_item(r_ptr, a_ptr, bias_ptr, out_ptr, part_ptr, sync_ptr, tile, tiles, M, N, RANK, split_k,
                  shrink_programs, stride_an, stride_om, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  BR: tl.constexpr, RANK_BLOCKS: tl.constexpr, SPLITS: tl.constexpr, DTYPE: tl.constexpr):
@@ -358,15 +372,7 @@ def _expand_item(r_ptr, a_ptr, bias_ptr, out_ptr, part_ptr, sync_ptr, tile, tile
     The last expand item to have read R zeroes it and the counters for the next launch (the next
     layer, the next CUDA-graph replay)."""
     offs_m, offs_n = _tile_offsets(tile, N, BM, BN)
-    # Spin on plain (volatile) loads, which many programs can issue at once, not on atomics,
-    # which queue at the counter's address in front of the shrink items' own increments; then
-    # an acquire (its result used, or the compiler drops it) orders the reads of R after the
-    # shrink items' writes.
-    while tl.load(sync_ptr, volatile=True) < shrink_programs:
-        pass
-    arrived = tl.atomic_add(sync_ptr, 0, sem="acquire")
-    while arrived < shrink_programs:
-        arrived = tl.atomic_add(sync_ptr, 0, sem="acquire")
+    _await_count(sync_ptr, shrink_programs)
     acc = _expand(r_ptr, a_ptr, offs_m, offs_n, M, N, RANK, stride_an, tl.full((BM, BN), 0.0, tl.float32), BR,
                   RANK_BLOCKS, DTYPE)
     tl.debug_barrier()  # all of this program's reads of R are done
