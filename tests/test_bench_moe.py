@@ -104,6 +104,17 @@ def test_report_renders_the_moe_section(tmp_path):
     assert "vllm_moe" not in report.build(results).split("## Mixture-of-Experts")[0]  # not among the dense runs
 
 
+def test_moe_floor_counts_the_factors_of_the_experts_a_batch_reads():
+    assert report.expected_experts(128, 8, 1) == pytest.approx(8.0)
+    assert 125 < report.expected_experts(128, 8, 64) < 128
+    model = {"hidden_size": 2048, "moe_intermediate_size": 768, "num_local_experts": 128, "num_experts_per_tok": 8}
+    micro = {"shape": {"rank": 64, "group": 128}, "rows": [{"tokens": 1, "us": {"plain": 31.0}}]}
+    text = "\n".join(report.moe_floor_section(model, micro, 4e12))
+    # 8 experts: 2.43 MB of codes and scales each, 0.557 MB of factors each, B13 once
+    assert "| 1 | 8.0 | 20.0 | 24.7 | 0.81 | 5.0 | 6.2 | 31.0 |" in text
+    assert report.moe_floor_section(model, None, 4e12) == []
+
+
 def test_moe_microbench_options():
     args = moe_microbench.parse_args(["--out", "m.json", "--tokens", "1,8", "--threshold-sweep"])
     assert args.tokens == [1, 8] and args.threshold_sweep and args.out == "m.json"
