@@ -56,3 +56,39 @@ def seconds_per_call(calls: list[Callable[[], object]], replays: int = 7) -> flo
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / len(calls))
     return statistics.median(times)
+
+
+def kernel_breakdown(calls: list[Callable[[], object]], replays: int = 5) -> dict[str, float]:
+    """Device microseconds per call of each kernel in one graph of `calls` (the graph of
+    `seconds_per_call`), from the profiler's CUDA events over `replays` replays, largest first;
+    key "gaps" is the replay's wall time not covered by any kernel (launch latency between
+    dependent kernels, which is what small kernels in a row cost)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph, _ = capture(lambda: [call() for call in calls])
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    per_call = replays * len(calls)
+    kernels = summed_device_times(prof.key_averages(), per_call)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    kernels["gaps"] = max(0.0, 1e3 * start.elapsed_time(end) / len(calls) - sum(kernels.values()))
+    return kernels
+
+
+def summed_device_times(averages, per_call: int, name_chars: int = 60) -> dict[str, float]:
+    """{kernel name (cut to name_chars): device us per call} from the profiler's averages,
+    largest first (kernels whose cut names agree are summed)."""
+    totals: dict[str, float] = {}
+    for avg in averages:
+        if avg.device_time_total > 0:
+            name = avg.key[:name_chars]
+            totals[name] = totals.get(name, 0.0) + avg.device_time_total / per_call
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))

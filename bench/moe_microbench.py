@@ -25,7 +25,10 @@ of each case, the largest error of each path against a float64 reference of the 
 dequantized codes and the factors), relative to the reference's largest entry; plain's error
 beside it is what the correction adds.
 
-    python bench/moe_microbench.py --out moe_micro.json [--tokens 1,4,16,64,256] [--threshold-sweep]
+`--breakdown` adds each path's device time per kernel (torch.profiler over the same graph) and the
+gaps between kernels, the launch latency that a chain of small dependent kernels costs.
+
+    python bench/moe_microbench.py --out moe_micro.json [--tokens 1,4,16,64,256] [--threshold-sweep] [--breakdown]
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gpu_timing import seconds_per_call
+from gpu_timing import kernel_breakdown, seconds_per_call
 from vllm_glowq import moe_marlin, moe_triton
 from vllm_glowq.packing import dequantize
 
@@ -56,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", default="1,4,16,64,256", type=_counts, help="token counts, comma-separated")
     parser.add_argument("--threshold-sweep", action="store_true",
                         help="time both GlowQ paths at every token count (to set FUSED_MAX_PAIRS)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also each path's device time per kernel and the gaps between them (torch.profiler)")
     return parser.parse_args(argv)
 
 
@@ -140,8 +145,9 @@ def max_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).abs().max() / ref.abs().max()).item()
 
 
-def bench_tokens(layers: list[dict], tokens: int, sweep: bool) -> dict:
-    """Times and errors of every path that runs at this token count."""
+def bench_tokens(layers: list[dict], tokens: int, sweep: bool, breakdown: bool = False) -> dict:
+    """Times and errors of every path that runs at this token count (and with `breakdown`, the
+    time per kernel: where a path's microseconds go)."""
     pairs = tokens * SHAPE["top_k"]
     paths = [p for p in PATHS if (p != "fused" or sweep or moe_marlin.takes_fused_path(pairs))
              and (p not in SWEEP_ONLY or sweep)]
@@ -150,12 +156,14 @@ def bench_tokens(layers: list[dict], tokens: int, sweep: bool) -> dict:
         x = torch.randn(tokens, SHAPE["hidden"], device="cuda", generator=torch.Generator(device="cuda").manual_seed(c))
         inputs.append((x.to(torch.bfloat16), *routing(tokens, seed=1000 * tokens + c)))
     row = dict(tokens=tokens, pairs=pairs, default_path="fused" if moe_marlin.takes_fused_path(pairs) else "grouped",
-               us={}, ratio={}, max_error={})
+               us={}, ratio={}, max_error={}, **({"kernels": {}} if breakdown else {}))
     check = [t[:CHECK_TOKENS] for t in inputs[0]]
     ref = reference(layers[0], *check)
     for path in paths:
         calls = [step(layer, *args, path) for layer, args in zip(layers, inputs)]
         row["us"][path] = 1e6 * seconds_per_call(calls)
+        if breakdown:
+            row["kernels"][path] = kernel_breakdown(calls)
         row["max_error"][path] = max_error(step(layers[0], *inputs[0], path)()[:CHECK_TOKENS], ref)
     for path in paths[1:]:
         row["ratio"][path] = row["us"]["plain"] / row["us"][path]
@@ -181,7 +189,9 @@ def line(row: dict) -> str:
         else:
             parts.append(f"{path}  {'-':>7}")
     errors = ", ".join(f"{p} {e:.1e}" for p, e in row["max_error"].items())
-    return " | ".join(parts) + f" | max error {errors}"
+    kernels = [f"\n    {path}: " + ", ".join(f"{name} {us:.1f}" for name, us in times.items())
+               for path, times in row.get("kernels", {}).items()]
+    return " | ".join(parts) + f" | max error {errors}" + "".join(kernels)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -199,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{result['device']}, vLLM {result['vllm']}; shapes {SHAPE}; plain/GlowQ ratios, * = the default path",
           flush=True)
     for tokens in args.tokens:
-        result["rows"].append(bench_tokens(layers, tokens, args.threshold_sweep))
+        result["rows"].append(bench_tokens(layers, tokens, args.threshold_sweep, args.breakdown))
         print(line(result["rows"][-1]), flush=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.threshold_sweep:

@@ -31,7 +31,8 @@
 #                                         # VLLM_GLOWQ_KERNEL=glowq) -> vllm_moe_own.json
 #   bash bench/run_h200.sh moe-micro      # one expert layer: plain Marlin MoE vs GlowQ's grouped and fused paths
 #                                         # (needs no model; GLOWQ_BENCH_SWEEP=1 times both paths at every count,
-#                                         # GLOWQ_BENCH_MOE_TOKENS=1,2,4,... the token counts) -> moe_micro.json
+#                                         # GLOWQ_BENCH_MOE_TOKENS=1,2,4,... the token counts, GLOWQ_BENCH_BREAKDOWN=1
+#                                         # each path's time per kernel) -> moe_micro.json
 #
 # The moe-vllm stages skip engines that would end after GLOWQ_BENCH_BUDGET_S (default 560) seconds.
 #
@@ -177,7 +178,8 @@ moe_micro() {
   ensure_plugin
   local tokens=()
   [ -n "${GLOWQ_BENCH_MOE_TOKENS:-}" ] && tokens=(--tokens "$GLOWQ_BENCH_MOE_TOKENS")
-  timeout 540 $PY "$HERE/moe_microbench.py" ${GLOWQ_BENCH_SWEEP:+--threshold-sweep} "${tokens[@]}" \
+  timeout 540 $PY "$HERE/moe_microbench.py" ${GLOWQ_BENCH_SWEEP:+--threshold-sweep} \
+      ${GLOWQ_BENCH_BREAKDOWN:+--breakdown} "${tokens[@]}" \
       --out "$OUT/moe_micro.json" 2>&1 | tee "$OUT/moe_micro.log"
 }
 
