@@ -531,12 +531,12 @@ def moe_micro_section(micro: dict | None) -> list[str]:
         us, ratio, mark = row["us"], row["ratio"], {row["default_path"]: "*"}
         cells = [f"{us[p]:.1f}{mark.get(p, '')} ({fmt(ratio.get(p), 2)}x)" if p in us else "-" for p in paths]
         out.append(f"| {row['tokens']} | {row['pairs']} | {us['plain']:.1f} | " + " | ".join(cells) + " |")
-    out.append("")
-    for row in micro["rows"]:  # `--breakdown`: where each path's microseconds go
+    breakdown = []  # `--breakdown`: where each path's microseconds go
+    for row in micro["rows"]:
         for path, times in row.get("kernels", {}).items():
             top = ", ".join(f"`{name}` {us:.1f}" for name, us in list(times.items())[:5] if name != "gaps")
-            out.append(f"- {row['tokens']} tokens, {path}: {top}; gaps between kernels {times.get('gaps', 0):.1f} us")
-    return out + [""]
+            breakdown.append(f"- {row['tokens']} tokens, {path}: {top}; gaps between kernels {times.get('gaps', 0):.1f} us")
+    return out + ([""] + breakdown if breakdown else []) + [""]
 
 
 def expected_experts(experts: int, top_k: int, tokens: int) -> float:
