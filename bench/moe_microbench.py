@@ -28,7 +28,10 @@ beside it is what the correction adds.
 `--breakdown` adds each path's device time per kernel (torch.profiler over the same graph) and the
 gaps between kernels, the launch latency that a chain of small dependent kernels costs.
 
+`--launch-sweep 1,4` times the own pairs path with each of its launch constants varied in turn.
+
     python bench/moe_microbench.py --out moe_micro.json [--tokens 1,4,16,64,256] [--threshold-sweep] [--breakdown]
+                                   [--launch-sweep 1,4]
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="time both GlowQ paths at every token count (to set FUSED_MAX_PAIRS)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also each path's device time per kernel and the gaps between them (torch.profiler)")
+    parser.add_argument("--launch-sweep", default="", type=lambda t: _counts(t) if t else [],
+                        help="token counts at which to time the own pairs path's launch constants (e.g. 1,4)")
     return parser.parse_args(argv)
 
 
@@ -170,6 +175,37 @@ def bench_tokens(layers: list[dict], tokens: int, sweep: bool, breakdown: bool =
     return row
 
 
+# the own pairs path's launch constants (kernels/moe_w4a16_triton.py) that `--launch-sweep` tries,
+# one at a time around the shipped values (warps and columns change the compiled kernel)
+LAUNCH_SWEEP = {"PAIRS_WARPS": (1, 2, 4), "PAIRS_BLOCK_N": (32, 64, 128), "PAIRS_PER_SM": (4, 8, 16)}
+
+
+def launch_sweep(layers: list[dict], tokens: int) -> list[dict]:
+    """GlowQ through the own pairs path at this token count with each constant of LAUNCH_SWEEP
+    set in turn (the others as shipped): [{constant, value, us, max_error}]."""
+    from vllm_glowq.kernels import moe_w4a16_triton as kernels
+
+    inputs = [(torch.randn(tokens, SHAPE["hidden"], device="cuda", generator=torch.Generator(device="cuda")
+                           .manual_seed(c)).to(torch.bfloat16), *routing(tokens, seed=1000 * tokens + c))
+              for c, _ in enumerate(layers)]
+    ref = reference(layers[0], *[t[:CHECK_TOKENS] for t in inputs[0]])
+    results = []
+    for constant, values in LAUNCH_SWEEP.items():
+        shipped = getattr(kernels, constant)
+        try:
+            for value in values:
+                setattr(kernels, constant, value)
+                calls = [step(layer, *args, "own_pairs") for layer, args in zip(layers, inputs)]
+                results.append(dict(tokens=tokens, constant=constant, value=value,
+                                    us=1e6 * seconds_per_call(calls),
+                                    max_error=max_error(calls[0]()[:CHECK_TOKENS], ref)))
+                print(f"  T={tokens} {constant}={value}: {results[-1]['us']:.1f} us "
+                      f"(max error {results[-1]['max_error']:.1e})", flush=True)
+        finally:
+            setattr(kernels, constant, shipped)
+    return results
+
+
 def suggested_threshold(rows: list[dict], small: str = "fused", large: str = "grouped") -> int | None:
     """The largest timed pair count up to which path `small` was never slower than `large`."""
     best = None
@@ -211,6 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     for tokens in args.tokens:
         result["rows"].append(bench_tokens(layers, tokens, args.threshold_sweep, args.breakdown))
         print(line(result["rows"][-1]), flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    for tokens in args.launch_sweep:
+        result.setdefault("launch_sweep", []).extend(launch_sweep(layers, tokens))
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.threshold_sweep:
         result["suggested_fused_max_pairs"] = suggested_threshold(result["rows"])

@@ -32,7 +32,8 @@
 #   bash bench/run_h200.sh moe-micro      # one expert layer: plain Marlin MoE vs GlowQ's grouped and fused paths
 #                                         # (needs no model; GLOWQ_BENCH_SWEEP=1 times both paths at every count,
 #                                         # GLOWQ_BENCH_MOE_TOKENS=1,2,4,... the token counts, GLOWQ_BENCH_BREAKDOWN=1
-#                                         # each path's time per kernel) -> moe_micro.json
+#                                         # each path's time per kernel, GLOWQ_BENCH_LAUNCH_SWEEP=1,4 the own
+#                                         # pairs path's launch constants) -> moe_micro.json
 #
 # The moe-vllm stages skip engines that would end after GLOWQ_BENCH_BUDGET_S (default 560) seconds.
 #
@@ -179,7 +180,8 @@ moe_micro() {
   local tokens=()
   [ -n "${GLOWQ_BENCH_MOE_TOKENS:-}" ] && tokens=(--tokens "$GLOWQ_BENCH_MOE_TOKENS")
   timeout 540 $PY "$HERE/moe_microbench.py" ${GLOWQ_BENCH_SWEEP:+--threshold-sweep} \
-      ${GLOWQ_BENCH_BREAKDOWN:+--breakdown} "${tokens[@]}" \
+      ${GLOWQ_BENCH_BREAKDOWN:+--breakdown} ${GLOWQ_BENCH_LAUNCH_SWEEP:+--launch-sweep "$GLOWQ_BENCH_LAUNCH_SWEEP"} \
+      "${tokens[@]}" \
       --out "$OUT/moe_micro.json" 2>&1 | tee "$OUT/moe_micro.log"
 }
 
