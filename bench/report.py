@@ -536,7 +536,18 @@ def moe_micro_section(micro: dict | None) -> list[str]:
         for path, times in row.get("kernels", {}).items():
             top = ", ".join(f"`{name}` {us:.1f}" for name, us in list(times.items())[:5] if name != "gaps")
             breakdown.append(f"- {row['tokens']} tokens, {path}: {top}; gaps between kernels {times.get('gaps', 0):.1f} us")
-    return out + ([""] + breakdown if breakdown else []) + [""]
+    return out + ([""] + breakdown if breakdown else []) + [""] + launch_sweep_lines(micro.get("launch_sweep", []))
+
+
+def launch_sweep_lines(sweep: list[dict]) -> list[str]:
+    """`--launch-sweep`: the own pairs path's time with each launch constant varied in turn."""
+    if not sweep:
+        return []
+    out = ["The own pairs path with one launch constant changed at a time (kernels/moe_w4a16_triton.py; "
+           "the others as shipped), microseconds per layer:", "",
+           "| tokens | constant | value | GlowQ own, pairs path (us) | max error |", "| ---: | --- | ---: | ---: | ---: |"]
+    out += [f"| {r['tokens']} | {r['constant']} | {r['value']} | {r['us']:.1f} | {r['max_error']:.1e} |" for r in sweep]
+    return out + [""]
 
 
 def expected_experts(experts: int, top_k: int, tokens: int) -> float:

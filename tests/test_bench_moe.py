@@ -115,6 +115,18 @@ def test_moe_floor_counts_the_factors_of_the_experts_a_batch_reads():
     assert report.moe_floor_section(model, None, 4e12) == []
 
 
+def test_moe_micro_section_lists_kernels_and_launch_sweep():
+    micro = {"device": "H200", "vllm": "0.26.0", "shape": {}, "copies": 8, "fused_max_pairs": 32,
+             "rows": [{"tokens": 1, "pairs": 8, "default_path": "fused", "us": {"plain": 30.0, "own_pairs": 25.0},
+                       "ratio": {"own_pairs": 1.2}, "kernels": {"own_pairs": {"gemv": 20.0, "gaps": 5.0}}}],
+             "launch_sweep": [{"tokens": 1, "constant": "PAIRS_WARPS", "value": 4, "us": 22.5, "max_error": 4e-3}]}
+    text = "\n".join(report.moe_micro_section(micro))
+    assert "| 1 | 8 | 30.0 | 25.0 (1.20x) |" in text
+    assert "- 1 tokens, own_pairs: `gemv` 20.0; gaps between kernels 5.0 us" in text
+    assert "| 1 | PAIRS_WARPS | 4 | 22.5 | 4.0e-03 |" in text
+    assert "PAIRS_WARPS" not in "\n".join(report.moe_micro_section({**micro, "launch_sweep": []}))
+
+
 def test_moe_microbench_options():
     args = moe_microbench.parse_args(["--out", "m.json", "--tokens", "1,8", "--threshold-sweep"])
     assert args.tokens == [1, 8] and args.threshold_sweep and args.out == "m.json"
