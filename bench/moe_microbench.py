@@ -30,13 +30,18 @@ gaps between kernels, the launch latency that a chain of small dependent kernels
 
 `--launch-sweep 1,4` times the own pairs path with each of its launch constants varied in turn.
 
+`--own-only` needs no vLLM (a machine where it is not installed yet): it times the own pairs path
+with the correction (`own_pairs`) against the same path without it (`own_plain_pairs`, the
+baseline of its ratios), with `--breakdown` and `--launch-sweep` as above.
+
     python bench/moe_microbench.py --out moe_micro.json [--tokens 1,4,16,64,256] [--threshold-sweep] [--breakdown]
-                                   [--launch-sweep 1,4]
+                                   [--launch-sweep 1,4] [--own-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import time
@@ -54,6 +59,9 @@ COPIES = 8  # x 24 MB of experts and factors touched per copy at one token: past
 CHECK_TOKENS = 4
 PATHS = ("plain", "grouped", "fused", "own", "own_plain", "own_pairs", "own_rows", "own_blocks")
 SWEEP_ONLY = ("own_pairs", "own_rows", "own_blocks")  # timed with --threshold-sweep only
+OWN_ONLY_PATHS = ("own_plain_pairs", "own_pairs")  # --own-only: the pairs path without and with the correction
+FORCED = {"own_pairs": "pairs", "own_rows": "rows", "own_blocks": "blocks", "own_plain_pairs": "pairs"}
+PLAIN = ("plain", "own_plain", "own_plain_pairs")  # the paths that run without factors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also each path's device time per kernel and the gaps between them (torch.profiler)")
     parser.add_argument("--launch-sweep", default="", type=lambda t: _counts(t) if t else [],
                         help="token counts at which to time the own pairs path's launch constants (e.g. 1,4)")
+    parser.add_argument("--own-only", action="store_true",
+                        help="only the own pairs path, without and with the correction (needs no vLLM)")
     return parser.parse_args(argv)
 
 
@@ -79,17 +89,19 @@ def _counts(text: str) -> list[int]:
     return counts
 
 
-def why_not_runnable() -> str | None:
+def why_not_runnable(own_only: bool = False) -> str | None:
     """Why this machine cannot run the benchmark (None when it can)."""
     if not torch.cuda.is_available():
-        return "bench/moe_microbench.py needs a CUDA GPU (vLLM's Marlin MoE kernels); none is visible"
-    if importlib.util.find_spec("vllm") is None:
-        return "bench/moe_microbench.py needs vLLM with its CUDA kernels (see ../shared/gpu/README.md)"
+        return "bench/moe_microbench.py needs a CUDA GPU; none is visible"
+    if not own_only and importlib.util.find_spec("vllm") is None:
+        return ("bench/moe_microbench.py needs vLLM with its CUDA kernels (see ../shared/gpu/README.md); "
+                "--own-only times the project's own kernels without it")
     return None
 
 
-def make_layer(seed: int) -> dict:
-    """One copy of the layer: GPTQ codes (kept for the reference), Marlin's layout, factors."""
+def make_layer(seed: int, own_only: bool = False) -> dict:
+    """One copy of the layer: GPTQ codes (kept for the reference), Marlin's layout (not with
+    `own_only`: it needs vLLM), the own kernels' layout, factors."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     e, h, i, r, g = (SHAPE[k] for k in ("experts", "hidden", "inter", "rank", "group"))
 
@@ -103,7 +115,7 @@ def make_layer(seed: int) -> dict:
     (q13, s13), (q2, s2) = codes(h, 2 * i), codes(i, h)
     factors = moe_marlin.ExpertFactors(b13=randn(r, h, scale=h**-0.5), a13=randn(e, 2 * i, r, scale=0.5 * r**-0.5),
                                        b2=randn(e, r, i, scale=i**-0.5), a2=randn(e, h, r, scale=0.5 * r**-0.5))
-    int4 = moe_marlin.repack(q13, s13, None, q2, s2, None, torch.bfloat16)
+    int4 = None if own_only else moe_marlin.repack(q13, s13, None, q2, s2, None, torch.bfloat16)
     own = (moe_triton.repack(q13, s13, None, torch.bfloat16), moe_triton.repack(q2, s2, None, torch.bfloat16))
     moe_triton.reserve(q13.device, h, i, *own)
     return dict(int4=int4, own=own, factors=factors, gptq=(q13, s13, q2, s2))
@@ -118,12 +130,11 @@ def routing(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def step(layer: dict, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, path: str):
     """One call of the layer on `path` (a closure for the CUDA graph)."""
+    factors = moe_marlin.ExpertFactors() if path in PLAIN else layer["factors"]
+    if path.startswith("own"):
+        return lambda: moe_triton.forward(*layer["own"], factors, x, weights, ids, path=FORCED.get(path))
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
-    factors = moe_marlin.ExpertFactors() if path in ("plain", "own_plain") else layer["factors"]
-    if path.startswith("own"):
-        forced = path.removeprefix("own_") if path in SWEEP_ONLY else None
-        return lambda: moe_triton.forward(*layer["own"], factors, x, weights, ids, path=forced)
     fused = None if path == "plain" else path == "fused"
     return lambda: moe_marlin.forward(layer["int4"], factors, x, weights, ids, MoEActivation.SILU, fused=fused)
 
@@ -150,18 +161,19 @@ def max_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).abs().max() / ref.abs().max()).item()
 
 
-def bench_tokens(layers: list[dict], tokens: int, sweep: bool, breakdown: bool = False) -> dict:
+def bench_tokens(layers: list[dict], tokens: int, sweep: bool, breakdown: bool = False,
+                 own_only: bool = False) -> dict:
     """Times and errors of every path that runs at this token count (and with `breakdown`, the
-    time per kernel: where a path's microseconds go)."""
+    time per kernel: where a path's microseconds go); ratios against the first path timed."""
     pairs = tokens * SHAPE["top_k"]
-    paths = [p for p in PATHS if (p != "fused" or sweep or moe_marlin.takes_fused_path(pairs))
-             and (p not in SWEEP_ONLY or sweep)]
+    paths = list(OWN_ONLY_PATHS) if own_only else [
+        p for p in PATHS if (p != "fused" or sweep or moe_marlin.takes_fused_path(pairs)) and (p not in SWEEP_ONLY or sweep)]
     inputs = []
     for c, _ in enumerate(layers):
         x = torch.randn(tokens, SHAPE["hidden"], device="cuda", generator=torch.Generator(device="cuda").manual_seed(c))
         inputs.append((x.to(torch.bfloat16), *routing(tokens, seed=1000 * tokens + c)))
     row = dict(tokens=tokens, pairs=pairs, default_path="fused" if moe_marlin.takes_fused_path(pairs) else "grouped",
-               us={}, ratio={}, max_error={}, **({"kernels": {}} if breakdown else {}))
+               baseline=paths[0], us={}, ratio={}, max_error={}, **({"kernels": {}} if breakdown else {}))
     check = [t[:CHECK_TOKENS] for t in inputs[0]]
     ref = reference(layers[0], *check)
     for path in paths:
@@ -171,7 +183,7 @@ def bench_tokens(layers: list[dict], tokens: int, sweep: bool, breakdown: bool =
             row["kernels"][path] = kernel_breakdown(calls)
         row["max_error"][path] = max_error(step(layers[0], *inputs[0], path)()[:CHECK_TOKENS], ref)
     for path in paths[1:]:
-        row["ratio"][path] = row["us"]["plain"] / row["us"][path]
+        row["ratio"][path] = row["us"][paths[0]] / row["us"][path]
     return row
 
 
@@ -217,13 +229,11 @@ def suggested_threshold(rows: list[dict], small: str = "fused", large: str = "gr
 
 
 def line(row: dict) -> str:
-    parts = [f"T={row['tokens']:4d} pairs={row['pairs']:5d}", f"plain {row['us']['plain']:7.1f}us"]
-    for path in PATHS[1:]:
-        if path in row["us"]:
-            mark = "*" if path == row["default_path"] else " "
-            parts.append(f"{path}{mark} {row['us'][path]:7.1f}us ({row['ratio'][path]:.2f}x)")
-        else:
-            parts.append(f"{path}  {'-':>7}")
+    baseline = row.get("baseline", "plain")
+    parts = [f"T={row['tokens']:4d} pairs={row['pairs']:5d}", f"{baseline} {row['us'][baseline]:7.1f}us"]
+    for path in [p for p in PATHS + OWN_ONLY_PATHS if p != baseline and p in row["us"]]:
+        mark = "*" if path == row["default_path"] else " "
+        parts.append(f"{path}{mark} {row['us'][path]:7.1f}us ({row['ratio'][path]:.2f}x)")
     errors = ", ".join(f"{p} {e:.1e}" for p, e in row["max_error"].items())
     kernels = [f"\n    {path}: " + ", ".join(f"{name} {us:.1f}" for name, us in times.items())
                for path, times in row.get("kernels", {}).items()]
@@ -232,26 +242,25 @@ def line(row: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    why = why_not_runnable()
+    why = why_not_runnable(args.own_only)
     if why is not None:
         raise SystemExit(why)
     start = time.perf_counter()
-    import vllm
-
-    layers = [make_layer(seed) for seed in range(COPIES)]
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, vllm=vllm.__version__, shape=SHAPE,
+    vllm_version = None if args.own_only else importlib.metadata.version("vllm")
+    layers = [make_layer(seed, args.own_only) for seed in range(COPIES)]
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, vllm=vllm_version, shape=SHAPE,
                   copies=COPIES, fused_max_pairs=moe_marlin.FUSED_MAX_PAIRS,
                   pairs_max_pairs=moe_triton.PAIRS_MAX_PAIRS, rows_max_pairs=moe_triton.ROWS_MAX_PAIRS, rows=[])
     print(f"{result['device']}, vLLM {result['vllm']}; shapes {SHAPE}; plain/GlowQ ratios, * = the default path",
           flush=True)
     for tokens in args.tokens:
-        result["rows"].append(bench_tokens(layers, tokens, args.threshold_sweep, args.breakdown))
+        result["rows"].append(bench_tokens(layers, tokens, args.threshold_sweep, args.breakdown, args.own_only))
         print(line(result["rows"][-1]), flush=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for tokens in args.launch_sweep:
         result.setdefault("launch_sweep", []).extend(launch_sweep(layers, tokens))
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    if args.threshold_sweep:
+    if args.threshold_sweep and not args.own_only:
         result["suggested_fused_max_pairs"] = suggested_threshold(result["rows"])
         print(f"fused path never slower up to {result['suggested_fused_max_pairs']} pairs "
               f"(FUSED_MAX_PAIRS is {moe_marlin.FUSED_MAX_PAIRS})")

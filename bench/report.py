@@ -495,6 +495,8 @@ def moe_section(results: Path, meta: dict) -> list[str]:
         out += ["vLLM serving speed: not run.", ""]
     micro = load(results / "moe_micro.json")
     out += moe_micro_section(micro)
+    own_only = load(results / "moe_micro_own.json")  # GLOWQ_BENCH_OWN_ONLY=1: a run before vLLM was installed
+    out += moe_micro_section(own_only) if own_only else []
     dense_micro = load(results / "kernel" / "micro_vs_vllm_2026-12-04.json") or {}
     out += moe_floor_section(model, micro, dense_micro.get("copy_bandwidth"))
     table = {}
@@ -513,6 +515,7 @@ def moe_section(results: Path, meta: dict) -> list[str]:
 MICRO_PATHS = {  # moe_microbench's paths, as the table heads them
     "grouped": "GlowQ grouped", "fused": "GlowQ fused", "own": "GlowQ own kernels", "own_plain": "int4 own kernels",
     "own_pairs": "GlowQ own, pairs path", "own_rows": "GlowQ own, rows path", "own_blocks": "GlowQ own, blocks path"}
+MICRO_BASELINES = {"plain": "plain int4, Marlin MoE", "own_plain_pairs": "int4 own, pairs path"}
 
 
 def moe_micro_section(micro: dict | None) -> list[str]:
@@ -521,16 +524,22 @@ def moe_micro_section(micro: dict | None) -> list[str]:
     if not micro:
         return ["Expert-layer microbenchmark (`bench/moe_microbench.py`): not run.", ""]
     paths = [p for p in MICRO_PATHS if any(p in row["us"] for row in micro["rows"])]
-    out = ["### One expert layer (`GLOWQ_BENCH_SWEEP=1 bash bench/run_h200.sh moe-micro`)", "",
-           f"{micro['device']}, vLLM {micro['vllm']}, shapes {micro['shape']}, CUDA graphs over {micro['copies']} "
-           f"weight copies; FUSED_MAX_PAIRS was {micro['fused_max_pairs']} in this run (* = the Marlin path it "
-           "chose). Microseconds per layer, and plain int4 Marlin MoE's time over each path's (above 1: faster).", "",
-           "| tokens | pairs | plain int4, Marlin MoE (us) | " + " | ".join(MICRO_PATHS[p] for p in paths) + " |",
+    baseline = micro["rows"][0].get("baseline", "plain") if micro["rows"] else "plain"
+    paths = [p for p in paths if p != baseline]
+    if baseline == "plain":
+        title, against = "GLOWQ_BENCH_SWEEP=1 bash bench/run_h200.sh moe-micro", "plain int4 Marlin MoE's"
+    else:
+        title, against = "GLOWQ_BENCH_OWN_ONLY=1 bash bench/run_h200.sh moe-micro", "the same kernels' without factors"
+    out = [f"### One expert layer (`{title}`)", "",
+           f"{micro['device']}, vLLM {micro['vllm'] or 'not installed'}, shapes {micro['shape']}, CUDA graphs over "
+           f"{micro['copies']} weight copies; FUSED_MAX_PAIRS was {micro['fused_max_pairs']} in this run (* = the "
+           f"Marlin path it chose). Microseconds per layer, and {against} time over each path's (above 1: faster).", "",
+           f"| tokens | pairs | {MICRO_BASELINES[baseline]} (us) | " + " | ".join(MICRO_PATHS[p] for p in paths) + " |",
            "| ---: | ---: | ---: | " + " | ".join("---:" for _ in paths) + " |"]
     for row in micro["rows"]:
         us, ratio, mark = row["us"], row["ratio"], {row["default_path"]: "*"}
         cells = [f"{us[p]:.1f}{mark.get(p, '')} ({fmt(ratio.get(p), 2)}x)" if p in us else "-" for p in paths]
-        out.append(f"| {row['tokens']} | {row['pairs']} | {us['plain']:.1f} | " + " | ".join(cells) + " |")
+        out.append(f"| {row['tokens']} | {row['pairs']} | {us[baseline]:.1f} | " + " | ".join(cells) + " |")
     breakdown = []  # `--breakdown`: where each path's microseconds go
     for row in micro["rows"]:
         for path, times in row.get("kernels", {}).items():

@@ -33,7 +33,8 @@
 #                                         # (needs no model; GLOWQ_BENCH_SWEEP=1 times both paths at every count,
 #                                         # GLOWQ_BENCH_MOE_TOKENS=1,2,4,... the token counts, GLOWQ_BENCH_BREAKDOWN=1
 #                                         # each path's time per kernel, GLOWQ_BENCH_LAUNCH_SWEEP=1,4 the own
-#                                         # pairs path's launch constants) -> moe_micro.json
+#                                         # pairs path's launch constants) -> moe_micro.json; GLOWQ_BENCH_OWN_ONLY=1:
+#                                         # the own pairs path alone, no vLLM needed -> moe_micro_own.json
 #
 # The moe-vllm stages skip engines that would end after GLOWQ_BENCH_BUDGET_S (default 560) seconds.
 #
@@ -179,10 +180,11 @@ moe_micro() {
   ensure_plugin
   local tokens=()
   [ -n "${GLOWQ_BENCH_MOE_TOKENS:-}" ] && tokens=(--tokens "$GLOWQ_BENCH_MOE_TOKENS")
-  timeout 540 $PY "$HERE/moe_microbench.py" ${GLOWQ_BENCH_SWEEP:+--threshold-sweep} \
+  local name=moe_micro${GLOWQ_BENCH_OWN_ONLY:+_own}
+  timeout "${GLOWQ_BENCH_TIMEOUT_S:-540}" $PY "$HERE/moe_microbench.py" ${GLOWQ_BENCH_SWEEP:+--threshold-sweep} \
       ${GLOWQ_BENCH_BREAKDOWN:+--breakdown} ${GLOWQ_BENCH_LAUNCH_SWEEP:+--launch-sweep "$GLOWQ_BENCH_LAUNCH_SWEEP"} \
-      "${tokens[@]}" \
-      --out "$OUT/moe_micro.json" 2>&1 | tee "$OUT/moe_micro.log"
+      ${GLOWQ_BENCH_OWN_ONLY:+--own-only} "${tokens[@]}" \
+      --out "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
 }
 
 GPU_TEST_FILES=(tests/test_kernels.py tests/test_correction.py tests/test_plugin_gpu.py tests/test_moe_marlin.py tests/test_moe_triton.py
