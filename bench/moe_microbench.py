@@ -231,7 +231,7 @@ def suggested_threshold(rows: list[dict], small: str = "fused", large: str = "gr
 def line(row: dict) -> str:
     baseline = row.get("baseline", "plain")
     parts = [f"T={row['tokens']:4d} pairs={row['pairs']:5d}", f"{baseline} {row['us'][baseline]:7.1f}us"]
-    for path in [p for p in PATHS + OWN_ONLY_PATHS if p != baseline and p in row["us"]]:
+    for path in [p for p in dict.fromkeys(PATHS + OWN_ONLY_PATHS) if p != baseline and p in row["us"]]:
         mark = "*" if path == row["default_path"] else " "
         parts.append(f"{path}{mark} {row['us'][path]:7.1f}us ({row['ratio'][path]:.2f}x)")
     errors = ", ".join(f"{p} {e:.1e}" for p, e in row["max_error"].items())
