@@ -176,14 +176,35 @@ def test_grouped_kernel_compiles_for_hopper(dtype):
 
     pointers = dict(x_ptr=dtype, w_ptr=dtype, out_ptr=dtype, scale_ptr="fp32", sorted_ptr="i32", expert_ptr="i32",
                     padded_ptr="i32")
-    integers = ("num_pairs", "N", "K", "ROW_DIV", "stride_xm", "stride_we", "stride_wn", "stride_om")
+    integers = ("num_pairs", "N", "K", "ROW_DIV", "stride_xm", "stride_we", "stride_wn", "stride_om", "x_slices",
+                "stride_slice")
     for block_m in (16, 32, 64):
         for block_n, accumulate, scaled in ((64, True, False), (16, False, False), (128, True, True)):
             constexprs = dict(ACCUMULATE=accumulate, HAS_SCALE=scaled, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64)
-            signature = {**{k: f"*{v}" for k, v in pointers.items()}, **{k: "i32" for k in integers},
+            # the w2 expand reads `activate`'s float32 partials
+            x = {"x_ptr": "fp32"} if scaled else {}
+            signature = {**{k: f"*{v}" for k, v in {**pointers, **x}.items()}, **{k: "i32" for k in integers},
                          **{k: "constexpr" for k in constexprs}}
             kernel = compile_for_hopper(moe_lowrank_triton._grouped_lowrank_kernel, signature, constexprs)
             assert kernel.asm["cubin"], (block_m, block_n)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_grouped_activation_compiles_for_hopper(dtype):
+    """`activate`'s kernel at every block size and with each factor, for sm_90 (no GPU needed)."""
+    from vllm_glowq.kernels import moe_lowrank_triton
+
+    pointers = dict(w13_ptr=dtype, r_ptr=dtype, a13_ptr=dtype, b2_ptr=dtype, h_ptr=dtype, part_ptr="fp32",
+                    sorted_ptr="i32", expert_ptr="i32", padded_ptr="i32")
+    integers = ("num_pairs", "I", "R13", "R2", "ROW_DIV", "stride_w13", "stride_r", "stride_a13e", "stride_b2e",
+                "stride_h")
+    for block_m in (16, 32, 64):
+        for has13, has2 in ((True, True), (True, False), (False, True)):
+            constexprs = dict(HAS13=has13, HAS2=has2, BLOCK_M=block_m, BLOCK_I=64, BLOCK_R13=64, BLOCK_R2=64)
+            signature = {**{k: f"*{v}" for k, v in pointers.items()}, **{k: "i32" for k in integers},
+                         **{k: "constexpr" for k in constexprs}}
+            kernel = compile_for_hopper(moe_lowrank_triton._grouped_activate_kernel, signature, constexprs)
+            assert kernel.asm["cubin"], (block_m, has13, has2)
 
 
 def test_alignment_reference_has_vllms_layout(grouped):
@@ -298,8 +319,8 @@ def test_fused_kernels_compile_for_hopper(dtype):
 
 
 def test_the_path_follows_the_pair_count(monkeypatch):
-    """Fused up to FUSED_MAX_PAIRS pairs with the gated SiLU, grouped past it or for any other
-    activation; asking for the fused path with another activation is refused by name."""
+    """Fused up to FUSED_MAX_PAIRS pairs, grouped past it; any activation but the gated SiLU
+    is refused by name on both paths."""
     monkeypatch.setattr(moe_marlin, "CorrectionHooks", lambda *args: "grouped")
     f = as_factors(make_factors(4, 32, 16, 4, "group"), torch.float32)
     small = moe_marlin.FUSED_MAX_PAIRS // 2  # tokens, at top-2
@@ -310,10 +331,11 @@ def test_the_path_follows_the_pair_count(monkeypatch):
     hooks = lambda n, activation="silu", fused=None: moe_marlin.correction_hooks(  # noqa: E731
         f, x[:n], weights[:n], ids[:n], 4, activation, fused)
     assert isinstance(hooks(1), moe_marlin.FusedCorrectionHooks) and isinstance(hooks(small), moe_marlin.FusedCorrectionHooks)
-    assert hooks(big) == "grouped" and hooks(1, "gelu") == "grouped" and hooks(1, fused=False) == "grouped"
+    assert hooks(big) == "grouped" and hooks(1, fused=False) == "grouped"
     assert isinstance(hooks(big, fused=True), moe_marlin.FusedCorrectionHooks)
-    with pytest.raises(ValueError, match="gated SiLU only"):
-        hooks(1, "gelu", fused=True)
+    for fused in (True, False, None):
+        with pytest.raises(ValueError, match="gated SiLU only"):
+            hooks(1, "gelu", fused=fused)
     assert moe_marlin.correction_hooks(moe_marlin.ExpertFactors(), x, weights, ids, 4, "silu") is None
 
 

@@ -179,14 +179,6 @@ def moe_align(topk_ids: torch.Tensor, block_m: int, num_experts: int):
     return Alignment(sorted_ids, expert_ids, padded, block_m, topk_ids.numel())
 
 
-def apply_moe_activation(activation, output: torch.Tensor, inputs: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    """vLLM's expert activation; `kwargs` are whatever `fused_marlin_moe` passed its callback
-    (0.26: clamp_limit, alpha, beta, topk_ids, expert_map; 0.32: topk_ids, expert_map)."""
-    from vllm.model_executor.layers.fused_moe.activation import apply_moe_activation as run
-
-    return run(activation, output, inputs, **kwargs)
-
-
 def plain_gated_silu(activation, callback_kwargs: dict[str, Any]) -> bool:
     """Whether `fused_marlin_moe` asks its activation callback for silu(gate) * up and nothing
     more: `activation` is vLLM's MoEActivation (or its name, both versions); 0.26 also passes

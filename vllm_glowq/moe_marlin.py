@@ -16,18 +16,19 @@ The grouped path (`CorrectionHooks`, kernels/moe_lowrank_triton.py) calls `fused
   the point of sharing B; and the pairs sorted by expert in blocks that suit tensor-core tiles
   (vLLM's `moe_align_block_size` again, at the kernel's block size: Marlin's own sort is
   internal to the call, and its blocks of 8 are smaller than `tl.dot` takes);
-* `activation_func`: for every pair p = (t, e), w13_out[p] += A13_e R[t] (one grouped launch),
-  then vLLM's activation (SiLU-and-mul) as usual;
-* `moe_sum`: S[p] = B2_e h[p] and w2_out[p] += w_p A2_e S[p] (two grouped launches, w_p the
-  router weight Marlin already applied to w2_out), then the top-k sum as usual.
+* `activation_func`: one grouped launch per (block of an expert's pairs, chunk of I): for
+  every pair p = (t, e), gate/up = w13_out[p] + A13_e R[t], h = SiLU(gate) * up (the gated
+  SiLU, the one activation vllm_glowq/moe.py admits), and the chunk's share of S[p] = B2_e h[p];
+* `moe_sum`: w2_out[p] += w_p A2_e S[p] (one grouped launch, w_p the router weight Marlin
+  already applied to w2_out), then the top-k sum as usual.
 
-That is about seven launches per layer besides Marlin's own, which is what a decode step pays
-for (0.72x plain int4 MoE at one token on the first H200 run, ~39 us per layer). Up to
+That is five launches per layer besides Marlin's own (R, the alignment, the two grouped ones,
+the sum; seven before the expand, the activation and the shrink were one launch, when a
+decode step cost 0.72x plain int4 MoE at one token on the first H200 run, ~39 us per layer). Up to
 FUSED_MAX_PAIRS pairs, `takes_fused_path`, the fused path (`FusedCorrectionHooks`,
 kernels/moe_fused_triton.py) needs no sorting and three launches: R = B13 x as above; in
-`activation_func` one kernel per (pair, chunk of I) adds A13_e R, applies SiLU-and-mul itself
-(so only the plain gated SiLU, the one activation vllm_glowq/moe.py admits; the grouped path
-calls vLLM's activation) and computes the chunk's share of S = B2_e h; in `moe_sum` one
+`activation_func` one kernel per (pair, chunk of I) adds A13_e R, applies SiLU-and-mul and
+computes the chunk's share of S = B2_e h; in `moe_sum` one
 kernel per token adds w_p A2_e S[p] to each w2_out row inside the top-k sum. It multiplies
 vectors, not tiles, so larger batches, where pairs share experts, keep the grouped path. With
 `--share module` both paths compute R per pair (on the fused path one more launch, no sorting).
@@ -179,14 +180,13 @@ def forward(experts: Int4Experts, factors: ExpertFactors, x: torch.Tensor, topk_
 
 def correction_hooks(factors: ExpertFactors, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                      num_experts: int, activation, fused: bool | None = None):
-    """The callbacks of one call (None without a correction): fused at small batches when the
-    activation is the plain gated SiLU its kernel computes, grouped otherwise."""
+    """The callbacks of one call (None without a correction): fused at small batches, grouped
+    otherwise; both compute the gated SiLU, the only activation they take."""
     if not factors.any:
         return None
-    fits = compat.plain_gated_silu(activation, {})
-    if fused and not fits:
-        raise ValueError(f"the fused MoE correction computes the gated SiLU only, not {activation!r}")
-    if fused or (fused is None and fits and takes_fused_path(topk_ids.numel())):
+    if not compat.plain_gated_silu(activation, {}):
+        raise ValueError(f"the MoE correction computes the gated SiLU only, not {activation!r}")
+    if fused or (fused is None and takes_fused_path(topk_ids.numel())):
         return FusedCorrectionHooks(factors, x, topk_weights, topk_ids)
     return CorrectionHooks(factors, x, topk_weights, topk_ids, num_experts)
 
@@ -195,13 +195,12 @@ class CorrectionHooks:
     """The correction around one `fused_marlin_moe` call: built before it (R = B13 x once per
     token, the pairs sorted by expert), then called back by it (`activation`, `moe_sum`).
 
-    `align` and `activate` default to vLLM's ops and `kernels` to kernels/moe_lowrank_triton.py;
-    the CPU tests pass plain-torch stand-ins and the kernel module loaded into Triton's interpreter.
+    `align` defaults to vLLM's op and `kernels` to kernels/moe_lowrank_triton.py; the CPU tests
+    pass a plain-torch stand-in and the kernel module loaded into Triton's interpreter.
     """
 
     def __init__(self, factors: ExpertFactors, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                 num_experts: int, align: Callable | None = None, activate: Callable | None = None,
-                 kernels=None) -> None:
+                 num_experts: int, align: Callable | None = None, kernels=None) -> None:
         if kernels is None:
             from .kernels import moe_lowrank_triton as kernels
         self.grouped = grouped = kernels
@@ -210,7 +209,6 @@ class CorrectionHooks:
         pairs = topk_ids.numel()
         block_m = grouped.block_m_for(pairs, num_experts)
         self.alignment = (align or compat.moe_align)(topk_ids, block_m, num_experts)
-        self.activate = activate or compat.apply_moe_activation
         self.reduced = None  # what A13 multiplies: R [T, r] (rows per token) or [P, 2r] (per pair)
         if factors.a13 is not None:
             if factors.b13.dim() == 2:
@@ -218,23 +216,23 @@ class CorrectionHooks:
             else:  # one B per expert projection: the shrink is per pair too
                 self.reduced = x.new_empty((pairs, factors.b13.shape[1]))
                 grouped.launch(x, factors.b13, self.reduced, self.alignment, row_div=self.top_k)
-        self.hidden = None  # the activation's output, the w2 GEMM's input
+        self.partials = None  # S = B2_e h's partial sums, from `activation` to `moe_sum`
 
     def activation(self, activation, output: torch.Tensor, w13_out: torch.Tensor, **kwargs) -> torch.Tensor:
-        """w13_out [P, 2I] += A13_e R before the activation (kwargs: vLLM's, passed through)."""
-        if self.reduced is not None:
-            row_div = self.top_k if self.factors.b13.dim() == 2 else 1  # R per token, or per pair
-            self.grouped.launch(self.reduced, self.factors.a13, w13_out, self.alignment, row_div=row_div,
-                                accumulate=True)
-        self.hidden = output
-        return self.activate(activation, output, w13_out, **kwargs)
+        """output [P, I] = SiLU(gate) * up of w13_out [P, 2I] + A13_e R, and the partials of
+        S = B2_e h for `moe_sum`, in one grouped launch (w13_out left as it is)."""
+        if not compat.plain_gated_silu(activation, kwargs):
+            raise ValueError(f"the MoE correction computes the gated SiLU only; vLLM asked for {activation!r} "
+                             f"with {kwargs}")
+        row_div = self.top_k if self.factors.b13 is not None and self.factors.b13.dim() == 2 else 1
+        self.partials = self.grouped.activate(w13_out, self.reduced, self.factors.a13, self.factors.b2, self.alignment,
+                                              output, row_div)
+        return output
 
     def moe_sum(self, w2_out: torch.Tensor, output: torch.Tensor, topk_ids: torch.Tensor, expert_map) -> torch.Tensor:
-        """w2_out [T, top_k, H] += w_p A2_e (B2_e h_p), then the sum over top_k into output [T, H]."""
+        """w2_out [T, top_k, H] += w_p A2_e S_p, then the sum over top_k into output [T, H]."""
         rows = w2_out.view(-1, w2_out.shape[-1])
-        shrunk = self.hidden.new_empty((rows.shape[0], self.factors.b2.shape[1]))
-        self.grouped.launch(self.hidden, self.factors.b2, shrunk, self.alignment)
-        self.grouped.launch(shrunk, self.factors.a2, rows, self.alignment, scale=self.topk_weights.reshape(-1),
+        self.grouped.launch(self.partials, self.factors.a2, rows, self.alignment, scale=self.topk_weights.reshape(-1),
                             accumulate=True)
         return torch.sum(w2_out, dim=1, out=output)
 

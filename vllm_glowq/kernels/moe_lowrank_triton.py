@@ -33,10 +33,10 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["num_pairs"])  # one compiled kernel for every token count
+@triton.jit(do_not_specialize=["num_pairs", "stride_slice"])  # one compiled kernel for every token count
 def _grouped_lowrank_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, sorted_ptr, expert_ptr, padded_ptr,
-                            num_pairs, N, K, ROW_DIV, stride_xm, stride_we, stride_wn, stride_om,
-                            ACCUMULATE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                            num_pairs, N, K, ROW_DIV, stride_xm, stride_we, stride_wn, stride_om, x_slices,
+                            stride_slice, ACCUMULATE: tl.constexpr, HAS_SCALE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     block = tl.program_id(0)
     tile = tl.program_id(1)
@@ -51,8 +51,11 @@ def _grouped_lowrank_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, sorted_ptr, expert
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
-                        mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
+            x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
+            x_mask = valid[:, None] & (offs_k[None, :] < K)
+            x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+            for c in range(1, x_slices):  # x the sum of partials (`activate`'s, S = B2_e h)
+                x += tl.load(x_ptrs + c * stride_slice, mask=x_mask, other=0.0)
             w_t = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None],
                           mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)
             acc = tl.dot(x.to(w_t.dtype), w_t, acc)
@@ -64,6 +67,51 @@ def _grouped_lowrank_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, sorted_ptr, expert
         if ACCUMULATE:
             acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _grouped_activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, sorted_ptr, expert_ptr, padded_ptr,
+                             num_pairs, I, R13, R2, ROW_DIV, stride_w13, stride_r, stride_a13e, stride_b2e, stride_h,
+                             HAS13: tl.constexpr, HAS2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
+                             BLOCK_R13: tl.constexpr, BLOCK_R2: tl.constexpr):
+    """One (block of an expert's pairs, chunk of I): gate/up = w13_out + A13_e R rounded as the
+    w13 output would hold them, h = SiLU(gate) * up rounded as vLLM's `silu_and_mul` rounds,
+    and with HAS2 the chunk's partial S = B2_e[:, chunk] h into its own slot of part_ptr
+    [chunks, P, R2] (float32; no atomics, so nothing to zero and the same sums every run)."""
+    block = tl.program_id(0)
+    chunk = tl.program_id(1)
+    expert = tl.load(expert_ptr + block)
+    if (block * BLOCK_M < tl.load(padded_ptr)) & (expert >= 0):
+        dtype = h_ptr.dtype.element_ty
+        pairs = tl.load(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = pairs < num_pairs
+        safe = tl.where(valid, pairs, 0).to(tl.int64)
+        offs_i = chunk * BLOCK_I + tl.arange(0, BLOCK_I)
+        mask = valid[:, None] & (offs_i[None, :] < I)
+        rows = w13_ptr + safe[:, None] * stride_w13 + offs_i[None, :]
+        gate = tl.load(rows, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(rows + I, mask=mask, other=0.0).to(tl.float32)
+        if HAS13:
+            offs_r = tl.arange(0, BLOCK_R13)
+            sources = tl.where(valid, pairs // ROW_DIV, 0).to(tl.int64)
+            reduced = tl.load(r_ptr + sources[:, None] * stride_r + offs_r[None, :],
+                              mask=valid[:, None] & (offs_r[None, :] < R13), other=0.0)
+            a13_t = a13_ptr + expert.to(tl.int64) * stride_a13e + offs_i[None, :] * R13 + offs_r[:, None]
+            a_mask = (offs_r[:, None] < R13) & (offs_i[None, :] < I)
+            gate += tl.dot(reduced, tl.load(a13_t, mask=a_mask, other=0.0).to(reduced.dtype))
+            up += tl.dot(reduced, tl.load(a13_t + I * R13, mask=a_mask, other=0.0).to(reduced.dtype))
+            gate = gate.to(dtype).to(tl.float32)
+            up = up.to(dtype).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        hidden = (silu * up).to(dtype)  # zero on masked rows and columns
+        tl.store(h_ptr + safe[:, None] * stride_h + offs_i[None, :], hidden, mask=mask)
+        if HAS2:
+            offs_s = tl.arange(0, BLOCK_R2)
+            b2_t = tl.load(b2_ptr + expert.to(tl.int64) * stride_b2e + offs_s[None, :] * I + offs_i[:, None],
+                           mask=(offs_i[:, None] < I) & (offs_s[None, :] < R2), other=0.0)
+            partial = tl.dot(hidden, b2_t.to(dtype))
+            slots = part_ptr + (chunk * num_pairs + safe)[:, None] * R2 + offs_s[None, :]
+            tl.store(slots, partial, mask=valid[:, None] & (offs_s[None, :] < R2))
 
 
 @dataclass(frozen=True)
@@ -93,9 +141,11 @@ def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, alignment: 
            scale: torch.Tensor | None = None, accumulate: bool = False, block_n: int | None = None) -> None:
     """out[p, :N] (+)= scale[p] * weight[e_p] @ x[p // row_div] for every pair p.
 
-    x [rows, K] (rows = pairs / row_div), weight [E, N, K], out [pairs, >= N], all with unit
-    stride in their last dimension; scale [pairs] (float32, the router weights) or None.
+    x [rows, K] (rows = pairs / row_div), or [slices, rows, K] whose slices are summed first
+    (`activate`'s partials); weight [E, N, K], out [pairs, >= N], all with unit stride in their
+    last dimension; scale [pairs] (float32, the router weights) or None.
     """
+    slices, x = (x.shape[0], x) if x.dim() == 3 else (1, x.unsqueeze(0))
     _, n, k = weight.shape
     if x.stride(-1) != 1 or weight.stride(-1) != 1 or out.stride(-1) != 1 or weight.stride(1) != k:
         raise ValueError("grouped_lowrank needs row-major x, weight and out")
@@ -106,9 +156,35 @@ def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, alignment: 
     grid = (blocks, triton.cdiv(n, block_n))
     _grouped_lowrank_kernel[grid](
         x, weight, out, out if scale is None else scale, alignment.sorted_ids, alignment.expert_ids, alignment.padded,
-        alignment.num_pairs, n, k, row_div, x.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
-        ACCUMULATE=accumulate, HAS_SCALE=scale is not None,
+        alignment.num_pairs, n, k, row_div, x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), slices,
+        x.stride(0), ACCUMULATE=accumulate, HAS_SCALE=scale is not None,
         BLOCK_M=alignment.block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+
+
+def activate(w13_out: torch.Tensor, reduced: torch.Tensor | None, a13: torch.Tensor | None,
+             b2: torch.Tensor | None, alignment: Alignment, hidden: torch.Tensor, row_div: int) -> torch.Tensor | None:
+    """hidden[p] = SiLU(gate) * up of w13_out[p] [P, 2I] + a13[e_p] @ reduced[p // row_div]
+    (a13 [E, 2I, r13] or None), and with b2 [E, r2, I] the partials [chunks, P, r2] (float32)
+    of b2[e_p] @ hidden[p] whose sum `launch` takes as its x (None without b2): the w13
+    expand, the activation and the w2 shrink in one launch."""
+    pairs, inter = hidden.shape
+    if any(t is not None and t.stride(-1) != 1 for t in (w13_out, reduced, hidden)) or \
+            any(t is not None and not t.is_contiguous() for t in (a13, b2)):
+        raise ValueError("the grouped MoE activation needs row-major activations and contiguous factors")
+    r13 = 1 if a13 is None else a13.shape[2]
+    r2 = 1 if b2 is None else b2.shape[1]
+    block_i = _pow2_between(inter, 16, 64)
+    chunks = triton.cdiv(inter, block_i)
+    partials = None if b2 is None else torch.empty((chunks, pairs, r2), dtype=torch.float32, device=hidden.device)
+    _grouped_activate_kernel[(alignment.expert_ids.numel(), chunks)](
+        w13_out, w13_out if reduced is None else reduced, w13_out if a13 is None else a13,
+        w13_out if b2 is None else b2, hidden, hidden if partials is None else partials, alignment.sorted_ids,
+        alignment.expert_ids, alignment.padded, alignment.num_pairs, inter, r13, r2, row_div, w13_out.stride(0),
+        0 if reduced is None else reduced.stride(0), 0 if a13 is None else a13.stride(0),
+        0 if b2 is None else b2.stride(0), hidden.stride(0), HAS13=a13 is not None, HAS2=b2 is not None,
+        BLOCK_M=alignment.block_m, BLOCK_I=block_i, BLOCK_R13=_pow2_between(r13, 16, 1 << 30),
+        BLOCK_R2=_pow2_between(r2, 16, 1 << 30), num_warps=4)
+    return partials
 
 
 def _pow2_between(value: int, low: int, high: int) -> int:
