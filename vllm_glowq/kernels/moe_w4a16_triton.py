@@ -45,6 +45,7 @@ and the launch shapes are not tuned yet (bench/moe_microbench.py times them).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -103,13 +104,14 @@ def _release_shrink(counters_ptr, consumers):
 
 
 @triton.jit(do_not_specialize=["num_pairs", "num_tokens", "shrink_programs"])
-def _gate_up_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, ids_ptr, h_ptr, part_ptr,
+def _gate_up_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, r_ptr, a13_ptr, b2_ptr, ids_ptr, h_ptr, part_ptr,
                           gemm_ptr, sync_ptr, b13_ptr, counters_ptr, num_pairs, num_tokens, I, K, R13, R2, TOP_K,
                           ROW_DIV, group_size, split_k, k_chunk, shrink_programs, shrink_chunk, stride_x, stride_qe,
                           stride_qk, stride_se, stride_sg, stride_ze, stride_zg, stride_r, stride_a13e, stride_b2e,
-                          stride_h, HAS_ZEROS: tl.constexpr, HAS13: tl.constexpr, HAS2: tl.constexpr,
+                          stride_h, scale_chunk, HAS_ZEROS: tl.constexpr, HAS13: tl.constexpr, HAS2: tl.constexpr,
                           SHRINK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLITS: tl.constexpr,
-                          PREFETCH: tl.constexpr, BLOCK_R: tl.constexpr, SHRINK_BK: tl.constexpr):
+                          PREFETCH: tl.constexpr, BLOCK_R: tl.constexpr, SHRINK_BK: tl.constexpr,
+                          MARLIN: tl.constexpr):
     """With SHRINK, the first `shrink_programs` programs compute R = B13 x (partials per K
     chunk into r_ptr, [chunks, tokens, R13] float32), first in the grid so they are dispatched
     first and wait for nothing. Every other program: (pair, chunk of I, K chunk), its gate and
@@ -121,27 +123,28 @@ def _gate_up_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, i
             _shrink_item(x_ptr, b13_ptr, r_ptr, counters_ptr, item, num_tokens, K, R13, stride_x, shrink_chunk,
                          BLOCK_R, SHRINK_BK)
         else:
-            _gate_up_pair_item(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, ids_ptr, h_ptr, part_ptr,
-                               gemm_ptr, sync_ptr, counters_ptr, item - shrink_programs, num_pairs, num_tokens, I, K,
-                               R13, R2, TOP_K, ROW_DIV, group_size, split_k, k_chunk, shrink_programs, shrink_chunk,
-                               stride_x, stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg, stride_r,
-                               stride_a13e, stride_b2e, stride_h, HAS_ZEROS, HAS13, HAS2, SHRINK, BN, BK, SPLITS,
-                               PREFETCH)
+            _gate_up_pair_item(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, r_ptr, a13_ptr, b2_ptr, ids_ptr, h_ptr,
+                               part_ptr, gemm_ptr, sync_ptr, counters_ptr, item - shrink_programs, num_pairs,
+                               num_tokens, I, K, R13, R2, TOP_K, ROW_DIV, group_size, split_k, k_chunk,
+                               shrink_programs, shrink_chunk, stride_x, stride_qe, stride_qk, stride_se, stride_sg,
+                               stride_ze, stride_zg, stride_r, stride_a13e, stride_b2e, stride_h, scale_chunk,
+                               HAS_ZEROS, HAS13, HAS2, SHRINK, BN, BK, SPLITS, PREFETCH, MARLIN)
     else:
-        _gate_up_pair_item(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, ids_ptr, h_ptr, part_ptr, gemm_ptr,
-                           sync_ptr, counters_ptr, item, num_pairs, num_tokens, I, K, R13, R2, TOP_K, ROW_DIV,
-                           group_size, split_k, k_chunk, shrink_programs, shrink_chunk, stride_x, stride_qe, stride_qk,
-                           stride_se, stride_sg, stride_ze, stride_zg, stride_r, stride_a13e, stride_b2e, stride_h,
-                           HAS_ZEROS, HAS13, HAS2, SHRINK, BN, BK, SPLITS, PREFETCH)
+        _gate_up_pair_item(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, r_ptr, a13_ptr, b2_ptr, ids_ptr, h_ptr, part_ptr,
+                           gemm_ptr, sync_ptr, counters_ptr, item, num_pairs, num_tokens, I, K, R13, R2, TOP_K,
+                           ROW_DIV, group_size, split_k, k_chunk, shrink_programs, shrink_chunk, stride_x, stride_qe,
+                           stride_qk, stride_se, stride_sg, stride_ze, stride_zg, stride_r, stride_a13e, stride_b2e,
+                           stride_h, scale_chunk, HAS_ZEROS, HAS13, HAS2, SHRINK, BN, BK, SPLITS, PREFETCH, MARLIN)
 
 
 @triton.jit
-def _gate_up_pair_item(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, ids_ptr, h_ptr, part_ptr, gemm_ptr,
-                       sync_ptr, counters_ptr, item, num_pairs, num_tokens, I, K, R13, R2, TOP_K, ROW_DIV, group_size,
-                       split_k, k_chunk, shrink_programs, shrink_chunk, stride_x, stride_qe, stride_qk, stride_se,
-                       stride_sg, stride_ze, stride_zg, stride_r, stride_a13e, stride_b2e, stride_h,
-                       HAS_ZEROS: tl.constexpr, HAS13: tl.constexpr, HAS2: tl.constexpr, SHRINK: tl.constexpr,
-                       BN: tl.constexpr, BK: tl.constexpr, SPLITS: tl.constexpr, PREFETCH: tl.constexpr):
+def _gate_up_pair_item(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, r_ptr, a13_ptr, b2_ptr, ids_ptr, h_ptr, part_ptr,
+                       gemm_ptr, sync_ptr, counters_ptr, item, num_pairs, num_tokens, I, K, R13, R2, TOP_K, ROW_DIV,
+                       group_size, split_k, k_chunk, shrink_programs, shrink_chunk, stride_x, stride_qe, stride_qk,
+                       stride_se, stride_sg, stride_ze, stride_zg, stride_r, stride_a13e, stride_b2e, stride_h,
+                       scale_chunk, HAS_ZEROS: tl.constexpr, HAS13: tl.constexpr, HAS2: tl.constexpr,
+                       SHRINK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLITS: tl.constexpr,
+                       PREFETCH: tl.constexpr, MARLIN: tl.constexpr):
     """One (pair, chunk of I, K chunk) of the pairs path's w13 GEMM and, for the chunk's last
     arrival, its epilogue."""
     split = item % split_k
@@ -157,11 +160,10 @@ def _gate_up_pair_item(x_ptr, qw_ptr, s_ptr, z_ptr, r_ptr, a13_ptr, b2_ptr, ids_
     z = z_ptr + expert * stride_ze
     k_start = split * k_chunk
     k_end = tl.minimum(K, k_start + k_chunk)
-    zero = tl.full((1, BN), 0.0, tl.float32)
-    gate = dense._gemv_block_sum(x_row, qw, s, z, offs_n, k_start, k_end, I, group_size, stride_qk, stride_sg,
-                                 stride_zg, zero, HAS_ZEROS, BK, PREFETCH)
-    up = dense._gemv_block_sum(x_row, qw + I, s + I, z + I, offs_n, k_start, k_end, I, group_size, stride_qk,
-                               stride_sg, stride_zg, zero, HAS_ZEROS, BK, PREFETCH)
+    gate = _codes_block_sum(x_row, qw, s, z, perm_ptr, offs_n, 0, k_start, k_end, I, group_size, stride_qk,
+                            stride_sg, stride_zg, scale_chunk, HAS_ZEROS, BK, PREFETCH, MARLIN)
+    up = _codes_block_sum(x_row, qw, s, z, perm_ptr, offs_n, I, k_start, k_end, I, group_size, stride_qk, stride_sg,
+                          stride_zg, scale_chunk, HAS_ZEROS, BK, PREFETCH, MARLIN)
     if split_k > 1:
         # partials [split_k, pairs, 2I]: gate's columns, then up's
         at = gemm_ptr + split * num_pairs * 2 * I + pair * 2 * I + offs_n[None, :]
@@ -202,12 +204,12 @@ def _finish_gate_up(gate, up, pair, expert, chunk, chunks, offs_n, gemm_ptr, syn
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
-def _down_pairs_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, a2_ptr, ids_ptr, weights_ptr, out_ptr, gemm_ptr,
-                       sync_ptr, num_tokens, H, I, R2, num_chunks, group_size, split_k, k_chunk,
+def _down_pairs_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, part_ptr, a2_ptr, ids_ptr, weights_ptr, out_ptr,
+                       gemm_ptr, sync_ptr, num_tokens, H, I, R2, num_chunks, group_size, split_k, k_chunk,
                        stride_h, stride_qe, stride_qk, stride_se, stride_sg, stride_ze, stride_zg, stride_a2e,
-                       stride_out, TOP_K: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS2: tl.constexpr,
+                       stride_out, scale_chunk, TOP_K: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS2: tl.constexpr,
                        BN: tl.constexpr, BK: tl.constexpr, BLOCK_C: tl.constexpr,
-                       SPLITS: tl.constexpr, PREFETCH: tl.constexpr):
+                       SPLITS: tl.constexpr, PREFETCH: tl.constexpr, MARLIN: tl.constexpr):
     """Program (token, chunk of H, routed expert k, K chunk): w_p h_p deq(W2_e) over the K
     chunk; the tile's last arrival (of TOP_K * split_k) sums them, adds every pair's
     w_p A2_e S_p and writes the token's output chunk."""
@@ -222,10 +224,10 @@ def _down_pairs_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, a2_ptr, ids_ptr, w
     pair = token * TOP_K + slot // split_k
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     k_start = (slot % split_k) * k_chunk
-    acc = dense._gemv_block_sum(h_ptr + pair.to(tl.int64) * stride_h, qw_ptr + expert * stride_qe,
-                                s_ptr + expert * stride_se, z_ptr + expert * stride_ze, offs_n, k_start,
-                                tl.minimum(I, k_start + k_chunk), H, group_size, stride_qk, stride_sg, stride_zg,
-                                tl.full((1, BN), 0.0, tl.float32), HAS_ZEROS, BK, PREFETCH)
+    acc = _codes_block_sum(h_ptr + pair.to(tl.int64) * stride_h, qw_ptr + expert * stride_qe,
+                           s_ptr + expert * stride_se, z_ptr + expert * stride_ze, perm_ptr, offs_n, 0, k_start,
+                           tl.minimum(I, k_start + k_chunk), H, group_size, stride_qk, stride_sg, stride_zg,
+                           scale_chunk, HAS_ZEROS, BK, PREFETCH, MARLIN)
     acc = acc * tl.load(weights_ptr + pair)
     row = tl.full((1,), 0, tl.int64) + token
     # partials [TOP_K * split_k, tokens, H]
@@ -254,6 +256,68 @@ def _finish_token(gemm_ptr, part_ptr, a2_ptr, ids_ptr, weights_ptr, out_ptr, tok
 
 
 HIGH_BIAS = dense.HIGH_BIAS
+
+
+@triton.jit
+def _codes_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, offs_n, col0, k_start, k_end, N, group_size, stride_qk,
+                     stride_sg, stride_zg, scale_chunk, HAS_ZEROS: tl.constexpr, BK: tl.constexpr,
+                     PREFETCH: tl.constexpr, MARLIN: tl.constexpr):
+    """x deq(W) over [k_start, k_end) for the columns col0 + offs_n (masked below col0 + N),
+    float32 [1, BN], from the codes in either layout: the kernels' nibble planes, or with MARLIN
+    the layout vLLM's Marlin MoE kernels read (`_marlin_gemv_block_sum`)."""
+    if MARLIN:
+        return _marlin_gemv_block_sum(x_ptr, qw_ptr, s_ptr, perm_ptr, offs_n + col0, k_start, k_end, N + col0,
+                                      group_size, stride_qk, stride_sg, scale_chunk, BK)[None, :]
+    return dense._gemv_block_sum(x_ptr, qw_ptr + col0, s_ptr + col0, z_ptr + col0, offs_n, k_start, k_end, N,
+                                 group_size, stride_qk, stride_sg, stride_zg,
+                                 tl.full((1, offs_n.shape[0]), 0.0, tl.float32), HAS_ZEROS, BK, PREFETCH)
+
+
+@triton.jit
+def _marlin_gemv_block_sum(x_ptr, qw_ptr, s_ptr, perm_ptr, offs_n, k_start, k_end, N, group_size, stride_qk,
+                           stride_sg, scale_chunk, BK: tl.constexpr):
+    """x deq(W) over [k_start, k_end) on the CUDA cores, float32 [BN], for symmetric int4 codes
+    (w = (q - 8) s) in Marlin's layout, so that one copy of the experts serves both Marlin MoE
+    (larger batches) and these GEMVs (decode).
+
+    That layout (vLLM's `gptq_marlin_moe_repack`): a row of int32 words per 16 rows of K; along
+    it, for every 64 columns, 128 words. Word (c * 4 + a) * 4 + j of those holds the columns
+    16 j + c and 16 j + c + 8, at the K rows 2a, 2a + 1, 2a + 8 and 2a + 9 of the 16: nibbles
+    0, 4, 1, 5 for the first column, 2, 6, 3, 7 for the second. So each column reads its words
+    shifted by 0 or 8 bits, and every word gives, with one and-or per pair of nibbles, two
+    K rows as the dense kernel's 128 + q numbers (w4a16_triton._gemv_block_sum). Scales are
+    permuted within chunks of `scale_chunk` columns: column c's sits at perm[c % scale_chunk]."""
+    RT: tl.constexpr = BK // 4  # (16-row tile, a) rows of words per block
+    offs_r = tl.arange(0, RT)
+    a = offs_r % 4
+    n_ok = offs_n < N
+    local = offs_n % 64
+    words_at = ((offs_r // 4) * stride_qk)[:, None] + ((offs_n // 64) * 128 + (local // 16))[None, :] \
+        + ((local % 8) * 16)[None, :] + (a * 4)[:, None]
+    shift = ((local // 8) % 2) * 8
+    k_rows = (offs_r // 4) * 16 + 2 * a  # the first of each word's four K rows
+    scale_at = (offs_n // scale_chunk) * scale_chunk + tl.load(perm_ptr + offs_n % scale_chunk)
+    magic = dense._register_magic(N, 0x4300)
+    total = tl.full(offs_n.shape, 0.0, tl.float32)
+    for k0 in range(k_start, k_end, BK):
+        words = tl.load(qw_ptr + (k0 // 16) * stride_qk + words_at, mask=n_ok[None, :], other=0) >> shift[None, :]
+        rows = x_ptr + k0 + k_rows
+        x0 = tl.load(rows).to(tl.float32)
+        x1 = tl.load(rows + 1).to(tl.float32)
+        x8 = tl.load(rows + 8).to(tl.float32)
+        x9 = tl.load(rows + 9).to(tl.float32)
+        first = (words & 0x000F000F) | magic  # rows 2a (low half) and 2a + 1 (high half)
+        second = ((words >> 4) & 0x000F000F) | magic  # rows 2a + 8 and 2a + 9
+        products = x0[:, None] * (first << 16).to(tl.float32, bitcast=True)
+        products += x1[:, None] * first.to(tl.float32, bitcast=True)
+        products += x8[:, None] * (second << 16).to(tl.float32, bitcast=True)
+        products += x9[:, None] * second.to(tl.float32, bitcast=True)
+        high_rows = dense._sum(x1 + x9, 0)
+        raw = dense._sum(products, 0) - HIGH_BIAS * high_rows
+        x_sum = dense._sum(x0 + x8, 0) + high_rows
+        scale = tl.load(s_ptr + (k0 // group_size) * stride_sg + scale_at, mask=n_ok, other=0.0).to(tl.float32)
+        total += (raw - x_sum * 136.0) * scale  # 136: the magic 128 plus the symmetric zero point 8
+    return total
 
 
 @triton.jit
@@ -534,16 +598,33 @@ def _strides(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
     return (qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1), *z)
 
 
+@dataclass(frozen=True)
+class MarlinScales:
+    """Where Marlin keeps each column's scale: column c's at (c // chunk) * chunk +
+    positions[c % chunk] (vLLM's `marlin_permute_scales` permutes within chunks of 64 columns,
+    of 32 with one group per column), int32 on the codes' device."""
+
+    positions: torch.Tensor
+    chunk: int
+
+
+def marlin_scales(permutation: list[int], device: torch.device) -> MarlinScales:
+    """MarlinScales from the permutation Marlin applies (stored[i] = original[permutation[i]])."""
+    positions = torch.empty(len(permutation), dtype=torch.int32)
+    positions[torch.tensor(permutation)] = torch.arange(len(permutation), dtype=torch.int32)
+    return MarlinScales(positions.to(device), len(permutation))
+
+
 SHRINK_CHUNK = 256  # K columns of B13 per shrink program of the pairs path (8 per token at K = 2048)
 
 
 def gate_up_pairs(x, qweight, scales, zeros, group_size: int, block_k: int, reduced, a13, b2, topk_ids, hidden,
-                  row_div: int, space: Workspace, b13=None):
+                  row_div: int, space: Workspace, b13=None, marlin: MarlinScales | None = None):
     """hidden [P, I] = SiLU(gate) * up of x deq(W13_e) + A13_e R, pair by pair (W13 [E, K/8, 2I]
-    in the kernel layout), and with b2 the partial sums [chunks, P, r2] of B2_e h that
-    `down_pairs` reads (None without b2). R comes as `reduced` (rows `row_div` pairs apart), or,
-    given the shared `b13` [r, K] instead, the launch's first programs compute it (one launch
-    less per layer)."""
+    in the kernel layout, or with `marlin` symmetric codes [E, K/16, 4I] in Marlin's), and with
+    b2 the partial sums [chunks, P, r2] of B2_e h that `down_pairs` reads (None without b2). R
+    comes as `reduced` (rows `row_div` pairs apart), or, given the shared `b13` [r, K] instead,
+    the launch's first programs compute it (one launch less per layer)."""
     pairs, inter = hidden.shape
     tokens, k = x.shape
     chunks = triton.cdiv(inter, PAIRS_BLOCK_N)
@@ -557,21 +638,24 @@ def gate_up_pairs(x, qweight, scales, zeros, group_size: int, block_k: int, redu
         reduced = torch.empty((triton.cdiv(k, SHRINK_CHUNK), tokens, r13), dtype=torch.float32, device=x.device)
     dummy = hidden
     _gate_up_pairs_kernel[(shrink_programs + pairs * chunks * split,)](
-        x, qweight, scales, dummy if zeros is None else zeros, dummy if reduced is None else reduced,
+        x, qweight, scales, dummy if zeros is None else zeros, topk_ids if marlin is None else marlin.positions,
+        dummy if reduced is None else reduced,
         dummy if a13 is None else a13, dummy if b2 is None else b2, topk_ids, hidden,
         dummy if partials is None else partials, space.partial, space.sync, b13 if shrink else dummy, space.counters,
         pairs, tokens, inter, k, r13, r2, topk_ids.shape[1], row_div, group_size, split, k // split, shrink_programs,
         SHRINK_CHUNK, x.stride(0), *_strides(qweight, scales, zeros), 0 if reduced is None else reduced.stride(-2),
         0 if a13 is None else a13.stride(0), 0 if b2 is None else b2.stride(0), hidden.stride(0),
-        HAS_ZEROS=zeros is not None, HAS13=a13 is not None, HAS2=b2 is not None, SHRINK=shrink, BN=PAIRS_BLOCK_N,
-        BK=block_k, SPLITS=min(_PARTIALS_PER_LOAD, triton.next_power_of_2(split)), PREFETCH=False,
-        BLOCK_R=16, SHRINK_BK=32, num_warps=PAIRS_WARPS)
+        1 if marlin is None else marlin.chunk, HAS_ZEROS=zeros is not None, HAS13=a13 is not None,
+        HAS2=b2 is not None, SHRINK=shrink, BN=PAIRS_BLOCK_N, BK=block_k,
+        SPLITS=min(_PARTIALS_PER_LOAD, triton.next_power_of_2(split)), PREFETCH=False, BLOCK_R=16, SHRINK_BK=32,
+        MARLIN=marlin is not None, num_warps=PAIRS_WARPS)
     return partials
 
 
 def down_pairs(hidden, qweight, scales, zeros, group_size: int, block_k: int, partials, a2, topk_ids, topk_weights,
-               out, space: Workspace):
-    """out [T, H] = sum over top-k of w_p (h_p deq(W2_e) + A2_e S_p), S_p from `gate_up_pairs`."""
+               out, space: Workspace, marlin: MarlinScales | None = None):
+    """out [T, H] = sum over top-k of w_p (h_p deq(W2_e) + A2_e S_p), S_p from `gate_up_pairs`
+    (W2 in either layout, as there)."""
     tokens, top_k = topk_ids.shape
     inter, h = hidden.shape[1], out.shape[1]
     chunks = triton.cdiv(h, PAIRS_BLOCK_N)
@@ -579,14 +663,15 @@ def down_pairs(hidden, qweight, scales, zeros, group_size: int, block_k: int, pa
     r2 = 1 if a2 is None else a2.shape[2]
     contributors = top_k * split
     _down_pairs_kernel[(tokens * chunks * contributors,)](
-        hidden, qweight, scales, out if zeros is None else zeros, out if partials is None else partials,
+        hidden, qweight, scales, out if zeros is None else zeros, topk_ids if marlin is None else marlin.positions,
+        out if partials is None else partials,
         out if a2 is None else a2, topk_ids, topk_weights, out, space.partial, space.sync, tokens, h, inter, r2,
         1 if partials is None else partials.shape[0], group_size, split, inter // split, hidden.stride(0),
         *_strides(qweight, scales, zeros), 0 if a2 is None else a2.stride(0), out.stride(0),
-        TOP_K=top_k, HAS_ZEROS=zeros is not None, HAS2=a2 is not None, BN=PAIRS_BLOCK_N, BK=block_k,
-        BLOCK_C=_PARTIALS_PER_LOAD,
+        1 if marlin is None else marlin.chunk, TOP_K=top_k, HAS_ZEROS=zeros is not None, HAS2=a2 is not None,
+        BN=PAIRS_BLOCK_N, BK=block_k, BLOCK_C=_PARTIALS_PER_LOAD,
         SPLITS=min(_PARTIALS_PER_LOAD, triton.next_power_of_2(contributors)), PREFETCH=False,
-        num_warps=PAIRS_WARPS)
+        MARLIN=marlin is not None, num_warps=PAIRS_WARPS)
     return out
 
 
