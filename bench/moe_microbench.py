@@ -31,11 +31,13 @@ beside it is what the correction adds.
 `--breakdown` adds each path's device time per kernel (torch.profiler over the same graph) and the
 gaps between kernels, the launch latency that a chain of small dependent kernels costs.
 
-`--launch-sweep 1,4` times the own pairs path with each of its launch constants varied in turn.
+`--launch-sweep 1,4` times the decode GEMVs (`gemv`) with each launch constant of the own pairs
+path varied in turn.
 
 `--own-only` needs no vLLM (a machine where it is not installed yet): it times the own pairs path
 with the correction (`own_pairs`) against the same path without it (`own_plain_pairs`, the
-baseline of its ratios), with `--breakdown` and `--launch-sweep` as above.
+baseline of its ratios), and both on Marlin's layout (`gemv`, `gemv_plain`; the layout computed
+in torch, `marlin_layout`), with `--breakdown` and `--launch-sweep` as above.
 
     python bench/moe_microbench.py --out moe_micro.json [--tokens 1,4,16,64,256] [--threshold-sweep] [--breakdown]
                                    [--launch-sweep 1,4] [--own-only]
@@ -62,7 +64,8 @@ COPIES = 8  # x 24 MB of experts and factors touched per copy at one token: past
 CHECK_TOKENS = 4
 PATHS = ("plain", "grouped", "fused", "gemv", "gemv_plain", "own", "own_plain", "own_pairs", "own_rows", "own_blocks")
 SWEEP_ONLY = ("own_pairs", "own_rows", "own_blocks")  # timed with --threshold-sweep only
-OWN_ONLY_PATHS = ("own_plain_pairs", "own_pairs")  # --own-only: the pairs path without and with the correction
+# --own-only: the pairs path without and with the correction, on its own layout and on Marlin's
+OWN_ONLY_PATHS = ("own_plain_pairs", "own_pairs", "gemv_plain", "gemv")
 FORCED = {"own_pairs": "pairs", "own_rows": "rows", "own_blocks": "blocks", "own_plain_pairs": "pairs"}
 PLAIN = ("plain", "gemv_plain", "own_plain", "own_plain_pairs")  # the paths that run without factors
 
@@ -102,9 +105,35 @@ def why_not_runnable(own_only: bool = False) -> str | None:
     return None
 
 
+def marlin_layout(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric GPTQ codes [E, K/8, N] and scales [E, G, N] (G > 1) in vLLM's Marlin MoE layout,
+    computed in torch (what `gptq_marlin_moe_repack` and `marlin_moe_permute_scales` write), for
+    --own-only runs on a machine without vLLM; tests/test_bench_moe.py checks it against vLLM.
+    Word (c * 4 + a) * 4 + j of each 64 columns of a 16-row K tile holds, in nibble m, row
+    2a + (m >= 4) + 8 (m odd) of column 16 j + c + 8 ((m // 2) odd)."""
+    experts, k, n = qweight.shape[0], qweight.shape[1] * 8, qweight.shape[2]
+    shifts = 4 * torch.arange(8, device=qweight.device)
+    codes = ((qweight.unsqueeze(2) >> shifts[None, None, :, None]) & 0xF).reshape(experts, k, n)  # GPTQ: row 8w + m
+    word = torch.arange(128).view(8, 4, 4)  # (c, a, j)
+    c, a, j = (t.reshape(-1, 1) for t in torch.meshgrid(torch.arange(8), torch.arange(4), torch.arange(4),
+                                                       indexing="ij"))
+    m = torch.arange(8).view(1, 8)
+    rows = (2 * a + (m >= 4).long() + 8 * (m % 2)).to(qweight.device)  # [128, 8]
+    cols = (16 * j + c + 8 * ((m // 2) % 2)).to(qweight.device)
+    assert word.flatten().tolist() == list(range(128))
+    tiles = codes.view(experts, k // 16, 16, n // 64, 64).permute(0, 1, 3, 2, 4)  # [E, K/16, N/64, 16, 64]
+    nibbles = tiles[..., rows, cols]  # [E, K/16, N/64, 128, 8]
+    packed = (nibbles.to(torch.int64) << shifts.to(torch.int64)).sum(-1)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    perm = torch.tensor(moe_marlin.MARLIN_SCALE_PERM, device=scales.device)
+    permuted = scales.reshape(experts, scales.shape[1], n // 64, 64)[..., perm].reshape(scales.shape)
+    return packed.reshape(experts, k // 16, 2 * n), permuted.contiguous()
+
+
 def make_layer(seed: int, own_only: bool = False) -> dict:
-    """One copy of the layer: GPTQ codes (kept for the reference), Marlin's layout (not with
-    `own_only`: it needs vLLM), the own kernels' layout, factors."""
+    """One copy of the layer: GPTQ codes (kept for the reference), Marlin's layout (with
+    `own_only` computed in torch, no vLLM kernels: only the decode GEMVs read it), the own
+    kernels' layout, factors."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     e, h, i, r, g = (SHAPE[k] for k in ("experts", "hidden", "inter", "rank", "group"))
 
@@ -118,11 +147,15 @@ def make_layer(seed: int, own_only: bool = False) -> dict:
     (q13, s13), (q2, s2) = codes(h, 2 * i), codes(i, h)
     factors = moe_marlin.ExpertFactors(b13=randn(r, h, scale=h**-0.5), a13=randn(e, 2 * i, r, scale=0.5 * r**-0.5),
                                        b2=randn(e, r, i, scale=i**-0.5), a2=randn(e, h, r, scale=0.5 * r**-0.5))
-    int4 = None if own_only else moe_marlin.repack(q13, s13, None, q2, s2, None, torch.bfloat16)
+    if own_only:
+        (c13, p13), (c2, p2) = marlin_layout(q13, s13), marlin_layout(q2, s2)
+        int4 = moe_marlin.Int4Experts(c13, c2, p13, p2, None, None, torch.zeros(1, device="cuda"))
+        int4.gemv = moe_marlin.decode_views(int4, s13.shape[1], s2.shape[1])
+    else:
+        int4 = moe_marlin.repack(q13, s13, None, q2, s2, None, torch.bfloat16)
     own = (moe_triton.repack(q13, s13, None, torch.bfloat16), moe_triton.repack(q2, s2, None, torch.bfloat16))
     moe_triton.reserve(q13.device, h, i, *own)
-    if int4 is not None:
-        moe_triton.reserve(q13.device, h, i, *int4.gemv)  # the decode GEMVs on Marlin's codes
+    moe_triton.reserve(q13.device, h, i, *int4.gemv)  # the decode GEMVs on Marlin's codes
     return dict(int4=int4, own=own, factors=factors, gptq=(q13, s13, q2, s2))
 
 
@@ -203,8 +236,9 @@ LAUNCH_SWEEP = {"PAIRS_WARPS": (1, 2, 4), "PAIRS_BLOCK_N": (32, 64, 128), "PAIRS
 
 
 def launch_sweep(layers: list[dict], tokens: int) -> list[dict]:
-    """GlowQ through the own pairs path at this token count with each constant of LAUNCH_SWEEP
-    set in turn (the others as shipped): [{constant, value, us, max_error}]."""
+    """GlowQ through the own pairs path on Marlin's codes (the default decode path, `gemv`) at
+    this token count with each constant of LAUNCH_SWEEP set in turn (the others as shipped):
+    [{constant, value, us, max_error}]."""
     from vllm_glowq.kernels import moe_w4a16_triton as kernels
 
     inputs = [(torch.randn(tokens, SHAPE["hidden"], device="cuda", generator=torch.Generator(device="cuda")
@@ -217,7 +251,7 @@ def launch_sweep(layers: list[dict], tokens: int) -> list[dict]:
         try:
             for value in values:
                 setattr(kernels, constant, value)
-                calls = [step(layer, *args, "own_pairs") for layer, args in zip(layers, inputs)]
+                calls = [step(layer, *args, "gemv") for layer, args in zip(layers, inputs)]
                 results.append(dict(tokens=tokens, constant=constant, value=value,
                                     us=1e6 * seconds_per_call(calls),
                                     max_error=max_error(calls[0]()[:CHECK_TOKENS], ref)))

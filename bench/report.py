@@ -553,9 +553,9 @@ def launch_sweep_lines(sweep: list[dict]) -> list[str]:
     """`--launch-sweep`: the own pairs path's time with each launch constant varied in turn."""
     if not sweep:
         return []
-    out = ["The own pairs path with one launch constant changed at a time (kernels/moe_w4a16_triton.py; "
-           "the others as shipped), microseconds per layer:", "",
-           "| tokens | constant | value | GlowQ own, pairs path (us) | max error |", "| ---: | --- | ---: | ---: | ---: |"]
+    out = ["GlowQ's decode GEMVs on Marlin's codes (the own pairs path) with one launch constant changed at a "
+           "time (kernels/moe_w4a16_triton.py; the others as shipped), microseconds per layer:", "",
+           "| tokens | constant | value | GlowQ decode GEMVs (us) | max error |", "| ---: | --- | ---: | ---: | ---: |"]
     out += [f"| {r['tokens']} | {r['constant']} | {r['value']} | {r['us']:.1f} | {r['max_error']:.1e} |" for r in sweep]
     return out + [""]
 

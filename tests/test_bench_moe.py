@@ -158,3 +158,24 @@ def test_moe_microbench_refuses_without_a_gpu(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr, done.stderr
     assert not out.exists()
+
+
+def test_marlin_layout_in_torch_is_vllms():
+    """--own-only's Marlin layout (no vLLM kernels on that machine) is what vLLM's reference
+    packing and scale permutation write, and the plugin's scale permutations are vLLM's."""
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import get_scale_perms, marlin_moe_permute_scales
+    from vllm.model_executor.layers.quantization.utils.marlin_utils_test import get_weight_perm, marlin_weights
+
+    from vllm_glowq import moe_marlin
+    from vllm_glowq.packing import pack_rows
+
+    gen = torch.Generator().manual_seed(0)
+    experts, k, n, group = 2, 64, 128, 32
+    codes = torch.randint(0, 16, (experts, k, n), generator=gen)
+    qweight = torch.stack([pack_rows(c) for c in codes])
+    scales = torch.rand(experts, k // group, n, generator=gen).to(torch.bfloat16)
+    packed, permuted = moe_microbench.marlin_layout(qweight, scales)
+    expected = torch.stack([marlin_weights(c.to(torch.int32), k, n, 4, get_weight_perm(4)) for c in codes])
+    assert torch.equal(packed, expected)
+    assert torch.equal(permuted, marlin_moe_permute_scales(scales, k, n, group))
+    assert (moe_marlin.MARLIN_SCALE_PERM, moe_marlin.MARLIN_SCALE_PERM_SINGLE) == tuple(get_scale_perms())

@@ -65,6 +65,11 @@ import torch.nn.functional as F
 from . import compat
 
 MARLIN_GROUP_SIZES = (32, 64, 128)  # besides one group per row (channelwise, -1)
+# how vLLM's `marlin_permute_scales` orders scales (stored[i] = original[perm[i]]) within chunks
+# of 64 columns, or of 32 with one group per column (vLLM's `get_scale_perms`; a CPU test checks
+# these against it, so a change in vLLM is caught)
+MARLIN_SCALE_PERM = [i + 8 * j for i in range(8) for j in range(8)]
+MARLIN_SCALE_PERM_SINGLE = [2 * i + j for i in range(4) for j in (0, 1, 8, 9, 16, 17, 24, 25)]
 # (token, expert) pairs up to which the fused correction runs: on the H200 (Qwen3-30B-A3B
 # shapes, `bench/moe_microbench.py --threshold-sweep`) it was faster at 8 pairs and even at 32,
 # slower from 128 (bench/results/moe_micro_2026-12-02.json; the 2026-12-07 run, moe_micro.json: as fast at
@@ -166,19 +171,16 @@ def decode_views(int4: Int4Experts, groups13: int, groups2: int) -> tuple:
     """The symmetric codes and scales of `int4`, unchanged, as moe_triton's pairs path reads
     them with its Marlin-layout GEMV (kernels/moe_w4a16_triton._marlin_gemv_block_sum): no
     second copy of the experts."""
-    from vllm.model_executor.layers.quantization.utils.marlin_utils import get_scale_perms
-
     from .kernels.moe_w4a16_triton import marlin_scales
     from .kernels.w4a16 import block_k_for
     from .moe_triton import ExpertCodes
 
-    grouped, single = get_scale_perms()
-
     def view(codes: torch.Tensor, scales: torch.Tensor, groups: int):
         k = codes.shape[1] * 16
         group = k // groups
+        permutation = MARLIN_SCALE_PERM if groups > 1 else MARLIN_SCALE_PERM_SINGLE
         return ExpertCodes(codes, scales, None, group, block_k_for(k, group),
-                           marlin=marlin_scales(grouped if groups > 1 else single, codes.device))
+                           marlin=marlin_scales(permutation, codes.device))
 
     return view(int4.w13, int4.scales13, groups13), view(int4.w2, int4.scales2, groups2)
 
