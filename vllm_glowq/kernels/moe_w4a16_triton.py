@@ -160,10 +160,10 @@ def _gate_up_pair_item(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, r_ptr, a13_ptr, b2
     z = z_ptr + expert * stride_ze
     k_start = split * k_chunk
     k_end = tl.minimum(K, k_start + k_chunk)
-    gate = _codes_block_sum(x_row, qw, s, z, perm_ptr, offs_n, 0, k_start, k_end, I, group_size, stride_qk,
-                            stride_sg, stride_zg, scale_chunk, HAS_ZEROS, BK, PREFETCH, MARLIN)
-    up = _codes_block_sum(x_row, qw, s, z, perm_ptr, offs_n, I, k_start, k_end, I, group_size, stride_qk, stride_sg,
-                          stride_zg, scale_chunk, HAS_ZEROS, BK, PREFETCH, MARLIN)
+    gate = _codes_block_sum(x_row, qw, s, z, perm_ptr, offs_n, chunk * BN, 0, k_start, k_end, I, group_size,
+                            stride_qk, stride_sg, stride_zg, scale_chunk, HAS_ZEROS, BK, PREFETCH, MARLIN)
+    up = _codes_block_sum(x_row, qw, s, z, perm_ptr, offs_n, chunk * BN, I, k_start, k_end, I, group_size, stride_qk,
+                          stride_sg, stride_zg, scale_chunk, HAS_ZEROS, BK, PREFETCH, MARLIN)
     if split_k > 1:
         # partials [split_k, pairs, 2I]: gate's columns, then up's
         at = gemm_ptr + split * num_pairs * 2 * I + pair * 2 * I + offs_n[None, :]
@@ -225,7 +225,8 @@ def _down_pairs_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, part_ptr, a2_ptr, 
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     k_start = (slot % split_k) * k_chunk
     acc = _codes_block_sum(h_ptr + pair.to(tl.int64) * stride_h, qw_ptr + expert * stride_qe,
-                           s_ptr + expert * stride_se, z_ptr + expert * stride_ze, perm_ptr, offs_n, 0, k_start,
+                           s_ptr + expert * stride_se, z_ptr + expert * stride_ze, perm_ptr, offs_n,
+                           (tile % chunks) * BN, 0, k_start,
                            tl.minimum(I, k_start + k_chunk), H, group_size, stride_qk, stride_sg, stride_zg,
                            scale_chunk, HAS_ZEROS, BK, PREFETCH, MARLIN)
     acc = acc * tl.load(weights_ptr + pair)
@@ -259,65 +260,91 @@ HIGH_BIAS = dense.HIGH_BIAS
 
 
 @triton.jit
-def _codes_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, offs_n, col0, k_start, k_end, N, group_size, stride_qk,
-                     stride_sg, stride_zg, scale_chunk, HAS_ZEROS: tl.constexpr, BK: tl.constexpr,
+def _codes_block_sum(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, offs_n, n_start, col0, k_start, k_end, N, group_size,
+                     stride_qk, stride_sg, stride_zg, scale_chunk, HAS_ZEROS: tl.constexpr, BK: tl.constexpr,
                      PREFETCH: tl.constexpr, MARLIN: tl.constexpr):
-    """x deq(W) over [k_start, k_end) for the columns col0 + offs_n (masked below col0 + N),
-    float32 [1, BN], from the codes in either layout: the kernels' nibble planes, or with MARLIN
-    the layout vLLM's Marlin MoE kernels read (`_marlin_gemv_block_sum`)."""
+    """x deq(W) over [k_start, k_end) for the columns col0 + offs_n (offs_n = n_start + arange,
+    masked below col0 + N), float32 [1, BN], from the codes in either layout: the kernels'
+    nibble planes, or with MARLIN the layout vLLM's Marlin MoE kernels read."""
     if MARLIN:
-        return _marlin_gemv_block_sum(x_ptr, qw_ptr, s_ptr, perm_ptr, offs_n + col0, k_start, k_end, N + col0,
-                                      group_size, stride_qk, stride_sg, scale_chunk, BK)[None, :]
+        return _marlin_gemv_block_sum(x_ptr, qw_ptr, s_ptr, perm_ptr, n_start + col0, k_start, k_end, N + col0,
+                                      group_size, stride_qk, stride_sg, scale_chunk, offs_n.shape[0], BK)[None, :]
     return dense._gemv_block_sum(x_ptr, qw_ptr + col0, s_ptr + col0, z_ptr + col0, offs_n, k_start, k_end, N,
                                  group_size, stride_qk, stride_sg, stride_zg,
                                  tl.full((1, offs_n.shape[0]), 0.0, tl.float32), HAS_ZEROS, BK, PREFETCH)
 
 
 @triton.jit
-def _marlin_gemv_block_sum(x_ptr, qw_ptr, s_ptr, perm_ptr, offs_n, k_start, k_end, N, group_size, stride_qk,
-                           stride_sg, scale_chunk, BK: tl.constexpr):
-    """x deq(W) over [k_start, k_end) on the CUDA cores, float32 [BN], for symmetric int4 codes
-    (w = (q - 8) s) in Marlin's layout, so that one copy of the experts serves both Marlin MoE
-    (larger batches) and these GEMVs (decode).
+def _marlin_gemv_block_sum(x_ptr, qw_ptr, s_ptr, perm_ptr, n_start, k_start, k_end, N, group_size, stride_qk,
+                           stride_sg, scale_chunk, BN: tl.constexpr, BK: tl.constexpr):
+    """x deq(W) over [k_start, k_end) on the CUDA cores for the BN columns from n_start (a
+    multiple of 64), float32 [BN], from symmetric int4 codes (w = (q - 8) s) in Marlin's
+    layout, so that one copy of the experts serves both Marlin MoE (larger batches) and these
+    GEMVs (decode).
 
     That layout (vLLM's `gptq_marlin_moe_repack`): a row of int32 words per 16 rows of K; along
-    it, for every 64 columns, 128 words. Word (c * 4 + a) * 4 + j of those holds the columns
-    16 j + c and 16 j + c + 8, at the K rows 2a, 2a + 1, 2a + 8 and 2a + 9 of the 16: nibbles
-    0, 4, 1, 5 for the first column, 2, 6, 3, 7 for the second. So each column reads its words
-    shifted by 0 or 8 bits, and every word gives, with one and-or per pair of nibbles, two
-    K rows as the dense kernel's 128 + q numbers (w4a16_triton._gemv_block_sum). Scales are
-    permuted within chunks of `scale_chunk` columns: column c's sits at perm[c % scale_chunk]."""
-    RT: tl.constexpr = BK // 4  # (16-row tile, a) rows of words per block
-    offs_r = tl.arange(0, RT)
-    a = offs_r % 4
-    n_ok = offs_n < N
-    local = offs_n % 64
-    words_at = ((offs_r // 4) * stride_qk)[:, None] + ((offs_n // 64) * 128 + (local // 16))[None, :] \
-        + ((local % 8) * 16)[None, :] + (a * 4)[:, None]
-    shift = ((local // 8) % 2) * 8
-    k_rows = (offs_r // 4) * 16 + 2 * a  # the first of each word's four K rows
-    scale_at = (offs_n // scale_chunk) * scale_chunk + tl.load(perm_ptr + offs_n % scale_chunk)
+    it, for every 64 columns, 128 words. Word c * 16 + a * 4 + j of those holds the columns
+    16 j + c (nibbles 0, 4, 1, 5) and 16 j + c + 8 (nibbles 2, 6, 3, 7) at the K rows 2a,
+    2a + 1, 2a + 8 and 2a + 9 of the 16. So the words are read as they lie, [16-row tiles,
+    64-column groups x c, a, j] (contiguous rows, vector loads), each gives with one and-or per
+    pair of nibbles two K rows as the dense kernel's 128 + q numbers
+    (w4a16_triton._gemv_block_sum) for each of its two columns, the sums over K run over the
+    tiles and a, and the columns come back into their order once, after the loop. Scales are
+    permuted within chunks of `scale_chunk` columns: column n's sits at perm[n % scale_chunk]."""
+    KT: tl.constexpr = BK // 16
+    GC: tl.constexpr = BN // 8  # (64-column group, c)
+    t = tl.arange(0, KT)[:, None, None, None]
+    gc = tl.arange(0, GC)[None, :, None, None]
+    a = tl.arange(0, 4)[None, None, :, None]
+    j = tl.arange(0, 4)[None, None, None, :]
+    words_at = t * stride_qk + (n_start // 64) * 128 + gc * 16 + a * 4 + j
+    words_ok = n_start + (gc // 8) * 64 < N
+    k_rows = t * 16 + 2 * a  # the first of each word's four K rows, [KT, 1, 4, 1]
+    # the natural columns of the per-column sums [GC, 4]: 16 j + 8 b + c in group g
+    group_col = n_start + (tl.arange(0, GC) // 8 * 64 + tl.arange(0, GC) % 8)[:, None] + 16 * tl.arange(0, 4)[None, :]
+    scale_at0 = _marlin_scale_position(perm_ptr, group_col, scale_chunk)
+    scale_at1 = _marlin_scale_position(perm_ptr, group_col + 8, scale_chunk)
+    cols_ok = group_col < N
     magic = dense._register_magic(N, 0x4300)
-    total = tl.full(offs_n.shape, 0.0, tl.float32)
+    total0 = tl.full((GC, 4), 0.0, tl.float32)
+    total1 = tl.full((GC, 4), 0.0, tl.float32)
     for k0 in range(k_start, k_end, BK):
-        words = tl.load(qw_ptr + (k0 // 16) * stride_qk + words_at, mask=n_ok[None, :], other=0) >> shift[None, :]
+        words = tl.load(qw_ptr + (k0 // 16) * stride_qk + words_at, mask=words_ok, other=0)
         rows = x_ptr + k0 + k_rows
         x0 = tl.load(rows).to(tl.float32)
         x1 = tl.load(rows + 1).to(tl.float32)
         x8 = tl.load(rows + 8).to(tl.float32)
         x9 = tl.load(rows + 9).to(tl.float32)
-        first = (words & 0x000F000F) | magic  # rows 2a (low half) and 2a + 1 (high half)
-        second = ((words >> 4) & 0x000F000F) | magic  # rows 2a + 8 and 2a + 9
-        products = x0[:, None] * (first << 16).to(tl.float32, bitcast=True)
-        products += x1[:, None] * first.to(tl.float32, bitcast=True)
-        products += x8[:, None] * (second << 16).to(tl.float32, bitcast=True)
-        products += x9[:, None] * second.to(tl.float32, bitcast=True)
-        high_rows = dense._sum(x1 + x9, 0)
-        raw = dense._sum(products, 0) - HIGH_BIAS * high_rows
-        x_sum = dense._sum(x0 + x8, 0) + high_rows
-        scale = tl.load(s_ptr + (k0 // group_size) * stride_sg + scale_at, mask=n_ok, other=0.0).to(tl.float32)
-        total += (raw - x_sum * 136.0) * scale  # 136: the magic 128 plus the symmetric zero point 8
-    return total
+        high_rows = dense._sum(dense._sum(dense._sum(dense._sum(x1 + x9, 0), 0), 0), 0)
+        x_sum = dense._sum(dense._sum(dense._sum(dense._sum(x0 + x8, 0), 0), 0), 0) + high_rows
+        offset = x_sum * 136.0 + HIGH_BIAS * high_rows  # 136: the magic 128 plus the symmetric zero point 8
+        group = (k0 // group_size) * stride_sg
+        scale0 = tl.load(s_ptr + group + scale_at0, mask=cols_ok, other=0.0).to(tl.float32)
+        scale1 = tl.load(s_ptr + group + scale_at1, mask=cols_ok, other=0.0).to(tl.float32)
+        total0 += (_marlin_column_sums(words, x0, x1, x8, x9, magic) - offset) * scale0
+        total1 += (_marlin_column_sums(words >> 8, x0, x1, x8, x9, magic) - offset) * scale1
+    # [GC, 4 j, 2 b] -> [groups, j, b, c] -> the natural order g * 64 + 16 j + 8 b + c
+    both = tl.reshape(tl.join(total0, total1), (BN // 64, 8, 4, 2))
+    return tl.reshape(tl.permute(both, (0, 2, 3, 1)), (BN,))
+
+
+@triton.jit
+def _marlin_column_sums(words, x0, x1, x8, x9, magic):
+    """Per (group and c, j): the sum over the block's K rows of x times 128 + q for the column
+    whose nibbles sit at 0, 4, 1, 5 of `words` (shifted by 8 for the other), before the offset."""
+    first = (words & 0x000F000F) | magic  # rows 2a (low half) and 2a + 1 (high half)
+    second = ((words >> 4) & 0x000F000F) | magic  # rows 2a + 8 and 2a + 9
+    products = x0 * (first << 16).to(tl.float32, bitcast=True)
+    products += x1 * first.to(tl.float32, bitcast=True)
+    products += x8 * (second << 16).to(tl.float32, bitcast=True)
+    products += x9 * second.to(tl.float32, bitcast=True)
+    return dense._sum(dense._sum(products, 0), 1)
+
+
+@triton.jit
+def _marlin_scale_position(perm_ptr, columns, scale_chunk):
+    """Where Marlin's permuted scales keep each of `columns`."""
+    return (columns // scale_chunk) * scale_chunk + tl.load(perm_ptr + columns % scale_chunk)
 
 
 @triton.jit
@@ -615,6 +642,12 @@ def marlin_scales(permutation: list[int], device: torch.device) -> MarlinScales:
     return MarlinScales(positions.to(device), len(permutation))
 
 
+def _check_marlin_tiles(marlin: MarlinScales | None) -> None:
+    """The Marlin-layout GEMV reads whole 64-column groups: a program's columns must be some."""
+    if marlin is not None and PAIRS_BLOCK_N % 64:
+        raise ValueError(f"PAIRS_BLOCK_N={PAIRS_BLOCK_N}: the GEMVs on Marlin's layout take multiples of 64 columns")
+
+
 SHRINK_CHUNK = 256  # K columns of B13 per shrink program of the pairs path (8 per token at K = 2048)
 
 
@@ -627,6 +660,7 @@ def gate_up_pairs(x, qweight, scales, zeros, group_size: int, block_k: int, redu
     the launch's first programs compute it (one launch less per layer)."""
     pairs, inter = hidden.shape
     tokens, k = x.shape
+    _check_marlin_tiles(marlin)
     chunks = triton.cdiv(inter, PAIRS_BLOCK_N)
     split = pairs_split(pairs * chunks, k // block_k, space.sm_count)
     r13 = 1 if a13 is None else a13.shape[2]
@@ -658,6 +692,7 @@ def down_pairs(hidden, qweight, scales, zeros, group_size: int, block_k: int, pa
     (W2 in either layout, as there)."""
     tokens, top_k = topk_ids.shape
     inter, h = hidden.shape[1], out.shape[1]
+    _check_marlin_tiles(marlin)
     chunks = triton.cdiv(h, PAIRS_BLOCK_N)
     split = pairs_split(tokens * chunks * top_k, inter // block_k, space.sm_count)
     r2 = 1 if a2 is None else a2.shape[2]
