@@ -36,6 +36,11 @@
 #                                         # pairs path's launch constants) -> moe_micro.json; GLOWQ_BENCH_OWN_ONLY=1:
 #                                         # the own pairs path alone, no vLLM needed -> moe_micro_own.json
 #
+# What needs no vLLM fits the install's first calls (vLLM arrives with the fourth part), e.g.:
+#   call 1 (part 0): GLOWQ_BENCH_OWN_ONLY=1 GLOWQ_BENCH_BREAKDOWN=1 bash bench/run_h200.sh moe-micro
+#   call 2 (part 1): bash bench/run_h200.sh moe-prepare
+#   call 3 (part 2): GLOWQ_GPU_TESTS_SELECT="pairs or marlins" bash bench/run_h200.sh gpu-tests tests/test_moe_triton.py
+#
 # The moe-vllm stages skip engines that would end after GLOWQ_BENCH_BUDGET_S (default 560) seconds.
 #
 # GLOWQ_BENCH_MICRO=0 skips the microbenchmark in `prepare`.

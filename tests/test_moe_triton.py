@@ -330,3 +330,37 @@ def test_pairs_path_reads_marlins_layout(kernels, case, rank):
     assert relative_error(out, ref) < INTERPRETER_TOLERANCE[dtype]
     with pytest.raises(ValueError, match="pairs path only"):
         moe_triton.forward(codes13, codes2, factors, x, weights, ids, path="rows", kernels=kernels)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rank,share", [(16, "group"), (16, "module"), (0, "group")])
+def test_gpu_pairs_path_on_marlins_layout(dtype, rank, share):
+    """The decode GEMVs on the Marlin layout (computed in torch, as bench/moe_microbench.py
+    --own-only does: no vLLM needed) at 1 to 4 tokens of top-8, against float64, and inside a
+    CUDA graph."""
+    import moe_microbench
+
+    from vllm_glowq import moe_marlin
+
+    experts, top_k, h, i = 64, 8, GPU_SHAPE["hidden"], GPU_SHAPE["inter"]
+    gen = torch.Generator().manual_seed(rank + len(share))
+    w13 = make_codes(experts, h, 2 * i, GPU_SHAPE["group"], True, dtype, gen)
+    w2 = make_codes(experts, i, h, GPU_SHAPE["group"], True, dtype, gen)
+    (c13, s13), (c2, s2) = (moe_microbench.marlin_layout(w["qweight"].cuda(), w["scales"].to(dtype).cuda())
+                            for w in (w13, w2))
+    int4 = moe_marlin.Int4Experts(c13, c2, s13, s2, None, None, torch.zeros(1, device="cuda"))
+    codes13, codes2 = moe_marlin.decode_views(int4, w13["scales"].shape[1], w2["scales"].shape[1])
+    moe_triton.reserve(torch.device("cuda"), h, i, codes13, codes2)
+    f = make_factors(experts, h, i, max(rank, 1), share, has13=rank > 0, has2=rank > 0)
+    factors = as_factors(f, dtype, "cuda")
+    for tokens in (1, 3, 4):
+        x = torch.randn(tokens, h, generator=gen).to(dtype)
+        weights, ids = routing(tokens, experts, top_k, seed=tokens)
+        out = moe_triton.forward(codes13, codes2, factors, x.cuda(), weights.cuda(), ids.cuda(), path="pairs")
+        ref = reference_block(x, w13["dense"], w2["dense"], f, weights, ids)
+        assert relative_error(out.cpu(), ref) < TOLERANCE[dtype], (tokens, relative_error(out.cpu(), ref))
+    check_graph_replays(lambda x, weights, ids: moe_triton.forward(codes13, codes2, factors, x, weights, ids,
+                                                                   path="pairs"),
+                        1, h, experts, top_k, dtype, (w13["dense"], w2["dense"], f))
