@@ -13,7 +13,8 @@ token count it times:
   prints the pair count up to which it beats the grouped path (what FUSED_MAX_PAIRS should be);
 * `gemv`: GlowQ on the project's decode GEMVs over the same Marlin codes (moe_triton's pairs
   path, what moe_marlin.forward takes up to GEMV_MAX_PAIRS pairs), `gemv_plain` without
-  factors (the plugin's plain int4 at decode); at every count with `--threshold-sweep`;
+  factors (the plugin's plain int4 at decode); up to GEMV_TIMED_MAX_PAIRS pairs, at every count
+  with `--threshold-sweep`;
 * `own`: GlowQ on the project's own int4 MoE kernels, the correction inside the expert GEMMs
   (moe_triton.forward on the same codes repacked for them), on the path the pair count picks;
   `own_plain` the same kernels without factors (plain int4 through them); `--threshold-sweep`
@@ -68,6 +69,7 @@ SWEEP_ONLY = ("own_pairs", "own_rows", "own_blocks")  # timed with --threshold-s
 OWN_ONLY_PATHS = ("own_plain_pairs", "own_pairs", "gemv_plain", "gemv")
 FORCED = {"own_pairs": "pairs", "own_rows": "rows", "own_blocks": "blocks", "own_plain_pairs": "pairs"}
 PLAIN = ("plain", "gemv_plain", "own_plain", "own_plain_pairs")  # the paths that run without factors
+GEMV_TIMED_MAX_PAIRS = 32  # the decode GEMVs are timed up to this many pairs (at every count with the sweep)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -206,7 +208,7 @@ def bench_tokens(layers: list[dict], tokens: int, sweep: bool, breakdown: bool =
     """Times and errors of every path that runs at this token count (and with `breakdown`, the
     time per kernel: where a path's microseconds go); ratios against the first path timed."""
     pairs = tokens * SHAPE["top_k"]
-    gemv = pairs <= moe_marlin.GEMV_MAX_PAIRS
+    gemv = pairs <= GEMV_TIMED_MAX_PAIRS
     paths = list(OWN_ONLY_PATHS) if own_only else [
         p for p in PATHS if (p != "fused" or sweep or moe_marlin.takes_fused_path(pairs))
         and (not p.startswith("gemv") or sweep or gemv) and (p not in SWEEP_ONLY or sweep)]
@@ -214,7 +216,8 @@ def bench_tokens(layers: list[dict], tokens: int, sweep: bool, breakdown: bool =
     for c, _ in enumerate(layers):
         x = torch.randn(tokens, SHAPE["hidden"], device="cuda", generator=torch.Generator(device="cuda").manual_seed(c))
         inputs.append((x.to(torch.bfloat16), *routing(tokens, seed=1000 * tokens + c)))
-    default = "gemv" if gemv else "fused" if moe_marlin.takes_fused_path(pairs) else "grouped"
+    default = ("gemv" if pairs <= moe_marlin.GEMV_MAX_PAIRS else "fused" if moe_marlin.takes_fused_path(pairs)
+               else "grouped")
     row = dict(tokens=tokens, pairs=pairs, default_path=default,
                baseline=paths[0], us={}, ratio={}, max_error={}, **({"kernels": {}} if breakdown else {}))
     check = [t[:CHECK_TOKENS] for t in inputs[0]]

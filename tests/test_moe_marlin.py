@@ -483,7 +483,7 @@ GPU_CASES = [  # experts, top_k, rank, share, sym
     (8, 2, 16, "group", True), (8, 2, 0, "group", True), (64, 8, 16, "group", False), (64, 8, 16, "module", True),
     (64, 8, 0, "group", False), (8, 2, 16, "module", False)]
 GPU_TOKENS = [1, 3, 16, 64, 257, 600]
-FORCED_PATH = {"fused": True, "grouped": False, "default": None}  # moe_marlin.forward's `fused`
+FORCED_PATH = {"fused": True, "grouped": False, "default": None, "gemv": None}  # moe_marlin.forward's `fused`
 GPU_SHAPE = dict(hidden=512, inter=256, group=128)
 
 
@@ -491,11 +491,15 @@ GPU_SHAPE = dict(hidden=512, inter=256, group=128)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
-@pytest.mark.parametrize("path", ["fused", "grouped", "default"])
-def test_gpu_block_matches_float64(dtype, case, path):
+@pytest.mark.parametrize("path", ["fused", "grouped", "default", "gemv"])
+def test_gpu_block_matches_float64(dtype, case, path, monkeypatch):
     """Every token count on the path asked for (the fused one past FUSED_MAX_PAIRS too; the
-    default: the decode GEMVs on the Marlin codes up to GEMV_MAX_PAIRS with symmetric codes)."""
+    default's own choice; with `gemv` the decode GEMVs on the Marlin codes switched on up to 32
+    pairs, where the codes are symmetric)."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    if path == "gemv":
+        monkeypatch.setattr(moe_marlin, "GEMV_MAX_PAIRS", 32)
 
     experts, top_k, rank, share, sym = case
     h, i, g = GPU_SHAPE["hidden"], GPU_SHAPE["inter"], GPU_SHAPE["group"]
@@ -524,10 +528,13 @@ def test_gpu_block_matches_float64(dtype, case, path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 16, 64])
 @pytest.mark.parametrize("share", ["group", "module"])
-@pytest.mark.parametrize("path", ["fused", "grouped", "default"])
-def test_gpu_block_inside_a_cuda_graph(tokens, share, path):
+@pytest.mark.parametrize("path", ["fused", "grouped", "gemv"])
+def test_gpu_block_inside_a_cuda_graph(tokens, share, path, monkeypatch):
     """Captured once, replayed on new inputs copied into the captured buffers."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    if path == "gemv":  # the decode GEMVs on the Marlin codes, switched on (up to 32 pairs; Marlin past them)
+        monkeypatch.setattr(moe_marlin, "GEMV_MAX_PAIRS", 32)
 
     experts, top_k, rank, dtype = 64, 8, 16, torch.bfloat16
     h, i, g = GPU_SHAPE["hidden"], GPU_SHAPE["inter"], GPU_SHAPE["group"]

@@ -28,8 +28,9 @@ Kernels, chosen by platform when the layer is built:
   output before the activation, R = B13 x computed once per token; the down correction into
   the w2 output before the top-k sum (a fused path at small batches, a grouped one past them).
   Rank-0 layers run Marlin alone. With symmetric codes, decode steps of up to
-  moe_marlin.GEMV_MAX_PAIRS (token, expert) pairs skip Marlin for the project's GEMVs, which
-  read the same Marlin-layout codes and take the correction inside (moe_triton's pairs path).
+  moe_marlin.GEMV_MAX_PAIRS (token, expert) pairs can skip Marlin for the project's GEMVs, which
+  read the same Marlin-layout codes and take the correction inside (moe_triton's pairs path;
+  off until a GPU has timed them).
   Written against vLLM 0.26's and 0.32's sources;
   tests/test_moe_marlin.py and tests/test_plugin_moe_gpu.py passed on the H200 with vLLM 0.26
   (2026-12-02, bench/results/gpu_tests/), before the fused path existed.
@@ -448,10 +449,11 @@ def _log_once(kernel: str) -> None:
     else:
         from .moe_marlin import GEMV_MAX_PAIRS
 
+        gemv = (f"; symmetric codes run decode steps of up to {GEMV_MAX_PAIRS} (token, expert) pairs on the "
+                "project's GEMVs over the same codes, the correction inside" if GEMV_MAX_PAIRS else "")
         logger.info("GlowQ: MoE experts run vLLM's Marlin MoE GEMMs on the int4 codes, the correction added by "
-                    "the project's Triton kernels (fused at small batches, grouped past them; R = B x once per token); "
-                    "symmetric codes run decode steps of up to %d (token, expert) pairs on the project's GEMVs over "
-                    "the same codes, the correction inside.", GEMV_MAX_PAIRS)
+                    "the project's Triton kernels (fused at small batches, grouped past them; R = B x once per "
+                    "token)%s.", gemv)
 
 
 # ----- the custom op --------------------------------------------------------------------------

@@ -39,11 +39,12 @@ between 0.26 and 0.32; building a `FusedMoEKernel` around a custom experts class
 `make_wna16_moe_kernel` (it checks the class against a list) and its prepare/finalize adds
 nothing without expert parallelism.
 
-Decode steps skip Marlin MoE altogether where the codes are symmetric (`takes_gemv_path`, up
-to GEMV_MAX_PAIRS pairs): moe_triton's pairs path, GEMVs of the project's own that read the very
-same Marlin-layout codes and scales (`decode_views`) with the correction inside them, two
-launches a layer. Marlin MoE's fixed costs are what a decode step pays most for (31 us per
-Qwen3-30B-A3B layer at one token on the H200 for 19 MB of codes, 4.6 us at copy bandwidth).
+Decode steps can skip Marlin MoE altogether where the codes are symmetric (`takes_gemv_path`,
+up to GEMV_MAX_PAIRS pairs; off until a GPU has timed it): moe_triton's pairs path, GEMVs of
+the project's own that read the very same Marlin-layout codes and scales (`decode_views`) with
+the correction inside them, two launches a layer. Marlin MoE's fixed costs are what a decode
+step pays most for (31 us per Qwen3-30B-A3B layer at one token on the H200 for 19 MB of codes,
+4.6 us at copy bandwidth).
 
 The codes are repacked once at load time (`repack`, vLLM's `gptq_marlin_moe_repack` and scale
 and zero-point permutations), replacing the checkpoint layout: one copy of the int4 weights.
@@ -76,10 +77,12 @@ MARLIN_SCALE_PERM_SINGLE = [2 * i + j for i in range(4) for j in (0, 1, 8, 9, 16
 # 32, 78.0 against 77.2 us)
 FUSED_MAX_PAIRS = 32
 # (token, expert) pairs up to which symmetric experts skip Marlin MoE for the project's GEMVs on
-# the same codes (moe_triton's pairs path): plain int4 through those took 20.5 us per
-# Qwen3-30B-A3B layer at one token against Marlin MoE's 31.1, 48.4 against 50.4 at 4 tokens
-# (32 pairs), 84.1 against 72.8 at 8 (H200, bench/results/moe_micro.json; on their own layout)
-GEMV_MAX_PAIRS = 32
+# the same codes (moe_triton's pairs path). 0, off, until a GPU has run and timed them on this
+# layout: bench/moe_microbench.py times them (`gemv`) and prints up to how many pairs they beat
+# Marlin MoE with the fused correction. On their own layout plain int4 through them took 20.5 us
+# per Qwen3-30B-A3B layer at one token against Marlin MoE's 31.1, 48.4 against 50.4 at 4 tokens
+# (32 pairs), 84.1 against 72.8 at 8 (H200, bench/results/moe_micro.json), so 32 is the guess.
+GEMV_MAX_PAIRS = 0
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
