@@ -567,3 +567,24 @@ def check_graph_replays(block, tokens: int, hidden: int, experts: int, top_k: in
         torch.cuda.synchronize()
         ref = reference_block(fresh_x, *reference, fresh_w, fresh_ids)
         assert relative_error(out.cpu(), ref) < TOLERANCE[dtype], seed
+
+
+def test_decode_gemvs_take_symmetric_codes_up_to_their_pair_count(monkeypatch):
+    """With GEMV_MAX_PAIRS set, moe_marlin.forward hands symmetric experts' small steps to the
+    pairs path on the same codes (no Marlin call), and keeps Marlin past it, for asymmetric
+    codes and when a correction path is forced; off (0) it never does."""
+    from vllm_glowq import moe_triton
+
+    calls = []
+    monkeypatch.setattr(moe_triton, "forward", lambda *args, **kwargs: calls.append(kwargs["path"]) or "gemv")
+    monkeypatch.setattr(moe_marlin.compat, "fused_marlin_moe", lambda **kwargs: "marlin")
+    sym = moe_marlin.Int4Experts(*[torch.zeros(1)] * 4, None, None, torch.zeros(1), gemv=("w13", "w2"))
+    asym = moe_marlin.Int4Experts(*[torch.zeros(1)] * 7)
+    x, weights = torch.randn(5, 8), torch.rand(5, 2)
+    ids = torch.zeros(5, 2, dtype=torch.int32)
+    run = lambda experts, tokens, fused=None: moe_marlin.forward(  # noqa: E731
+        experts, moe_marlin.ExpertFactors(), x[:tokens], weights[:tokens], ids[:tokens], "silu", fused)
+    assert moe_marlin.GEMV_MAX_PAIRS == 0 and run(sym, 1) == "marlin"  # off until a GPU has timed them
+    monkeypatch.setattr(moe_marlin, "GEMV_MAX_PAIRS", 4)
+    assert run(sym, 2) == "gemv" and calls == ["pairs"]
+    assert run(sym, 3) == "marlin" and run(asym, 1) == "marlin" and run(sym, 1, fused=True) == "marlin"
