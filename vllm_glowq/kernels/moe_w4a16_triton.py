@@ -574,6 +574,10 @@ def _down_blocks_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, a2_ptr, sorted_pt
 PAIRS_PER_SM = 8  # programs per SM the pairs path aims for by splitting K (a guess, not timed)
 PAIRS_BLOCK_N = 64  # columns per program of the pairs path (the dense one-token path's tile)
 PAIRS_WARPS = 2
+# the same kernels on Marlin's layout: compiled for sm_90 (Triton's NVIDIA backend here, no GPU) the
+# corrected w13 kernel takes 128 registers and spills 16 bytes at 2 warps, 80 and no spill at 4
+# (plain: 148 and 96; the kernels' own layout: 96 at 2 warps); not timed yet
+MARLIN_PAIRS_WARPS = 4
 # the rows path's (columns per program, warps) by pairs per sorted block: compiled for sm_90 the
 # [BLOCK_M, 16, BN] products take 128 registers at (2, 64 columns, 2 warps) and 149 at
 # (4, 32, 2), no spill; 4 rows on 64 columns took 255 and spilled, on 4 warps too (not timed)
@@ -682,7 +686,7 @@ def gate_up_pairs(x, qweight, scales, zeros, group_size: int, block_k: int, redu
         1 if marlin is None else marlin.chunk, HAS_ZEROS=zeros is not None, HAS13=a13 is not None,
         HAS2=b2 is not None, SHRINK=shrink, BN=PAIRS_BLOCK_N, BK=block_k,
         SPLITS=min(_PARTIALS_PER_LOAD, triton.next_power_of_2(split)), PREFETCH=False, BLOCK_R=16, SHRINK_BK=32,
-        MARLIN=marlin is not None, num_warps=PAIRS_WARPS)
+        MARLIN=marlin is not None, num_warps=PAIRS_WARPS if marlin is None else MARLIN_PAIRS_WARPS)
     return partials
 
 
@@ -706,7 +710,7 @@ def down_pairs(hidden, qweight, scales, zeros, group_size: int, block_k: int, pa
         1 if marlin is None else marlin.chunk, TOP_K=top_k, HAS_ZEROS=zeros is not None, HAS2=a2 is not None,
         BN=PAIRS_BLOCK_N, BK=block_k, BLOCK_C=_PARTIALS_PER_LOAD,
         SPLITS=min(_PARTIALS_PER_LOAD, triton.next_power_of_2(contributors)), PREFETCH=False,
-        MARLIN=marlin is not None, num_warps=PAIRS_WARPS)
+        MARLIN=marlin is not None, num_warps=PAIRS_WARPS if marlin is None else MARLIN_PAIRS_WARPS)
     return out
 
 
