@@ -150,7 +150,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, alignment: 
     if x.stride(-1) != 1 or weight.stride(-1) != 1 or out.stride(-1) != 1 or weight.stride(1) != k:
         raise ValueError("grouped_lowrank needs row-major x, weight and out")
     if block_n is None:
-        block_n = _pow2_between(n, 16, 64 if alignment.block_m <= 16 else 128)
+        block_n = _pow2_between(n, 16, 64)
     block_k = _pow2_between(k, 16, 64)
     blocks = alignment.expert_ids.numel()
     grid = (blocks, triton.cdiv(n, block_n))
@@ -158,7 +158,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, alignment: 
         x, weight, out, out if scale is None else scale, alignment.sorted_ids, alignment.expert_ids, alignment.padded,
         alignment.num_pairs, n, k, row_div, x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), slices,
         x.stride(0), ACCUMULATE=accumulate, HAS_SCALE=scale is not None,
-        BLOCK_M=alignment.block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        BLOCK_M=alignment.block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps_for(alignment.block_m))
 
 
 def activate(w13_out: torch.Tensor, reduced: torch.Tensor | None, a13: torch.Tensor | None,
@@ -183,8 +183,17 @@ def activate(w13_out: torch.Tensor, reduced: torch.Tensor | None, a13: torch.Ten
         0 if reduced is None else reduced.stride(0), 0 if a13 is None else a13.stride(0),
         0 if b2 is None else b2.stride(0), hidden.stride(0), HAS13=a13 is not None, HAS2=b2 is not None,
         BLOCK_M=alignment.block_m, BLOCK_I=block_i, BLOCK_R13=_pow2_between(r13, 16, 1 << 30),
-        BLOCK_R2=_pow2_between(r2, 16, 1 << 30), num_warps=4)
+        BLOCK_R2=_pow2_between(r2, 16, 1 << 30), num_warps=warps_for(alignment.block_m))
     return partials
+
+
+def warps_for(block_m: int) -> int:
+    """Warps per program of both grouped kernels. Compiled for sm_90 (cuobjdump here, no GPU),
+    the product's [BLOCK_M, 128] tiles at 4 warps spilled 240-1040 bytes a thread (this path's
+    launch until 2026-12-07: its prefill and batch-64 slowness, docs/benchmarks.md, may come
+    from there); with 64 columns, 4 warps up to 16 rows and 8 past them, neither kernel spills
+    (128-220 registers). Not timed yet."""
+    return 4 if block_m <= 16 else 8
 
 
 def _pow2_between(value: int, low: int, high: int) -> int:
