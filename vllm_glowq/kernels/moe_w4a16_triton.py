@@ -53,6 +53,9 @@ import triton.language as tl
 
 from vllm_glowq.kernels import moe_fused_triton as pairs_lib
 from vllm_glowq.kernels import w4a16_triton as dense  # absolute: tests load this file alone
+# past 16 rows the blocks path's kernels spilled at 4 warps (sm_90 compile: 360 and 184 bytes a
+# thread at 64 rows) and fit at 8 (230 and 252 registers), like the Marlin path's grouped ones
+from vllm_glowq.kernels.moe_lowrank_triton import warps_for
 from vllm_glowq.kernels.w4a16 import _MAGIC, padded_rank
 
 
@@ -797,7 +800,7 @@ def gate_up_blocks(x, qweight, scales, zeros, group_size: int, block_k: int, red
         0 if b2 is None else b2.stride(0), hidden.stride(0),
         HAS_ZEROS=zeros is not None, HAS13=a13 is not None, HAS2=b2 is not None, BLOCK_M=alignment.block_m,
         BN=BLOCKS_BLOCK_N, BK=block_k, BLOCK_R13=padded_rank(r13), BLOCK_R2=padded_rank(r2), MAGIC=magic,
-        MAGIC_VALUE=magic_value, num_warps=4)
+        MAGIC_VALUE=magic_value, num_warps=warps_for(alignment.block_m))
     return partials
 
 
@@ -814,5 +817,5 @@ def down_blocks(hidden, qweight, scales, zeros, group_size: int, block_k: int, p
         pairs, h, inter, r2, 1 if partials is None else partials.shape[0], group_size, hidden.stride(0),
         *_strides(qweight, scales, zeros), 0 if a2 is None else a2.stride(0), rows.stride(0),
         HAS_ZEROS=zeros is not None, HAS2=a2 is not None, BLOCK_M=alignment.block_m, BN=BLOCKS_BLOCK_N, BK=block_k,
-        BLOCK_R2=padded_rank(r2), MAGIC=magic, MAGIC_VALUE=magic_value, num_warps=4)
+        BLOCK_R2=padded_rank(r2), MAGIC=magic, MAGIC_VALUE=magic_value, num_warps=warps_for(alignment.block_m))
     return rows
