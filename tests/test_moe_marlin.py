@@ -168,6 +168,27 @@ def compile_for_hopper(fn, signature: dict, constexprs: dict, warps: int = 4):
         raise
 
 
+def spilled_bytes(kernel) -> int | None:
+    """The stack frame of a compiled kernel's cubin, per thread (cuobjdump's resource usage; a
+    stack means spilled registers), or None where Triton ships no cuobjdump."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not os.access(tool, os.X_OK):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", cubin.name], capture_output=True, text=True)
+    found = re.search(r"STACK:(\d+)", usage.stdout)
+    return None if found is None else int(found.group(1))
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_grouped_kernel_compiles_for_hopper(dtype):
     """The configurations `launch` picks, compiled for sm_90 by Triton's NVIDIA backend (no GPU
@@ -179,15 +200,17 @@ def test_grouped_kernel_compiles_for_hopper(dtype):
     integers = ("num_pairs", "N", "K", "ROW_DIV", "stride_xm", "stride_we", "stride_wn", "stride_om", "x_slices",
                 "stride_slice")
     for block_m in (16, 32, 64):
-        for block_n, accumulate, scaled in ((64, True, False), (16, False, False), (64, True, True)):
+        # the per-pair shrink of `--share module` (N = 2r: 16 or 64 columns) and the w2 expand,
+        # which reads `activate`'s float32 partials, router-weighted and accumulated
+        for block_n, accumulate, scaled in ((64, False, False), (16, False, False), (64, True, True)):
             constexprs = dict(ACCUMULATE=accumulate, HAS_SCALE=scaled, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64)
-            # the w2 expand reads `activate`'s float32 partials
             x = {"x_ptr": "fp32"} if scaled else {}
             signature = {**{k: f"*{v}" for k, v in {**pointers, **x}.items()}, **{k: "i32" for k in integers},
                          **{k: "constexpr" for k in constexprs}}
             kernel = compile_for_hopper(moe_lowrank_triton._grouped_lowrank_kernel, signature, constexprs,
                                         moe_lowrank_triton.warps_for(block_m))
             assert kernel.asm["cubin"], (block_m, block_n)
+            assert spilled_bytes(kernel) in (0, None), (block_m, block_n)  # the launch picks warps that fit
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -207,6 +230,7 @@ def test_grouped_activation_compiles_for_hopper(dtype):
             kernel = compile_for_hopper(moe_lowrank_triton._grouped_activate_kernel, signature, constexprs,
                                         moe_lowrank_triton.warps_for(block_m))
             assert kernel.asm["cubin"], (block_m, has13, has2)
+            assert spilled_bytes(kernel) in (0, None), (block_m, has13, has2)
 
 
 def test_alignment_reference_has_vllms_layout(grouped):

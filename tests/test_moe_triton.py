@@ -27,6 +27,7 @@ from test_moe_marlin import (  # noqa: E402
     as_factors,
     check_graph_replays,
     compile_for_hopper,
+    spilled_bytes,
     make_codes,
     make_factors,
     reference_block,
@@ -152,36 +153,41 @@ def test_kernels_compile_for_hopper(dtype):
     """Every kernel with the launch's constexprs, compiled for sm_90 by Triton's NVIDIA backend."""
     from vllm_glowq.kernels import moe_w4a16_triton as k
 
-    def compile_one(fn, pointers: dict, constexprs: dict):
+    def compile_one(fn, pointers: dict, constexprs: dict, warps: int):
         names = [n for n in fn.arg_names if n not in constexprs]
         signature = {n: (f"*{pointers.get(n, dtype)}" if n.endswith("_ptr") else "i32") for n in names}
         signature.update({n: "constexpr" for n in constexprs})
-        assert compile_for_hopper(fn, signature, constexprs).asm["cubin"]
+        kernel = compile_for_hopper(fn, signature, constexprs, warps)
+        assert kernel.asm["cubin"]
+        assert spilled_bytes(kernel) in (0, None), (fn.__name__, constexprs, warps)  # the launch's warps fit
 
     ints = dict(qw_ptr="i32", z_ptr="u8", perm_ptr="i32", ids_ptr="i32", sync_ptr="i32", counters_ptr="i32",
-                gemm_ptr="fp32", part_ptr="fp32", r_ptr="fp32", weights_ptr="fp32", sorted_ptr="i32", expert_ptr="i32", padded_ptr="i32")
+                gemm_ptr="fp32", part_ptr="fp32", r_ptr="fp32", weights_ptr="fp32", sorted_ptr="i32",
+                expert_ptr="i32", padded_ptr="i32")
     magic = dict(bf16=(0x4300, 128.0), fp16=(0x6400, 1024.0))[dtype]
     for zeros, corrected, marlin in ((False, True, False), (True, False, False), (False, True, True),
                                      (False, False, True)):
+        pairs_warps = k.MARLIN_PAIRS_WARPS if marlin else k.PAIRS_WARPS
         compile_one(k._gate_up_pairs_kernel, ints, dict(HAS_ZEROS=zeros, HAS13=corrected, HAS2=corrected,
                                                         SHRINK=corrected, BN=64, BK=128, SPLITS=16, PREFETCH=False,
-                                                        BLOCK_R=16, SHRINK_BK=32, MARLIN=marlin))
+                                                        BLOCK_R=16, SHRINK_BK=32, MARLIN=marlin), pairs_warps)
         compile_one(k._down_pairs_kernel, ints, dict(TOP_K=8, HAS_ZEROS=zeros, HAS2=corrected, BN=64, BK=128,
-                                                     BLOCK_C=16, SPLITS=16, PREFETCH=False, MARLIN=marlin))
+                                                     BLOCK_C=16, SPLITS=16, PREFETCH=False, MARLIN=marlin),
+                    pairs_warps)
         if marlin:
             continue
         for block_m, (block_n, warps) in k.ROWS_LAUNCH.items():
             compile_one(k._gate_up_rows_kernel, ints, dict(HAS_ZEROS=zeros, HAS13=corrected, HAS2=corrected,
-                                                           BLOCK_M=block_m, BN=block_n, BK=128, SPLITS=16))
+                                                           BLOCK_M=block_m, BN=block_n, BK=128, SPLITS=16), warps)
             compile_one(k._down_rows_kernel, ints, dict(TOP_K=8, HAS_ZEROS=zeros, HAS2=corrected, BLOCK_M=block_m,
-                                                        BN=block_n, BK=128, BLOCK_C=16, SPLITS=16))
-        for block_m in (16, 64):
+                                                        BN=block_n, BK=128, BLOCK_C=16, SPLITS=16), warps)
+        for block_m in (16, 32, 64):
             compile_one(k._gate_up_blocks_kernel, ints, dict(
                 HAS_ZEROS=zeros, HAS13=corrected, HAS2=corrected, BLOCK_M=block_m, BN=64, BK=128, BLOCK_R13=64,
-                BLOCK_R2=64, MAGIC=magic[0], MAGIC_VALUE=magic[1]))
+                BLOCK_R2=64, MAGIC=magic[0], MAGIC_VALUE=magic[1]), k.blocks_warps(block_m))
             compile_one(k._down_blocks_kernel, ints, dict(
                 HAS_ZEROS=zeros, HAS2=corrected, BLOCK_M=block_m, BN=64, BK=128, BLOCK_R2=64, MAGIC=magic[0],
-                MAGIC_VALUE=magic[1]))
+                MAGIC_VALUE=magic[1]), k.blocks_warps(block_m))
 
 
 def test_loaded_layer_hands_own_codes_and_factors_to_the_gpu_forward(monkeypatch):

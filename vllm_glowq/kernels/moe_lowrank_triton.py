@@ -189,11 +189,12 @@ def activate(w13_out: torch.Tensor, reduced: torch.Tensor | None, a13: torch.Ten
 
 def warps_for(block_m: int) -> int:
     """Warps per program of both grouped kernels. Compiled for sm_90 (cuobjdump here, no GPU),
-    the product's [BLOCK_M, 128] tiles at 4 warps spilled 240-1040 bytes a thread (this path's
-    launch until 2026-12-07: its prefill and batch-64 slowness, docs/benchmarks.md, may come
-    from there); with 64 columns, 4 warps up to 16 rows and 8 past them, neither kernel spills
-    (128-220 registers). Not timed yet."""
-    return 4 if block_m <= 16 else 8
+    the product's [BLOCK_M, 128] tiles at 4 warps spilled 240-1040 bytes a thread past 16 rows
+    (this path's launch until 2026-12-07: its prefill and batch-64 cost, docs/benchmarks.md, may
+    come from there); with 64 columns, 4 warps up to 32 rows and 8 at 64, neither kernel spills
+    (130-254 registers; 8 warps at 32 rows spilled 48 bytes). tests/test_moe_marlin.py checks
+    the launches for spills. Not timed yet."""
+    return 4 if block_m <= 32 else 8
 
 
 def _pow2_between(value: int, low: int, high: int) -> int:

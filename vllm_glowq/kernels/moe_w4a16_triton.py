@@ -53,9 +53,6 @@ import triton.language as tl
 
 from vllm_glowq.kernels import moe_fused_triton as pairs_lib
 from vllm_glowq.kernels import w4a16_triton as dense  # absolute: tests load this file alone
-# past 16 rows the blocks path's kernels spilled at 4 warps (sm_90 compile: 360 and 184 bytes a
-# thread at 64 rows) and fit at 8 (230 and 252 registers), like the Marlin path's grouped ones
-from vllm_glowq.kernels.moe_lowrank_triton import warps_for
 from vllm_glowq.kernels.w4a16 import _MAGIC, padded_rank
 
 
@@ -582,9 +579,10 @@ PAIRS_WARPS = 2
 # (plain: 148 and 96; the kernels' own layout: 96 at 2 warps); not timed yet
 MARLIN_PAIRS_WARPS = 4
 # the rows path's (columns per program, warps) by pairs per sorted block: compiled for sm_90 the
-# [BLOCK_M, 16, BN] products take 128 registers at (2, 64 columns, 2 warps) and 149 at
-# (4, 32, 2), no spill; 4 rows on 64 columns took 255 and spilled, on 4 warps too (not timed)
-ROWS_LAUNCH = {2: (64, 2), 4: (32, 2)}
+# [BLOCK_M, 16, BN] products take 128 registers at (2, 64 columns, 2 warps), no spill; at 4 rows
+# on 32 columns the w2 kernel spilled 16 bytes on 2 warps and takes 196 registers on 4, no spill;
+# 4 rows on 64 columns took 255 and spilled, on 4 warps too (not timed)
+ROWS_LAUNCH = {2: (64, 2), 4: (32, 4)}
 ROWS_MIN_BLOCK_N = 32
 _PARTIALS_PER_LOAD = 16
 
@@ -780,6 +778,13 @@ def _rows_split(tiles: int, k_blocks: int, floats_per_split: int, space: Workspa
 BLOCKS_BLOCK_N = 64  # columns per program of the blocks path (not timed)
 
 
+def blocks_warps(block_m: int) -> int:
+    """Warps per program of the blocks path: compiled for sm_90 (cuobjdump here, no GPU) its
+    kernels spilled at 4 warps past 16 rows (32 bytes a thread at 32 rows, 360 and 184 at 64)
+    and fit at 8 (174-252 registers). Not timed yet."""
+    return 4 if block_m <= 16 else 8
+
+
 def gate_up_blocks(x, qweight, scales, zeros, group_size: int, block_k: int, reduced, a13, b2, alignment, top_k: int,
                    hidden, row_div: int):
     """As `gate_up_pairs`, on pairs sorted by expert (`alignment`, moe_lowrank_triton.Alignment)."""
@@ -800,7 +805,7 @@ def gate_up_blocks(x, qweight, scales, zeros, group_size: int, block_k: int, red
         0 if b2 is None else b2.stride(0), hidden.stride(0),
         HAS_ZEROS=zeros is not None, HAS13=a13 is not None, HAS2=b2 is not None, BLOCK_M=alignment.block_m,
         BN=BLOCKS_BLOCK_N, BK=block_k, BLOCK_R13=padded_rank(r13), BLOCK_R2=padded_rank(r2), MAGIC=magic,
-        MAGIC_VALUE=magic_value, num_warps=warps_for(alignment.block_m))
+        MAGIC_VALUE=magic_value, num_warps=blocks_warps(alignment.block_m))
     return partials
 
 
@@ -817,5 +822,5 @@ def down_blocks(hidden, qweight, scales, zeros, group_size: int, block_k: int, p
         pairs, h, inter, r2, 1 if partials is None else partials.shape[0], group_size, hidden.stride(0),
         *_strides(qweight, scales, zeros), 0 if a2 is None else a2.stride(0), rows.stride(0),
         HAS_ZEROS=zeros is not None, HAS2=a2 is not None, BLOCK_M=alignment.block_m, BN=BLOCKS_BLOCK_N, BK=block_k,
-        BLOCK_R2=padded_rank(r2), MAGIC=magic, MAGIC_VALUE=magic_value, num_warps=warps_for(alignment.block_m))
+        BLOCK_R2=padded_rank(r2), MAGIC=magic, MAGIC_VALUE=magic_value, num_warps=blocks_warps(alignment.block_m))
     return rows
