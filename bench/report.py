@@ -495,8 +495,8 @@ def moe_section(results: Path, meta: dict) -> list[str]:
         out += ["vLLM serving speed: not run.", ""]
     micro = load(results / "moe_micro.json")
     out += moe_micro_section(micro)
-    own_only = load(results / "moe_micro_own.json")  # GLOWQ_BENCH_OWN_ONLY=1: a run before vLLM was installed
-    out += moe_micro_section(own_only) if own_only else []
+    for earlier in sorted(results.glob("moe_micro_*.json"), reverse=True):  # other runs: dates and cards in the names
+        out += [f"Run `{earlier.stem}`:", ""] + moe_micro_section(load(earlier))
     dense_micro = load(results / "kernel" / "micro_vs_vllm_2026-12-04.json") or {}
     out += moe_floor_section(model, micro, dense_micro.get("copy_bandwidth"))
     table = {}

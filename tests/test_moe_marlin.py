@@ -127,26 +127,33 @@ def grouped():
 
 # pairs' source rows per token (row_div = top_k) or per pair; N and K off the tile sizes
 KERNEL_CASES = [  # tokens, experts, top_k, N, K, block_m
-    (1, 4, 2, 48, 8, 16), (5, 4, 3, 100, 24, 16), (13, 8, 2, 70, 130, 32), (40, 3, 2, 64, 16, 64)]
+    (1, 4, 2, 48, 8, 16), (5, 4, 3, 100, 24, 16), (13, 8, 2, 70, 130, 32), (40, 3, 2, 64, 16, 64),
+    (7, 4, 2, 150, 64, 16)]
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("per_token", [True, False], ids=["per-token", "per-pair"])
 @pytest.mark.parametrize("scaled", [False, True], ids=["plain", "router-weighted"])
-def test_grouped_kernel_matches_float64(grouped, case, per_token, scaled):
+@pytest.mark.parametrize("tiles", ["one-tile", "all-tiles"])
+def test_grouped_kernel_matches_float64(grouped, case, per_token, scaled, tiles, monkeypatch):
+    """With "all-tiles" every program takes as many column tiles as there are (a power of two;
+    the last program's tiles may run past N) and, where scaled, x comes as 3 slices to sum."""
     tokens, experts, top_k, n, k, block_m = case
+    if tiles == "all-tiles":
+        monkeypatch.setattr(grouped, "PROGRAMS_PER_SM", 0)
     gen = torch.Generator().manual_seed(sum(case))
     weights, ids = routing(tokens, experts, top_k, seed=tokens)
     pairs = tokens * top_k
-    x = torch.randn(tokens if per_token else pairs, k, generator=gen)
+    slices = 3 if scaled and tiles == "all-tiles" else 1
+    x = torch.randn(slices, tokens if per_token else pairs, k, generator=gen)
     w = torch.randn(experts, n, k, generator=gen)
     out = torch.randn(pairs, n + 5, generator=gen)[:, :n]  # a row stride beyond N
     before = out.clone()
     scale = weights.reshape(-1).float() if scaled else None
-    grouped.launch(x, w, out, grouped.align_reference(ids, block_m, experts), row_div=top_k if per_token else 1,
-                   scale=scale, accumulate=True)
+    grouped.launch(x if slices > 1 else x[0], w, out, grouped.align_reference(ids, block_m, experts),
+                   row_div=top_k if per_token else 1, scale=scale, accumulate=True)
     src = torch.arange(pairs) // top_k if per_token else torch.arange(pairs)
-    ref = torch.einsum("pnk,pk->pn", w.double()[ids.reshape(-1).long()], x.double()[src])
+    ref = torch.einsum("pnk,pk->pn", w.double()[ids.reshape(-1).long()], x.double().sum(0)[src])
     if scaled:
         ref *= weights.reshape(-1, 1).double()
     assert torch.allclose(out.double(), before.double() + ref, rtol=1e-5, atol=1e-5)
@@ -202,8 +209,10 @@ def test_grouped_kernel_compiles_for_hopper(dtype):
     for block_m in (16, 32, 64):
         # the per-pair shrink of `--share module` (N = 2r: 16 or 64 columns) and the w2 expand,
         # which reads `activate`'s float32 partials, router-weighted and accumulated
-        for block_n, accumulate, scaled in ((64, False, False), (16, False, False), (64, True, True)):
-            constexprs = dict(ACCUMULATE=accumulate, HAS_SCALE=scaled, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64)
+        for block_n, accumulate, scaled, tiles in ((64, False, False, 1), (16, False, False, 1),
+                                                   (64, True, True, 1), (64, True, True, 16)):
+            constexprs = dict(ACCUMULATE=accumulate, HAS_SCALE=scaled, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
+                              TILES=tiles, ONE_K_BLOCK=scaled)
             x = {"x_ptr": "fp32"} if scaled else {}
             signature = {**{k: f"*{v}" for k, v in {**pointers, **x}.items()}, **{k: "i32" for k in integers},
                          **{k: "constexpr" for k in constexprs}}
@@ -231,6 +240,15 @@ def test_grouped_activation_compiles_for_hopper(dtype):
                                         moe_lowrank_triton.warps_for(block_m))
             assert kernel.asm["cubin"], (block_m, has13, has2)
             assert spilled_bytes(kernel) in (0, None), (block_m, has13, has2)
+
+
+def test_decode_keeps_one_column_tile_per_program():
+    """Several column tiles per program only where the busy blocks alone fill the GPU."""
+    from vllm_glowq.kernels.moe_lowrank_triton import tiles_per_program
+
+    assert tiles_per_program(8, 32, 132) == 1  # one token at top-8: eight blocks
+    assert tiles_per_program(256, 32, 132) == 8  # 256 tokens: 2048 pairs in about 256 blocks of 16
+    assert tiles_per_program(10_000, 3, 132) == 2  # never past the tiles there are
 
 
 def test_alignment_reference_has_vllms_layout(grouped):
@@ -348,6 +366,7 @@ def test_the_path_follows_the_pair_count(monkeypatch):
     """Fused up to FUSED_MAX_PAIRS pairs, grouped past it; any activation but the gated SiLU
     is refused by name on both paths."""
     monkeypatch.setattr(moe_marlin, "CorrectionHooks", lambda *args: "grouped")
+    monkeypatch.setattr(moe_marlin, "FUSED_MAX_PAIRS", 32)  # shipped 0 (off); the rule, wherever it is set
     f = as_factors(make_factors(4, 32, 16, 4, "group"), torch.float32)
     small = moe_marlin.FUSED_MAX_PAIRS // 2  # tokens, at top-2
     big = small + 1

@@ -71,11 +71,15 @@ MARLIN_GROUP_SIZES = (32, 64, 128)  # besides one group per row (channelwise, -1
 # these against it, so a change in vLLM is caught)
 MARLIN_SCALE_PERM = [i + 8 * j for i in range(8) for j in range(8)]
 MARLIN_SCALE_PERM_SINGLE = [2 * i + j for i in range(4) for j in (0, 1, 8, 9, 16, 17, 24, 25)]
-# (token, expert) pairs up to which the fused correction runs: on the H200 (Qwen3-30B-A3B
-# shapes, `bench/moe_microbench.py --threshold-sweep`) it was faster at 8 pairs and even at 32,
-# slower from 128 (bench/results/moe_micro_2026-12-02.json; the 2026-12-07 run, moe_micro.json: as fast at
-# 32, 78.0 against 77.2 us)
-FUSED_MAX_PAIRS = 32
+# (token, expert) pairs up to which the fused correction runs: 0, the grouped path at every batch.
+# On the H200 with whole-rank tiles in its kernels the fused path was faster than the grouped one
+# up to 8 pairs and as fast at 32 (bench/results/moe_micro_2026-12-02.json, moe_micro.json); on
+# the H100 with the rank stepped in a loop it was slower at every count (104.4 against 52.8 us
+# per layer at one token) and the engine decoded at 4.55 ms per step at batch 1 with it, 3.18
+# without (bench/results/vllm_moe_h100*_2026-12-07.json). Its kernels now unroll the rank steps
+# (kernels/moe_fused_triton.RANK_UNROLL), untimed: `bench/moe_microbench.py --threshold-sweep`
+# prints the count to set here.
+FUSED_MAX_PAIRS = 0
 # (token, expert) pairs up to which symmetric experts skip Marlin MoE for the project's GEMVs on
 # the same codes (moe_triton's pairs path). 0, off, until a GPU has run and timed them on this
 # layout: bench/moe_microbench.py times them (`gemv`) and prints up to how many pairs they beat
