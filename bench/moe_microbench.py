@@ -235,7 +235,7 @@ def bench_tokens(layers: list[dict], tokens: int, sweep: bool, breakdown: bool =
 
 # the decode GEMVs' launch constants (kernels/moe_w4a16_triton.py) that `--launch-sweep` tries,
 # one at a time around the shipped values (warps and columns change the compiled kernel)
-LAUNCH_SWEEP = {"MARLIN_PAIRS_WARPS": (2, 4, 8), "PAIRS_BLOCK_N": (64, 128, 256), "PAIRS_PER_SM": (4, 8, 16)}
+LAUNCH_SWEEP = {"PAIRS_WARPS": (2, 4, 8), "PAIRS_BLOCK_N": (64, 128, 256), "PAIRS_PER_SM": (4, 8, 16)}
 
 
 def launch_sweep(layers: list[dict], tokens: int) -> list[dict]:

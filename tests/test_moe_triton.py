@@ -167,13 +167,12 @@ def test_kernels_compile_for_hopper(dtype):
     magic = dict(bf16=(0x4300, 128.0), fp16=(0x6400, 1024.0))[dtype]
     for zeros, corrected, marlin in ((False, True, False), (True, False, False), (False, True, True),
                                      (False, False, True)):
-        pairs_warps = k.MARLIN_PAIRS_WARPS if marlin else k.PAIRS_WARPS
         compile_one(k._gate_up_pairs_kernel, ints, dict(HAS_ZEROS=zeros, HAS13=corrected, HAS2=corrected,
                                                         SHRINK=corrected, BN=64, BK=128, SPLITS=16, PREFETCH=False,
-                                                        BLOCK_R=16, SHRINK_BK=32, MARLIN=marlin), pairs_warps)
+                                                        BLOCK_R=16, SHRINK_BK=32, MARLIN=marlin), k.PAIRS_WARPS)
         compile_one(k._down_pairs_kernel, ints, dict(TOP_K=8, HAS_ZEROS=zeros, HAS2=corrected, BN=64, BK=128,
                                                      BLOCK_C=16, SPLITS=16, PREFETCH=False, MARLIN=marlin),
-                    pairs_warps)
+                    k.PAIRS_WARPS)
         if marlin:
             continue
         for block_m, (block_n, warps) in k.ROWS_LAUNCH.items():

@@ -47,12 +47,20 @@ def _add(a, b):
     return a + b
 
 
-# rank columns per step of the per-pair products. A GEMM kernel that calls these helpers in its
-# epilogue (kernels/moe_w4a16_triton.py, 2 warps) compiles for sm_90 at its own register count,
-# 96, with steps of 8; steps of 16 took 168, whole-rank tiles 255 and spilled. On the H200 the
-# whole-rank version cost 24 us per layer at one token over the same kernels without the
-# correction (20.5 us), likely mostly from that register count (bench/results/moe_micro.json)
-RANK_BLOCK = tl.constexpr(8)
+# The per-pair products step through the rank RANK_BLOCK columns at a time, and the steps are
+# unrolled (RANK_UNROLL of them, the whole rank at rank 64) so that their loads are independent
+# and issue together, as the dense kernel's rank blocks do (w4a16_triton._expand).
+# - Whole-rank tiles: the GEMM kernels that call these helpers in their epilogues
+#   (kernels/moe_w4a16_triton.py) took 255 registers and spilled 536-840 bytes a thread at 2
+#   warps (sm_90, Triton 3.6); on the H200 the correction cost 24 us per layer at one token over
+#   the same kernels without it.
+# - Steps of 8 in a loop that was not unrolled: 96-128 registers, no spill, but each step's loads
+#   waited for the previous step's; on the H100 the correction cost 60 us and the fused path
+#   twice what it took with whole-rank tiles (bench/results/moe_micro_h100_2026-12-07.json).
+# - Steps of 16, unrolled 4 times: 248-253 registers at 2 warps and 96-128 at 4, no spill (the
+#   pairs kernels on both layouts, Triton 3.6); the standalone fused kernels 168-255. Not timed.
+RANK_BLOCK = tl.constexpr(16)
+RANK_UNROLL = tl.constexpr(4)
 
 
 @triton.jit
@@ -67,7 +75,7 @@ def activate_pair(gate, up, pair, expert, offs_i, mask_i, r_ptr, a13_ptr, b2_ptr
     if HAS13:
         row = r_ptr + (pair // ROW_DIV).to(tl.int64) * stride_r
         a13_rows = a13_ptr + expert * stride_a13e + offs_i[:, None] * R13
-        for r0 in range(0, R13, RANK_BLOCK):
+        for r0 in tl.range(0, R13, RANK_BLOCK, loop_unroll_factor=RANK_UNROLL):
             offs_r = r0 + tl.arange(0, RANK_BLOCK)
             reduced = tl.full((RANK_BLOCK,), 0.0, tl.float32)
             for c in range(0, r_slices):
@@ -85,7 +93,7 @@ def activate_pair(gate, up, pair, expert, offs_i, mask_i, r_ptr, a13_ptr, b2_ptr
     tl.store(h_ptr + pair.to(tl.int64) * stride_h + offs_i, hidden, mask=mask_i)
     if HAS2:
         slot = part_ptr + (chunk * num_pairs + pair).to(tl.int64) * R2
-        for s0 in range(0, R2, RANK_BLOCK):
+        for s0 in tl.range(0, R2, RANK_BLOCK, loop_unroll_factor=RANK_UNROLL):
             offs_s = s0 + tl.arange(0, RANK_BLOCK)
             b2 = tl.load(b2_ptr + expert * stride_b2e + offs_s[:, None] * I + offs_i[None, :],
                          mask=(offs_s[:, None] < R2) & mask_i[None, :], other=0.0).to(tl.float32)
@@ -98,7 +106,7 @@ def down_correction(part_ptr, a2_ptr, pair, expert, offs_h, mask_h, num_pairs, R
     """A2_e S_p on a chunk of the hidden size (float32 [BLOCK_H]), S_p the sum of the pair's
     partials that `activate_pair` stored, BLOCK_C chunks per load."""
     total = tl.full(offs_h.shape, 0.0, tl.float32)
-    for s0 in range(0, R2, RANK_BLOCK):
+    for s0 in tl.range(0, R2, RANK_BLOCK, loop_unroll_factor=RANK_UNROLL):
         offs_s = s0 + tl.arange(0, RANK_BLOCK)
         reduced = tl.full((RANK_BLOCK,), 0.0, tl.float32)
         for c0 in range(0, num_chunks, BLOCK_C):

@@ -1,8 +1,8 @@
 """A grouped low-rank product for the experts' correction: `out[p] (+)= s_p * W_e x[src(p)]`
 for every (token, routed expert) pair p, W_e the pair's expert's factor. This is the path for
-batches past moe_marlin.FUSED_MAX_PAIRS pairs, where experts receive several pairs each and
-tensor-core tiles pay for the sorting and the extra launches; smaller batches take
-kernels/moe_fused_triton.py (no sorting, three launches, vector products).
+batches past moe_marlin.FUSED_MAX_PAIRS pairs (0 as shipped: every batch), where experts
+receive several pairs each and tensor-core tiles pay for the sorting and the extra launches;
+below it kernels/moe_fused_triton.py runs (no sorting, three launches, vector products).
 
 vLLM's Marlin MoE GEMMs write one row per pair, `p = token * top_k + k` (the rows of its
 `intermediate_cache1`, and of the w2 output before the top-k sum). This kernel walks the pairs
@@ -26,6 +26,7 @@ size. `align_reference` is a plain-torch copy of the alignment's layout for thos
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,36 +38,56 @@ import triton.language as tl
 def _grouped_lowrank_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, sorted_ptr, expert_ptr, padded_ptr,
                             num_pairs, N, K, ROW_DIV, stride_xm, stride_we, stride_wn, stride_om, x_slices,
                             stride_slice, ACCUMULATE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            TILES: tl.constexpr, ONE_K_BLOCK: tl.constexpr):
+    """One block of an expert's pairs and TILES consecutive tiles of BLOCK_N output columns.
+    With ONE_K_BLOCK (K <= BLOCK_K: the expands, whose K is the rank) x is loaded, and its
+    slices summed, once for all the program's tiles."""
     block = tl.program_id(0)
-    tile = tl.program_id(1)
     expert = tl.load(expert_ptr + block)
     # blocks past the padded pair count hold stale ids; an expert of -1 is not on this rank
     if (block * BLOCK_M < tl.load(padded_ptr)) & (expert >= 0):
         pairs = tl.load(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
         valid = pairs < num_pairs
         rows = tl.where(valid, pairs // ROW_DIV, 0).to(tl.int64)
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        w_base = w_ptr + expert.to(tl.int64) * stride_we
-        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
-            x_mask = valid[:, None] & (offs_k[None, :] < K)
-            x = tl.load(x_ptrs, mask=x_mask, other=0.0)
-            for c in range(1, x_slices):  # x the sum of partials (`activate`'s, S = B2_e h)
-                x += tl.load(x_ptrs + c * stride_slice, mask=x_mask, other=0.0)
-            w_t = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None],
-                          mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)
-            acc = tl.dot(x.to(w_t.dtype), w_t, acc)
-        if HAS_SCALE:
-            acc = acc * tl.load(scale_ptr + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
         safe = tl.where(valid, pairs, 0).to(tl.int64)
-        out_ptrs = out_ptr + safe[:, None] * stride_om + offs_n[None, :]
-        mask = valid[:, None] & (offs_n[None, :] < N)
-        if ACCUMULATE:
-            acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
+        if ONE_K_BLOCK:
+            x_once = _summed_x(x_ptr, rows, valid, 0, K, stride_xm, x_slices, stride_slice, BLOCK_K)
+        for t in range(TILES):
+            offs_n = (tl.program_id(1) * TILES + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                if ONE_K_BLOCK:
+                    x = x_once
+                else:
+                    x = _summed_x(x_ptr, rows, valid, k0, K, stride_xm, x_slices, stride_slice, BLOCK_K)
+                w_t = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None],
+                              mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)
+                acc = tl.dot(x.to(w_t.dtype), w_t, acc)
+            if HAS_SCALE:
+                acc = acc * scale[:, None]
+            out_ptrs = out_ptr + safe[:, None] * stride_om + offs_n[None, :]
+            mask = valid[:, None] & (offs_n[None, :] < N)
+            if ACCUMULATE:
+                acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _summed_x(x_ptr, rows, valid, k0, K, stride_xm, x_slices, stride_slice, BLOCK_K: tl.constexpr):
+    """The block's rows of x on [k0, k0 + BLOCK_K), summed over x's slices (`activate`'s
+    partials of S = B2_e h: one slice per chunk of I)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
+    x_mask = valid[:, None] & (offs_k[None, :] < K)
+    x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+    for c in range(1, x_slices):
+        x += tl.load(x_ptrs + c * stride_slice, mask=x_mask, other=0.0)
+    return x
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -153,12 +174,43 @@ def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, alignment: 
         block_n = _pow2_between(n, 16, 64)
     block_k = _pow2_between(k, 16, 64)
     blocks = alignment.expert_ids.numel()
-    grid = (blocks, triton.cdiv(n, block_n))
-    _grouped_lowrank_kernel[grid](
+    n_tiles = triton.cdiv(n, block_n)
+    # the blocks that hold pairs: at most one partial block per expert besides the full ones
+    busy = min(blocks, alignment.num_pairs // alignment.block_m + min(alignment.num_pairs, weight.shape[0]))
+    tiles = tiles_per_program(busy, n_tiles, _sm_count(out.device))
+    _grouped_lowrank_kernel[(blocks, triton.cdiv(n_tiles, tiles))](
         x, weight, out, out if scale is None else scale, alignment.sorted_ids, alignment.expert_ids, alignment.padded,
         alignment.num_pairs, n, k, row_div, x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), slices,
         x.stride(0), ACCUMULATE=accumulate, HAS_SCALE=scale is not None,
-        BLOCK_M=alignment.block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps_for(alignment.block_m))
+        BLOCK_M=alignment.block_m, BLOCK_N=block_n, BLOCK_K=block_k, TILES=tiles, ONE_K_BLOCK=k <= block_k,
+        num_warps=warps_for(alignment.block_m))
+
+
+# programs per SM that `launch` keeps at least, where it can, when it gives each program several
+# column tiles (not timed; the H100 ran one tile per program until 2026-12-07)
+PROGRAMS_PER_SM = 4
+
+
+def tiles_per_program(blocks: int, n_tiles: int, sm_count: int) -> int:
+    """Column tiles per program of the grouped product: a power of two (each one a compiled
+    variant), as many as keep PROGRAMS_PER_SM programs per SM for `blocks` busy blocks of pairs
+    (so decode keeps one tile per program).
+
+    One tile per program repeated, for every tile, the load of the block's x and the sum of its
+    slices: at the w2 expand, x is the 12 float32 partials of S per pair (one per 64 rows of
+    I), so at 256 tokens (2048 pairs, about 250 blocks, 32 tiles of the hidden size) that was
+    about 390 MB of L2 reads for a launch that writes 8 MB; on the H100 it took 71.8 us against
+    Marlin MoE's 196.6 for both GEMMs (bench/results/moe_micro_h100_2026-12-07.json)."""
+    tiles = 1
+    while tiles * 2 <= n_tiles and blocks * triton.cdiv(n_tiles, tiles * 2) >= PROGRAMS_PER_SM * sm_count:
+        tiles *= 2
+    return tiles
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; on a CPU (Triton's interpreter in the tests) an H100's 132."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def activate(w13_out: torch.Tensor, reduced: torch.Tensor | None, a13: torch.Tensor | None,

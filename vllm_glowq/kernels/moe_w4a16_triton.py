@@ -573,16 +573,15 @@ def _down_blocks_kernel(h_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, a2_ptr, sorted_pt
 
 PAIRS_PER_SM = 8  # programs per SM the pairs path aims for by splitting K (a guess, not timed)
 PAIRS_BLOCK_N = 64  # columns per program of the pairs path (the dense one-token path's tile)
+# warps per program of the pairs path, on either layout: on Marlin's, with the correction, the
+# H100 took 89.0 us per layer at one token at 2 warps, 96.2 at 4 and 121.0 at 8 (Qwen3-30B-A3B
+# shapes, bench/results/moe_micro_own_h100_2026-12-07.json)
 PAIRS_WARPS = 2
-# the same kernels on Marlin's layout: compiled for sm_90 (Triton's NVIDIA backend here, no GPU) the
-# corrected w13 kernel takes 128 registers and spills 16 bytes at 2 warps, 80 and no spill at 4
-# (plain: 148 and 96; the kernels' own layout: 96 at 2 warps); not timed yet
-MARLIN_PAIRS_WARPS = 4
-# the rows path's (columns per program, warps) by pairs per sorted block: compiled for sm_90 the
-# [BLOCK_M, 16, BN] products take 128 registers at (2, 64 columns, 2 warps), no spill; at 4 rows
-# on 32 columns the w2 kernel spilled 16 bytes on 2 warps and takes 196 registers on 4, no spill;
-# 4 rows on 64 columns took 255 and spilled, on 4 warps too (not timed)
-ROWS_LAUNCH = {2: (64, 2), 4: (32, 4)}
+# the rows path's (columns per program, warps) by pairs per sorted block, the fewest warps at which
+# both kernels compile for sm_90 without spilling (Triton 3.6 and 3.9) with the epilogue's rank
+# steps unrolled: 197-229 registers at (2 rows, 64 columns, 4 warps; 2 warps spilled 136-288
+# bytes), 113-128 at (4 rows, 32 columns, 8 warps; 4 warps spilled 104-112). Not timed
+ROWS_LAUNCH = {2: (64, 4), 4: (32, 8)}
 ROWS_MIN_BLOCK_N = 32
 _PARTIALS_PER_LOAD = 16
 
@@ -687,7 +686,7 @@ def gate_up_pairs(x, qweight, scales, zeros, group_size: int, block_k: int, redu
         1 if marlin is None else marlin.chunk, HAS_ZEROS=zeros is not None, HAS13=a13 is not None,
         HAS2=b2 is not None, SHRINK=shrink, BN=PAIRS_BLOCK_N, BK=block_k,
         SPLITS=min(_PARTIALS_PER_LOAD, triton.next_power_of_2(split)), PREFETCH=False, BLOCK_R=16, SHRINK_BK=32,
-        MARLIN=marlin is not None, num_warps=PAIRS_WARPS if marlin is None else MARLIN_PAIRS_WARPS)
+        MARLIN=marlin is not None, num_warps=PAIRS_WARPS)
     return partials
 
 
@@ -711,7 +710,7 @@ def down_pairs(hidden, qweight, scales, zeros, group_size: int, block_k: int, pa
         1 if marlin is None else marlin.chunk, TOP_K=top_k, HAS_ZEROS=zeros is not None, HAS2=a2 is not None,
         BN=PAIRS_BLOCK_N, BK=block_k, BLOCK_C=_PARTIALS_PER_LOAD,
         SPLITS=min(_PARTIALS_PER_LOAD, triton.next_power_of_2(contributors)), PREFETCH=False,
-        MARLIN=marlin is not None, num_warps=PAIRS_WARPS if marlin is None else MARLIN_PAIRS_WARPS)
+        MARLIN=marlin is not None, num_warps=PAIRS_WARPS)
     return out
 
 
