@@ -40,6 +40,11 @@ with the correction (`own_pairs`) against the same path without it (`own_plain_p
 baseline of its ratios), and both on Marlin's layout (`gemv`, `gemv_plain`; the layout computed
 in torch, `marlin_layout`), with `--breakdown` and `--launch-sweep` as above.
 
+Every run also times the grouped path's w2 expand alone (kernels/moe_lowrank_triton.launch on
+`activate`'s partials, the pairs sorted in torch: no vLLM needed) with its programs' column tiles
+as shipped against one tile per program, and checks that both write the same output
+(`expand_tiles` in the JSON).
+
     python bench/moe_microbench.py --out moe_micro.json [--tokens 1,4,16,64,256] [--threshold-sweep] [--breakdown]
                                    [--launch-sweep 1,4] [--own-only]
 """
@@ -47,6 +52,7 @@ in torch, `marlin_layout`), with `--breakdown` and `--launch-sweep` as above.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import importlib.util
 import json
@@ -265,6 +271,49 @@ def launch_sweep(layers: list[dict], tokens: int) -> list[dict]:
     return results
 
 
+def expand_tiles(layers: list[dict], tokens: int) -> dict:
+    """The grouped path's w2 expand at this token count, `out[p] += w_p A2_e S_p` with S_p the sum
+    of `activate`'s float32 partials (one per 64 rows of I), with the column tiles per program
+    that `launch` picks and with one: {tokens, tiles, us, us_one_tile, identical}."""
+    from vllm_glowq.kernels import moe_lowrank_triton as grouped
+
+    e, h, i, r = (SHAPE[k] for k in ("experts", "hidden", "inter", "rank"))
+    pairs = tokens * SHAPE["top_k"]
+    chunks = i // 64
+    cases = []
+    for c, layer in enumerate(layers):
+        weights, ids = routing(tokens, seed=1000 * tokens + c)
+        gen = torch.Generator(device="cuda").manual_seed(c)
+        partials = torch.randn(chunks, pairs, r, device="cuda", generator=gen) * r**-0.5
+        on_host = grouped.align_reference(ids.cpu(), grouped.block_m_for(pairs, e), e)
+        alignment = dataclasses.replace(on_host, sorted_ids=on_host.sorted_ids.cuda(),
+                                        expert_ids=on_host.expert_ids.cuda(), padded=on_host.padded.cuda())
+        out = torch.zeros(pairs, h, dtype=torch.bfloat16, device="cuda")
+        cases.append((partials, layer["factors"].a2, out, alignment, weights.reshape(-1).float()))
+
+    def calls():
+        return [lambda case=case: grouped.launch(case[0], case[1], case[2], case[3], scale=case[4], accumulate=True)
+                for case in cases]
+
+    def first_output() -> torch.Tensor:
+        cases[0][2].zero_()
+        calls()[0]()
+        return cases[0][2].clone()
+
+    row = dict(tokens=tokens, pairs=pairs, tiles=grouped.tiles_for(cases[0][3], -(-h // 64), e, cases[0][2].device))
+    row["us"], shipped = 1e6 * seconds_per_call(calls()), first_output()
+    programs_per_sm = grouped.PROGRAMS_PER_SM
+    grouped.PROGRAMS_PER_SM = 1 << 30  # one tile per program
+    try:
+        row["us_one_tile"], one_tile = 1e6 * seconds_per_call(calls()), first_output()
+    finally:
+        grouped.PROGRAMS_PER_SM = programs_per_sm
+    row["identical"] = bool(torch.equal(shipped, one_tile))
+    print(f"  w2 expand T={tokens}: {row['tiles']} tiles per program {row['us']:.1f} us, one tile "
+          f"{row['us_one_tile']:.1f} us, outputs identical: {row['identical']}", flush=True)
+    return row
+
+
 def suggested_threshold(rows: list[dict], small: str = "fused", large: str = "grouped") -> int | None:
     """The largest timed pair count up to which path `small` was never slower than `large`."""
     best = None
@@ -303,6 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     for tokens in args.tokens:
         result["rows"].append(bench_tokens(layers, tokens, args.threshold_sweep, args.breakdown, args.own_only))
         print(line(result["rows"][-1]), flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    for tokens in args.tokens:
+        result.setdefault("expand_tiles", []).append(expand_tiles(layers, tokens))
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for tokens in args.launch_sweep:
         result.setdefault("launch_sweep", []).extend(launch_sweep(layers, tokens))

@@ -546,7 +546,21 @@ def moe_micro_section(micro: dict | None) -> list[str]:
         for path, times in row.get("kernels", {}).items():
             top = ", ".join(f"`{name}` {us:.1f}" for name, us in list(times.items())[:5] if name != "gaps")
             breakdown.append(f"- {row['tokens']} tokens, {path}: {top}; gaps between kernels {times.get('gaps', 0):.1f} us")
-    return out + ([""] + breakdown if breakdown else []) + [""] + launch_sweep_lines(micro.get("launch_sweep", []))
+    return (out + ([""] + breakdown if breakdown else []) + [""] + launch_sweep_lines(micro.get("launch_sweep", []))
+            + expand_tiles_lines(micro.get("expand_tiles", [])))
+
+
+def expand_tiles_lines(rows: list[dict]) -> list[str]:
+    """The grouped path's w2 expand alone: column tiles per program as shipped against one."""
+    if not rows:
+        return []
+    out = ["The grouped path's w2 expand alone (kernels/moe_lowrank_triton.launch on `activate`'s partials), "
+           "microseconds per layer, with the column tiles per program it picks and with one:", "",
+           "| tokens | pairs | tiles per program | as shipped (us) | one tile (us) | one tile / shipped | same output |",
+           "| ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    out += [f"| {r['tokens']} | {r['pairs']} | {r['tiles']} | {r['us']:.1f} | {r['us_one_tile']:.1f} | "
+            f"{r['us_one_tile'] / r['us']:.2f}x | {'yes' if r['identical'] else '**no**'} |" for r in rows]
+    return out + [""]
 
 
 def launch_sweep_lines(sweep: list[dict]) -> list[str]:

@@ -125,6 +125,9 @@ def test_moe_micro_section_lists_kernels_and_launch_sweep():
     assert "- 1 tokens, own_pairs: `gemv` 20.0; gaps between kernels 5.0 us" in text
     assert "| 1 | PAIRS_WARPS | 4 | 22.5 | 4.0e-03 |" in text
     assert "PAIRS_WARPS" not in "\n".join(report.moe_micro_section({**micro, "launch_sweep": []}))
+    expand = [{"tokens": 256, "pairs": 2048, "tiles": 8, "us": 12.0, "us_one_tile": 72.0, "identical": True}]
+    assert "| 256 | 2048 | 8 | 12.0 | 72.0 | 6.00x | yes |" in "\n".join(
+        report.moe_micro_section({**micro, "expand_tiles": expand}))
     own = {**micro, "vllm": None, "rows": [{"tokens": 1, "pairs": 8, "default_path": "fused", "baseline": "own_plain_pairs",
                                           "us": {"own_plain_pairs": 20.0, "own_pairs": 25.0}, "ratio": {"own_pairs": 0.8}}]}
     text = "\n".join(report.moe_micro_section(own))

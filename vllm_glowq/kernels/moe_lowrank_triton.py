@@ -175,9 +175,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, alignment: 
     block_k = _pow2_between(k, 16, 64)
     blocks = alignment.expert_ids.numel()
     n_tiles = triton.cdiv(n, block_n)
-    # the blocks that hold pairs: at most one partial block per expert besides the full ones
-    busy = min(blocks, alignment.num_pairs // alignment.block_m + min(alignment.num_pairs, weight.shape[0]))
-    tiles = tiles_per_program(busy, n_tiles, _sm_count(out.device))
+    tiles = tiles_for(alignment, n_tiles, weight.shape[0], out.device)
     _grouped_lowrank_kernel[(blocks, triton.cdiv(n_tiles, tiles))](
         x, weight, out, out if scale is None else scale, alignment.sorted_ids, alignment.expert_ids, alignment.padded,
         alignment.num_pairs, n, k, row_div, x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), slices,
@@ -189,6 +187,14 @@ def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, alignment: 
 # programs per SM that `launch` keeps at least, where it can, when it gives each program several
 # column tiles (not timed; the H100 ran one tile per program until 2026-12-07)
 PROGRAMS_PER_SM = 4
+
+
+def tiles_for(alignment: Alignment, n_tiles: int, num_experts: int, device: torch.device) -> int:
+    """`launch`'s column tiles per program: `tiles_per_program` for the blocks that hold pairs
+    (at most one partial block per expert besides the full ones)."""
+    busy = min(alignment.expert_ids.numel(),
+               alignment.num_pairs // alignment.block_m + min(alignment.num_pairs, num_experts))
+    return tiles_per_program(busy, n_tiles, _sm_count(device))
 
 
 def tiles_per_program(blocks: int, n_tiles: int, sm_count: int) -> int:
