@@ -26,7 +26,8 @@ Kernels, chosen by platform when the layer is built:
   for vLLM's WNA16 Marlin MoE GEMMs (one copy of the int4 weights), and the correction is added
   by Triton kernels inside the callbacks vLLM's `fused_marlin_moe` offers: A13_e R into the w13
   output before the activation, R = B13 x computed once per token; the down correction into
-  the w2 output before the top-k sum (a fused path at small batches, a grouped one past them).
+  the w2 output before the top-k sum (on pairs grouped by expert; a fused path up to
+  moe_marlin.FUSED_MAX_PAIRS pairs, off as shipped).
   Rank-0 layers run Marlin alone. With symmetric codes, decode steps of up to
   moe_marlin.GEMV_MAX_PAIRS (token, expert) pairs can skip Marlin for the project's GEMVs, which
   read the same Marlin-layout codes and take the correction inside (moe_triton's pairs path;
@@ -447,13 +448,14 @@ def _log_once(kernel: str) -> None:
         logger.info("GlowQ: MoE experts run the project's own int4 MoE kernels (%s=glowq), the correction inside "
                     "the expert GEMMs (R = B x once per token).", kernel_choice.ENV_KERNEL)
     else:
-        from .moe_marlin import GEMV_MAX_PAIRS
+        from .moe_marlin import FUSED_MAX_PAIRS, GEMV_MAX_PAIRS
 
+        paths = (f"fused up to {FUSED_MAX_PAIRS} (token, expert) pairs, grouped past them" if FUSED_MAX_PAIRS
+                 else "pairs grouped by expert")
         gemv = (f"; symmetric codes run decode steps of up to {GEMV_MAX_PAIRS} (token, expert) pairs on the "
                 "project's GEMVs over the same codes, the correction inside" if GEMV_MAX_PAIRS else "")
         logger.info("GlowQ: MoE experts run vLLM's Marlin MoE GEMMs on the int4 codes, the correction added by "
-                    "the project's Triton kernels (fused at small batches, grouped past them; R = B x once per "
-                    "token)%s.", gemv)
+                    "the project's Triton kernels (%s; R = B x once per token)%s.", paths, gemv)
 
 
 # ----- the custom op --------------------------------------------------------------------------

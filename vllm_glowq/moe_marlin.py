@@ -81,11 +81,12 @@ MARLIN_SCALE_PERM_SINGLE = [2 * i + j for i in range(4) for j in (0, 1, 8, 9, 16
 # prints the count to set here.
 FUSED_MAX_PAIRS = 0
 # (token, expert) pairs up to which symmetric experts skip Marlin MoE for the project's GEMVs on
-# the same codes (moe_triton's pairs path). 0, off, until a GPU has run and timed them on this
-# layout: bench/moe_microbench.py times them (`gemv`) and prints up to how many pairs they beat
-# Marlin MoE with the fused correction. On their own layout plain int4 through them took 20.5 us
-# per Qwen3-30B-A3B layer at one token against Marlin MoE's 31.1, 48.4 against 50.4 at 4 tokens
-# (32 pairs), 84.1 against 72.8 at 8 (H200, bench/results/moe_micro.json), so 32 is the guess.
+# the same codes (moe_triton's pairs path): 0, off. bench/moe_microbench.py times them (`gemv`)
+# and prints up to how many pairs they beat Marlin MoE with the fused correction. On their own
+# layout plain int4 through them took 20.5 us per Qwen3-30B-A3B layer at one token against
+# Marlin MoE's 31.1, 48.4 against 50.4 at 4 tokens (32 pairs), 84.1 against 72.8 at 8 (H200,
+# bench/results/moe_micro.json); on Marlin's layout without factors the H100 took 38.1 us
+# against Marlin MoE's 32.0 at one token (bench/results/moe_micro_h100_2026-12-07.json).
 GEMV_MAX_PAIRS = 0
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -238,8 +239,8 @@ def forward(experts: Int4Experts, factors: ExpertFactors, x: torch.Tensor, topk_
 
 def correction_hooks(factors: ExpertFactors, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                      num_experts: int, activation, fused: bool | None = None):
-    """The callbacks of one call (None without a correction): fused at small batches, grouped
-    otherwise; both compute the gated SiLU, the only activation they take."""
+    """The callbacks of one call (None without a correction): fused up to FUSED_MAX_PAIRS pairs,
+    grouped otherwise; both compute the gated SiLU, the only activation they take."""
     if not factors.any:
         return None
     if not compat.plain_gated_silu(activation, {}):
