@@ -400,6 +400,8 @@ def build(results: Path) -> str:
                 f"{p.get('decode_prompt')}-token prompts, median of {p.get('decode_reps')}; TTFT = wall time of a "
                 f"1-token generation, median of {p.get('ttft_reps')}; throughput: {p.get('throughput_prompts')} prompts x "
                 f"{p.get('throughput_in')} tokens in, {p.get('throughput_out')} out.", ""] + lines + [""]
+        if vllm.get("note"):  # how a run departed from one call, written when its JSON was assembled
+            out += [f"Note: {vllm['note']}.", ""]
         if vllm.get("skipped"):
             out += [f"Skipped in this call (time limit): {', '.join(vllm['skipped'])}.", ""]
         checks = vllm.get("token_checks", [])
