@@ -8,6 +8,9 @@ token count it times:
 * `plain`: vLLM's `fused_marlin_moe` without callbacks (the plugin's rank-0 layers; vLLM's own
   GPTQ-Marlin MoE runs the same kernels);
 * `grouped`: GlowQ with the correction on pairs sorted by expert (moe_marlin.forward, fused=False);
+  `grouped_two_sorts` the same with the correction's own sort besides Marlin's (moe_marlin.ONE_SORT
+  off) and `grouped_serial_r` with R = B13 x in series (R_ON_SIDE_STREAM off), what each of those
+  switches saves;
 * `fused`: GlowQ with the small-batch fused correction (fused=True), where
   moe_marlin.takes_fused_path would take it; `--threshold-sweep` times it at every count, and
   prints the pair count up to which it beats the grouped path (what FUSED_MAX_PAIRS should be);
@@ -69,7 +72,11 @@ from vllm_glowq.packing import dequantize
 SHAPE = dict(hidden=2048, experts=128, top_k=8, inter=768, rank=64, group=128)  # Qwen3-30B-A3B
 COPIES = 8  # x 24 MB of experts and factors touched per copy at one token: past the H200's L2
 CHECK_TOKENS = 4
-PATHS = ("plain", "grouped", "fused", "gemv", "gemv_plain", "own", "own_plain", "own_pairs", "own_rows", "own_blocks")
+PATHS = ("plain", "grouped", "grouped_two_sorts", "grouped_serial_r", "fused", "gemv", "gemv_plain", "own", "own_plain",
+         "own_pairs", "own_rows", "own_blocks")
+# the grouped path with one of moe_marlin's switches turned off (set while the call is built and
+# captured: the hooks read them then)
+SWITCHED_OFF = {"grouped_two_sorts": "ONE_SORT", "grouped_serial_r": "R_ON_SIDE_STREAM"}
 SWEEP_ONLY = ("own_pairs", "own_rows", "own_blocks")  # timed with --threshold-sweep only
 # --own-only: the pairs path without and with the correction, on its own layout and on Marlin's
 OWN_ONLY_PATHS = ("own_plain_pairs", "own_pairs", "gemv_plain", "gemv")
@@ -184,7 +191,19 @@ def step(layer: dict, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
     fused = path == "fused"  # plain: Marlin MoE alone (no factors, no decode GEMVs)
-    return lambda: moe_marlin.forward(layer["int4"], factors, x, weights, ids, MoEActivation.SILU, fused=fused)
+    switch = SWITCHED_OFF.get(path)
+
+    def call():
+        shipped = switch and getattr(moe_marlin, switch)
+        if switch:
+            setattr(moe_marlin, switch, False)
+        try:
+            return moe_marlin.forward(layer["int4"], factors, x, weights, ids, MoEActivation.SILU, fused=fused)
+        finally:
+            if switch:
+                setattr(moe_marlin, switch, shipped)
+
+    return call
 
 
 def reference(layer: dict, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -346,6 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     layers = [make_layer(seed, args.own_only) for seed in range(COPIES)]
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, vllm=vllm_version, shape=SHAPE,
                   copies=COPIES, fused_max_pairs=moe_marlin.FUSED_MAX_PAIRS, gemv_max_pairs=moe_marlin.GEMV_MAX_PAIRS,
+                  one_sort=moe_marlin.ONE_SORT, r_on_side_stream=moe_marlin.R_ON_SIDE_STREAM,
                   pairs_max_pairs=moe_triton.PAIRS_MAX_PAIRS, rows_max_pairs=moe_triton.ROWS_MAX_PAIRS, rows=[])
     print(f"{result['device']}, vLLM {result['vllm']}; shapes {SHAPE}; plain/GlowQ ratios, * = the default path",
           flush=True)

@@ -153,6 +153,21 @@ def test_moe_microbench_threshold_is_where_the_fused_path_stops_winning():
     assert moe_microbench.suggested_threshold([{"pairs": 8, "us": {"grouped": 1.0, "fused": 2.0}}]) is None
 
 
+def test_moe_microbench_switches_one_thing_per_grouped_variant(monkeypatch):
+    """`grouped_two_sorts` and `grouped_serial_r` run moe_marlin.forward with exactly their switch
+    off, and leave the module as shipped afterwards."""
+    from vllm_glowq import moe_marlin
+
+    seen = []
+    monkeypatch.setattr(moe_marlin, "forward", lambda *a, **k: seen.append((moe_marlin.ONE_SORT,
+                                                                              moe_marlin.R_ON_SIDE_STREAM)))
+    layer = {"int4": None, "factors": moe_marlin.ExpertFactors()}
+    for path in ("grouped", "grouped_two_sorts", "grouped_serial_r"):
+        moe_microbench.step(layer, None, None, None, path)()
+    assert seen == [(True, True), (False, True), (True, False)]
+    assert moe_marlin.ONE_SORT and moe_marlin.R_ON_SIDE_STREAM
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_moe_microbench_refuses_without_a_gpu(tmp_path):
     out = tmp_path / "moe_micro.json"

@@ -7,15 +7,18 @@ kernels/moe_fused_triton.py) against a float64 reference.
   stand-in for vLLM's `fused_marlin_moe` that keeps its documented contract (one w13 row per
   (token, expert) pair, the activation callback, w2 rows scaled by the router weight, the
   top-k sum callback), for shared and per-module B, GlowQ-S layers with only one of the two
-  corrections, block sizes 16/32/64. float32 (exact indexing) and float16.
+  corrections, Marlin's block sizes (8, 48 and 64: one sort for Marlin and the correction) and
+  the grouped path's own (16, 32). float32 (exact indexing) and float16.
 * CPU, layout glue: the unpacked zero points the loader keeps give exactly what vLLM's own
-  conversion gives from the GPTQ-packed ones; the call into `fused_marlin_moe` binds to the
-  installed vLLM's signature; the shape checks.
+  conversion gives from the GPTQ-packed ones; the calls into `fused_marlin_moe` and (the grouped
+  path's one sort) `_fused_marlin_moe` bind to the installed vLLM's signatures, and the block
+  size the grouped path sorts at is the one vLLM's `fused_marlin_moe` picks; the shape checks.
 * CPU, the fused small-batch path (kernels/moe_fused_triton.py) in the interpreter: each of
   its kernels against float64 fed the kernels' own rounded inputs (bf16 and fp16, 1 to 24
   pairs, top-k 1, 2 and 8, shared and per-module B, only one of the two corrections), its
   callbacks around the stand-in, the choice of path, and sm_90 compilation.
-* GPU (skipped without CUDA), on both correction paths (fused and grouped, each forced): the
+* GPU (skipped without CUDA), on both correction paths (fused and grouped, each forced; the
+  grouped one also with its own sort and R in series, as before ONE_SORT and R_ON_SIDE_STREAM): the
   whole block through vLLM's Marlin MoE GEMMs on repacked codes, bf16 and fp16, 8 and 64
   experts, top-2 and top-8, rank 0 and 16, shared and per-module B, symmetric and asymmetric
   codes, 1 to 600 tokens; with the correction removed the same comparison must fail (negative
@@ -126,9 +129,9 @@ def grouped():
 
 
 # pairs' source rows per token (row_div = top_k) or per pair; N and K off the tile sizes
-KERNEL_CASES = [  # tokens, experts, top_k, N, K, block_m
+KERNEL_CASES = [  # tokens, experts, top_k, N, K, block_m (8 and 48: Marlin's, in part of a tile)
     (1, 4, 2, 48, 8, 16), (5, 4, 3, 100, 24, 16), (13, 8, 2, 70, 130, 32), (40, 3, 2, 64, 16, 64),
-    (7, 4, 2, 150, 64, 16)]
+    (7, 4, 2, 150, 64, 16), (9, 4, 2, 40, 24, 8), (30, 4, 3, 70, 64, 48)]
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(map(str, c)))
@@ -206,18 +209,19 @@ def test_grouped_kernel_compiles_for_hopper(dtype):
                     padded_ptr="i32")
     integers = ("num_pairs", "N", "K", "ROW_DIV", "stride_xm", "stride_we", "stride_wn", "stride_om", "x_slices",
                 "stride_slice")
-    for block_m in (16, 32, 64):
+    for block_m in (8, 16, 32, 48, 64):  # Marlin's block sizes
+        rows = moe_lowrank_triton.tile_rows(block_m)
         # the per-pair shrink of `--share module` (N = 2r: 16 or 64 columns) and the w2 expand,
         # which reads `activate`'s float32 partials, router-weighted and accumulated
         for block_n, accumulate, scaled, tiles in ((64, False, False, 1), (16, False, False, 1),
                                                    (64, True, True, 1), (64, True, True, 16)):
-            constexprs = dict(ACCUMULATE=accumulate, HAS_SCALE=scaled, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
-                              TILES=tiles, ONE_K_BLOCK=scaled)
+            constexprs = dict(ACCUMULATE=accumulate, HAS_SCALE=scaled, BLOCK_M=rows, BLOCK_ROWS=block_m,
+                              BLOCK_N=block_n, BLOCK_K=64, TILES=tiles, ONE_K_BLOCK=scaled)
             x = {"x_ptr": "fp32"} if scaled else {}
             signature = {**{k: f"*{v}" for k, v in {**pointers, **x}.items()}, **{k: "i32" for k in integers},
                          **{k: "constexpr" for k in constexprs}}
             kernel = compile_for_hopper(moe_lowrank_triton._grouped_lowrank_kernel, signature, constexprs,
-                                        moe_lowrank_triton.warps_for(block_m))
+                                        moe_lowrank_triton.warps_for(rows))
             assert kernel.asm["cubin"], (block_m, block_n)
             assert spilled_bytes(kernel) in (0, None), (block_m, block_n)  # the launch picks warps that fit
 
@@ -231,13 +235,15 @@ def test_grouped_activation_compiles_for_hopper(dtype):
                     sorted_ptr="i32", expert_ptr="i32", padded_ptr="i32")
     integers = ("num_pairs", "I", "R13", "R2", "ROW_DIV", "stride_w13", "stride_r", "stride_a13e", "stride_b2e",
                 "stride_h")
-    for block_m in (16, 32, 64):
+    for block_m in (8, 16, 32, 48, 64):
+        rows = moe_lowrank_triton.tile_rows(block_m)
         for has13, has2 in ((True, True), (True, False), (False, True)):
-            constexprs = dict(HAS13=has13, HAS2=has2, BLOCK_M=block_m, BLOCK_I=64, BLOCK_R13=64, BLOCK_R2=64)
+            constexprs = dict(HAS13=has13, HAS2=has2, BLOCK_M=rows, BLOCK_ROWS=block_m, BLOCK_I=64, BLOCK_R13=64,
+                              BLOCK_R2=64)
             signature = {**{k: f"*{v}" for k, v in pointers.items()}, **{k: "i32" for k in integers},
                          **{k: "constexpr" for k in constexprs}}
             kernel = compile_for_hopper(moe_lowrank_triton._grouped_activate_kernel, signature, constexprs,
-                                        moe_lowrank_triton.warps_for(block_m))
+                                        moe_lowrank_triton.warps_for(rows))
             assert kernel.asm["cubin"], (block_m, has13, has2)
             assert spilled_bytes(kernel) in (0, None), (block_m, has13, has2)
 
@@ -404,18 +410,21 @@ def simulated_marlin(x, w13, w2, topk_weights, topk_ids, activation_func, moe_su
     return moe_sum(w2_out.view(tokens, top_k, -1), output, topk_ids, None)
 
 
-HOOK_CASES = [  # tokens, experts, top_k (block sizes 16, 32 and 64)
+HOOK_CASES = [  # tokens, experts, top_k (Marlin's block sizes 8, 8, 48 and 64)
     (1, 4, 2), (9, 4, 2), (60, 4, 2), (120, 3, 2)]
 # the fused path on the small cases only: the interpreter takes about 30 ms per (pair, chunk)
-PATH_CASES = [("grouped", c) for c in HOOK_CASES] + [("fused", c) for c in HOOK_CASES[:2]]
+# and the grouped path with its own sort (ONE_SORT off: block sizes 16 and 32) on two of them
+PATH_CASES = ([("grouped", c) for c in HOOK_CASES] + [("fused", c) for c in HOOK_CASES[:2]]
+              + [("grouped-two-sorts", c) for c in HOOK_CASES[1:3]])
 
 
 @pytest.mark.parametrize("path,case", PATH_CASES, ids=lambda c: c if isinstance(c, str) else "-".join(map(str, c)))
 @pytest.mark.parametrize("share", ["group", "module"])
 @pytest.mark.parametrize("parts", ["both", "w13", "w2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_callbacks_add_the_correction(grouped, fused, path, case, share, parts, dtype):
+def test_callbacks_add_the_correction(grouped, fused, path, case, share, parts, dtype, monkeypatch):
     tokens, experts, top_k = case
+    monkeypatch.setattr(moe_marlin, "ONE_SORT", path != "grouped-two-sorts")
     hidden, inter, rank = 96, 64, 8
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, hidden, generator=gen).to(dtype)
@@ -462,6 +471,62 @@ def test_call_binds_to_the_installed_fused_marlin_moe(monkeypatch):
                        activation="silu")
     assert seen["quant_type_id"] == moe_marlin.compat.int4_weight_type(sym=True).id
     assert "activation_func" not in seen and seen["moe_sum"] is None  # rank 0: Marlin alone
+
+
+@pytest.mark.parametrize("tokens,experts,top_k", [(1, 128, 8), (16, 128, 8), (64, 128, 8), (120, 128, 8),
+                                                   (256, 128, 8), (600, 128, 8), (2048, 128, 8), (3, 8, 2)])
+def test_marlin_block_size_is_vllms(tokens, experts, top_k, monkeypatch):
+    """compat.marlin_moe_block_size picks the block `fused_marlin_moe` of the installed vLLM sorts
+    into (the grouped path's one sort must be the one Marlin would make)."""
+    from vllm.model_executor.layers.fused_moe.experts import marlin_moe
+
+    class Sorted(Exception):
+        pass
+
+    def record(topk_ids, block_size_m, *args, **kwargs):
+        raise Sorted(block_size_m)
+
+    monkeypatch.setattr(marlin_moe, "moe_align_block_size", record)
+    hidden, inter = 128, 64
+    with pytest.raises(Sorted) as sorted_at:
+        marlin_moe.fused_marlin_moe(
+            hidden_states=torch.zeros(tokens, hidden, dtype=torch.bfloat16),
+            w1=torch.zeros(experts, hidden // 16, 4 * inter, dtype=torch.int32),
+            w2=torch.zeros(experts, inter // 16, 2 * hidden, dtype=torch.int32), bias1=None, bias2=None,
+            w1_scale=torch.zeros(1), w2_scale=torch.zeros(1), topk_weights=torch.ones(tokens, top_k),
+            topk_ids=torch.zeros(tokens, top_k, dtype=torch.int32),
+            quant_type_id=moe_marlin.compat.int4_weight_type(sym=True).id, global_num_experts=experts)
+    assert sorted_at.value.args[0] == moe_marlin.compat.marlin_moe_block_size(tokens, top_k, experts)
+
+
+def test_grouped_path_hands_its_sort_to_marlin(monkeypatch):
+    """With ONE_SORT the grouped path sorts the pairs once, at Marlin's block size, and calls
+    the installed vLLM's `_fused_marlin_moe` with that sort and its activation callback (the
+    keywords bind to that version's signature); the result is summed over top_k."""
+    from vllm.model_executor.layers.fused_moe.experts import marlin_moe
+
+    from vllm_glowq.kernels.moe_lowrank_triton import align_reference
+
+    tokens, experts, top_k, hidden, inter = 5, 4, 2, 64, 32
+    seen = {}
+    signature = inspect.signature(marlin_moe._fused_marlin_moe)
+
+    def fake(**kwargs):
+        seen.update(signature.bind(**kwargs).arguments)
+        return torch.ones(tokens * top_k, hidden)
+
+    monkeypatch.setattr(marlin_moe, "_fused_marlin_moe", fake)
+    monkeypatch.setattr(moe_marlin.compat, "moe_align", align_reference)
+    monkeypatch.setattr(moe_marlin, "ONE_SORT", True)
+    int4 = moe_marlin.Int4Experts(*(torch.zeros(experts, 4, 8) for _ in range(4)), None, None, torch.zeros(4))
+    factors = as_factors(make_factors(experts, hidden, inter, 4, "group", has2=False), torch.float32)
+    weights, ids = routing(tokens, experts, top_k)
+    out = moe_marlin.forward(int4, factors, torch.randn(tokens, hidden), weights, ids, "silu", fused=False)
+    assert torch.equal(out, torch.full((tokens, hidden), float(top_k)))
+    block = moe_marlin.compat.marlin_moe_block_size(tokens, top_k, experts)
+    assert seen["block_size_m"] == block and seen["num_topk"] == top_k
+    assert torch.equal(seen["sorted_token_ids"], align_reference(ids, block, experts).sorted_ids)
+    assert isinstance(seen["activation_func"].__self__, moe_marlin.CorrectionHooks)
 
 
 def test_unsupported_shapes_are_named():
@@ -528,7 +593,18 @@ GPU_CASES = [  # experts, top_k, rank, share, sym
     (8, 2, 16, "group", True), (8, 2, 0, "group", True), (64, 8, 16, "group", False), (64, 8, 16, "module", True),
     (64, 8, 0, "group", False), (8, 2, 16, "module", False)]
 GPU_TOKENS = [1, 3, 16, 64, 257, 600]
-FORCED_PATH = {"fused": True, "grouped": False, "default": None, "gemv": None}  # moe_marlin.forward's `fused`
+# moe_marlin.forward's `fused`; "grouped-serial": the grouped path with its own sort and R in series
+FORCED_PATH = {"fused": True, "grouped": False, "grouped-serial": False, "default": None, "gemv": None}
+
+
+def set_path(path: str, monkeypatch) -> None:
+    """The module switches a test path stands for (the decode GEMVs on up to 32 pairs; the
+    grouped path as it ran before ONE_SORT and R_ON_SIDE_STREAM)."""
+    if path == "gemv":
+        monkeypatch.setattr(moe_marlin, "GEMV_MAX_PAIRS", 32)
+    if path == "grouped-serial":
+        monkeypatch.setattr(moe_marlin, "ONE_SORT", False)
+        monkeypatch.setattr(moe_marlin, "R_ON_SIDE_STREAM", False)
 GPU_SHAPE = dict(hidden=512, inter=256, group=128)
 
 
@@ -536,16 +612,14 @@ GPU_SHAPE = dict(hidden=512, inter=256, group=128)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
-@pytest.mark.parametrize("path", ["fused", "grouped", "default", "gemv"])
+@pytest.mark.parametrize("path", ["fused", "grouped", "grouped-serial", "default", "gemv"])
 def test_gpu_block_matches_float64(dtype, case, path, monkeypatch):
     """Every token count on the path asked for (the fused one past FUSED_MAX_PAIRS too; the
     default's own choice; with `gemv` the decode GEMVs on the Marlin codes switched on up to 32
     pairs, where the codes are symmetric)."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
-    if path == "gemv":
-        monkeypatch.setattr(moe_marlin, "GEMV_MAX_PAIRS", 32)
-
+    set_path(path, monkeypatch)
     experts, top_k, rank, share, sym = case
     h, i, g = GPU_SHAPE["hidden"], GPU_SHAPE["inter"], GPU_SHAPE["group"]
     gen = torch.Generator().manual_seed(experts + rank)
@@ -573,13 +647,13 @@ def test_gpu_block_matches_float64(dtype, case, path, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 16, 64])
 @pytest.mark.parametrize("share", ["group", "module"])
-@pytest.mark.parametrize("path", ["fused", "grouped", "gemv"])
+@pytest.mark.parametrize("path", ["fused", "grouped", "grouped-serial", "gemv"])
 def test_gpu_block_inside_a_cuda_graph(tokens, share, path, monkeypatch):
-    """Captured once, replayed on new inputs copied into the captured buffers."""
+    """Captured once, replayed on new inputs copied into the captured buffers (with the grouped
+    path's second stream inside the graph)."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
-    if path == "gemv":  # the decode GEMVs on the Marlin codes, switched on (up to 32 pairs; Marlin past them)
-        monkeypatch.setattr(moe_marlin, "GEMV_MAX_PAIRS", 32)
+    set_path(path, monkeypatch)
 
     experts, top_k, rank, dtype = 64, 8, 16, torch.bfloat16
     h, i, g = GPU_SHAPE["hidden"], GPU_SHAPE["inter"], GPU_SHAPE["group"]

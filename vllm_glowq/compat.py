@@ -169,6 +169,35 @@ def fused_marlin_moe(**kwargs: Any) -> torch.Tensor:
     return run(bias1=None, bias2=None, **kwargs)
 
 
+def marlin_moe_block_size(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """The block of pairs `fused_marlin_moe` sorts into (its block-size choice, the same in 0.26
+    and 0.32 without expert parallelism or 8-bit activations): the first of 8, 16, 32, 48 that
+    an expert's average pair count fills to less than 0.9, else 64."""
+    per_expert = num_tokens * top_k / num_experts
+    for block in (8, 16, 32, 48):
+        if per_expert / block < 0.9:
+            return block
+    return 64
+
+
+def marlin_moe_sorted(alignment, topk_ids: torch.Tensor, quant_type_id: int, **kwargs: Any) -> torch.Tensor:
+    """Marlin MoE's two GEMMs on pairs the caller sorted (`alignment`, a kernels Alignment at
+    `marlin_moe_block_size`), so that one sort serves Marlin and the grouped correction:
+    vLLM's `_fused_marlin_moe`, the body of `fused_marlin_moe` after its sort (private, with the
+    same keywords in 0.26 and 0.32: hidden_states, w1, w2, w1_scale, w2_scale, w1_zeros,
+    w2_zeros, topk_weights, activation, activation_func, workspace). Returns w2_out [T, top_k, H],
+    router weights applied, not yet summed over top_k."""
+    from vllm.model_executor.layers.fused_moe.experts.marlin_moe import _fused_marlin_moe
+    from vllm.scalar_type import ScalarType
+
+    tokens, top_k = topk_ids.shape
+    out = _fused_marlin_moe(bias1=None, bias2=None, num_topk=top_k, quant_type=ScalarType.from_id(quant_type_id),
+                            apply_router_weight_on_input=False, expert_map=None, block_size_m=alignment.block_m,
+                            sorted_token_ids=alignment.sorted_ids, expert_ids=alignment.expert_ids,
+                            num_tokens_post_padded=alignment.padded, topk_ids=topk_ids, **kwargs)
+    return out.view(tokens, top_k, -1)
+
+
 def moe_align(topk_ids: torch.Tensor, block_m: int, num_experts: int):
     """vLLM's `moe_align_block_size` (same layout in 0.26 and 0.32), as a kernels Alignment."""
     from vllm.model_executor.layers.fused_moe.moe_align_block_size import moe_align_block_size

@@ -85,6 +85,13 @@ def _device_state(device: torch.device, rank: int) -> _DeviceState:
     return _devices[device]
 
 
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The device's second stream, shared by every layer that overlaps work with its GEMMs (the
+    overlap and split paths here, R = B13 x in vllm_glowq/moe_marlin.py). Layers ask for it at
+    load time, so it exists before CUDA graphs are captured."""
+    return _device_state(device, 0).side_stream
+
+
 def register_layer(name: str, layer: torch.nn.Module, base: BaseForward) -> None:
     """Make `layer` (holding glowq_B, glowq_A) callable as torch.ops.glowq.linear(x, bias, name).
 

@@ -278,10 +278,13 @@ class GlowQMoEMethod(FusedMoEMethodBase):
             if hasattr(layer, name):
                 _replace(layer, name, getattr(layer, name).data.to(self.params_dtype).contiguous())
         if self.on_gpu:
+            from .correction import side_stream
             from .moe_marlin import ExpertFactors
 
             self.factors = ExpertFactors(**{field: getattr(layer, name) for name, field in FACTOR_PARAMS.items()
                                             if hasattr(layer, name)})
+            if self.factors.b13 is not None and self.factors.b13.is_cuda:  # R = B13 x runs on it
+                side_stream(self.factors.b13.device)  # created before CUDA graphs are captured
         _layers[self.prefix] = (layer, self)
 
     def _dequantize_all(self, layer) -> None:

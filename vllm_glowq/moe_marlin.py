@@ -10,23 +10,25 @@ exactly where the correction belongs, and they are the hooks vLLM's own MoE LoRA
 (`activation_with_lora`, `moe_sum_with_lora`). Both vLLM 0.26 and 0.32 call
 `moe_sum(w2_out [T, top_k, H], output [T, H], topk_ids, expert_map)` and return what it returns.
 
-The grouped path (`CorrectionHooks`, kernels/moe_lowrank_triton.py) calls `fused_marlin_moe` with:
+The grouped path (`CorrectionHooks`, kernels/moe_lowrank_triton.py) runs Marlin MoE's GEMMs with:
 
-* before the call, R = B13 x once per token ([T, r], one cuBLAS GEMM): never per pair, which is
-  the point of sharing B; and the pairs sorted by expert in blocks that suit tensor-core tiles
-  (vLLM's `moe_align_block_size` again, at the kernel's block size: Marlin's own sort is
-  internal to the call, and its blocks of 8 are smaller than `tl.dot` takes);
+* before them, R = B13 x once per token ([T, r], one cuBLAS GEMM on a second stream, overlapping
+  the sort and the w13 GEMM; joined before `activation_func` reads it): never per pair, which is
+  the point of sharing B; and the pairs sorted by expert (vLLM's `moe_align_block_size` at
+  Marlin's own block size, handed to Marlin through compat.marlin_moe_sorted, so the pairs are
+  sorted once; the grouped kernels run blocks of 8 in tiles of 16 rows, as `tl.dot` needs);
 * `activation_func`: one grouped launch per (block of an expert's pairs, chunk of I): for
   every pair p = (t, e), gate/up = w13_out[p] + A13_e R[t], h = SiLU(gate) * up (the gated
   SiLU, the one activation vllm_glowq/moe.py admits), and the chunk's share of S[p] = B2_e h[p];
 * `moe_sum`: w2_out[p] += w_p A2_e S[p] (one grouped launch, w_p the router weight Marlin
   already applied to w2_out), then the top-k sum as usual.
 
-That is five launches per layer besides Marlin's own (R, the alignment, the two grouped ones,
-the sum; seven before the expand, the activation and the shrink were one launch, when a
-decode step cost 0.72x plain int4 MoE at one token on the first H200 run, ~39 us per layer). Up to
+That is two launches on the critical path besides Marlin's own and the sum, and R beside them
+(seven launches in series on the first H200 run, when a decode step cost 0.72x plain int4 MoE
+at one token, ~39 us per layer; five on the H100's second run, 0.91x; ONE_SORT and
+R_ON_SIDE_STREAM switch back to that). Up to
 FUSED_MAX_PAIRS pairs, `takes_fused_path`, the fused path (`FusedCorrectionHooks`,
-kernels/moe_fused_triton.py) needs no sorting and three launches: R = B13 x as above; in
+kernels/moe_fused_triton.py) needs no sorting and three launches: R = B13 x (in series); in
 `activation_func` one kernel per (pair, chunk of I) adds A13_e R, applies SiLU-and-mul and
 computes the chunk's share of S = B2_e h; in `moe_sum` one
 kernel per token adds w_p A2_e S[p] to each w2_out row inside the top-k sum. It multiplies
@@ -34,8 +36,9 @@ vectors, not tiles, so larger batches, where pairs share experts, keep the group
 `--share module` both paths compute R per pair (on the fused path one more launch, no sorting).
 
 The alternatives were worse: calling the Marlin GEMM op (`moe_wna16_marlin_gemm`) directly means
-re-implementing vLLM's block-size choice, workspaces and activation plumbing, which changed
-between 0.26 and 0.32; building a `FusedMoEKernel` around a custom experts class is refused by
+re-implementing vLLM's workspaces and activation plumbing, which changed between 0.26 and 0.32
+(the grouped path calls the body of `fused_marlin_moe` after its sort, `_fused_marlin_moe`,
+whose keywords are the same in both, and mirrors only the block-size rule: compat.py); building a `FusedMoEKernel` around a custom experts class is refused by
 `make_wna16_moe_kernel` (it checks the class against a list) and its prepare/finalize adds
 nothing without expert parallelism.
 
@@ -88,6 +91,17 @@ FUSED_MAX_PAIRS = 0
 # bench/results/moe_micro.json); on Marlin's layout without factors the H100 took 38.1 us
 # against Marlin MoE's 32.0 at one token (bench/results/moe_micro_h100_2026-12-07.json).
 GEMV_MAX_PAIRS = 0
+# The grouped path sorts the pairs once, at Marlin MoE's own block size, and hands that sort to
+# Marlin (compat.marlin_moe_sorted) instead of sorting them again at a block size of its own:
+# the second sort cost 4.3 us a layer at every batch on the H100 (its two kernels, besides the
+# gaps; bench/results/moe_micro_h100_2026-12-07_run2.json). False: the two sorts, as timed there.
+# bench/moe_microbench.py times both (`grouped` and `grouped_two_sorts`); not timed yet.
+ONE_SORT = True
+# The grouped path computes R = B13 x on a second stream (vllm_glowq/correction.side_stream) while
+# the sort and Marlin's w13 GEMM run, joining before the activation that reads it, instead of
+# in series before them (cuBLAS took 5.0-5.3 us a layer at every batch on the H100, same run).
+# bench/moe_microbench.py times both (`grouped` and `grouped_serial_r`); not timed yet.
+R_ON_SIDE_STREAM = True
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -229,12 +243,15 @@ def forward(experts: Int4Experts, factors: ExpertFactors, x: torch.Tensor, topk_
     x = x.contiguous()  # Marlin's requirement (a no-op for vLLM's hidden states)
     topk_weights = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
     hooks = correction_hooks(factors, x, topk_weights, topk_ids, experts.num_experts, activation, fused)
+    common = dict(hidden_states=x, w1=experts.w13, w2=experts.w2, w1_scale=experts.scales13, w2_scale=experts.scales2,
+                  w1_zeros=experts.zeros13, w2_zeros=experts.zeros2, topk_weights=topk_weights, topk_ids=topk_ids,
+                  quant_type_id=experts.quant_type_id, activation=activation, workspace=experts.workspace)
+    if isinstance(hooks, CorrectionHooks) and hooks.marlins_sort:
+        w2_out = compat.marlin_moe_sorted(hooks.alignment, activation_func=hooks.activation, **common)
+        return hooks.moe_sum(w2_out, torch.empty_like(x), topk_ids, None)
     return compat.fused_marlin_moe(
-        hidden_states=x, w1=experts.w13, w2=experts.w2, w1_scale=experts.scales13, w2_scale=experts.scales2,
-        w1_zeros=experts.zeros13, w2_zeros=experts.zeros2, topk_weights=topk_weights, topk_ids=topk_ids,
-        quant_type_id=experts.quant_type_id, global_num_experts=experts.num_experts, activation=activation,
-        workspace=experts.workspace, activation_func=None if hooks is None else hooks.activation,
-        moe_sum=None if hooks is None or factors.a2 is None else hooks.moe_sum)
+        global_num_experts=experts.num_experts, activation_func=None if hooks is None else hooks.activation,
+        moe_sum=None if hooks is None or factors.a2 is None else hooks.moe_sum, **common)
 
 
 def correction_hooks(factors: ExpertFactors, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -251,8 +268,10 @@ def correction_hooks(factors: ExpertFactors, x: torch.Tensor, topk_weights: torc
 
 
 class CorrectionHooks:
-    """The correction around one `fused_marlin_moe` call: built before it (R = B13 x once per
-    token, the pairs sorted by expert), then called back by it (`activation`, `moe_sum`).
+    """The correction around Marlin MoE's GEMMs: built before them (R = B13 x once per token,
+    the pairs sorted by expert), then called back (`activation`, `moe_sum`). With ONE_SORT the
+    sort is at Marlin's block size and `forward` hands it to Marlin (`marlins_sort`); with
+    R_ON_SIDE_STREAM R is computed on a second stream and joined in `activation`.
 
     `align` defaults to vLLM's op and `kernels` to kernels/moe_lowrank_triton.py; the CPU tests
     pass a plain-torch stand-in and the kernel module loaded into Triton's interpreter.
@@ -266,15 +285,20 @@ class CorrectionHooks:
         self.factors, self.top_k = factors, topk_ids.shape[1]
         self.topk_weights = topk_weights
         pairs = topk_ids.numel()
-        block_m = grouped.block_m_for(pairs, num_experts)
-        self.alignment = (align or compat.moe_align)(topk_ids, block_m, num_experts)
+        self.marlins_sort = ONE_SORT
+        block_m = (compat.marlin_moe_block_size(x.shape[0], self.top_k, num_experts) if ONE_SORT
+                   else grouped.block_m_for(pairs, num_experts))
+        self.join = None  # with R on the side stream: the wait that `activation` issues before reading R
         self.reduced = None  # what A13 multiplies: R [T, r] (rows per token) or [P, 2r] (per pair)
-        if factors.a13 is not None:
-            if factors.b13.dim() == 2:
-                self.reduced = F.linear(x, factors.b13)
-            else:  # one B per expert projection: the shrink is per pair too
-                self.reduced = x.new_empty((pairs, factors.b13.shape[1]))
-                grouped.launch(x, factors.b13, self.reduced, self.alignment, row_div=self.top_k)
+        if factors.a13 is not None and factors.b13.dim() == 2:
+            self.reduced = x.new_empty((x.shape[0], factors.b13.shape[0]))
+            self.join = shrink_beside(x, factors.b13, self.reduced) if R_ON_SIDE_STREAM and x.is_cuda else None
+            if self.join is None:
+                torch.mm(x, factors.b13.t(), out=self.reduced)
+        self.alignment = (align or compat.moe_align)(topk_ids, block_m, num_experts)
+        if factors.a13 is not None and factors.b13.dim() == 3:  # one B per expert projection: per pair too
+            self.reduced = x.new_empty((pairs, factors.b13.shape[1]))
+            grouped.launch(x, factors.b13, self.reduced, self.alignment, row_div=self.top_k)
         self.partials = None  # S = B2_e h's partial sums, from `activation` to `moe_sum`
 
     def activation(self, activation, output: torch.Tensor, w13_out: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -284,16 +308,34 @@ class CorrectionHooks:
             raise ValueError(f"the MoE correction computes the gated SiLU only; vLLM asked for {activation!r} "
                              f"with {kwargs}")
         row_div = self.top_k if self.factors.b13 is not None and self.factors.b13.dim() == 2 else 1
+        if self.join is not None:
+            self.join()
+            self.join = None
         self.partials = self.grouped.activate(w13_out, self.reduced, self.factors.a13, self.factors.b2, self.alignment,
                                               output, row_div)
         return output
 
     def moe_sum(self, w2_out: torch.Tensor, output: torch.Tensor, topk_ids: torch.Tensor, expert_map) -> torch.Tensor:
-        """w2_out [T, top_k, H] += w_p A2_e S_p, then the sum over top_k into output [T, H]."""
-        rows = w2_out.view(-1, w2_out.shape[-1])
-        self.grouped.launch(self.partials, self.factors.a2, rows, self.alignment, scale=self.topk_weights.reshape(-1),
-                            accumulate=True)
+        """w2_out [T, top_k, H] += w_p A2_e S_p (where the layer has A2), then the sum over top_k
+        into output [T, H]."""
+        if self.factors.a2 is not None:
+            rows = w2_out.view(-1, w2_out.shape[-1])
+            self.grouped.launch(self.partials, self.factors.a2, rows, self.alignment,
+                                scale=self.topk_weights.reshape(-1), accumulate=True)
         return torch.sum(w2_out, dim=1, out=output)
+
+
+def shrink_beside(x: torch.Tensor, factor_b: torch.Tensor, out: torch.Tensor) -> Callable[[], None]:
+    """out = x B^T on the device's second stream, started now; returns the join (the current
+    stream waits for it). `out` is allocated by the caller on the current stream and read there
+    only after the join, so the caching allocator never sees it used across streams."""
+    from .correction import side_stream
+
+    main, side = torch.cuda.current_stream(x.device), side_stream(x.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        torch.mm(x, factor_b.t(), out=out)
+    return lambda: main.wait_stream(side)
 
 
 class FusedCorrectionHooks:

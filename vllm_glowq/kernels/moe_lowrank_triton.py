@@ -6,9 +6,10 @@ below it kernels/moe_fused_triton.py runs (no sorting, three launches, vector pr
 
 vLLM's Marlin MoE GEMMs write one row per pair, `p = token * top_k + k` (the rows of its
 `intermediate_cache1`, and of the w2 output before the top-k sum). This kernel walks the pairs
-in the order `moe_align_block_size` sorts them: blocks of BLOCK_M pairs that all belong to one
-expert (padding entries hold the pair count and are skipped), so each program loads a tile of
-its expert's factor once and multiplies it with up to BLOCK_M pairs on the tensor cores.
+in the order `moe_align_block_size` sorts them: blocks of BLOCK_ROWS pairs that all belong to
+one expert (padding entries hold the pair count and are skipped), so each program loads a tile
+of its expert's factor once and multiplies it with up to BLOCK_ROWS pairs on the tensor cores,
+in tiles of BLOCK_M rows (Marlin's blocks of 8 and 48 fill 16 and 64).
 The same launch serves every step of the correction (vllm_glowq/moe_marlin.py):
 
 * w13 expand: x = R = B13 x_t [T, r] (one row per token, `row_div = top_k`), W = A13 [E, 2I, r],
@@ -38,16 +39,16 @@ import triton.language as tl
 def _grouped_lowrank_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, sorted_ptr, expert_ptr, padded_ptr,
                             num_pairs, N, K, ROW_DIV, stride_xm, stride_we, stride_wn, stride_om, x_slices,
                             stride_slice, ACCUMULATE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            TILES: tl.constexpr, ONE_K_BLOCK: tl.constexpr):
-    """One block of an expert's pairs and TILES consecutive tiles of BLOCK_N output columns.
-    With ONE_K_BLOCK (K <= BLOCK_K: the expands, whose K is the rank) x is loaded, and its
-    slices summed, once for all the program's tiles."""
+                            BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, TILES: tl.constexpr, ONE_K_BLOCK: tl.constexpr):
+    """One block of an expert's pairs (BLOCK_ROWS of them, in a tile of BLOCK_M rows) and TILES
+    consecutive tiles of BLOCK_N output columns. With ONE_K_BLOCK (K <= BLOCK_K: the expands,
+    whose K is the rank) x is loaded, and its slices summed, once for all the program's tiles."""
     block = tl.program_id(0)
     expert = tl.load(expert_ptr + block)
     # blocks past the padded pair count hold stale ids; an expert of -1 is not on this rank
-    if (block * BLOCK_M < tl.load(padded_ptr)) & (expert >= 0):
-        pairs = tl.load(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+    if (block * BLOCK_ROWS < tl.load(padded_ptr)) & (expert >= 0):
+        pairs = _block_pairs(sorted_ptr, block, num_pairs, BLOCK_M, BLOCK_ROWS)
         valid = pairs < num_pairs
         rows = tl.where(valid, pairs // ROW_DIV, 0).to(tl.int64)
         safe = tl.where(valid, pairs, 0).to(tl.int64)
@@ -78,6 +79,15 @@ def _grouped_lowrank_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, sorted_ptr, expert
 
 
 @triton.jit
+def _block_pairs(sorted_ptr, block, num_pairs, BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """The pair ids of one aligned block, BLOCK_ROWS of them in a tile of BLOCK_M rows (tl.dot
+    takes 16 rows at least; Marlin's blocks of 8 or 48 fill part of a tile): the rows past
+    BLOCK_ROWS and the block's padding hold `num_pairs`, which no valid pair has."""
+    offs = tl.arange(0, BLOCK_M)
+    return tl.load(sorted_ptr + block * BLOCK_ROWS + offs, mask=offs < BLOCK_ROWS, other=num_pairs)
+
+
+@triton.jit
 def _summed_x(x_ptr, rows, valid, k0, K, stride_xm, x_slices, stride_slice, BLOCK_K: tl.constexpr):
     """The block's rows of x on [k0, k0 + BLOCK_K), summed over x's slices (`activate`'s
     partials of S = B2_e h: one slice per chunk of I)."""
@@ -93,8 +103,9 @@ def _summed_x(x_ptr, rows, valid, k0, K, stride_xm, x_slices, stride_slice, BLOC
 @triton.jit(do_not_specialize=["num_pairs"])
 def _grouped_activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, sorted_ptr, expert_ptr, padded_ptr,
                              num_pairs, I, R13, R2, ROW_DIV, stride_w13, stride_r, stride_a13e, stride_b2e, stride_h,
-                             HAS13: tl.constexpr, HAS2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
-                             BLOCK_R13: tl.constexpr, BLOCK_R2: tl.constexpr):
+                             HAS13: tl.constexpr, HAS2: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_ROWS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R13: tl.constexpr,
+                             BLOCK_R2: tl.constexpr):
     """One (block of an expert's pairs, chunk of I): gate/up = w13_out + A13_e R rounded as the
     w13 output would hold them, h = SiLU(gate) * up rounded as vLLM's `silu_and_mul` rounds,
     and with HAS2 the chunk's partial S = B2_e[:, chunk] h into its own slot of part_ptr
@@ -102,9 +113,9 @@ def _grouped_activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, s
     block = tl.program_id(0)
     chunk = tl.program_id(1)
     expert = tl.load(expert_ptr + block)
-    if (block * BLOCK_M < tl.load(padded_ptr)) & (expert >= 0):
+    if (block * BLOCK_ROWS < tl.load(padded_ptr)) & (expert >= 0):
         dtype = h_ptr.dtype.element_ty
-        pairs = tl.load(sorted_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+        pairs = _block_pairs(sorted_ptr, block, num_pairs, BLOCK_M, BLOCK_ROWS)
         valid = pairs < num_pairs
         safe = tl.where(valid, pairs, 0).to(tl.int64)
         offs_i = chunk * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -137,7 +148,8 @@ def _grouped_activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, s
 
 @dataclass(frozen=True)
 class Alignment:
-    """Pairs sorted by expert in blocks of `block_m` (vLLM's `moe_align_block_size` layout):
+    """Pairs sorted by expert in blocks of `block_m` (vLLM's `moe_align_block_size` layout; any of
+    Marlin MoE's block sizes, 8 to 64, or `block_m_for`'s):
     `sorted_ids` [>= padded] pair ids, padding = the pair count; `expert_ids` one expert per
     block; `padded` [1] the number of valid entries of `sorted_ids` (a multiple of block_m)."""
 
@@ -148,9 +160,17 @@ class Alignment:
     num_pairs: int
 
 
+def tile_rows(block_m: int) -> int:
+    """Rows of the grouped kernels' tiles for aligned blocks of `block_m` pairs: a power of two,
+    16 at least (tl.dot's smallest)."""
+    return _pow2_between(block_m, 16, 1 << 30)
+
+
 def block_m_for(num_pairs: int, num_experts: int) -> int:
-    """Pairs per block: about as many as an expert receives (16 is tl.dot's minimum), so
-    decode pads each expert's one or two pairs to 16 rows and prefill fills 64-row tiles."""
+    """Pairs per block where the pairs are sorted for the own kernels (vllm_glowq/moe_triton.py;
+    the Marlin path sorts at Marlin's block size): about as many as an expert receives (16 is
+    tl.dot's minimum), so decode pads each expert's one or two pairs to 16 rows and prefill
+    fills 64-row tiles."""
     per_expert = num_pairs / max(1, num_experts)
     for block in (16, 32):
         if per_expert <= block:
@@ -180,8 +200,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, alignment: 
         x, weight, out, out if scale is None else scale, alignment.sorted_ids, alignment.expert_ids, alignment.padded,
         alignment.num_pairs, n, k, row_div, x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), slices,
         x.stride(0), ACCUMULATE=accumulate, HAS_SCALE=scale is not None,
-        BLOCK_M=alignment.block_m, BLOCK_N=block_n, BLOCK_K=block_k, TILES=tiles, ONE_K_BLOCK=k <= block_k,
-        num_warps=warps_for(alignment.block_m))
+        BLOCK_M=tile_rows(alignment.block_m), BLOCK_ROWS=alignment.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        TILES=tiles, ONE_K_BLOCK=k <= block_k, num_warps=warps_for(tile_rows(alignment.block_m)))
 
 
 # programs per SM that `launch` keeps at least, where it can, when it gives each program several
@@ -240,8 +260,9 @@ def activate(w13_out: torch.Tensor, reduced: torch.Tensor | None, a13: torch.Ten
         alignment.expert_ids, alignment.padded, alignment.num_pairs, inter, r13, r2, row_div, w13_out.stride(0),
         0 if reduced is None else reduced.stride(0), 0 if a13 is None else a13.stride(0),
         0 if b2 is None else b2.stride(0), hidden.stride(0), HAS13=a13 is not None, HAS2=b2 is not None,
-        BLOCK_M=alignment.block_m, BLOCK_I=block_i, BLOCK_R13=_pow2_between(r13, 16, 1 << 30),
-        BLOCK_R2=_pow2_between(r2, 16, 1 << 30), num_warps=warps_for(alignment.block_m))
+        BLOCK_M=tile_rows(alignment.block_m), BLOCK_ROWS=alignment.block_m, BLOCK_I=block_i,
+        BLOCK_R13=_pow2_between(r13, 16, 1 << 30), BLOCK_R2=_pow2_between(r2, 16, 1 << 30),
+        num_warps=warps_for(tile_rows(alignment.block_m)))
     return partials
 
 
