@@ -36,7 +36,9 @@ beside it is what the correction adds.
 gaps between kernels, the launch latency that a chain of small dependent kernels costs.
 
 `--launch-sweep 1,4` times the decode GEMVs (`gemv`) with each launch constant of the own pairs
-path varied in turn.
+path varied in turn. `--grouped-sweep 16,64,256` times the grouped path's two correction launches
+alone (kernels/moe_lowrank_triton.activate and the w2 expand on inputs as Marlin's GEMMs leave
+them; no vLLM needed) as shipped and with each of their launch constants varied in turn.
 
 `--own-only` needs no vLLM (a machine where it is not installed yet): it times the own pairs path
 with the correction (`own_pairs`) against the same path without it (`own_plain_pairs`, the
@@ -49,12 +51,13 @@ as shipped against one tile per program, and checks that both write the same out
 (`expand_tiles` in the JSON).
 
     python bench/moe_microbench.py --out moe_micro.json [--tokens 1,4,16,64,256] [--threshold-sweep] [--breakdown]
-                                   [--launch-sweep 1,4] [--own-only]
+                                   [--launch-sweep 1,4] [--grouped-sweep 16,64,256] [--own-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.metadata
 import importlib.util
@@ -66,9 +69,11 @@ import torch
 import torch.nn.functional as F
 
 from gpu_timing import kernel_breakdown, seconds_per_call
-from vllm_glowq import moe_marlin, moe_triton
+from vllm_glowq import compat, moe_marlin, moe_triton
+from vllm_glowq.kernels import moe_lowrank_triton as grouped
 from vllm_glowq.packing import dequantize
 
+DEVICE = "cuda"  # where inputs are made (the tests run the parts without vLLM on a CPU, in Triton's interpreter)
 SHAPE = dict(hidden=2048, experts=128, top_k=8, inter=768, rank=64, group=128)  # Qwen3-30B-A3B
 COPIES = 8  # x 24 MB of experts and factors touched per copy at one token: past the H200's L2
 CHECK_TOKENS = 4
@@ -95,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also each path's device time per kernel and the gaps between them (torch.profiler)")
     parser.add_argument("--launch-sweep", default="", type=lambda t: _counts(t) if t else [],
                         help="token counts at which to time the own pairs path's launch constants (e.g. 1,4)")
+    parser.add_argument("--grouped-sweep", default="", type=lambda t: _counts(t) if t else [],
+                        help="token counts at which to time the grouped path's correction launches alone with "
+                             "each of their launch constants varied (e.g. 16,64,256; needs no vLLM)")
     parser.add_argument("--own-only", action="store_true",
                         help="only the own pairs path, without and with the correction (needs no vLLM)")
     return parser.parse_args(argv)
@@ -149,22 +157,22 @@ def make_layer(seed: int, own_only: bool = False) -> dict:
     """One copy of the layer: GPTQ codes (kept for the reference), Marlin's layout (with
     `own_only` computed in torch, no vLLM kernels: only the decode GEMVs read it), the own
     kernels' layout, factors."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
     e, h, i, r, g = (SHAPE[k] for k in ("experts", "hidden", "inter", "rank", "group"))
 
     def codes(k: int, n: int):
-        qweight = torch.randint(-2**31, 2**31 - 1, (e, k // 8, n), dtype=torch.int32, device="cuda", generator=gen)
-        return qweight, (torch.rand(e, k // g, n, device="cuda", generator=gen) * 0.004 + 0.002).to(torch.bfloat16)
+        qweight = torch.randint(-2**31, 2**31 - 1, (e, k // 8, n), dtype=torch.int32, device=DEVICE, generator=gen)
+        return qweight, (torch.rand(e, k // g, n, device=DEVICE, generator=gen) * 0.004 + 0.002).to(torch.bfloat16)
 
     def randn(*shape: int, scale: float):
-        return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(torch.bfloat16)
+        return (torch.randn(*shape, device=DEVICE, generator=gen) * scale).to(torch.bfloat16)
 
     (q13, s13), (q2, s2) = codes(h, 2 * i), codes(i, h)
     factors = moe_marlin.ExpertFactors(b13=randn(r, h, scale=h**-0.5), a13=randn(e, 2 * i, r, scale=0.5 * r**-0.5),
                                        b2=randn(e, r, i, scale=i**-0.5), a2=randn(e, h, r, scale=0.5 * r**-0.5))
     if own_only:
         (c13, p13), (c2, p2) = marlin_layout(q13, s13), marlin_layout(q2, s2)
-        int4 = moe_marlin.Int4Experts(c13, c2, p13, p2, None, None, torch.zeros(1, device="cuda"))
+        int4 = moe_marlin.Int4Experts(c13, c2, p13, p2, None, None, torch.zeros(1, device=DEVICE))
         int4.gemv = moe_marlin.decode_views(int4, s13.shape[1], s2.shape[1])
     else:
         int4 = moe_marlin.repack(q13, s13, None, q2, s2, None, torch.bfloat16)
@@ -175,10 +183,21 @@ def make_layer(seed: int, own_only: bool = False) -> dict:
 
 
 def routing(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    logits = torch.randn(tokens, SHAPE["experts"], device="cuda", generator=gen)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    logits = torch.randn(tokens, SHAPE["experts"], device=DEVICE, generator=gen)
     weights, ids = torch.softmax(logits, dim=-1).topk(SHAPE["top_k"], dim=-1)
     return weights / weights.sum(-1, keepdim=True), ids.to(torch.int32)
+
+
+@contextlib.contextmanager
+def shipped_after(module, constant: str, value):
+    """`module.constant` set to `value` inside the block, and back to what it was after it."""
+    shipped = getattr(module, constant)
+    setattr(module, constant, value)
+    try:
+        yield
+    finally:
+        setattr(module, constant, shipped)
 
 
 def step(layer: dict, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, path: str):
@@ -194,14 +213,8 @@ def step(layer: dict, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     switch = SWITCHED_OFF.get(path)
 
     def call():
-        shipped = switch and getattr(moe_marlin, switch)
-        if switch:
-            setattr(moe_marlin, switch, False)
-        try:
+        with shipped_after(moe_marlin, switch, False) if switch else contextlib.nullcontext():
             return moe_marlin.forward(layer["int4"], factors, x, weights, ids, MoEActivation.SILU, fused=fused)
-        finally:
-            if switch:
-                setattr(moe_marlin, switch, shipped)
 
     return call
 
@@ -239,7 +252,7 @@ def bench_tokens(layers: list[dict], tokens: int, sweep: bool, breakdown: bool =
         and (not p.startswith("gemv") or sweep or gemv) and (p not in SWEEP_ONLY or sweep)]
     inputs = []
     for c, _ in enumerate(layers):
-        x = torch.randn(tokens, SHAPE["hidden"], device="cuda", generator=torch.Generator(device="cuda").manual_seed(c))
+        x = torch.randn(tokens, SHAPE["hidden"], device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(c))
         inputs.append((x.to(torch.bfloat16), *routing(tokens, seed=1000 * tokens + c)))
     default = ("gemv" if pairs <= moe_marlin.GEMV_MAX_PAIRS else "fused" if moe_marlin.takes_fused_path(pairs)
                else "grouped")
@@ -269,68 +282,112 @@ def launch_sweep(layers: list[dict], tokens: int) -> list[dict]:
     [{constant, value, us, max_error}]."""
     from vllm_glowq.kernels import moe_w4a16_triton as kernels
 
-    inputs = [(torch.randn(tokens, SHAPE["hidden"], device="cuda", generator=torch.Generator(device="cuda")
+    inputs = [(torch.randn(tokens, SHAPE["hidden"], device=DEVICE, generator=torch.Generator(device=DEVICE)
                            .manual_seed(c)).to(torch.bfloat16), *routing(tokens, seed=1000 * tokens + c))
               for c, _ in enumerate(layers)]
     ref = reference(layers[0], *[t[:CHECK_TOKENS] for t in inputs[0]])
     results = []
     for constant, values in LAUNCH_SWEEP.items():
-        shipped = getattr(kernels, constant)
-        try:
-            for value in values:
-                setattr(kernels, constant, value)
+        for value in values:
+            with shipped_after(kernels, constant, value):
                 calls = [step(layer, *args, "gemv") for layer, args in zip(layers, inputs)]
                 results.append(dict(tokens=tokens, constant=constant, value=value,
                                     us=1e6 * seconds_per_call(calls),
                                     max_error=max_error(calls[0]()[:CHECK_TOKENS], ref)))
-                print(f"  T={tokens} {constant}={value}: {results[-1]['us']:.1f} us "
-                      f"(max error {results[-1]['max_error']:.1e})", flush=True)
-        finally:
-            setattr(kernels, constant, shipped)
+            print(f"  T={tokens} {constant}={value}: {results[-1]['us']:.1f} us "
+                  f"(max error {results[-1]['max_error']:.1e})", flush=True)
     return results
+
+
+def grouped_cases(layers: list[dict], tokens: int) -> list[dict]:
+    """Inputs of the grouped path's two correction launches for each weight copy, as Marlin MoE's
+    GEMMs would leave them (random w13 output rows, R = B13 x, the pairs sorted on the host at
+    Marlin's block size; no vLLM needed)."""
+    e, h, i, r = (SHAPE[k] for k in ("experts", "hidden", "inter", "rank"))
+    pairs = tokens * SHAPE["top_k"]
+    cases = []
+    for c, layer in enumerate(layers):
+        weights, ids = routing(tokens, seed=1000 * tokens + c)
+        gen = torch.Generator(device=DEVICE).manual_seed(c)
+        dtype = layer["factors"].b13.dtype  # bfloat16 (the tests: float16, which Triton's interpreter takes)
+        x = torch.randn(tokens, h, device=DEVICE, generator=gen).to(dtype)
+        on_host = grouped.align_reference(ids.cpu(), compat.marlin_moe_block_size(tokens, SHAPE["top_k"], e), e)
+        cases.append(dict(
+            w13_out=torch.randn(pairs, 2 * i, device=DEVICE, generator=gen).to(dtype),
+            reduced=F.linear(x, layer["factors"].b13), factors=layer["factors"], hidden=x.new_empty((pairs, i)),
+            out=x.new_zeros((pairs, h)), weights=weights.reshape(-1).float(),
+            partials=torch.randn(i // 64, pairs, r, device=DEVICE, generator=gen) * r**-0.5,
+            alignment=dataclasses.replace(on_host, sorted_ids=on_host.sorted_ids.to(DEVICE),
+                                          expert_ids=on_host.expert_ids.to(DEVICE), padded=on_host.padded.to(DEVICE))))
+    return cases
+
+
+def expand(case: dict, partials: torch.Tensor) -> None:
+    grouped.launch(partials, case["factors"].a2, case["out"], case["alignment"], scale=case["weights"],
+                   accumulate=True)
+
+
+def correction(case: dict) -> torch.Tensor:
+    """The grouped path's two launches: `activate` (w13 expand, SiLU-and-mul, w2 shrink) and the
+    w2 expand into the w2 output rows."""
+    f = case["factors"]
+    expand(case, grouped.activate(case["w13_out"], case["reduced"], f.a13, f.b2, case["alignment"], case["hidden"],
+                                  SHAPE["top_k"]))
+    return case["out"]
+
+
+def first_output(cases: list[dict], call) -> torch.Tensor:
+    """What `call` writes into the first copy's (zeroed) w2 output rows."""
+    cases[0]["out"].zero_()
+    call(cases[0])
+    return cases[0]["out"].clone()
 
 
 def expand_tiles(layers: list[dict], tokens: int) -> dict:
     """The grouped path's w2 expand at this token count, `out[p] += w_p A2_e S_p` with S_p the sum
     of `activate`'s float32 partials (one per 64 rows of I), with the column tiles per program
     that `launch` picks and with one: {tokens, tiles, us, us_one_tile, identical}."""
-    from vllm_glowq.kernels import moe_lowrank_triton as grouped
-
-    e, h, i, r = (SHAPE[k] for k in ("experts", "hidden", "inter", "rank"))
-    pairs = tokens * SHAPE["top_k"]
-    chunks = i // 64
-    cases = []
-    for c, layer in enumerate(layers):
-        weights, ids = routing(tokens, seed=1000 * tokens + c)
-        gen = torch.Generator(device="cuda").manual_seed(c)
-        partials = torch.randn(chunks, pairs, r, device="cuda", generator=gen) * r**-0.5
-        on_host = grouped.align_reference(ids.cpu(), grouped.block_m_for(pairs, e), e)
-        alignment = dataclasses.replace(on_host, sorted_ids=on_host.sorted_ids.cuda(),
-                                        expert_ids=on_host.expert_ids.cuda(), padded=on_host.padded.cuda())
-        out = torch.zeros(pairs, h, dtype=torch.bfloat16, device="cuda")
-        cases.append((partials, layer["factors"].a2, out, alignment, weights.reshape(-1).float()))
-
-    def calls():
-        return [lambda case=case: grouped.launch(case[0], case[1], case[2], case[3], scale=case[4], accumulate=True)
-                for case in cases]
-
-    def first_output() -> torch.Tensor:
-        cases[0][2].zero_()
-        calls()[0]()
-        return cases[0][2].clone()
-
-    row = dict(tokens=tokens, pairs=pairs, tiles=grouped.tiles_for(cases[0][3], -(-h // 64), e, cases[0][2].device))
-    row["us"], shipped = 1e6 * seconds_per_call(calls()), first_output()
-    programs_per_sm = grouped.PROGRAMS_PER_SM
-    grouped.PROGRAMS_PER_SM = 1 << 30  # one tile per program
-    try:
-        row["us_one_tile"], one_tile = 1e6 * seconds_per_call(calls()), first_output()
-    finally:
-        grouped.PROGRAMS_PER_SM = programs_per_sm
+    cases = grouped_cases(layers, tokens)
+    calls = [lambda case=case: expand(case, case["partials"]) for case in cases]
+    alignment, out = cases[0]["alignment"], cases[0]["out"]
+    row = dict(tokens=tokens, pairs=alignment.num_pairs,
+               tiles=grouped.tiles_for(alignment, -(-SHAPE["hidden"] // grouped.PRODUCT_BLOCK_N), SHAPE["experts"],
+                                       out.device))
+    row["us"], shipped = 1e6 * seconds_per_call(calls), first_output(cases, lambda c: expand(c, c["partials"]))
+    with shipped_after(grouped, "PROGRAMS_PER_SM", 1 << 30):  # one tile per program
+        row["us_one_tile"] = 1e6 * seconds_per_call(calls)
+        one_tile = first_output(cases, lambda c: expand(c, c["partials"]))
     row["identical"] = bool(torch.equal(shipped, one_tile))
     print(f"  w2 expand T={tokens}: {row['tiles']} tiles per program {row['us']:.1f} us, one tile "
           f"{row['us_one_tile']:.1f} us, outputs identical: {row['identical']}", flush=True)
     return row
+
+
+# the grouped path's launch constants (kernels/moe_lowrank_triton.py) that `--grouped-sweep`
+# tries, one at a time around the shipped values
+GROUPED_SWEEP = {"PRODUCT_BLOCK_N": (32, 64, 128), "PROGRAMS_PER_SM": (1, 2, 4, 8, 16),
+                 "ACTIVATE_BLOCK_I": (32, 64, 128), "ACTIVATE_CHUNKS": (1, 2, 3, 4, 6, 12)}
+
+
+def grouped_sweep(layers: list[dict], tokens: int) -> list[dict]:
+    """The grouped path's two correction launches alone at this token count (no vLLM needed),
+    as shipped and with each constant of GROUPED_SWEEP set in turn: [{tokens, constant, value,
+    us, max_change}], max_change the largest difference from the shipped output relative to its
+    largest entry (only the summation order of the partials may change it)."""
+    cases = grouped_cases(layers, tokens)
+    calls = [lambda case=case: correction(case) for case in cases]
+    shipped = first_output(cases, correction)
+    results = [dict(tokens=tokens, constant="shipped", value=None, us=1e6 * seconds_per_call(calls), max_change=0.0)]
+    for constant, values in GROUPED_SWEEP.items():
+        for value in values:
+            with shipped_after(grouped, constant, value):
+                us = 1e6 * seconds_per_call(calls)
+                change = (first_output(cases, correction).float() - shipped.float()).abs().max().item()
+            results.append(dict(tokens=tokens, constant=constant, value=value, us=us,
+                                max_change=change / shipped.float().abs().max().item()))
+            print(f"  grouped T={tokens} {constant}={value}: {us:.1f} us (shipped {results[0]['us']:.1f}; "
+                  f"output change {results[-1]['max_change']:.1e})", flush=True)
+    return results
 
 
 def suggested_threshold(rows: list[dict], small: str = "fused", large: str = "grouped") -> int | None:
@@ -366,6 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, vllm=vllm_version, shape=SHAPE,
                   copies=COPIES, fused_max_pairs=moe_marlin.FUSED_MAX_PAIRS, gemv_max_pairs=moe_marlin.GEMV_MAX_PAIRS,
                   one_sort=moe_marlin.ONE_SORT, r_on_side_stream=moe_marlin.R_ON_SIDE_STREAM,
+                  grouped_constants={name: getattr(grouped, name) for name in GROUPED_SWEEP},
                   pairs_max_pairs=moe_triton.PAIRS_MAX_PAIRS, rows_max_pairs=moe_triton.ROWS_MAX_PAIRS, rows=[])
     print(f"{result['device']}, vLLM {result['vllm']}; shapes {SHAPE}; plain/GlowQ ratios, * = the default path",
           flush=True)
@@ -378,6 +436,9 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for tokens in args.launch_sweep:
         result.setdefault("launch_sweep", []).extend(launch_sweep(layers, tokens))
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    for tokens in args.grouped_sweep:
+        result.setdefault("grouped_sweep", []).extend(grouped_sweep(layers, tokens))
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.threshold_sweep and not args.own_only:
         result["suggested_fused_max_pairs"] = suggested_threshold(result["rows"])

@@ -550,7 +550,24 @@ def moe_micro_section(micro: dict | None) -> list[str]:
             top = ", ".join(f"`{name}` {us:.1f}" for name, us in list(times.items())[:5] if name != "gaps")
             breakdown.append(f"- {row['tokens']} tokens, {path}: {top}; gaps between kernels {times.get('gaps', 0):.1f} us")
     return (out + ([""] + breakdown if breakdown else []) + [""] + launch_sweep_lines(micro.get("launch_sweep", []))
-            + expand_tiles_lines(micro.get("expand_tiles", [])))
+            + expand_tiles_lines(micro.get("expand_tiles", []))
+            + grouped_sweep_lines(micro.get("grouped_sweep", []), micro.get("grouped_constants", {})))
+
+
+def grouped_sweep_lines(rows: list[dict], shipped: dict) -> list[str]:
+    """`--grouped-sweep`: the grouped path's two correction launches alone, as shipped and with
+    one launch constant changed at a time."""
+    if not rows:
+        return []
+    base = {r["tokens"]: r["us"] for r in rows if r["constant"] == "shipped"}
+    out = ["The grouped path's two correction launches alone (kernels/moe_lowrank_triton.activate and the w2 "
+           "expand, on inputs as Marlin's GEMMs leave them), one launch constant changed at a time (shipped: "
+           + ", ".join(f"{k} {v}" for k, v in shipped.items()) + "), microseconds per layer:", "",
+           "| tokens | constant | value | us | shipped / this | output change |",
+           "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    out += [f"| {r['tokens']} | {r['constant']} | {'' if r['value'] is None else r['value']} | {r['us']:.1f} | "
+            f"{base[r['tokens']] / r['us']:.2f}x | {r['max_change']:.1e} |" for r in rows]
+    return out + [""]
 
 
 def expand_tiles_lines(rows: list[dict]) -> list[str]:

@@ -33,7 +33,9 @@
 #                                         # (needs no model; GLOWQ_BENCH_SWEEP=1 times both paths at every count,
 #                                         # GLOWQ_BENCH_MOE_TOKENS=1,2,4,... the token counts, GLOWQ_BENCH_BREAKDOWN=1
 #                                         # each path's time per kernel, GLOWQ_BENCH_LAUNCH_SWEEP=1,4 the own
-#                                         # pairs path's launch constants) -> moe_micro.json; GLOWQ_BENCH_OWN_ONLY=1:
+#                                         # pairs path's launch constants, GLOWQ_BENCH_GROUPED_SWEEP=16,64,256 the
+#                                         # grouped path's correction launches alone with their launch constants
+#                                         # varied, no vLLM needed) -> moe_micro.json; GLOWQ_BENCH_OWN_ONLY=1:
 #                                         # the own pairs path alone, no vLLM needed -> moe_micro_own.json
 #
 # What needs no vLLM fits the install's first calls (vLLM arrives with the fourth part), e.g.:
@@ -188,6 +190,7 @@ moe_micro() {
   local name=moe_micro${GLOWQ_BENCH_OWN_ONLY:+_own}
   timeout "${GLOWQ_BENCH_TIMEOUT_S:-540}" $PY "$HERE/moe_microbench.py" ${GLOWQ_BENCH_SWEEP:+--threshold-sweep} \
       ${GLOWQ_BENCH_BREAKDOWN:+--breakdown} ${GLOWQ_BENCH_LAUNCH_SWEEP:+--launch-sweep "$GLOWQ_BENCH_LAUNCH_SWEEP"} \
+      ${GLOWQ_BENCH_GROUPED_SWEEP:+--grouped-sweep "$GLOWQ_BENCH_GROUPED_SWEEP"} \
       ${GLOWQ_BENCH_OWN_ONLY:+--own-only} "${tokens[@]}" \
       --out "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
 }

@@ -128,6 +128,10 @@ def test_moe_micro_section_lists_kernels_and_launch_sweep():
     expand = [{"tokens": 256, "pairs": 2048, "tiles": 8, "us": 12.0, "us_one_tile": 72.0, "identical": True}]
     assert "| 256 | 2048 | 8 | 12.0 | 72.0 | 6.00x | yes |" in "\n".join(
         report.moe_micro_section({**micro, "expand_tiles": expand}))
+    sweep = [{"tokens": 64, "constant": "shipped", "value": None, "us": 40.0, "max_change": 0.0},
+             {"tokens": 64, "constant": "ACTIVATE_CHUNKS", "value": 3, "us": 32.0, "max_change": 2e-3}]
+    text = "\n".join(report.moe_micro_section({**micro, "grouped_sweep": sweep, "grouped_constants": {"ACTIVATE_CHUNKS": 1}}))
+    assert "(shipped: ACTIVATE_CHUNKS 1)" in text and "| 64 | ACTIVATE_CHUNKS | 3 | 32.0 | 1.25x | 2.0e-03 |" in text
     own = {**micro, "vllm": None, "rows": [{"tokens": 1, "pairs": 8, "default_path": "fused", "baseline": "own_plain_pairs",
                                           "us": {"own_plain_pairs": 20.0, "own_pairs": 25.0}, "ratio": {"own_pairs": 0.8}}]}
     text = "\n".join(report.moe_micro_section(own))
@@ -166,6 +170,34 @@ def test_moe_microbench_switches_one_thing_per_grouped_variant(monkeypatch):
         moe_microbench.step(layer, None, None, None, path)()
     assert seen == [(True, True), (False, True), (True, False)]
     assert moe_marlin.ONE_SORT and moe_marlin.R_ON_SIDE_STREAM
+
+
+def test_grouped_sweep_runs_in_the_interpreter(monkeypatch):
+    """bench/moe_microbench.py's parts that need no vLLM (the grouped path's correction launches
+    alone: the sweep of their constants and the w2 expand's tiles) run end to end on a tiny
+    shape, on a CPU with the kernels in Triton's interpreter and a plain clock for the graphs;
+    changing a launch constant changes no more than the partials' summation order."""
+    pytest.importorskip("triton")
+    from interpreter import load_interpreted
+
+    from vllm_glowq import moe_marlin
+
+    interpreted = load_interpreted(REPO_ROOT / "vllm_glowq" / "kernels" / "moe_lowrank_triton.py",
+                                   "glowq_moe_lowrank_bench_interpreted")
+    monkeypatch.setattr(moe_microbench, "grouped", interpreted)
+    monkeypatch.setattr(moe_microbench, "DEVICE", "cpu")
+    monkeypatch.setattr(moe_microbench, "SHAPE", dict(hidden=128, experts=4, top_k=2, inter=64, rank=16, group=64))
+    monkeypatch.setattr(moe_microbench, "GROUPED_SWEEP", {"ACTIVATE_CHUNKS": (1, 2), "PRODUCT_BLOCK_N": (32,)})
+    monkeypatch.setattr(moe_microbench, "seconds_per_call", lambda calls: [call() for call in calls] and 1e-6)
+    gen = torch.Generator().manual_seed(0)
+    factors = moe_marlin.ExpertFactors(*(torch.randn(*shape, generator=gen).to(torch.float16) * 0.1 for shape in
+                                         ((16, 128), (4, 128, 16), (4, 16, 64), (4, 128, 16))))
+    layers = [{"factors": factors}, {"factors": factors}]
+    rows = moe_microbench.grouped_sweep(layers, 5)
+    assert [(r["constant"], r["value"]) for r in rows] == [("shipped", None), ("ACTIVATE_CHUNKS", 1),
+                                                            ("ACTIVATE_CHUNKS", 2), ("PRODUCT_BLOCK_N", 32)]
+    assert all(r["max_change"] < 1e-2 for r in rows)
+    assert moe_microbench.expand_tiles(layers, 5)["identical"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

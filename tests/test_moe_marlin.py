@@ -238,8 +238,8 @@ def test_grouped_activation_compiles_for_hopper(dtype):
     for block_m in (8, 16, 32, 48, 64):
         rows = moe_lowrank_triton.tile_rows(block_m)
         for has13, has2 in ((True, True), (True, False), (False, True)):
-            constexprs = dict(HAS13=has13, HAS2=has2, BLOCK_M=rows, BLOCK_ROWS=block_m, BLOCK_I=64, BLOCK_R13=64,
-                              BLOCK_R2=64)
+            constexprs = dict(HAS13=has13, HAS2=has2, BLOCK_M=rows, BLOCK_ROWS=block_m, BLOCK_I=64, CHUNKS=1,
+                              BLOCK_R13=64, BLOCK_R2=64)
             signature = {**{k: f"*{v}" for k, v in pointers.items()}, **{k: "i32" for k in integers},
                          **{k: "constexpr" for k in constexprs}}
             kernel = compile_for_hopper(moe_lowrank_triton._grouped_activate_kernel, signature, constexprs,
@@ -423,8 +423,24 @@ PATH_CASES = ([("grouped", c) for c in HOOK_CASES] + [("fused", c) for c in HOOK
 @pytest.mark.parametrize("parts", ["both", "w13", "w2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_callbacks_add_the_correction(grouped, fused, path, case, share, parts, dtype, monkeypatch):
-    tokens, experts, top_k = case
     monkeypatch.setattr(moe_marlin, "ONE_SORT", path != "grouped-two-sorts")
+    check_callbacks(grouped, fused, path, case, share, parts, dtype)
+
+
+@pytest.mark.parametrize("block_i,chunks", [(16, 1), (16, 3), (32, 2), (16, 4)])
+def test_activation_takes_several_chunks_per_program(grouped, block_i, chunks, monkeypatch):
+    """`activate` with ACTIVATE_CHUNKS chunks of ACTIVATE_BLOCK_I columns per program (I = 64:
+    with 16 columns and 3 chunks the second program's last two chunks lie past I)."""
+    monkeypatch.setattr(grouped, "ACTIVATE_BLOCK_I", block_i)
+    monkeypatch.setattr(grouped, "ACTIVATE_CHUNKS", chunks)
+    for case in HOOK_CASES[1:3]:
+        check_callbacks(grouped, None, "grouped", case, "group", "both", torch.float32)
+
+
+def check_callbacks(grouped, fused, path: str, case: tuple, share: str, parts: str, dtype: torch.dtype) -> None:
+    """The block through `simulated_marlin` with the hooks of `path` against float64, and the
+    plain block far from it (so the correction is what is checked)."""
+    tokens, experts, top_k = case
     hidden, inter, rank = 96, 64, 8
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, hidden, generator=gen).to(dtype)

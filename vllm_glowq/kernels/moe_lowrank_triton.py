@@ -104,46 +104,50 @@ def _summed_x(x_ptr, rows, valid, k0, K, stride_xm, x_slices, stride_slice, BLOC
 def _grouped_activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, sorted_ptr, expert_ptr, padded_ptr,
                              num_pairs, I, R13, R2, ROW_DIV, stride_w13, stride_r, stride_a13e, stride_b2e, stride_h,
                              HAS13: tl.constexpr, HAS2: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_ROWS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R13: tl.constexpr,
-                             BLOCK_R2: tl.constexpr):
-    """One (block of an expert's pairs, chunk of I): gate/up = w13_out + A13_e R rounded as the
-    w13 output would hold them, h = SiLU(gate) * up rounded as vLLM's `silu_and_mul` rounds,
-    and with HAS2 the chunk's partial S = B2_e[:, chunk] h into its own slot of part_ptr
-    [chunks, P, R2] (float32; no atomics, so nothing to zero and the same sums every run)."""
+                             BLOCK_ROWS: tl.constexpr, BLOCK_I: tl.constexpr, CHUNKS: tl.constexpr,
+                             BLOCK_R13: tl.constexpr, BLOCK_R2: tl.constexpr):
+    """One (block of an expert's pairs, CHUNKS consecutive chunks of BLOCK_I columns of I): per
+    chunk, gate/up = w13_out + A13_e R rounded as the w13 output would hold them, h = SiLU(gate)
+    * up rounded as vLLM's `silu_and_mul` rounds; with HAS2 the chunks' partial S = B2_e h summed
+    into the program's own slot of part_ptr [programs along I, P, R2] (float32; no atomics, so
+    nothing to zero and the same sums every run). R is loaded once for all the chunks."""
     block = tl.program_id(0)
-    chunk = tl.program_id(1)
     expert = tl.load(expert_ptr + block)
     if (block * BLOCK_ROWS < tl.load(padded_ptr)) & (expert >= 0):
         dtype = h_ptr.dtype.element_ty
         pairs = _block_pairs(sorted_ptr, block, num_pairs, BLOCK_M, BLOCK_ROWS)
         valid = pairs < num_pairs
         safe = tl.where(valid, pairs, 0).to(tl.int64)
-        offs_i = chunk * BLOCK_I + tl.arange(0, BLOCK_I)
-        mask = valid[:, None] & (offs_i[None, :] < I)
-        rows = w13_ptr + safe[:, None] * stride_w13 + offs_i[None, :]
-        gate = tl.load(rows, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(rows + I, mask=mask, other=0.0).to(tl.float32)
+        offs_r = tl.arange(0, BLOCK_R13)
         if HAS13:
-            offs_r = tl.arange(0, BLOCK_R13)
             sources = tl.where(valid, pairs // ROW_DIV, 0).to(tl.int64)
             reduced = tl.load(r_ptr + sources[:, None] * stride_r + offs_r[None, :],
                               mask=valid[:, None] & (offs_r[None, :] < R13), other=0.0)
-            a13_t = a13_ptr + expert.to(tl.int64) * stride_a13e + offs_i[None, :] * R13 + offs_r[:, None]
-            a_mask = (offs_r[:, None] < R13) & (offs_i[None, :] < I)
-            gate += tl.dot(reduced, tl.load(a13_t, mask=a_mask, other=0.0).to(reduced.dtype))
-            up += tl.dot(reduced, tl.load(a13_t + I * R13, mask=a_mask, other=0.0).to(reduced.dtype))
-            gate = gate.to(dtype).to(tl.float32)
-            up = up.to(dtype).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        hidden = (silu * up).to(dtype)  # zero on masked rows and columns
-        tl.store(h_ptr + safe[:, None] * stride_h + offs_i[None, :], hidden, mask=mask)
+        offs_s = tl.arange(0, BLOCK_R2)
+        summed = tl.full((BLOCK_M, BLOCK_R2), 0.0, tl.float32)
+        for c in range(CHUNKS):
+            offs_i = (tl.program_id(1) * CHUNKS + c) * BLOCK_I + tl.arange(0, BLOCK_I)
+            mask = valid[:, None] & (offs_i[None, :] < I)
+            rows = w13_ptr + safe[:, None] * stride_w13 + offs_i[None, :]
+            gate = tl.load(rows, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(rows + I, mask=mask, other=0.0).to(tl.float32)
+            if HAS13:
+                a13_t = a13_ptr + expert.to(tl.int64) * stride_a13e + offs_i[None, :] * R13 + offs_r[:, None]
+                a_mask = (offs_r[:, None] < R13) & (offs_i[None, :] < I)
+                gate += tl.dot(reduced, tl.load(a13_t, mask=a_mask, other=0.0).to(reduced.dtype))
+                up += tl.dot(reduced, tl.load(a13_t + I * R13, mask=a_mask, other=0.0).to(reduced.dtype))
+                gate = gate.to(dtype).to(tl.float32)
+                up = up.to(dtype).to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            hidden = (silu * up).to(dtype)  # zero on masked rows and columns
+            tl.store(h_ptr + safe[:, None] * stride_h + offs_i[None, :], hidden, mask=mask)
+            if HAS2:
+                b2_t = tl.load(b2_ptr + expert.to(tl.int64) * stride_b2e + offs_s[None, :] * I + offs_i[:, None],
+                               mask=(offs_i[:, None] < I) & (offs_s[None, :] < R2), other=0.0)
+                summed = tl.dot(hidden, b2_t.to(dtype), summed)
         if HAS2:
-            offs_s = tl.arange(0, BLOCK_R2)
-            b2_t = tl.load(b2_ptr + expert.to(tl.int64) * stride_b2e + offs_s[None, :] * I + offs_i[:, None],
-                           mask=(offs_i[:, None] < I) & (offs_s[None, :] < R2), other=0.0)
-            partial = tl.dot(hidden, b2_t.to(dtype))
-            slots = part_ptr + (chunk * num_pairs + safe)[:, None] * R2 + offs_s[None, :]
-            tl.store(slots, partial, mask=valid[:, None] & (offs_s[None, :] < R2))
+            slots = part_ptr + (tl.program_id(1) * num_pairs + safe)[:, None] * R2 + offs_s[None, :]
+            tl.store(slots, summed, mask=valid[:, None] & (offs_s[None, :] < R2))
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,19 @@ def block_m_for(num_pairs: int, num_experts: int) -> int:
     return 64
 
 
+# Launch constants of the grouped kernels, as the H100 ran them (bench/moe_microbench.py
+# --grouped-sweep times others): output columns per tile of `launch`; columns of I per chunk of
+# `activate` and chunks per program (more chunks per program: fewer programs, R loaded once for
+# them, fewer partial slices for the w2 expand to sum, and a loop the compiler can pipeline).
+PRODUCT_BLOCK_N = 64
+ACTIVATE_BLOCK_I = 64
+ACTIVATE_CHUNKS = 1
+# programs per SM that `launch` keeps at least, where it can, when it gives each program several
+# column tiles (2.2x faster than one tile per program at 256 tokens on the H100: 32.5 against
+# 72.6 us, bench/results/moe_micro_h100_2026-12-07_run2.json; other values untimed)
+PROGRAMS_PER_SM = 4
+
+
 def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, alignment: Alignment, row_div: int = 1,
            scale: torch.Tensor | None = None, accumulate: bool = False, block_n: int | None = None) -> None:
     """out[p, :N] (+)= scale[p] * weight[e_p] @ x[p // row_div] for every pair p.
@@ -191,7 +208,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, alignment: 
     if x.stride(-1) != 1 or weight.stride(-1) != 1 or out.stride(-1) != 1 or weight.stride(1) != k:
         raise ValueError("grouped_lowrank needs row-major x, weight and out")
     if block_n is None:
-        block_n = _pow2_between(n, 16, 64)
+        block_n = _pow2_between(n, 16, PRODUCT_BLOCK_N)
     block_k = _pow2_between(k, 16, 64)
     blocks = alignment.expert_ids.numel()
     n_tiles = triton.cdiv(n, block_n)
@@ -202,11 +219,6 @@ def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, alignment: 
         x.stride(0), ACCUMULATE=accumulate, HAS_SCALE=scale is not None,
         BLOCK_M=tile_rows(alignment.block_m), BLOCK_ROWS=alignment.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         TILES=tiles, ONE_K_BLOCK=k <= block_k, num_warps=warps_for(tile_rows(alignment.block_m)))
-
-
-# programs per SM that `launch` keeps at least, where it can, when it gives each program several
-# column tiles (not timed; the H100 ran one tile per program until 2026-12-07)
-PROGRAMS_PER_SM = 4
 
 
 def tiles_for(alignment: Alignment, n_tiles: int, num_experts: int, device: torch.device) -> int:
@@ -242,25 +254,27 @@ def _sm_count(device: torch.device) -> int:
 def activate(w13_out: torch.Tensor, reduced: torch.Tensor | None, a13: torch.Tensor | None,
              b2: torch.Tensor | None, alignment: Alignment, hidden: torch.Tensor, row_div: int) -> torch.Tensor | None:
     """hidden[p] = SiLU(gate) * up of w13_out[p] [P, 2I] + a13[e_p] @ reduced[p // row_div]
-    (a13 [E, 2I, r13] or None), and with b2 [E, r2, I] the partials [chunks, P, r2] (float32)
-    of b2[e_p] @ hidden[p] whose sum `launch` takes as its x (None without b2): the w13
-    expand, the activation and the w2 shrink in one launch."""
+    (a13 [E, 2I, r13] or None), and with b2 [E, r2, I] the partials [slices, P, r2] (float32,
+    one slice per ACTIVATE_CHUNKS chunks of ACTIVATE_BLOCK_I columns of I) of b2[e_p] @ hidden[p]
+    whose sum `launch` takes as its x (None without b2): the w13 expand, the activation and the
+    w2 shrink in one launch."""
     pairs, inter = hidden.shape
     if any(t is not None and t.stride(-1) != 1 for t in (w13_out, reduced, hidden)) or \
             any(t is not None and not t.is_contiguous() for t in (a13, b2)):
         raise ValueError("the grouped MoE activation needs row-major activations and contiguous factors")
     r13 = 1 if a13 is None else a13.shape[2]
     r2 = 1 if b2 is None else b2.shape[1]
-    block_i = _pow2_between(inter, 16, 64)
-    chunks = triton.cdiv(inter, block_i)
-    partials = None if b2 is None else torch.empty((chunks, pairs, r2), dtype=torch.float32, device=hidden.device)
-    _grouped_activate_kernel[(alignment.expert_ids.numel(), chunks)](
+    block_i = _pow2_between(inter, 16, ACTIVATE_BLOCK_I)
+    per_program = min(ACTIVATE_CHUNKS, triton.cdiv(inter, block_i))
+    slices = triton.cdiv(inter, block_i * per_program)
+    partials = None if b2 is None else torch.empty((slices, pairs, r2), dtype=torch.float32, device=hidden.device)
+    _grouped_activate_kernel[(alignment.expert_ids.numel(), slices)](
         w13_out, w13_out if reduced is None else reduced, w13_out if a13 is None else a13,
         w13_out if b2 is None else b2, hidden, hidden if partials is None else partials, alignment.sorted_ids,
         alignment.expert_ids, alignment.padded, alignment.num_pairs, inter, r13, r2, row_div, w13_out.stride(0),
         0 if reduced is None else reduced.stride(0), 0 if a13 is None else a13.stride(0),
         0 if b2 is None else b2.stride(0), hidden.stride(0), HAS13=a13 is not None, HAS2=b2 is not None,
-        BLOCK_M=tile_rows(alignment.block_m), BLOCK_ROWS=alignment.block_m, BLOCK_I=block_i,
+        BLOCK_M=tile_rows(alignment.block_m), BLOCK_ROWS=alignment.block_m, BLOCK_I=block_i, CHUNKS=per_program,
         BLOCK_R13=_pow2_between(r13, 16, 1 << 30), BLOCK_R2=_pow2_between(r2, 16, 1 << 30),
         num_warps=warps_for(tile_rows(alignment.block_m)))
     return partials
