@@ -366,7 +366,7 @@ def expand_tiles(layers: list[dict], tokens: int) -> dict:
 # the grouped path's launch constants (kernels/moe_lowrank_triton.py) that `--grouped-sweep`
 # tries, one at a time around the shipped values
 GROUPED_SWEEP = {"PRODUCT_BLOCK_N": (32, 64, 128), "PROGRAMS_PER_SM": (1, 2, 4, 8, 16),
-                 "ACTIVATE_BLOCK_I": (32, 64, 128), "ACTIVATE_CHUNKS": (1, 2, 3, 4, 6, 12)}
+                 "ACTIVATE_BLOCK_I": (32, 64, 128), "ACTIVATE_CHUNKS": (1, 2, 3, 4, 6, 12), "GROUPED_WARPS": (2, 4, 8)}
 
 
 def grouped_sweep(layers: list[dict], tokens: int) -> list[dict]:

@@ -192,6 +192,7 @@ def block_m_for(num_pairs: int, num_experts: int) -> int:
 PRODUCT_BLOCK_N = 64
 ACTIVATE_BLOCK_I = 64
 ACTIVATE_CHUNKS = 1
+GROUPED_WARPS: int | None = None  # None: `warps_for`'s rule
 # programs per SM that `launch` keeps at least, where it can, when it gives each program several
 # column tiles (2.2x faster than one tile per program at 256 tokens on the H100: 32.5 against
 # 72.6 us, bench/results/moe_micro_h100_2026-12-07_run2.json; other values untimed)
@@ -284,12 +285,14 @@ def activate(w13_out: torch.Tensor, reduced: torch.Tensor | None, a13: torch.Ten
 
 
 def warps_for(block_m: int) -> int:
-    """Warps per program of both grouped kernels. Compiled for sm_90 (cuobjdump here, no GPU),
-    the product's [BLOCK_M, 128] tiles at 4 warps spilled 240-1040 bytes a thread past 16 rows
-    (this path's launch until 2026-12-07: its prefill and batch-64 cost, docs/benchmarks.md, may
-    come from there); with 64 columns, 4 warps up to 32 rows and 8 at 64, neither kernel spills
-    (130-254 registers; 8 warps at 32 rows spilled 48 bytes). tests/test_moe_marlin.py checks
-    the launches for spills. Not timed yet."""
+    """Warps per program of both grouped kernels for tiles of `block_m` rows: GROUPED_WARPS where
+    set, else 4 up to 32 rows and 8 at 64. That rule came from sm_90 compiles without the
+    launcher's alignment facts, which reported 130-254 registers and spills at 4 warps past 32
+    rows; compiled as the launcher specializes them (tests/test_moe_marlin.py's compile tests
+    now do), both kernels take 40-117 registers at 4 warps on every tile and spill nowhere, so
+    the rule is a guess for the GPU to settle (bench/moe_microbench.py --grouped-sweep)."""
+    if GROUPED_WARPS is not None:
+        return GROUPED_WARPS
     return 4 if block_m <= 32 else 8
 
 
