@@ -25,9 +25,10 @@ Kernels, chosen by platform when the layer is built:
 * CUDA GPUs, by default (vllm_glowq/moe_marlin.py): the codes are repacked once at load time
   for vLLM's WNA16 Marlin MoE GEMMs (one copy of the int4 weights), and the correction is added
   by Triton kernels inside the callbacks vLLM's `fused_marlin_moe` offers: A13_e R into the w13
-  output before the activation, R = B13 x computed once per token; the down correction into
-  the w2 output before the top-k sum (on pairs grouped by expert; a fused path up to
-  moe_marlin.FUSED_MAX_PAIRS pairs, off as shipped).
+  output before the activation, R = B13 x computed once per token (on a second stream); the
+  down correction into the w2 output before the top-k sum (on pairs grouped by expert, sorted
+  once for Marlin and the correction; a fused path up to moe_marlin.FUSED_MAX_PAIRS pairs, off
+  as shipped).
   Rank-0 layers run Marlin alone. With symmetric codes, decode steps of up to
   moe_marlin.GEMV_MAX_PAIRS (token, expert) pairs can skip Marlin for the project's GEMVs, which
   read the same Marlin-layout codes and take the correction inside (moe_triton's pairs path;
