@@ -47,20 +47,19 @@ def _add(a, b):
     return a + b
 
 
-# The per-pair products step through the rank RANK_BLOCK columns at a time, and the steps are
-# unrolled (RANK_UNROLL of them, the whole rank at rank 64) so that their loads are independent
-# and issue together, as the dense kernel's rank blocks do (w4a16_triton._expand).
-# - Whole-rank tiles: the GEMM kernels that call these helpers in their epilogues
-#   (kernels/moe_w4a16_triton.py) took 255 registers and spilled 536-840 bytes a thread at 2
-#   warps (sm_90, Triton 3.6); on the H200 the correction cost 24 us per layer at one token over
-#   the same kernels without it.
-# - Steps of 8 in a loop that was not unrolled: 96-128 registers, no spill, but each step's loads
-#   waited for the previous step's; on the H100 the correction cost 60 us and the fused path
-#   twice what it took with whole-rank tiles (bench/results/moe_micro_h100_2026-12-07.json).
-# - Steps of 16, unrolled 4 times: 248-253 registers at 2 warps and 96-128 at 4, no spill (the
-#   pairs kernels on both layouts, Triton 3.6); the standalone fused kernels 168-255. Not timed.
-RANK_BLOCK = tl.constexpr(16)
-RANK_UNROLL = tl.constexpr(4)
+# The per-pair products take the rank RANK_BLOCK columns at a time (one step at rank 64 and
+# below), RANK_UNROLL steps unrolled so that their loads issue together.
+# - Whole-rank tiles (as shipped): on the H200 the correction cost 24 us per layer at one token
+#   over the same kernels without it (bench/results/moe_micro.json).
+# - Steps of 8 in a loop (commit 07d0d71): each step's loads waited for the previous step's; on
+#   the H100 the correction cost 60 us (bench/results/moe_micro_h100_2026-12-07.json).
+# - Steps of 16 unrolled 4 times: 45 us on the H100 (moe_micro_own_h100_2026-12-07_run2.json).
+# Both narrower steps were chosen for spills that sm_90 compiles reported without the alignment
+# facts Triton's launcher adds at run time (255 registers, 536-840 bytes spilled at 2 warps);
+# compiled as launched, the whole-rank tiles take 80-128 registers in the pairs kernels and 56-80
+# in the standalone fused ones, and spill nowhere.
+RANK_BLOCK = tl.constexpr(64)
+RANK_UNROLL = tl.constexpr(1)
 
 
 @triton.jit
