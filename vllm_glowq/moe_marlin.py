@@ -79,8 +79,8 @@ MARLIN_SCALE_PERM_SINGLE = [2 * i + j for i in range(4) for j in (0, 1, 8, 9, 16
 # up to 8 pairs and as fast at 32 (bench/results/moe_micro_2026-12-02.json, moe_micro.json); on
 # the H100 with the rank stepped in a loop it was slower at every count (104.4 against 52.8 us
 # per layer at one token) and the engine decoded at 4.55 ms per step at batch 1 with it, 3.18
-# without (bench/results/vllm_moe_h100*_2026-12-07.json). Its kernels now unroll the rank steps
-# (kernels/moe_fused_triton.RANK_UNROLL), untimed: `bench/moe_microbench.py --threshold-sweep`
+# without (bench/results/vllm_moe_h100*_2026-12-07.json). Its kernels are back to whole-rank
+# tiles (kernels/moe_fused_triton.RANK_BLOCK), untimed: `bench/moe_microbench.py --threshold-sweep`
 # prints the count to set here.
 FUSED_MAX_PAIRS = 0
 # (token, expert) pairs up to which symmetric experts skip Marlin MoE for the project's GEMVs on

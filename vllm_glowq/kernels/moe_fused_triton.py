@@ -47,8 +47,8 @@ def _add(a, b):
     return a + b
 
 
-# The per-pair products take the rank RANK_BLOCK columns at a time (one step at rank 64 and
-# below), RANK_UNROLL steps unrolled so that their loads issue together.
+# The per-pair products take the rank RANK_BLOCK columns at a time: one step, whole-rank tiles,
+# at rank 64 and below.
 # - Whole-rank tiles (as shipped): on the H200 the correction cost 24 us per layer at one token
 #   over the same kernels without it (bench/results/moe_micro.json).
 # - Steps of 8 in a loop (commit 07d0d71): each step's loads waited for the previous step's; on
@@ -59,7 +59,6 @@ def _add(a, b):
 # compiled as launched, the whole-rank tiles take 80-128 registers in the pairs kernels and 56-80
 # in the standalone fused ones, and spill nowhere.
 RANK_BLOCK = tl.constexpr(64)
-RANK_UNROLL = tl.constexpr(1)
 
 
 @triton.jit
@@ -74,7 +73,7 @@ def activate_pair(gate, up, pair, expert, offs_i, mask_i, r_ptr, a13_ptr, b2_ptr
     if HAS13:
         row = r_ptr + (pair // ROW_DIV).to(tl.int64) * stride_r
         a13_rows = a13_ptr + expert * stride_a13e + offs_i[:, None] * R13
-        for r0 in tl.range(0, R13, RANK_BLOCK, loop_unroll_factor=RANK_UNROLL):
+        for r0 in range(0, R13, RANK_BLOCK):
             offs_r = r0 + tl.arange(0, RANK_BLOCK)
             reduced = tl.full((RANK_BLOCK,), 0.0, tl.float32)
             for c in range(0, r_slices):
@@ -92,7 +91,7 @@ def activate_pair(gate, up, pair, expert, offs_i, mask_i, r_ptr, a13_ptr, b2_ptr
     tl.store(h_ptr + pair.to(tl.int64) * stride_h + offs_i, hidden, mask=mask_i)
     if HAS2:
         slot = part_ptr + (chunk * num_pairs + pair).to(tl.int64) * R2
-        for s0 in tl.range(0, R2, RANK_BLOCK, loop_unroll_factor=RANK_UNROLL):
+        for s0 in range(0, R2, RANK_BLOCK):
             offs_s = s0 + tl.arange(0, RANK_BLOCK)
             b2 = tl.load(b2_ptr + expert * stride_b2e + offs_s[:, None] * I + offs_i[None, :],
                          mask=(offs_s[:, None] < R2) & mask_i[None, :], other=0.0).to(tl.float32)
@@ -105,7 +104,7 @@ def down_correction(part_ptr, a2_ptr, pair, expert, offs_h, mask_h, num_pairs, R
     """A2_e S_p on a chunk of the hidden size (float32 [BLOCK_H]), S_p the sum of the pair's
     partials that `activate_pair` stored, BLOCK_C chunks per load."""
     total = tl.full(offs_h.shape, 0.0, tl.float32)
-    for s0 in tl.range(0, R2, RANK_BLOCK, loop_unroll_factor=RANK_UNROLL):
+    for s0 in range(0, R2, RANK_BLOCK):
         offs_s = s0 + tl.arange(0, RANK_BLOCK)
         reduced = tl.full((RANK_BLOCK,), 0.0, tl.float32)
         for c0 in range(0, num_chunks, BLOCK_C):
