@@ -92,6 +92,18 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     return _device_state(device, 0).side_stream
 
 
+def start_beside(device: torch.device, work: Callable[[], object]) -> Callable[[], None]:
+    """Fork: `work` runs on the device's second stream after what the current stream has queued,
+    while the current stream goes on. Returns the join (the current stream waits for `work`).
+    Every tensor `work` touches must be allocated on the current stream before the fork and used
+    there only after the join, so the caching allocator never sees cross-stream use."""
+    main, side = torch.cuda.current_stream(device), side_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        work()
+    return lambda: main.wait_stream(side)
+
+
 def register_layer(name: str, layer: torch.nn.Module, base: BaseForward) -> None:
     """Make `layer` (holding glowq_B, glowq_A) callable as torch.ops.glowq.linear(x, bias, name).
 
@@ -138,23 +150,20 @@ def _linear_fake(x: torch.Tensor, bias: torch.Tensor | None, layer_name: str, ou
 
 
 def _overlapped(x, bias, layer, base: BaseForward, factor_b, factor_a, path: str) -> torch.Tensor:
-    """Fork: the side stream computes R = x B^T (`overlap`: and C = R A^T too) while the int4
-    GEMM runs. Join: out + C (`overlap`), or one Triton launch for y + R A^T (`split`).
-
-    Every tensor the side stream touches is allocated on the current stream before the fork
-    and used there only after the join, so the caching allocator never sees cross-stream use.
-    """
-    main = torch.cuda.current_stream(x.device)
-    side = _devices[x.device].side_stream
+    """Fork (`start_beside`): the side stream computes R = x B^T (`overlap`: and C = R A^T too)
+    while the int4 GEMM runs. Join: out + C (`overlap`), or one Triton launch for y + R A^T
+    (`split`)."""
     reduced = x.new_empty((x.shape[0], factor_b.shape[0]))
     corrections = x.new_empty((x.shape[0], factor_a.shape[0])) if path == "overlap" else None
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
+
+    def side_work() -> None:
         torch.mm(x, factor_b.t(), out=reduced)
         if corrections is not None:
             torch.mm(reduced, factor_a.t(), out=corrections)
+
+    join = start_beside(x.device, side_work)
     out = base(layer, x, bias)
-    main.wait_stream(side)
+    join()
     if corrections is not None:
         return out.add_(corrections)
     return correct(x, out, factor_b, factor_a, "split", reduced=reduced)

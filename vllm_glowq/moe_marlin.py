@@ -97,7 +97,7 @@ GEMV_MAX_PAIRS = 0
 # gaps; bench/results/moe_micro_h100_2026-12-07_run2.json). False: the two sorts, as timed there.
 # bench/moe_microbench.py times both (`grouped` and `grouped_two_sorts`); not timed yet.
 ONE_SORT = True
-# The grouped path computes R = B13 x on a second stream (vllm_glowq/correction.side_stream) while
+# The grouped path computes R = B13 x on a second stream (vllm_glowq/correction.start_beside) while
 # the sort and Marlin's w13 GEMM run, joining before the activation that reads it, instead of
 # in series before them (cuBLAS took 5.0-5.3 us a layer at every batch on the H100, same run).
 # bench/moe_microbench.py times both (`grouped` and `grouped_serial_r`); not timed yet.
@@ -291,10 +291,13 @@ class CorrectionHooks:
         self.join = None  # with R on the side stream: the wait that `activation` issues before reading R
         self.reduced = None  # what A13 multiplies: R [T, r] (rows per token) or [P, 2r] (per pair)
         if factors.a13 is not None and factors.b13.dim() == 2:
-            self.reduced = x.new_empty((x.shape[0], factors.b13.shape[0]))
-            self.join = shrink_beside(x, factors.b13, self.reduced) if R_ON_SIDE_STREAM and x.is_cuda else None
-            if self.join is None:
-                torch.mm(x, factors.b13.t(), out=self.reduced)
+            reduced = self.reduced = x.new_empty((x.shape[0], factors.b13.shape[0]))
+            if R_ON_SIDE_STREAM and x.is_cuda:
+                from .correction import start_beside
+
+                self.join = start_beside(x.device, lambda: torch.mm(x, factors.b13.t(), out=reduced))
+            else:
+                torch.mm(x, factors.b13.t(), out=reduced)
         self.alignment = (align or compat.moe_align)(topk_ids, block_m, num_experts)
         if factors.a13 is not None and factors.b13.dim() == 3:  # one B per expert projection: per pair too
             self.reduced = x.new_empty((pairs, factors.b13.shape[1]))
@@ -323,19 +326,6 @@ class CorrectionHooks:
             self.grouped.launch(self.partials, self.factors.a2, rows, self.alignment,
                                 scale=self.topk_weights.reshape(-1), accumulate=True)
         return torch.sum(w2_out, dim=1, out=output)
-
-
-def shrink_beside(x: torch.Tensor, factor_b: torch.Tensor, out: torch.Tensor) -> Callable[[], None]:
-    """out = x B^T on the device's second stream, started now; returns the join (the current
-    stream waits for it). `out` is allocated by the caller on the current stream and read there
-    only after the join, so the caching allocator never sees it used across streams."""
-    from .correction import side_stream
-
-    main, side = torch.cuda.current_stream(x.device), side_stream(x.device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        torch.mm(x, factor_b.t(), out=out)
-    return lambda: main.wait_stream(side)
 
 
 class FusedCorrectionHooks:

@@ -577,10 +577,10 @@ PAIRS_BLOCK_N = 64  # columns per program of the pairs path (the dense one-token
 # H100 took 89.0 us per layer at one token at 2 warps, 96.2 at 4 and 121.0 at 8 (Qwen3-30B-A3B
 # shapes, bench/results/moe_micro_own_h100_2026-12-07.json)
 PAIRS_WARPS = 2
-# the rows path's (columns per program, warps) by pairs per sorted block, the fewest warps at which
-# both kernels compile for sm_90 without spilling (Triton 3.6 and 3.9) with the epilogue's rank
-# steps unrolled: 197-229 registers at (2 rows, 64 columns, 4 warps; 2 warps spilled 136-288
-# bytes), 113-128 at (4 rows, 32 columns, 8 warps; 4 warps spilled 104-112). Not timed
+# the rows path's (columns per program, warps) by pairs per sorted block: the fewest warps at which
+# both kernels compiled for sm_90 without spilling, in compiles that lacked the alignment facts
+# Triton's launcher adds at run time (which overstated registers and spills: kernels/
+# moe_fused_triton.RANK_BLOCK); a guess until a GPU times the alternatives
 ROWS_LAUNCH = {2: (64, 4), 4: (32, 8)}
 ROWS_MIN_BLOCK_N = 32
 _PARTIALS_PER_LOAD = 16
