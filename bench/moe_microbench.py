@@ -7,10 +7,11 @@ token count it times:
 
 * `plain`: vLLM's `fused_marlin_moe` without callbacks (the plugin's rank-0 layers; vLLM's own
   GPTQ-Marlin MoE runs the same kernels);
-* `grouped`: GlowQ with the correction on pairs sorted by expert (moe_marlin.forward, fused=False);
-  `grouped_two_sorts` the same with the correction's own sort besides Marlin's (moe_marlin.ONE_SORT
-  off) and `grouped_serial_r` with R = B13 x in series (R_ON_SIDE_STREAM off), what each of those
-  switches saves;
+* `grouped`: GlowQ with the correction on pairs sorted by expert (moe_marlin.forward, fused=False),
+  on the second stream beside Marlin's GEMMs; `grouped_in_callbacks` with the correction inside
+  Marlin's callbacks (moe_marlin.CORRECTION_BESIDE off), `grouped_serial_r` that with R = B13 x in
+  series too (R_ON_SIDE_STREAM off), and `grouped_two_sorts` the shipped path with the
+  correction's own sort besides Marlin's (ONE_SORT off): what each of those switches saves;
 * `fused`: GlowQ with the small-batch fused correction (fused=True), where
   moe_marlin.takes_fused_path would take it; `--threshold-sweep` times it at every count, and
   prints the pair count up to which it beats the grouped path (what FUSED_MAX_PAIRS should be);
@@ -77,11 +78,12 @@ DEVICE = "cuda"  # where inputs are made (the tests run the parts without vLLM o
 SHAPE = dict(hidden=2048, experts=128, top_k=8, inter=768, rank=64, group=128)  # Qwen3-30B-A3B
 COPIES = 8  # x 24 MB of experts and factors touched per copy at one token: past the H200's L2
 CHECK_TOKENS = 4
-PATHS = ("plain", "grouped", "grouped_two_sorts", "grouped_serial_r", "fused", "gemv", "gemv_plain", "own", "own_plain",
-         "own_pairs", "own_rows", "own_blocks")
-# the grouped path with one of moe_marlin's switches turned off (set while the call is built and
+PATHS = ("plain", "grouped", "grouped_in_callbacks", "grouped_serial_r", "grouped_two_sorts", "fused", "gemv",
+         "gemv_plain", "own", "own_plain", "own_pairs", "own_rows", "own_blocks")
+# the grouped path with some of moe_marlin's switches turned off (set while the call is built and
 # captured: the hooks read them then)
-SWITCHED_OFF = {"grouped_two_sorts": "ONE_SORT", "grouped_serial_r": "R_ON_SIDE_STREAM"}
+SWITCHED_OFF = {"grouped_in_callbacks": ("CORRECTION_BESIDE",),
+                "grouped_serial_r": ("CORRECTION_BESIDE", "R_ON_SIDE_STREAM"), "grouped_two_sorts": ("ONE_SORT",)}
 SWEEP_ONLY = ("own_pairs", "own_rows", "own_blocks")  # timed with --threshold-sweep only
 # --own-only: the pairs path without and with the correction, on its own layout and on Marlin's
 OWN_ONLY_PATHS = ("own_plain_pairs", "own_pairs", "gemv_plain", "gemv")
@@ -210,10 +212,10 @@ def step(layer: dict, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
     fused = path == "fused"  # plain: Marlin MoE alone (no factors, no decode GEMVs)
-    switch = SWITCHED_OFF.get(path)
-
     def call():
-        with shipped_after(moe_marlin, switch, False) if switch else contextlib.nullcontext():
+        with contextlib.ExitStack() as switched:
+            for switch in SWITCHED_OFF.get(path, ()):
+                switched.enter_context(shipped_after(moe_marlin, switch, False))
             return moe_marlin.forward(layer["int4"], factors, x, weights, ids, MoEActivation.SILU, fused=fused)
 
     return call

@@ -158,18 +158,19 @@ def test_moe_microbench_threshold_is_where_the_fused_path_stops_winning():
 
 
 def test_moe_microbench_switches_one_thing_per_grouped_variant(monkeypatch):
-    """`grouped_two_sorts` and `grouped_serial_r` run moe_marlin.forward with exactly their switch
-    off, and leave the module as shipped afterwards."""
+    """The grouped variants run moe_marlin.forward with exactly their switches off, and leave the
+    module as shipped afterwards."""
     from vllm_glowq import moe_marlin
 
+    switches = ("CORRECTION_BESIDE", "R_ON_SIDE_STREAM", "ONE_SORT")
     seen = []
-    monkeypatch.setattr(moe_marlin, "forward", lambda *a, **k: seen.append((moe_marlin.ONE_SORT,
-                                                                              moe_marlin.R_ON_SIDE_STREAM)))
+    monkeypatch.setattr(moe_marlin, "forward",
+                        lambda *a, **k: seen.append(tuple(getattr(moe_marlin, s) for s in switches)))
     layer = {"int4": None, "factors": moe_marlin.ExpertFactors()}
-    for path in ("grouped", "grouped_two_sorts", "grouped_serial_r"):
+    for path in ("grouped", "grouped_in_callbacks", "grouped_serial_r", "grouped_two_sorts"):
         moe_microbench.step(layer, None, None, None, path)()
-    assert seen == [(True, True), (False, True), (True, False)]
-    assert moe_marlin.ONE_SORT and moe_marlin.R_ON_SIDE_STREAM
+    assert seen == [(True, True, True), (False, True, True), (False, False, True), (True, True, False)]
+    assert all(getattr(moe_marlin, s) for s in switches)
 
 
 def test_grouped_sweep_runs_in_the_interpreter(monkeypatch):

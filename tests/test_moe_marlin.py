@@ -18,7 +18,8 @@ kernels/moe_fused_triton.py) against a float64 reference.
   pairs, top-k 1, 2 and 8, shared and per-module B, only one of the two corrections), its
   callbacks around the stand-in, the choice of path, and sm_90 compilation.
 * GPU (skipped without CUDA), on both correction paths (fused and grouped, each forced; the
-  grouped one also with its own sort and R in series, as before ONE_SORT and R_ON_SIDE_STREAM): the
+  grouped one beside Marlin's GEMMs as shipped, inside its callbacks, and that with its own sort
+  and R in series, as before ONE_SORT and R_ON_SIDE_STREAM): the
   whole block through vLLM's Marlin MoE GEMMs on repacked codes, bf16 and fp16, 8 and 64
   experts, top-2 and top-8, rank 0 and 16, shared and per-module B, symmetric and asymmetric
   codes, 1 to 600 tokens; with the correction removed the same comparison must fail (negative
@@ -216,7 +217,7 @@ def spilled_bytes(kernel) -> int | None:
 # the grouped kernels' integers that are multiples of 16 on Qwen3-30B-A3B's experts (sizes, ranks,
 # strides), as Triton's launcher finds them; not the pair count, top_k (ROW_DIV) or the slices
 GROUPED_ALIGNED = ("N", "K", "stride_xm", "stride_we", "stride_wn", "stride_om", "stride_slice", "I", "R13", "R2",
-                   "stride_w13", "stride_r", "stride_a13e", "stride_b2e", "stride_h")
+                   "stride_w13", "stride_r", "stride_a13e", "stride_b2e", "stride_h", "stride_add")
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -231,13 +232,14 @@ def test_grouped_kernel_compiles_for_hopper(dtype):
                 "stride_slice")
     for block_m in (8, 16, 32, 48, 64):  # Marlin's block sizes
         rows = moe_lowrank_triton.tile_rows(block_m)
-        # the per-pair shrink of `--share module` (N = 2r: 16 or 64 columns) and the w2 expand,
-        # which reads `activate`'s float32 partials, router-weighted and accumulated
+        # the shrinks (`--share module`'s per pair, N = 2r: 16 or 64 columns; the w2 shrink beside
+        # Marlin, K = I) and the w2 expand, router-weighted: in the callbacks it reads `activate`'s
+        # float32 partials and accumulates, beside Marlin it reads S and writes
         for block_n, accumulate, scaled, tiles in ((64, False, False, 1), (16, False, False, 1),
-                                                   (64, True, True, 1), (64, True, True, 16)):
+                                                   (64, True, True, 1), (64, True, True, 16), (64, False, True, 16)):
             constexprs = dict(ACCUMULATE=accumulate, HAS_SCALE=scaled, BLOCK_M=rows, BLOCK_ROWS=block_m,
                               BLOCK_N=block_n, BLOCK_K=64, TILES=tiles, ONE_K_BLOCK=scaled)
-            x = {"x_ptr": "fp32"} if scaled else {}
+            x = {"x_ptr": "fp32"} if accumulate else {}
             signature = {**{k: f"*{v}" for k, v in {**pointers, **x}.items()}, **{k: "i32" for k in integers},
                          **{k: "constexpr" for k in constexprs}}
             kernel = compile_for_hopper(moe_lowrank_triton._grouped_lowrank_kernel, signature, constexprs,
@@ -252,14 +254,16 @@ def test_grouped_activation_compiles_for_hopper(dtype):
     from vllm_glowq.kernels import moe_lowrank_triton
 
     pointers = dict(w13_ptr=dtype, r_ptr=dtype, a13_ptr=dtype, b2_ptr=dtype, h_ptr=dtype, part_ptr="fp32",
-                    sorted_ptr="i32", expert_ptr="i32", padded_ptr="i32")
+                    add_ptr=dtype, sorted_ptr="i32", expert_ptr="i32", padded_ptr="i32")
     integers = ("num_pairs", "I", "R13", "R2", "ROW_DIV", "stride_w13", "stride_r", "stride_a13e", "stride_b2e",
-                "stride_h")
+                "stride_h", "stride_add")
     for block_m in (8, 16, 32, 48, 64):
         rows = moe_lowrank_triton.tile_rows(block_m)
-        for has13, has2 in ((True, True), (True, False), (False, True)):
-            constexprs = dict(HAS13=has13, HAS2=has2, BLOCK_M=rows, BLOCK_ROWS=block_m, BLOCK_I=64, CHUNKS=1,
-                              BLOCK_R13=64, BLOCK_R2=64)
+        # in the callbacks (A13 R and the w2 shrink inside), and beside Marlin (A13 R added)
+        for has13, has2, added in ((True, True, False), (True, False, False), (False, True, False),
+                                   (False, False, True)):
+            constexprs = dict(HAS13=has13, HAS2=has2, ADDED=added, BLOCK_M=rows, BLOCK_ROWS=block_m, BLOCK_I=64,
+                              CHUNKS=1, BLOCK_R13=64, BLOCK_R2=64)
             signature = {**{k: f"*{v}" for k, v in pointers.items()}, **{k: "i32" for k in integers},
                          **{k: "constexpr" for k in constexprs}}
             kernel = compile_for_hopper(moe_lowrank_triton._grouped_activate_kernel, signature, constexprs,
@@ -397,6 +401,7 @@ def test_the_path_follows_the_pair_count(monkeypatch):
     """Fused up to FUSED_MAX_PAIRS pairs, grouped past it; any activation but the gated SiLU
     is refused by name on both paths."""
     monkeypatch.setattr(moe_marlin, "CorrectionHooks", lambda *args: "grouped")
+    monkeypatch.setattr(moe_marlin, "BesideCorrectionHooks", lambda *args: "grouped")
     monkeypatch.setattr(moe_marlin, "FUSED_MAX_PAIRS", 32)  # shipped 0 (off); the rule, wherever it is set
     f = as_factors(make_factors(4, 32, 16, 4, "group"), torch.float32)
     small = moe_marlin.FUSED_MAX_PAIRS // 2  # tokens, at top-2
@@ -437,9 +442,11 @@ def simulated_marlin(x, w13, w2, topk_weights, topk_ids, activation_func, moe_su
 
 HOOK_CASES = [  # tokens, experts, top_k (Marlin's block sizes 8, 8, 48 and 64)
     (1, 4, 2), (9, 4, 2), (60, 4, 2), (120, 3, 2)]
-# the fused path on the small cases only: the interpreter takes about 30 ms per (pair, chunk)
-# and the grouped path with its own sort (ONE_SORT off: block sizes 16 and 32) on two of them
+# the fused path on the small cases only: the interpreter takes about 30 ms per (pair, chunk);
+# the grouped path with its correction beside Marlin (as shipped) on all, inside the callbacks
+# on two, and with its own sort (ONE_SORT off: block sizes 16 and 32) on two
 PATH_CASES = ([("grouped", c) for c in HOOK_CASES] + [("fused", c) for c in HOOK_CASES[:2]]
+              + [("grouped-in-callbacks", c) for c in HOOK_CASES[1:3]]
               + [("grouped-two-sorts", c) for c in HOOK_CASES[1:3]])
 
 
@@ -459,7 +466,7 @@ def test_activation_takes_several_chunks_per_program(grouped, block_i, chunks, m
     monkeypatch.setattr(grouped, "ACTIVATE_BLOCK_I", block_i)
     monkeypatch.setattr(grouped, "ACTIVATE_CHUNKS", chunks)
     for case in HOOK_CASES[1:3]:
-        check_callbacks(grouped, None, "grouped", case, "group", "both", torch.float32)
+        check_callbacks(grouped, None, "grouped-in-callbacks", case, "group", "both", torch.float32)
 
 
 def check_callbacks(grouped, fused, path: str, case: tuple, share: str, parts: str, dtype: torch.dtype) -> None:
@@ -478,7 +485,8 @@ def check_callbacks(grouped, fused, path: str, case: tuple, share: str, parts: s
         hooks = moe_marlin.FusedCorrectionHooks(factors, x, weights, ids, kernels=fused)
     else:
         align = lambda topk_ids, block_m, e: grouped.align_reference(topk_ids, block_m, e)  # noqa: E731
-        hooks = moe_marlin.CorrectionHooks(factors, x, weights, ids, experts, align=align, kernels=grouped)
+        hooks_class = moe_marlin.CorrectionHooks if path == "grouped-in-callbacks" else moe_marlin.BesideCorrectionHooks
+        hooks = hooks_class(factors, x, weights, ids, experts, align=align, kernels=grouped)
     out = simulated_marlin(x, w13.to(dtype), w2.to(dtype), weights, ids, hooks.activation,
                            hooks.moe_sum if factors.a2 is not None else None)
     ref = reference_block(x, w13, w2, f, weights, ids)
@@ -560,7 +568,8 @@ def test_grouped_path_hands_its_sort_to_marlin(monkeypatch):
     monkeypatch.setattr(moe_marlin.compat, "moe_align", align_reference)
     monkeypatch.setattr(moe_marlin, "ONE_SORT", True)
     int4 = moe_marlin.Int4Experts(*(torch.zeros(experts, 4, 8) for _ in range(4)), None, None, torch.zeros(4))
-    factors = as_factors(make_factors(experts, hidden, inter, 4, "group", has2=False), torch.float32)
+    # the w2 correction only: the stand-in calls no callback, so nothing is forked at construction
+    factors = as_factors(make_factors(experts, hidden, inter, 4, "group", has13=False), torch.float32)
     weights, ids = routing(tokens, experts, top_k)
     out = moe_marlin.forward(int4, factors, torch.randn(tokens, hidden), weights, ids, "silu", fused=False)
     assert torch.equal(out, torch.full((tokens, hidden), float(top_k)))
@@ -634,15 +643,19 @@ GPU_CASES = [  # experts, top_k, rank, share, sym
     (8, 2, 16, "group", True), (8, 2, 0, "group", True), (64, 8, 16, "group", False), (64, 8, 16, "module", True),
     (64, 8, 0, "group", False), (8, 2, 16, "module", False)]
 GPU_TOKENS = [1, 3, 16, 64, 257, 600]
-# moe_marlin.forward's `fused`; "grouped-serial": the grouped path with its own sort and R in series
-FORCED_PATH = {"fused": True, "grouped": False, "grouped-serial": False, "default": None, "gemv": None}
+# moe_marlin.forward's `fused`; "grouped-in-callbacks": the grouped path's correction inside Marlin's
+# callbacks; "grouped-serial": that with its own sort and R in series too
+FORCED_PATH = {"fused": True, "grouped": False, "grouped-in-callbacks": False, "grouped-serial": False,
+               "default": None, "gemv": None}
 
 
 def set_path(path: str, monkeypatch) -> None:
     """The module switches a test path stands for (the decode GEMVs on up to 32 pairs; the
-    grouped path as it ran before ONE_SORT and R_ON_SIDE_STREAM)."""
+    grouped path in the callbacks, and as it ran before ONE_SORT and R_ON_SIDE_STREAM)."""
     if path == "gemv":
         monkeypatch.setattr(moe_marlin, "GEMV_MAX_PAIRS", 32)
+    if path in ("grouped-in-callbacks", "grouped-serial"):
+        monkeypatch.setattr(moe_marlin, "CORRECTION_BESIDE", False)
     if path == "grouped-serial":
         monkeypatch.setattr(moe_marlin, "ONE_SORT", False)
         monkeypatch.setattr(moe_marlin, "R_ON_SIDE_STREAM", False)
@@ -653,7 +666,7 @@ GPU_SHAPE = dict(hidden=512, inter=256, group=128)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
-@pytest.mark.parametrize("path", ["fused", "grouped", "grouped-serial", "default", "gemv"])
+@pytest.mark.parametrize("path", ["fused", "grouped", "grouped-in-callbacks", "grouped-serial", "default", "gemv"])
 def test_gpu_block_matches_float64(dtype, case, path, monkeypatch):
     """Every token count on the path asked for (the fused one past FUSED_MAX_PAIRS too; the
     default's own choice; with `gemv` the decode GEMVs on the Marlin codes switched on up to 32
@@ -688,7 +701,7 @@ def test_gpu_block_matches_float64(dtype, case, path, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 16, 64])
 @pytest.mark.parametrize("share", ["group", "module"])
-@pytest.mark.parametrize("path", ["fused", "grouped", "grouped-serial", "gemv"])
+@pytest.mark.parametrize("path", ["fused", "grouped", "grouped-in-callbacks", "grouped-serial", "gemv"])
 def test_gpu_block_inside_a_cuda_graph(tokens, share, path, monkeypatch):
     """Captured once, replayed on new inputs copied into the captured buffers (with the grouped
     path's second stream inside the graph)."""

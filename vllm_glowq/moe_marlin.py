@@ -26,7 +26,10 @@ The grouped path (`CorrectionHooks`, kernels/moe_lowrank_triton.py) runs Marlin 
 That is two launches on the critical path besides Marlin's own and the sum, and R beside them
 (seven launches in series on the first H200 run, when a decode step cost 0.72x plain int4 MoE
 at one token, ~39 us per layer; five on the H100's second run, 0.91x; ONE_SORT and
-R_ON_SIDE_STREAM switch back to that). Up to
+R_ON_SIDE_STREAM switch back to that). As shipped (CORRECTION_BESIDE, `BesideCorrectionHooks`)
+the same products run on the second stream beside Marlin's GEMMs instead: A13_e R for every
+pair beside the w13 GEMM, the w2 shrink, expand and top-k sum beside the w2 GEMM; in series
+stay one launch that adds A13_e R inside the activation and one [T, H] addition. Up to
 FUSED_MAX_PAIRS pairs, `takes_fused_path`, the fused path (`FusedCorrectionHooks`,
 kernels/moe_fused_triton.py) needs no sorting and three launches: R = B13 x (in series); in
 `activation_func` one kernel per (pair, chunk of I) adds A13_e R, applies SiLU-and-mul and
@@ -102,6 +105,16 @@ ONE_SORT = True
 # in series before them (cuBLAS took 5.0-5.3 us a layer at every batch on the H100, same run).
 # bench/moe_microbench.py times both (`grouped` and `grouped_serial_r`); not timed yet.
 R_ON_SIDE_STREAM = True
+# The grouped path runs its correction on that second stream beside Marlin MoE's two GEMMs
+# (BesideCorrectionHooks) rather than inside its callbacks: A13_e R for every pair while the w13
+# GEMM runs, the w2 shrink, expand and top-k sum while the w2 GEMM runs. What stays in series
+# is the addition of A13_e R inside the activation's launch and one [T, H] addition after the
+# top-k sum. In the callbacks, the two grouped launches took 40.6 of the 202 us a layer at 64
+# tokens on the H100 (against 149.9 for plain Marlin MoE) where their factors take about 21 us
+# to read at its bandwidth (bench/results/moe_micro_h100_2026-12-07_run2.json); beside it they
+# share the GPU with Marlin's GEMMs. False: in the callbacks (R_ON_SIDE_STREAM decides where R
+# runs). bench/moe_microbench.py times both (`grouped` and `grouped_in_callbacks`); not timed yet.
+CORRECTION_BESIDE = True
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -264,14 +277,23 @@ def correction_hooks(factors: ExpertFactors, x: torch.Tensor, topk_weights: torc
         raise ValueError(f"the MoE correction computes the gated SiLU only, not {activation!r}")
     if fused or (fused is None and takes_fused_path(topk_ids.numel())):
         return FusedCorrectionHooks(factors, x, topk_weights, topk_ids)
-    return CorrectionHooks(factors, x, topk_weights, topk_ids, num_experts)
+    return (BesideCorrectionHooks if CORRECTION_BESIDE else CorrectionHooks)(factors, x, topk_weights, topk_ids,
+                                                                             num_experts)
+
+
+def refuse_other_activations(activation, callback_kwargs: dict) -> None:
+    """The correction's callbacks compute the gated SiLU only (vllm_glowq/moe.py admits no other)."""
+    if not compat.plain_gated_silu(activation, callback_kwargs):
+        raise ValueError(f"the MoE correction computes the gated SiLU only; vLLM asked for {activation!r} "
+                         f"with {callback_kwargs}")
 
 
 class CorrectionHooks:
-    """The correction around Marlin MoE's GEMMs: built before them (R = B13 x once per token,
-    the pairs sorted by expert), then called back (`activation`, `moe_sum`). With ONE_SORT the
-    sort is at Marlin's block size and `forward` hands it to Marlin (`marlins_sort`); with
-    R_ON_SIDE_STREAM R is computed on a second stream and joined in `activation`.
+    """The correction around Marlin MoE's GEMMs, inside its callbacks: built before them (R =
+    B13 x once per token, the pairs sorted by expert), then called back (`activation`, `moe_sum`).
+    With ONE_SORT the sort is at Marlin's block size and `forward` hands it to Marlin
+    (`marlins_sort`); with R_ON_SIDE_STREAM R is computed on a second stream and joined in
+    `activation`.
 
     `align` defaults to vLLM's op and `kernels` to kernels/moe_lowrank_triton.py; the CPU tests
     pass a plain-torch stand-in and the kernel module loaded into Triton's interpreter.
@@ -281,41 +303,52 @@ class CorrectionHooks:
                  num_experts: int, align: Callable | None = None, kernels=None) -> None:
         if kernels is None:
             from .kernels import moe_lowrank_triton as kernels
-        self.grouped = grouped = kernels
-        self.factors, self.top_k = factors, topk_ids.shape[1]
-        self.topk_weights = topk_weights
-        pairs = topk_ids.numel()
-        self.marlins_sort = ONE_SORT
+        self.grouped, self.factors, self.topk_weights = kernels, factors, topk_weights
+        self.top_k, self.marlins_sort = topk_ids.shape[1], ONE_SORT
+        self.shared = factors.b13 is not None and factors.b13.dim() == 2  # one B13 for all experts: R per token
+        self.row_div = self.top_k if self.shared else 1  # pair p reads row p // row_div of R
+        self.reduced = None  # what A13 multiplies: R [T, r] (shared B13) or [P, 2r] (one B per expert projection)
+        if factors.a13 is not None:
+            self.reduced = x.new_empty((x.shape[0], factors.b13.shape[0]) if self.shared
+                                       else (topk_ids.numel(), factors.b13.shape[1]))
+        self.join = None  # the wait for the second stream's work, issued before its results are read
+        self.partials = None  # S = B2_e h's partial sums, from `activation` to `moe_sum`
+        self.prepare(x, topk_ids, num_experts, align or compat.moe_align)
+
+    def sort(self, x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, align: Callable):
+        """The pairs sorted by expert, at Marlin's block size with ONE_SORT, else at the grouped kernels'."""
         block_m = (compat.marlin_moe_block_size(x.shape[0], self.top_k, num_experts) if ONE_SORT
-                   else grouped.block_m_for(pairs, num_experts))
-        self.join = None  # with R on the side stream: the wait that `activation` issues before reading R
-        self.reduced = None  # what A13 multiplies: R [T, r] (rows per token) or [P, 2r] (per pair)
-        if factors.a13 is not None and factors.b13.dim() == 2:
-            reduced = self.reduced = x.new_empty((x.shape[0], factors.b13.shape[0]))
-            if R_ON_SIDE_STREAM and x.is_cuda:
+                   else self.grouped.block_m_for(topk_ids.numel(), num_experts))
+        return align(topk_ids, block_m, num_experts)
+
+    def prepare(self, x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, align: Callable) -> None:
+        """R (beside the sort with R_ON_SIDE_STREAM) and the sort."""
+        f = self.factors
+        if f.a13 is not None and self.shared:
+            work = lambda: torch.mm(x, f.b13.t(), out=self.reduced)  # noqa: E731
+            if R_ON_SIDE_STREAM:
                 from .correction import start_beside
 
-                self.join = start_beside(x.device, lambda: torch.mm(x, factors.b13.t(), out=reduced))
+                self.join = start_beside(x.device, work)
             else:
-                torch.mm(x, factors.b13.t(), out=reduced)
-        self.alignment = (align or compat.moe_align)(topk_ids, block_m, num_experts)
-        if factors.a13 is not None and factors.b13.dim() == 3:  # one B per expert projection: per pair too
-            self.reduced = x.new_empty((pairs, factors.b13.shape[1]))
-            grouped.launch(x, factors.b13, self.reduced, self.alignment, row_div=self.top_k)
-        self.partials = None  # S = B2_e h's partial sums, from `activation` to `moe_sum`
+                work()
+        self.alignment = self.sort(x, topk_ids, num_experts, align)
+        if f.a13 is not None and not self.shared:
+            self.grouped.launch(x, f.b13, self.reduced, self.alignment, row_div=self.top_k)
+
+    def joined(self) -> None:
+        """The current stream waits for the second stream's work (once)."""
+        if self.join is not None:
+            self.join()
+            self.join = None
 
     def activation(self, activation, output: torch.Tensor, w13_out: torch.Tensor, **kwargs) -> torch.Tensor:
         """output [P, I] = SiLU(gate) * up of w13_out [P, 2I] + A13_e R, and the partials of
         S = B2_e h for `moe_sum`, in one grouped launch (w13_out left as it is)."""
-        if not compat.plain_gated_silu(activation, kwargs):
-            raise ValueError(f"the MoE correction computes the gated SiLU only; vLLM asked for {activation!r} "
-                             f"with {kwargs}")
-        row_div = self.top_k if self.factors.b13 is not None and self.factors.b13.dim() == 2 else 1
-        if self.join is not None:
-            self.join()
-            self.join = None
+        refuse_other_activations(activation, kwargs)
+        self.joined()
         self.partials = self.grouped.activate(w13_out, self.reduced, self.factors.a13, self.factors.b2, self.alignment,
-                                              output, row_div)
+                                              output, self.row_div)
         return output
 
     def moe_sum(self, w2_out: torch.Tensor, output: torch.Tensor, topk_ids: torch.Tensor, expert_map) -> torch.Tensor:
@@ -326,6 +359,65 @@ class CorrectionHooks:
             self.grouped.launch(self.partials, self.factors.a2, rows, self.alignment,
                                 scale=self.topk_weights.reshape(-1), accumulate=True)
         return torch.sum(w2_out, dim=1, out=output)
+
+
+class BesideCorrectionHooks(CorrectionHooks):
+    """The grouped correction on the device's second stream, beside Marlin MoE's GEMMs
+    (CORRECTION_BESIDE): forked after the sort, R = B13 x and A13_e R for every pair while the
+    w13 GEMM runs; `activation` joins, adds that product and applies SiLU-and-mul (one launch),
+    then forks the w2 correction (S = B2_e h, w_p A2_e S and its top-k sum) while the w2 GEMM
+    runs; `moe_sum` sums Marlin's rows, joins and adds. Every buffer the second stream touches
+    is allocated before the forks and held here until the last join (the activation's output,
+    Marlin's buffer, too)."""
+
+    def prepare(self, x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, align: Callable) -> None:
+        from .correction import start_beside
+
+        f = self.factors
+        pairs, tokens = topk_ids.numel(), x.shape[0]
+        self.alignment = self.sort(x, topk_ids, num_experts, align)
+        self.added = None if f.a13 is None else x.new_empty((pairs, f.a13.shape[1]))  # A13_e R per pair
+        if f.a2 is not None:
+            self.shrunk = x.new_empty((pairs, f.b2.shape[1]))  # S = B2_e h
+            self.expanded = x.new_empty((pairs, f.a2.shape[1]))  # w_p A2_e S
+            self.summed = x.new_empty((tokens, f.a2.shape[1]))  # its sum over top_k
+        self.hidden = None  # the activation's output, read beside the w2 GEMM
+        if f.a13 is not None:
+            self.join = start_beside(x.device, lambda: self.expand13(x))
+
+    def expand13(self, x: torch.Tensor) -> None:
+        f = self.factors
+        if self.shared:
+            torch.mm(x, f.b13.t(), out=self.reduced)
+        else:
+            self.grouped.launch(x, f.b13, self.reduced, self.alignment, row_div=self.top_k)
+        self.grouped.launch(self.reduced, f.a13, self.added, self.alignment, row_div=self.row_div)
+
+    def correct_w2(self) -> None:
+        f = self.factors
+        self.grouped.launch(self.hidden, f.b2, self.shrunk, self.alignment)
+        self.grouped.launch(self.shrunk, f.a2, self.expanded, self.alignment, scale=self.topk_weights.reshape(-1))
+        torch.sum(self.expanded.view(self.summed.shape[0], self.top_k, -1), dim=1, out=self.summed)
+
+    def activation(self, activation, output: torch.Tensor, w13_out: torch.Tensor, **kwargs) -> torch.Tensor:
+        """output [P, I] = SiLU(gate) * up of w13_out [P, 2I] + A13_e R, then the w2 correction forked."""
+        refuse_other_activations(activation, kwargs)
+        self.joined()
+        self.grouped.activate(w13_out, None, None, None, self.alignment, output, self.row_div, added=self.added)
+        if self.factors.a2 is not None:
+            from .correction import start_beside
+
+            self.hidden = output
+            self.join = start_beside(output.device, self.correct_w2)
+        return output
+
+    def moe_sum(self, w2_out: torch.Tensor, output: torch.Tensor, topk_ids: torch.Tensor, expert_map) -> torch.Tensor:
+        """output [T, H] = the sum over top_k of w2_out [T, top_k, H], plus the w2 correction's."""
+        torch.sum(w2_out, dim=1, out=output)
+        if self.join is not None:  # the w2 correction was forked
+            self.joined()
+            output += self.summed
+        return output
 
 
 class FusedCorrectionHooks:
@@ -354,9 +446,7 @@ class FusedCorrectionHooks:
 
     def activation(self, activation, output: torch.Tensor, w13_out: torch.Tensor, **kwargs) -> torch.Tensor:
         """output [P, I] = SiLU(gate) * up of w13_out [P, 2I] + A13_e R (w13_out left as it is)."""
-        if not compat.plain_gated_silu(activation, kwargs):
-            raise ValueError(f"the fused MoE correction computes the gated SiLU only; vLLM asked for {activation!r} "
-                             f"with {kwargs}")
+        refuse_other_activations(activation, kwargs)
         self.partials = self.kernels.activate(w13_out, self.reduced, self.factors.a13, self.factors.b2,
                                               self.topk_ids, output, self.row_div)
         return output

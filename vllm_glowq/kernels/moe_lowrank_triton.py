@@ -104,16 +104,18 @@ def _summed_x(x_ptr, rows, valid, k0, K, stride_xm, x_slices, stride_slice, BLOC
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def _grouped_activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, sorted_ptr, expert_ptr, padded_ptr,
-                             num_pairs, I, R13, R2, ROW_DIV, stride_w13, stride_r, stride_a13e, stride_b2e, stride_h,
-                             HAS13: tl.constexpr, HAS2: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_ROWS: tl.constexpr, BLOCK_I: tl.constexpr, CHUNKS: tl.constexpr,
-                             BLOCK_R13: tl.constexpr, BLOCK_R2: tl.constexpr):
+def _grouped_activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, add_ptr, sorted_ptr, expert_ptr,
+                             padded_ptr, num_pairs, I, R13, R2, ROW_DIV, stride_w13, stride_r, stride_a13e, stride_b2e,
+                             stride_h, stride_add, HAS13: tl.constexpr, HAS2: tl.constexpr, ADDED: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_I: tl.constexpr,
+                             CHUNKS: tl.constexpr, BLOCK_R13: tl.constexpr, BLOCK_R2: tl.constexpr):
     """One (block of an expert's pairs, CHUNKS consecutive chunks of BLOCK_I columns of I): per
-    chunk, gate/up = w13_out + A13_e R rounded as the w13 output would hold them, h = SiLU(gate)
-    * up rounded as vLLM's `silu_and_mul` rounds; with HAS2 the chunks' partial S = B2_e h summed
-    into the program's own slot of part_ptr [programs along I, P, R2] (float32; no atomics, so
-    nothing to zero and the same sums every run). R is loaded once for all the chunks."""
+    chunk, gate/up = w13_out + A13_e R (HAS13) or + the pair's row of add_ptr [P, 2I] (ADDED:
+    the product made beforehand, beside Marlin's GEMM), rounded as the w13 output would hold
+    them, h = SiLU(gate) * up rounded as vLLM's `silu_and_mul` rounds; with HAS2 the chunks'
+    partial S = B2_e h summed into the program's own slot of part_ptr [programs along I, P, R2]
+    (float32; no atomics, so nothing to zero and the same sums every run). R is loaded once
+    for all the chunks."""
     block = tl.program_id(0)
     expert = tl.load(expert_ptr + block)
     if (block * BLOCK_ROWS < tl.load(padded_ptr)) & (expert >= 0):
@@ -139,6 +141,11 @@ def _grouped_activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, s
                 a_mask = (offs_r[:, None] < R13) & (offs_i[None, :] < I)
                 gate += tl.dot(reduced, tl.load(a13_t, mask=a_mask, other=0.0).to(reduced.dtype))
                 up += tl.dot(reduced, tl.load(a13_t + I * R13, mask=a_mask, other=0.0).to(reduced.dtype))
+            if ADDED:
+                added = add_ptr + safe[:, None] * stride_add + offs_i[None, :]
+                gate += tl.load(added, mask=mask, other=0.0).to(tl.float32)
+                up += tl.load(added + I, mask=mask, other=0.0).to(tl.float32)
+            if HAS13 or ADDED:
                 gate = gate.to(dtype).to(tl.float32)
                 up = up.to(dtype).to(tl.float32)
             silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
@@ -256,16 +263,20 @@ def _sm_count(device: torch.device) -> int:
 
 
 def activate(w13_out: torch.Tensor, reduced: torch.Tensor | None, a13: torch.Tensor | None,
-             b2: torch.Tensor | None, alignment: Alignment, hidden: torch.Tensor, row_div: int) -> torch.Tensor | None:
+             b2: torch.Tensor | None, alignment: Alignment, hidden: torch.Tensor, row_div: int,
+             added: torch.Tensor | None = None) -> torch.Tensor | None:
     """hidden[p] = SiLU(gate) * up of w13_out[p] [P, 2I] + a13[e_p] @ reduced[p // row_div]
-    (a13 [E, 2I, r13] or None), and with b2 [E, r2, I] the partials [slices, P, r2] (float32,
-    one slice per ACTIVATE_CHUNKS chunks of ACTIVATE_BLOCK_I columns of I) of b2[e_p] @ hidden[p]
-    whose sum `launch` takes as its x (None without b2): the w13 expand, the activation and the
-    w2 shrink in one launch."""
+    (a13 [E, 2I, r13] or None) or + added[p] (added [P, 2I]: that product made beforehand; not
+    with a13), and with b2 [E, r2, I] the partials [slices, P, r2] (float32, one slice per
+    ACTIVATE_CHUNKS chunks of ACTIVATE_BLOCK_I columns of I) of b2[e_p] @ hidden[p] whose sum
+    `launch` takes as its x (None without b2): the w13 expand, the activation and the w2 shrink
+    in one launch."""
     pairs, inter = hidden.shape
-    if any(t is not None and t.stride(-1) != 1 for t in (w13_out, reduced, hidden)) or \
+    if any(t is not None and t.stride(-1) != 1 for t in (w13_out, reduced, hidden, added)) or \
             any(t is not None and not t.is_contiguous() for t in (a13, b2)):
         raise ValueError("the grouped MoE activation needs row-major activations and contiguous factors")
+    if added is not None and a13 is not None:
+        raise ValueError("the grouped MoE activation adds either A13 R or a product made beforehand, not both")
     r13 = 1 if a13 is None else a13.shape[2]
     r2 = 1 if b2 is None else b2.shape[1]
     block_i = _pow2_between(inter, 16, ACTIVATE_BLOCK_I)
@@ -274,10 +285,11 @@ def activate(w13_out: torch.Tensor, reduced: torch.Tensor | None, a13: torch.Ten
     partials = None if b2 is None else torch.empty((slices, pairs, r2), dtype=torch.float32, device=hidden.device)
     _grouped_activate_kernel[(alignment.expert_ids.numel(), slices)](
         w13_out, w13_out if reduced is None else reduced, w13_out if a13 is None else a13,
-        w13_out if b2 is None else b2, hidden, hidden if partials is None else partials, alignment.sorted_ids,
-        alignment.expert_ids, alignment.padded, alignment.num_pairs, inter, r13, r2, row_div, w13_out.stride(0),
-        0 if reduced is None else reduced.stride(0), 0 if a13 is None else a13.stride(0),
-        0 if b2 is None else b2.stride(0), hidden.stride(0), HAS13=a13 is not None, HAS2=b2 is not None,
+        w13_out if b2 is None else b2, hidden, hidden if partials is None else partials,
+        w13_out if added is None else added, alignment.sorted_ids, alignment.expert_ids, alignment.padded,
+        alignment.num_pairs, inter, r13, r2, row_div, w13_out.stride(0), 0 if reduced is None else reduced.stride(0),
+        0 if a13 is None else a13.stride(0), 0 if b2 is None else b2.stride(0), hidden.stride(0),
+        0 if added is None else added.stride(0), HAS13=a13 is not None, HAS2=b2 is not None, ADDED=added is not None,
         BLOCK_M=tile_rows(alignment.block_m), BLOCK_ROWS=alignment.block_m, BLOCK_I=block_i, CHUNKS=per_program,
         BLOCK_R13=_pow2_between(r13, 16, 1 << 30), BLOCK_R2=_pow2_between(r2, 16, 1 << 30),
         num_warps=warps_for(tile_rows(alignment.block_m)))
