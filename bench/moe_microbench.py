@@ -105,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grouped-sweep", default="", type=lambda t: _counts(t) if t else [],
                         help="token counts at which to time the grouped path's correction launches alone with "
                              "each of their launch constants varied (e.g. 16,64,256; needs no vLLM)")
+    parser.add_argument("--paths", default="", type=_paths,
+                        help="only these paths (comma-separated, the baseline first; e.g. plain,grouped,"
+                             "grouped_in_callbacks): a shorter run")
     parser.add_argument("--own-only", action="store_true",
                         help="only the own pairs path, without and with the correction (needs no vLLM)")
     return parser.parse_args(argv)
@@ -118,6 +121,14 @@ def _counts(text: str) -> list[int]:
     if not counts or min(counts) < 1:
         raise argparse.ArgumentTypeError(f"--tokens takes positive integers separated by commas, not {text!r}")
     return counts
+
+
+def _paths(text: str) -> list[str]:
+    paths = [p for p in text.split(",") if p]
+    unknown = sorted(set(paths) - set(PATHS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--paths takes some of {', '.join(PATHS)}, not {', '.join(unknown)}")
+    return paths
 
 
 def why_not_runnable(own_only: bool = False) -> str | None:
@@ -244,7 +255,7 @@ def max_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench_tokens(layers: list[dict], tokens: int, sweep: bool, breakdown: bool = False,
-                 own_only: bool = False) -> dict:
+                 own_only: bool = False, only: list[str] | None = None) -> dict:
     """Times and errors of every path that runs at this token count (and with `breakdown`, the
     time per kernel: where a path's microseconds go); ratios against the first path timed."""
     pairs = tokens * SHAPE["top_k"]
@@ -252,6 +263,8 @@ def bench_tokens(layers: list[dict], tokens: int, sweep: bool, breakdown: bool =
     paths = list(OWN_ONLY_PATHS) if own_only else [
         p for p in PATHS if (p != "fused" or sweep or moe_marlin.takes_fused_path(pairs))
         and (not p.startswith("gemv") or sweep or gemv) and (p not in SWEEP_ONLY or sweep)]
+    if only:
+        paths = [p for p in only if p in paths or p in SWEEP_ONLY or p == "fused"]
     inputs = []
     for c, _ in enumerate(layers):
         x = torch.randn(tokens, SHAPE["hidden"], device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(c))
@@ -425,12 +438,14 @@ def main(argv: list[str] | None = None) -> None:
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, vllm=vllm_version, shape=SHAPE,
                   copies=COPIES, fused_max_pairs=moe_marlin.FUSED_MAX_PAIRS, gemv_max_pairs=moe_marlin.GEMV_MAX_PAIRS,
                   one_sort=moe_marlin.ONE_SORT, r_on_side_stream=moe_marlin.R_ON_SIDE_STREAM,
+                  correction_beside=moe_marlin.CORRECTION_BESIDE,
                   grouped_constants={name: getattr(grouped, name) for name in GROUPED_SWEEP},
                   pairs_max_pairs=moe_triton.PAIRS_MAX_PAIRS, rows_max_pairs=moe_triton.ROWS_MAX_PAIRS, rows=[])
     print(f"{result['device']}, vLLM {result['vllm']}; shapes {SHAPE}; plain/GlowQ ratios, * = the default path",
           flush=True)
     for tokens in args.tokens:
-        result["rows"].append(bench_tokens(layers, tokens, args.threshold_sweep, args.breakdown, args.own_only))
+        result["rows"].append(bench_tokens(layers, tokens, args.threshold_sweep, args.breakdown, args.own_only,
+                                           args.paths))
         print(line(result["rows"][-1]), flush=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for tokens in args.tokens:

@@ -230,3 +230,10 @@ def test_marlin_layout_in_torch_is_vllms():
     assert torch.equal(packed, expected)
     assert torch.equal(permuted, marlin_moe_permute_scales(scales, k, n, group))
     assert (moe_marlin.MARLIN_SCALE_PERM, moe_marlin.MARLIN_SCALE_PERM_SINGLE) == tuple(get_scale_perms())
+
+
+def test_moe_microbench_paths_option_keeps_the_paths_named():
+    """--paths keeps the paths named, baseline first, and refuses a name it does not know."""
+    assert moe_microbench.parse_args(["--out", "x", "--paths", "plain,grouped"]).paths == ["plain", "grouped"]
+    with pytest.raises(SystemExit):
+        moe_microbench.parse_args(["--out", "x", "--paths", "plain,grouped_sideways"])
