@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--svd", choices=["auto", "exact", "randomized"], default="auto",
+                        help="glowq-calibrate's --svd (randomized: the QR-reduced randomized SVD for every unit)")
     parser.add_argument("--max-rss-gib", type=float, default=6.0, help="issue 14's peak host RSS target")
     parser.add_argument("--reference-s", type=float, default=87.0,
                         help="wall time of the in-memory calibration this one must stay within 10%% of")
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     options = CalibrationOptions(
         rank=args.rank, group_size=args.group_size, sym=True, share="group", dataset="random",
-        samples=args.samples, seq_len=args.seq_len, device=args.device, restore="all",
+        samples=args.samples, seq_len=args.seq_len, device=args.device, restore="all", svd=args.svd,
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

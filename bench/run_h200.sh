@@ -47,6 +47,8 @@
 # The moe-vllm stages skip engines that would end after GLOWQ_BENCH_BUDGET_S (default 560) seconds.
 #
 # GLOWQ_BENCH_MICRO=0 skips the microbenchmark in `prepare`.
+# GLOWQ_BENCH_SVD=randomized calibrates with the randomized SVD for every unit (the default, auto, takes the
+# exact SVD up to 1024 columns: about 60 ms a unit for the 128 experts' down projections of each MoE layer).
 # GLOWQ_BENCH_BUDGET_S=N makes the vLLM stage skip engines that would end after N seconds.
 #
 # Results (JSON, logs) go to $OUT (default bench/results/raw); bench/report.py turns them into
@@ -71,6 +73,7 @@ SEQ_LEN=${GLOWQ_BENCH_SEQ_LEN:-2048}
 PROFILE=${GLOWQ_BENCH_PROFILE:-h200}
 DEVICE=${GLOWQ_BENCH_DEVICE:-cuda}
 GROUP=${GLOWQ_BENCH_GROUP:-128}
+SVD=${GLOWQ_BENCH_SVD:-auto}  # glowq-calibrate's --svd (randomized: faster on many small units, e.g. experts)
 MOE_WORK=${GLOWQ_BENCH_MOE_WORK:-/root/bench-moe}
 MOE_SHAPE=${GLOWQ_BENCH_MOE_SHAPE:-qwen3-30b-a3b}
 MOE_LAYERS=${GLOWQ_BENCH_MOE_LAYERS:-auto}  # or a number; auto: bench/make_model.py's disk plan
@@ -107,7 +110,7 @@ prepare() {
 calibrate() {
   say "GlowQ calibration: rank 64, $SAMPLES x $SEQ_LEN random tokens, symmetric int4 g128"
   $PY "$HERE/calibrate_timed.py" "$WORK/bf16" "$WORK/glowq" --json "$OUT/calibration.json" \
-      --samples "$SAMPLES" --seq-len "$SEQ_LEN" --device "$DEVICE" 2>&1 | grep -v '^calibrating layers' | tail -5
+      --samples "$SAMPLES" --seq-len "$SEQ_LEN" --device "$DEVICE" --svd "$SVD" 2>&1 | grep -v '^calibrating layers' | tail -5
   say "deriving int4 / GlowQ-S / per-module / GPTQ checkpoints"
   $PY "$HERE/variants.py" "$WORK/glowq" "$WORK/v"
   df -h "$WORK" | tail -1
@@ -158,7 +161,7 @@ moe_prepare() {
 moe_calibrate() {
   say "GlowQ calibration of the MoE model: rank 64, $SAMPLES x $SEQ_LEN random tokens, symmetric int4 g$GROUP"
   $PY "$HERE/calibrate_timed.py" "$MOE_WORK/bf16" "$MOE_WORK/glowq" --json "$OUT/calibration_moe.json" \
-      --samples "$SAMPLES" --seq-len "$SEQ_LEN" --device "$DEVICE" --group-size "$GROUP" 2>&1 \
+      --samples "$SAMPLES" --seq-len "$SEQ_LEN" --device "$DEVICE" --group-size "$GROUP" --svd "$SVD" 2>&1 \
       | grep -v '^calibrating layers' | tail -5
   say "deriving the plain int4 checkpoints (GPTQ for vLLM's in-tree MoE, and the plugin's without factors)"
   $PY "$HERE/variants.py" "$MOE_WORK/glowq" "$MOE_WORK/v" --only int4,gptq
