@@ -10,8 +10,9 @@ token count it times:
 * `grouped`: GlowQ with the correction on pairs sorted by expert (moe_marlin.forward, fused=False),
   on the second stream beside Marlin's GEMMs; `grouped_in_callbacks` with the correction inside
   Marlin's callbacks (moe_marlin.CORRECTION_BESIDE off), `grouped_serial_r` that with R = B13 x in
-  series too (R_ON_SIDE_STREAM off), and `grouped_two_sorts` the shipped path with the
-  correction's own sort besides Marlin's (ONE_SORT off): what each of those switches saves;
+  series too (R_ON_SIDE_STREAM off), `grouped_two_sorts` the shipped path with the
+  correction's own sort besides Marlin's (ONE_SORT off), and `grouped_shrink_in_activation` with
+  the w2 shrink inside the activation's launch (W2_SHRINK_BESIDE off): what each switch saves;
 * `fused`: GlowQ with the small-batch fused correction (fused=True), where
   moe_marlin.takes_fused_path would take it; `--threshold-sweep` times it at every count, and
   prints the pair count up to which it beats the grouped path (what FUSED_MAX_PAIRS should be);
@@ -78,12 +79,14 @@ DEVICE = "cuda"  # where inputs are made (the tests run the parts without vLLM o
 SHAPE = dict(hidden=2048, experts=128, top_k=8, inter=768, rank=64, group=128)  # Qwen3-30B-A3B
 COPIES = 8  # x 24 MB of experts and factors touched per copy at one token: past the H200's L2
 CHECK_TOKENS = 4
-PATHS = ("plain", "grouped", "grouped_in_callbacks", "grouped_serial_r", "grouped_two_sorts", "fused", "gemv",
-         "gemv_plain", "own", "own_plain", "own_pairs", "own_rows", "own_blocks")
+PATHS = ("plain", "grouped", "grouped_in_callbacks", "grouped_serial_r", "grouped_two_sorts",
+         "grouped_shrink_in_activation", "fused", "gemv", "gemv_plain", "own", "own_plain", "own_pairs", "own_rows",
+         "own_blocks")
 # the grouped path with some of moe_marlin's switches turned off (set while the call is built and
 # captured: the hooks read them then)
 SWITCHED_OFF = {"grouped_in_callbacks": ("CORRECTION_BESIDE",),
-                "grouped_serial_r": ("CORRECTION_BESIDE", "R_ON_SIDE_STREAM"), "grouped_two_sorts": ("ONE_SORT",)}
+                "grouped_serial_r": ("CORRECTION_BESIDE", "R_ON_SIDE_STREAM"), "grouped_two_sorts": ("ONE_SORT",),
+                "grouped_shrink_in_activation": ("W2_SHRINK_BESIDE",)}
 SWEEP_ONLY = ("own_pairs", "own_rows", "own_blocks")  # timed with --threshold-sweep only
 # --own-only: the pairs path without and with the correction, on its own layout and on Marlin's
 OWN_ONLY_PATHS = ("own_plain_pairs", "own_pairs", "gemv_plain", "gemv")
@@ -438,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, vllm=vllm_version, shape=SHAPE,
                   copies=COPIES, fused_max_pairs=moe_marlin.FUSED_MAX_PAIRS, gemv_max_pairs=moe_marlin.GEMV_MAX_PAIRS,
                   one_sort=moe_marlin.ONE_SORT, r_on_side_stream=moe_marlin.R_ON_SIDE_STREAM,
-                  correction_beside=moe_marlin.CORRECTION_BESIDE,
+                  correction_beside=moe_marlin.CORRECTION_BESIDE, w2_shrink_beside=moe_marlin.W2_SHRINK_BESIDE,
                   grouped_constants={name: getattr(grouped, name) for name in GROUPED_SWEEP},
                   pairs_max_pairs=moe_triton.PAIRS_MAX_PAIRS, rows_max_pairs=moe_triton.ROWS_MAX_PAIRS, rows=[])
     print(f"{result['device']}, vLLM {result['vllm']}; shapes {SHAPE}; plain/GlowQ ratios, * = the default path",

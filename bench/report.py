@@ -516,7 +516,8 @@ def moe_section(results: Path, meta: dict) -> list[str]:
 
 MICRO_PATHS = {  # moe_microbench's paths, as the table heads them
     "grouped": "GlowQ grouped", "grouped_in_callbacks": "GlowQ grouped, in Marlin's callbacks",
-    "grouped_two_sorts": "GlowQ grouped, two sorts", "grouped_serial_r": "GlowQ grouped, R in series", "fused": "GlowQ fused", "gemv": "GlowQ decode GEMVs on Marlin codes",
+    "grouped_two_sorts": "GlowQ grouped, two sorts", "grouped_serial_r": "GlowQ grouped, R in series",
+    "grouped_shrink_in_activation": "GlowQ grouped, w2 shrink in the activation", "fused": "GlowQ fused", "gemv": "GlowQ decode GEMVs on Marlin codes",
     "gemv_plain": "int4 decode GEMVs on Marlin codes", "own": "GlowQ own kernels", "own_plain": "int4 own kernels",
     "own_pairs": "GlowQ own, pairs path", "own_rows": "GlowQ own, rows path", "own_blocks": "GlowQ own, blocks path"}
 MICRO_BASELINES = {"plain": "plain int4, Marlin MoE", "own_plain_pairs": "int4 own, pairs path"}

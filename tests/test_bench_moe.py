@@ -162,14 +162,16 @@ def test_moe_microbench_switches_one_thing_per_grouped_variant(monkeypatch):
     module as shipped afterwards."""
     from vllm_glowq import moe_marlin
 
-    switches = ("CORRECTION_BESIDE", "R_ON_SIDE_STREAM", "ONE_SORT")
+    switches = ("CORRECTION_BESIDE", "R_ON_SIDE_STREAM", "ONE_SORT", "W2_SHRINK_BESIDE")
     seen = []
     monkeypatch.setattr(moe_marlin, "forward",
                         lambda *a, **k: seen.append(tuple(getattr(moe_marlin, s) for s in switches)))
     layer = {"int4": None, "factors": moe_marlin.ExpertFactors()}
-    for path in ("grouped", "grouped_in_callbacks", "grouped_serial_r", "grouped_two_sorts"):
+    for path in ("grouped", "grouped_in_callbacks", "grouped_serial_r", "grouped_two_sorts",
+                 "grouped_shrink_in_activation"):
         moe_microbench.step(layer, None, None, None, path)()
-    assert seen == [(True, True, True), (False, True, True), (False, False, True), (True, True, False)]
+    assert seen == [(True, True, True, True), (False, True, True, True), (False, False, True, True),
+                    (True, True, False, True), (True, True, True, False)]
     assert all(getattr(moe_marlin, s) for s in switches)
 
 

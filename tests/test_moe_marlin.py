@@ -261,7 +261,7 @@ def test_grouped_activation_compiles_for_hopper(dtype):
         rows = moe_lowrank_triton.tile_rows(block_m)
         # in the callbacks (A13 R and the w2 shrink inside), and beside Marlin (A13 R added)
         for has13, has2, added in ((True, True, False), (True, False, False), (False, True, False),
-                                   (False, False, True)):
+                                   (False, False, True), (False, True, True)):
             constexprs = dict(HAS13=has13, HAS2=has2, ADDED=added, BLOCK_M=rows, BLOCK_ROWS=block_m, BLOCK_I=64,
                               CHUNKS=1, BLOCK_R13=64, BLOCK_R2=64)
             signature = {**{k: f"*{v}" for k, v in pointers.items()}, **{k: "i32" for k in integers},
@@ -444,9 +444,11 @@ HOOK_CASES = [  # tokens, experts, top_k (Marlin's block sizes 8, 8, 48 and 64)
     (1, 4, 2), (9, 4, 2), (60, 4, 2), (120, 3, 2)]
 # the fused path on the small cases only: the interpreter takes about 30 ms per (pair, chunk);
 # the grouped path with its correction beside Marlin (as shipped) on all, inside the callbacks
-# on two, and with its own sort (ONE_SORT off: block sizes 16 and 32) on two
+# on two, beside Marlin with the w2 shrink inside the activation on two, and with its own sort
+# (ONE_SORT off: block sizes 16 and 32) on two
 PATH_CASES = ([("grouped", c) for c in HOOK_CASES] + [("fused", c) for c in HOOK_CASES[:2]]
               + [("grouped-in-callbacks", c) for c in HOOK_CASES[1:3]]
+              + [("grouped-shrink-in-activation", c) for c in HOOK_CASES[1:3]]
               + [("grouped-two-sorts", c) for c in HOOK_CASES[1:3]])
 
 
@@ -456,6 +458,7 @@ PATH_CASES = ([("grouped", c) for c in HOOK_CASES] + [("fused", c) for c in HOOK
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_callbacks_add_the_correction(grouped, fused, path, case, share, parts, dtype, monkeypatch):
     monkeypatch.setattr(moe_marlin, "ONE_SORT", path != "grouped-two-sorts")
+    monkeypatch.setattr(moe_marlin, "W2_SHRINK_BESIDE", path != "grouped-shrink-in-activation")
     check_callbacks(grouped, fused, path, case, share, parts, dtype)
 
 
@@ -646,7 +649,7 @@ GPU_TOKENS = [1, 3, 16, 64, 257, 600]
 # moe_marlin.forward's `fused`; "grouped-in-callbacks": the grouped path's correction inside Marlin's
 # callbacks; "grouped-serial": that with its own sort and R in series too
 FORCED_PATH = {"fused": True, "grouped": False, "grouped-in-callbacks": False, "grouped-serial": False,
-               "default": None, "gemv": None}
+               "grouped-shrink-in-activation": False, "default": None, "gemv": None}
 
 
 def set_path(path: str, monkeypatch) -> None:
@@ -656,6 +659,8 @@ def set_path(path: str, monkeypatch) -> None:
         monkeypatch.setattr(moe_marlin, "GEMV_MAX_PAIRS", 32)
     if path in ("grouped-in-callbacks", "grouped-serial"):
         monkeypatch.setattr(moe_marlin, "CORRECTION_BESIDE", False)
+    if path == "grouped-shrink-in-activation":
+        monkeypatch.setattr(moe_marlin, "W2_SHRINK_BESIDE", False)
     if path == "grouped-serial":
         monkeypatch.setattr(moe_marlin, "ONE_SORT", False)
         monkeypatch.setattr(moe_marlin, "R_ON_SIDE_STREAM", False)
@@ -666,7 +671,8 @@ GPU_SHAPE = dict(hidden=512, inter=256, group=128)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
-@pytest.mark.parametrize("path", ["fused", "grouped", "grouped-in-callbacks", "grouped-serial", "default", "gemv"])
+@pytest.mark.parametrize("path", ["fused", "grouped", "grouped-in-callbacks", "grouped-serial",
+                                  "grouped-shrink-in-activation", "default", "gemv"])
 def test_gpu_block_matches_float64(dtype, case, path, monkeypatch):
     """Every token count on the path asked for (the fused one past FUSED_MAX_PAIRS too; the
     default's own choice; with `gemv` the decode GEMVs on the Marlin codes switched on up to 32
@@ -701,7 +707,8 @@ def test_gpu_block_matches_float64(dtype, case, path, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 16, 64])
 @pytest.mark.parametrize("share", ["group", "module"])
-@pytest.mark.parametrize("path", ["fused", "grouped", "grouped-in-callbacks", "grouped-serial", "gemv"])
+@pytest.mark.parametrize("path", ["fused", "grouped", "grouped-in-callbacks", "grouped-serial",
+                                  "grouped-shrink-in-activation", "gemv"])
 def test_gpu_block_inside_a_cuda_graph(tokens, share, path, monkeypatch):
     """Captured once, replayed on new inputs copied into the captured buffers (with the grouped
     path's second stream inside the graph)."""

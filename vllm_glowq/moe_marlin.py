@@ -115,6 +115,12 @@ R_ON_SIDE_STREAM = True
 # share the GPU with Marlin's GEMMs. False: in the callbacks (R_ON_SIDE_STREAM decides where R
 # runs). bench/moe_microbench.py times both (`grouped` and `grouped_in_callbacks`); not timed yet.
 CORRECTION_BESIDE = True
+# Beside Marlin, the w2 correction's shrink S = B2_e h runs on the second stream too (one grouped
+# launch with the rank as its 64 columns: 8 programs at one token, each reading its expert's whole
+# B2, 98 KB) or, False, inside the activation's launch (12 programs per block of pairs, the float32
+# partials of S summed by the expand), which puts B2's reads in series but shortens the chain
+# beside the w2 GEMM. bench/moe_microbench.py times both (`grouped`, `grouped_shrink_in_activation`).
+W2_SHRINK_BESIDE = True
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -365,8 +371,9 @@ class BesideCorrectionHooks(CorrectionHooks):
     """The grouped correction on the device's second stream, beside Marlin MoE's GEMMs
     (CORRECTION_BESIDE): forked after the sort, R = B13 x and A13_e R for every pair while the
     w13 GEMM runs; `activation` joins, adds that product and applies SiLU-and-mul (one launch),
-    then forks the w2 correction (S = B2_e h, w_p A2_e S and its top-k sum) while the w2 GEMM
-    runs; `moe_sum` sums Marlin's rows, joins and adds. Every buffer the second stream touches
+    then forks the w2 correction (S = B2_e h, or with W2_SHRINK_BESIDE off its partials from the
+    activation's launch; w_p A2_e S and its top-k sum) while the w2 GEMM runs; `moe_sum` sums
+    Marlin's rows, joins and adds. Every buffer the second stream touches
     is allocated before the forks and held here until the last join (the activation's output,
     Marlin's buffer, too)."""
 
@@ -377,8 +384,10 @@ class BesideCorrectionHooks(CorrectionHooks):
         pairs, tokens = topk_ids.numel(), x.shape[0]
         self.alignment = self.sort(x, topk_ids, num_experts, align)
         self.added = None if f.a13 is None else x.new_empty((pairs, f.a13.shape[1]))  # A13_e R per pair
+        self.shrunk = None  # S = B2_e h, where the second stream computes it (W2_SHRINK_BESIDE)
         if f.a2 is not None:
-            self.shrunk = x.new_empty((pairs, f.b2.shape[1]))  # S = B2_e h
+            if W2_SHRINK_BESIDE:
+                self.shrunk = x.new_empty((pairs, f.b2.shape[1]))
             self.expanded = x.new_empty((pairs, f.a2.shape[1]))  # w_p A2_e S
             self.summed = x.new_empty((tokens, f.a2.shape[1]))  # its sum over top_k
         self.hidden = None  # the activation's output, read beside the w2 GEMM
@@ -395,15 +404,19 @@ class BesideCorrectionHooks(CorrectionHooks):
 
     def correct_w2(self) -> None:
         f = self.factors
-        self.grouped.launch(self.hidden, f.b2, self.shrunk, self.alignment)
-        self.grouped.launch(self.shrunk, f.a2, self.expanded, self.alignment, scale=self.topk_weights.reshape(-1))
+        if self.shrunk is not None:
+            self.grouped.launch(self.hidden, f.b2, self.shrunk, self.alignment)
+        shrunk = self.partials if self.shrunk is None else self.shrunk
+        self.grouped.launch(shrunk, f.a2, self.expanded, self.alignment, scale=self.topk_weights.reshape(-1))
         torch.sum(self.expanded.view(self.summed.shape[0], self.top_k, -1), dim=1, out=self.summed)
 
     def activation(self, activation, output: torch.Tensor, w13_out: torch.Tensor, **kwargs) -> torch.Tensor:
         """output [P, I] = SiLU(gate) * up of w13_out [P, 2I] + A13_e R, then the w2 correction forked."""
         refuse_other_activations(activation, kwargs)
         self.joined()
-        self.grouped.activate(w13_out, None, None, None, self.alignment, output, self.row_div, added=self.added)
+        shrink_here = self.factors.a2 is not None and self.shrunk is None  # the partials of S, for correct_w2
+        self.partials = self.grouped.activate(w13_out, None, None, self.factors.b2 if shrink_here else None,
+                                              self.alignment, output, self.row_div, added=self.added)
         if self.factors.a2 is not None:
             from .correction import start_beside
 
