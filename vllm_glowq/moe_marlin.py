@@ -383,12 +383,15 @@ class BesideCorrectionHooks(CorrectionHooks):
         f = self.factors
         pairs, tokens = topk_ids.numel(), x.shape[0]
         self.alignment = self.sort(x, topk_ids, num_experts, align)
-        self.added = None if f.a13 is None else x.new_empty((pairs, f.a13.shape[1]))  # A13_e R per pair
+        # A13_e R per pair, read by the activation; then w_p A2_e S, written after it: one buffer
+        rows = [0 if w is None else w.shape[1] for w in (f.a13, f.a2)]
+        per_pair = x.new_empty(pairs * max(rows))
+        self.added = None if f.a13 is None else per_pair[: pairs * rows[0]].view(pairs, rows[0])
         self.shrunk = None  # S = B2_e h, where the second stream computes it (W2_SHRINK_BESIDE)
         if f.a2 is not None:
             if W2_SHRINK_BESIDE:
                 self.shrunk = x.new_empty((pairs, f.b2.shape[1]))
-            self.expanded = x.new_empty((pairs, f.a2.shape[1]))  # w_p A2_e S
+            self.expanded = per_pair[: pairs * rows[1]].view(pairs, rows[1])
             self.summed = x.new_empty((tokens, f.a2.shape[1]))  # its sum over top_k
         self.hidden = None  # the activation's output, read beside the w2 GEMM
         if f.a13 is not None:
