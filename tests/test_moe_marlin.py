@@ -272,6 +272,20 @@ def test_grouped_activation_compiles_for_hopper(dtype):
             assert spilled_bytes(kernel) in (0, None), (block_m, has13, has2)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_topk_sum_compiles_for_hopper(dtype):
+    """`sum_topk`'s kernel (Marlin's w2 rows and the correction's, summed over top_k) for sm_90."""
+    from vllm_glowq.kernels import moe_lowrank_triton
+
+    constexprs = dict(TOP_K=8, BLOCK_H=moe_lowrank_triton.SUM_BLOCK_H)
+    signature = {"rows_ptr": f"*{dtype}", "extra_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+                 **{k: "i32" for k in ("H", "stride_rt", "stride_rk", "stride_et", "stride_ek", "stride_out")},
+                 **{k: "constexpr" for k in constexprs}}
+    kernel = compile_for_hopper(moe_lowrank_triton._sum_topk_kernel, signature, constexprs, 4,
+                                aligned=("stride_rt", "stride_rk", "stride_et", "stride_ek", "stride_out"))
+    assert kernel.asm["cubin"] and spilled_bytes(kernel) in (0, None)
+
+
 def test_decode_keeps_one_column_tile_per_program():
     """Several column tiles per program only where the busy blocks alone fill the GPU."""
     from vllm_glowq.kernels.moe_lowrank_triton import tiles_per_program

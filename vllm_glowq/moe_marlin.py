@@ -28,8 +28,8 @@ That is two launches on the critical path besides Marlin's own and the sum, and 
 at one token, ~39 us per layer; five on the H100's second run, 0.91x; ONE_SORT and
 R_ON_SIDE_STREAM switch back to that). As shipped (CORRECTION_BESIDE, `BesideCorrectionHooks`)
 the same products run on the second stream beside Marlin's GEMMs instead: A13_e R for every
-pair beside the w13 GEMM, the w2 shrink, expand and top-k sum beside the w2 GEMM; in series
-stay one launch that adds A13_e R inside the activation and one [T, H] addition. Up to
+pair beside the w13 GEMM, the w2 shrink and expand beside the w2 GEMM; in series stay the
+activation's launch, which adds A13_e R, and the top-k sum, which adds the w2 correction. Up to
 FUSED_MAX_PAIRS pairs, `takes_fused_path`, the fused path (`FusedCorrectionHooks`,
 kernels/moe_fused_triton.py) needs no sorting and three launches: R = B13 x (in series); in
 `activation_func` one kernel per (pair, chunk of I) adds A13_e R, applies SiLU-and-mul and
@@ -107,9 +107,9 @@ ONE_SORT = True
 R_ON_SIDE_STREAM = True
 # The grouped path runs its correction on that second stream beside Marlin MoE's two GEMMs
 # (BesideCorrectionHooks) rather than inside its callbacks: A13_e R for every pair while the w13
-# GEMM runs, the w2 shrink, expand and top-k sum while the w2 GEMM runs. What stays in series
-# is the addition of A13_e R inside the activation's launch and one [T, H] addition after the
-# top-k sum. In the callbacks, the two grouped launches took 40.6 of the 202 us a layer at 64
+# GEMM runs, the w2 shrink and expand while the w2 GEMM runs. What stays in series is the
+# addition of each product inside a launch that runs anyway: the activation's and the top-k
+# sum's. In the callbacks, the two grouped launches took 40.6 of the 202 us a layer at 64
 # tokens on the H100 (against 149.9 for plain Marlin MoE) where their factors take about 21 us
 # to read at its bandwidth (bench/results/moe_micro_h100_2026-12-07_run2.json); beside it they
 # share the GPU with Marlin's GEMMs. False: in the callbacks (R_ON_SIDE_STREAM decides where R
@@ -372,8 +372,8 @@ class BesideCorrectionHooks(CorrectionHooks):
     (CORRECTION_BESIDE): forked after the sort, R = B13 x and A13_e R for every pair while the
     w13 GEMM runs; `activation` joins, adds that product and applies SiLU-and-mul (one launch),
     then forks the w2 correction (S = B2_e h, or with W2_SHRINK_BESIDE off its partials from the
-    activation's launch; w_p A2_e S and its top-k sum) while the w2 GEMM runs; `moe_sum` sums
-    Marlin's rows, joins and adds. Every buffer the second stream touches
+    activation's launch; then w_p A2_e S) while the w2 GEMM runs; `moe_sum` joins and sums
+    Marlin's rows and the correction's over top_k in one launch. Every buffer the second stream touches
     is allocated before the forks and held here until the last join (the activation's output,
     Marlin's buffer, too)."""
 
@@ -381,7 +381,7 @@ class BesideCorrectionHooks(CorrectionHooks):
         from .correction import start_beside
 
         f = self.factors
-        pairs, tokens = topk_ids.numel(), x.shape[0]
+        pairs = topk_ids.numel()
         self.alignment = self.sort(x, topk_ids, num_experts, align)
         # A13_e R per pair, read by the activation; then w_p A2_e S, written after it: one buffer
         rows = [0 if w is None else w.shape[1] for w in (f.a13, f.a2)]
@@ -392,7 +392,6 @@ class BesideCorrectionHooks(CorrectionHooks):
             if W2_SHRINK_BESIDE:
                 self.shrunk = x.new_empty((pairs, f.b2.shape[1]))
             self.expanded = per_pair[: pairs * rows[1]].view(pairs, rows[1])
-            self.summed = x.new_empty((tokens, f.a2.shape[1]))  # its sum over top_k
         self.hidden = None  # the activation's output, read beside the w2 GEMM
         if f.a13 is not None:
             self.join = start_beside(x.device, lambda: self.expand13(x))
@@ -411,7 +410,6 @@ class BesideCorrectionHooks(CorrectionHooks):
             self.grouped.launch(self.hidden, f.b2, self.shrunk, self.alignment)
         shrunk = self.partials if self.shrunk is None else self.shrunk
         self.grouped.launch(shrunk, f.a2, self.expanded, self.alignment, scale=self.topk_weights.reshape(-1))
-        torch.sum(self.expanded.view(self.summed.shape[0], self.top_k, -1), dim=1, out=self.summed)
 
     def activation(self, activation, output: torch.Tensor, w13_out: torch.Tensor, **kwargs) -> torch.Tensor:
         """output [P, I] = SiLU(gate) * up of w13_out [P, 2I] + A13_e R, then the w2 correction forked."""
@@ -428,12 +426,12 @@ class BesideCorrectionHooks(CorrectionHooks):
         return output
 
     def moe_sum(self, w2_out: torch.Tensor, output: torch.Tensor, topk_ids: torch.Tensor, expert_map) -> torch.Tensor:
-        """output [T, H] = the sum over top_k of w2_out [T, top_k, H], plus the w2 correction's."""
-        torch.sum(w2_out, dim=1, out=output)
-        if self.join is not None:  # the w2 correction was forked
-            self.joined()
-            output += self.summed
-        return output
+        """output [T, H] = the sum over top_k of w2_out [T, top_k, H] and the w2 correction's rows
+        (one launch after the join)."""
+        if self.join is None:  # no w2 correction was forked
+            return torch.sum(w2_out, dim=1, out=output)
+        self.joined()
+        return self.grouped.sum_topk(w2_out, self.expanded.view(w2_out.shape), output)
 
 
 class FusedCorrectionHooks:

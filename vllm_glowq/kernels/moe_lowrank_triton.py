@@ -160,6 +160,21 @@ def _grouped_activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, a
             tl.store(slots, summed, mask=valid[:, None] & (offs_s[None, :] < R2))
 
 
+@triton.jit(do_not_specialize=["H"])
+def _sum_topk_kernel(rows_ptr, extra_ptr, out_ptr, H, stride_rt, stride_rk, stride_et, stride_ek, stride_out,
+                     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum over k of rows[t, k] + extra[t, k], for BLOCK_H columns of one token
+    (float32 sums, rounded once)."""
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = offs < H
+    acc = tl.full((BLOCK_H,), 0.0, tl.float32)
+    for k in range(TOP_K):
+        acc += tl.load(rows_ptr + token * stride_rt + k * stride_rk + offs, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(extra_ptr + token * stride_et + k * stride_ek + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 @dataclass(frozen=True)
 class Alignment:
     """Pairs sorted by expert in blocks of `block_m` (vLLM's `moe_align_block_size` layout; any of
@@ -294,6 +309,23 @@ def activate(w13_out: torch.Tensor, reduced: torch.Tensor | None, a13: torch.Ten
         BLOCK_R13=_pow2_between(r13, 16, 1 << 30), BLOCK_R2=_pow2_between(r2, 16, 1 << 30),
         num_warps=warps_for(tile_rows(alignment.block_m)))
     return partials
+
+
+SUM_BLOCK_H = 1024  # columns per program of `sum_topk`
+
+
+def sum_topk(rows: torch.Tensor, extra: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [T, H] = the sum over top_k of rows [T, top_k, H] + extra [T, top_k, H] in one
+    launch (Marlin's w2 rows and the w2 correction's, each pair's own): what stays in series of
+    the w2 correction run beside Marlin's GEMM."""
+    tokens, top_k, hidden = rows.shape
+    if rows.stride(-1) != 1 or extra.stride(-1) != 1 or out.stride(-1) != 1 or extra.shape != rows.shape:
+        raise ValueError("sum_topk needs [T, top_k, H] rows and extra with unit stride along H")
+    block_h = _pow2_between(hidden, 16, SUM_BLOCK_H)
+    _sum_topk_kernel[(tokens, triton.cdiv(hidden, block_h))](
+        rows, extra, out, hidden, rows.stride(0), rows.stride(1), extra.stride(0), extra.stride(1), out.stride(0),
+        TOP_K=top_k, BLOCK_H=block_h, num_warps=4)
+    return out
 
 
 def warps_for(block_m: int) -> int:
