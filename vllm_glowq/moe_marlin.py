@@ -373,9 +373,9 @@ class BesideCorrectionHooks(CorrectionHooks):
     w13 GEMM runs; `activation` joins, adds that product and applies SiLU-and-mul (one launch),
     then forks the w2 correction (S = B2_e h, or with W2_SHRINK_BESIDE off its partials from the
     activation's launch; then w_p A2_e S) while the w2 GEMM runs; `moe_sum` joins and sums
-    Marlin's rows and the correction's over top_k in one launch. Every buffer the second stream touches
-    is allocated before the forks and held here until the last join (the activation's output,
-    Marlin's buffer, too)."""
+    Marlin's rows and the correction's over top_k in one launch. Every buffer the second stream
+    touches is allocated before the forks and held here until the last join (the activation's
+    output, Marlin's buffer, too)."""
 
     def prepare(self, x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, align: Callable) -> None:
         from .correction import start_beside
