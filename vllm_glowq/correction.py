@@ -87,8 +87,8 @@ def _device_state(device: torch.device, rank: int) -> _DeviceState:
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
     """The device's second stream, shared by every layer that overlaps work with its GEMMs (the
-    overlap and split paths here, R = B13 x in vllm_glowq/moe_marlin.py). Layers ask for it at
-    load time, so it exists before CUDA graphs are captured."""
+    overlap and split paths here, the MoE grouped correction in vllm_glowq/moe_marlin.py).
+    Layers ask for it at load time, so it exists before CUDA graphs are captured."""
     return _device_state(device, 0).side_stream
 
 

@@ -284,8 +284,9 @@ class GlowQMoEMethod(FusedMoEMethodBase):
 
             self.factors = ExpertFactors(**{field: getattr(layer, name) for name, field in FACTOR_PARAMS.items()
                                             if hasattr(layer, name)})
-            if self.factors.b13 is not None and self.factors.b13.is_cuda:  # R = B13 x runs on it
-                side_stream(self.factors.b13.device)  # created before CUDA graphs are captured
+            factor = self.factors.a13 if self.factors.a13 is not None else self.factors.a2
+            if factor is not None and factor.is_cuda:  # the grouped correction runs beside Marlin on it
+                side_stream(factor.device)  # created before CUDA graphs are captured
         _layers[self.prefix] = (layer, self)
 
     def _dequantize_all(self, layer) -> None:

@@ -41,7 +41,8 @@ vectors, not tiles, so larger batches, where pairs share experts, keep the group
 The alternatives were worse: calling the Marlin GEMM op (`moe_wna16_marlin_gemm`) directly means
 re-implementing vLLM's workspaces and activation plumbing, which changed between 0.26 and 0.32
 (the grouped path calls the body of `fused_marlin_moe` after its sort, `_fused_marlin_moe`,
-whose keywords are the same in both, and mirrors only the block-size rule: compat.py); building a `FusedMoEKernel` around a custom experts class is refused by
+whose keywords are the same in both, and mirrors only the block-size rule: compat.py);
+building a `FusedMoEKernel` around a custom experts class is refused by
 `make_wna16_moe_kernel` (it checks the class against a list) and its prepare/finalize adds
 nothing without expert parallelism.
 
