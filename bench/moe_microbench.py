@@ -7,6 +7,8 @@ token count it times:
 
 * `plain`: vLLM's `fused_marlin_moe` without callbacks (the plugin's rank-0 layers; vLLM's own
   GPTQ-Marlin MoE runs the same kernels);
+* `folded`: GlowQ with the correction folded into Marlin's codes (vllm_glowq/moe_fold.py; A in
+  int4, so its error against the float64 reference is larger than the other paths');
 * `grouped`: GlowQ with the correction on pairs sorted by expert (moe_marlin.forward, fused=False),
   on the second stream beside Marlin's GEMMs; `grouped_in_callbacks` with the correction inside
   Marlin's callbacks (moe_marlin.CORRECTION_BESIDE off), `grouped_serial_r` that with R = B13 x in
@@ -71,7 +73,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_timing import kernel_breakdown, seconds_per_call
-from vllm_glowq import compat, moe_marlin, moe_triton
+from vllm_glowq import compat, moe_fold, moe_marlin, moe_triton
 from vllm_glowq.kernels import moe_lowrank_triton as grouped
 from vllm_glowq.packing import dequantize
 
@@ -79,7 +81,7 @@ DEVICE = "cuda"  # where inputs are made (the tests run the parts without vLLM o
 SHAPE = dict(hidden=2048, experts=128, top_k=8, inter=768, rank=64, group=128)  # Qwen3-30B-A3B
 COPIES = 8  # x 24 MB of experts and factors touched per copy at one token: past the H200's L2
 CHECK_TOKENS = 4
-PATHS = ("plain", "grouped", "grouped_in_callbacks", "grouped_serial_r", "grouped_two_sorts",
+PATHS = ("plain", "folded", "grouped", "grouped_in_callbacks", "grouped_serial_r", "grouped_two_sorts",
          "grouped_shrink_in_activation", "fused", "gemv", "gemv_plain", "own", "own_plain", "own_pairs", "own_rows",
          "own_blocks")
 # the grouped path with some of moe_marlin's switches turned off (set while the call is built and
@@ -192,10 +194,14 @@ def make_layer(seed: int, own_only: bool = False) -> dict:
         int4.gemv = moe_marlin.decode_views(int4, s13.shape[1], s2.shape[1])
     else:
         int4 = moe_marlin.repack(q13, s13, None, q2, s2, None, torch.bfloat16)
+        folded13, folded2, folded = moe_fold.fold((q13, s13, None), (q2, s2, None), factors.b13, factors.a13,
+                                                  factors.b2, factors.a2, torch.bfloat16)
+        layer_folded = (moe_marlin.repack(*folded13, *folded2, torch.bfloat16), folded)
     own = (moe_triton.repack(q13, s13, None, torch.bfloat16), moe_triton.repack(q2, s2, None, torch.bfloat16))
     moe_triton.reserve(q13.device, h, i, *own)
     moe_triton.reserve(q13.device, h, i, *int4.gemv)  # the decode GEMVs on Marlin's codes
-    return dict(int4=int4, own=own, factors=factors, gptq=(q13, s13, q2, s2))
+    return dict(int4=int4, own=own, factors=factors, gptq=(q13, s13, q2, s2),
+                folded=None if own_only else layer_folded)
 
 
 def routing(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,6 +231,9 @@ def step(layer: dict, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
         return lambda: moe_triton.forward(*layer["int4"].gemv, factors, x, weights, ids, path="pairs")
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
+    if path == "folded":  # the correction folded into Marlin's codes (moe_fold.py)
+        return lambda: moe_marlin.forward(layer["folded"][0], layer["folded"][1], x, weights, ids,
+                                          MoEActivation.SILU)
     fused = path == "fused"  # plain: Marlin MoE alone (no factors, no decode GEMVs)
     def call():
         with contextlib.ExitStack() as switched:

@@ -255,8 +255,8 @@ def test_grouped_activation_compiles_for_hopper(dtype):
 
     pointers = dict(w13_ptr=dtype, r_ptr=dtype, a13_ptr=dtype, b2_ptr=dtype, h_ptr=dtype, part_ptr="fp32",
                     add_ptr=dtype, sorted_ptr="i32", expert_ptr="i32", padded_ptr="i32")
-    integers = ("num_pairs", "I", "R13", "R2", "ROW_DIV", "stride_w13", "stride_r", "stride_a13e", "stride_b2e",
-                "stride_h", "stride_add")
+    integers = ("num_pairs", "I", "R13", "R2", "R2_OUT", "ROW_DIV", "stride_w13", "stride_r", "stride_a13e",
+                "stride_b2e", "stride_h", "stride_add", "stride_part", "stride_part_slice")
     for block_m in (8, 16, 32, 48, 64):
         rows = moe_lowrank_triton.tile_rows(block_m)
         # in the callbacks (A13 R and the w2 shrink inside), and beside Marlin (A13 R added)
@@ -267,7 +267,8 @@ def test_grouped_activation_compiles_for_hopper(dtype):
             signature = {**{k: f"*{v}" for k, v in pointers.items()}, **{k: "i32" for k in integers},
                          **{k: "constexpr" for k in constexprs}}
             kernel = compile_for_hopper(moe_lowrank_triton._grouped_activate_kernel, signature, constexprs,
-                                        moe_lowrank_triton.warps_for(rows), aligned=GROUPED_ALIGNED)
+                                        moe_lowrank_triton.warps_for(rows),
+                                        aligned=GROUPED_ALIGNED + ("R2_OUT", "stride_part"))
             assert kernel.asm["cubin"], (block_m, has13, has2)
             assert spilled_bytes(kernel) in (0, None), (block_m, has13, has2)
 
@@ -624,10 +625,11 @@ def test_loaded_layer_hands_marlin_codes_and_factors_to_the_gpu_forward(monkeypa
     layer.activation = "silu"
     method = moe.GlowQMoEMethod.__new__(moe.GlowQMoEMethod)
     method.prefix, method.on_gpu, method.params_dtype = "test.mlp.experts", True, torch.bfloat16
-    method.own_kernels, method.codes = False, None
+    method.own_kernels, method.codes, method.factors = False, None, None
     method.expected = ExpectedTensors(method.prefix)
     marlin = [torch.full((e, 7), v) for v in range(4)]
     monkeypatch.setattr(moe_marlin, "repack", lambda *args: moe_marlin.Int4Experts(*marlin, None, None, torch.zeros(2)))
+    monkeypatch.setattr(moe_marlin, "FOLD_INTO_CODES", False)  # tests/test_moe_fold.py loads folded layers
     method.process_weights_after_loading(layer)
     assert layer.w13_qweight.data_ptr() == marlin[0].data_ptr() and layer.w2_scales.data_ptr() == marlin[3].data_ptr()
     assert not hasattr(layer, "w13_qzeros")

@@ -222,7 +222,7 @@ def test_loaded_layer_hands_own_codes_and_factors_to_the_gpu_forward(monkeypatch
     method.params_dtype = torch.bfloat16
     method.plan = moe.ExpertsPlan(method.prefix, ("gate_proj", "up_proj", "down_proj"), e, h, i, i, 0)
     method.expected = ExpectedTensors(method.prefix)
-    method.int4 = method.codes = None
+    method.int4 = method.codes = method.factors = None
     method.process_weights_after_loading(layer)
     w13, w2 = method.codes
     assert layer.w13_qweight is not None and layer.w13_qweight.data_ptr() == w13.qweight.data_ptr()

@@ -198,6 +198,28 @@ def marlin_moe_sorted(alignment, topk_ids: torch.Tensor, quant_type_id: int, **k
     return out.view(tokens, top_k, -1)
 
 
+def marlin_moe_gemm(x: torch.Tensor, out: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                    zeros: torch.Tensor | None, workspace: torch.Tensor, alignment, topk_weights: torch.Tensor,
+                    top_k: int, weigh: bool, quant_type_id: int) -> torch.Tensor:
+    """One Marlin MoE GEMM on pairs the caller sorted: out [P, N] row p = x[p // top_k] @ W_e
+    (times the router weight with `weigh`), x [M, K] contiguous, N and K from `codes` (Marlin's
+    layout [E, K/16, 2N]). vLLM's `moe_wna16_marlin_gemm`: 0.26 also takes act-order
+    arguments (g_idx, perm, is_k_full), which 0.32 dropped."""
+    import inspect
+
+    from vllm import _custom_ops as ops
+    from vllm.scalar_type import ScalarType
+
+    act_order = {"g_idx": None, "perm": None, "is_k_full": True}
+    kwargs = {k: v for k, v in act_order.items() if k in inspect.signature(ops.moe_wna16_marlin_gemm).parameters}
+    return ops.moe_wna16_marlin_gemm(
+        x, out, codes, None, scales, None, None, zeros, workspace=workspace, sorted_token_ids=alignment.sorted_ids,
+        expert_ids=alignment.expert_ids, num_tokens_past_padded=alignment.padded, topk_weights=topk_weights,
+        moe_block_size=alignment.block_m, top_k=top_k, mul_topk_weights=weigh,
+        b_q_type=ScalarType.from_id(quant_type_id), size_m=x.shape[0], size_n=out.shape[1], size_k=x.shape[1],
+        use_atomic_add=False, use_fp32_reduce=True, is_zp_float=False, **kwargs)
+
+
 def moe_align(topk_ids: torch.Tensor, block_m: int, num_experts: int):
     """vLLM's `moe_align_block_size` (same layout in 0.26 and 0.32), as a kernels Alignment."""
     from vllm.model_executor.layers.fused_moe.moe_align_block_size import moe_align_block_size

@@ -278,7 +278,7 @@ class GlowQMoEMethod(FusedMoEMethodBase):
         for name in FACTOR_PARAMS:
             if hasattr(layer, name):
                 _replace(layer, name, getattr(layer, name).data.to(self.params_dtype).contiguous())
-        if self.on_gpu:
+        if self.on_gpu and self.factors is None:
             from .correction import side_stream
             from .moe_marlin import ExpertFactors
 
@@ -299,16 +299,24 @@ class GlowQMoEMethod(FusedMoEMethodBase):
             layer.register_parameter(f"{stem}_dense", torch.nn.Parameter(dense, requires_grad=False))
 
     def _repack_for_marlin(self, layer) -> None:
-        """The codes, scales and zero points replaced by their Marlin layout (same names)."""
-        from .moe_marlin import repack
+        """The codes, scales and zero points replaced by their Marlin layout (same names); with
+        moe_marlin.FOLD_INTO_CODES and a foldable correction, A13 and A2 folded into the codes
+        first (moe_fold.py), the factor parameters replaced by the B factors that stay outside."""
+        from .moe_marlin import FOLD_INTO_CODES, repack
 
-        _log_once("marlin")
-        zeros = {stem: getattr(layer, f"{stem}_{QZEROS}", None) for stem in ("w13", "w2")}
-        int4 = repack(layer.w13_qweight.data, layer.w13_scales.data, _data(zeros["w13"]), layer.w2_qweight.data,
-                      layer.w2_scales.data, _data(zeros["w2"]), self.params_dtype)
-        for stem, codes, scales, packed_zeros in (("w13", int4.w13, int4.scales13, int4.zeros13),
-                                                  ("w2", int4.w2, int4.scales2, int4.zeros2)):
-            _replace(layer, f"{stem}_{QWEIGHT}", codes)
+        codes = {stem: (getattr(layer, f"{stem}_{QWEIGHT}").data, getattr(layer, f"{stem}_{SCALES}").data,
+                        _data(getattr(layer, f"{stem}_{QZEROS}", None))) for stem in ("w13", "w2")}
+        factors = {field: getattr(layer, name).data for name, field in FACTOR_PARAMS.items() if hasattr(layer, name)}
+        if FOLD_INTO_CODES and factors and self._fold(layer, codes, factors):
+            _log_once("marlin-folded")
+        else:
+            _log_once("marlin")
+        int4 = repack(*codes["w13"], *codes["w2"], self.params_dtype)
+        if self.factors is not None:  # folded: the decode GEMVs know the unfolded codes only
+            int4.gemv = None
+        for stem, marlin_codes, scales, packed_zeros in (("w13", int4.w13, int4.scales13, int4.zeros13),
+                                                         ("w2", int4.w2, int4.scales2, int4.zeros2)):
+            _replace(layer, f"{stem}_{QWEIGHT}", marlin_codes)
             _replace(layer, f"{stem}_{SCALES}", scales)
             if packed_zeros is not None:
                 _replace(layer, f"{stem}_{QZEROS}", packed_zeros)
@@ -318,6 +326,23 @@ class GlowQMoEMethod(FusedMoEMethodBase):
 
             reserve(layer.w13_qweight.device, self.plan.hidden, self.plan.inter_local, *int4.gemv)
         self.int4 = int4
+
+    def _fold(self, layer, codes: dict, factors: dict) -> bool:
+        """Fold the correction into `codes` (in place) where moe_fold takes it; False where not."""
+        from .moe_fold import fold, unfoldable_reason
+
+        if unfoldable_reason(factors.get("b13"), factors.get("a13"), factors.get("a2")) is not None:
+            return False
+        codes["w13"], codes["w2"], self.factors = fold(codes["w13"], codes["w2"], factors.get("b13"),
+                                                       factors.get("a13"), factors.get("b2"), factors.get("a2"),
+                                                       self.params_dtype)
+        for name, field in FACTOR_PARAMS.items():
+            if hasattr(layer, name):
+                delattr(layer, name)
+        for name, folded in (("w13_glowq_B", self.factors.b13), ("w2_glowq_B", self.factors.b2)):
+            if folded is not None:
+                layer.register_parameter(name, torch.nn.Parameter(folded, requires_grad=False))
+        return True
 
     def _repack_for_own_kernels(self, layer) -> None:
         """The codes replaced by the project's MoE kernels' layout (same names), scales in the
@@ -452,6 +477,10 @@ def _log_once(kernel: str) -> None:
     elif kernel == "own":
         logger.info("GlowQ: MoE experts run the project's own int4 MoE kernels (%s=glowq), the correction inside "
                     "the expert GEMMs (R = B x once per token).", kernel_choice.ENV_KERNEL)
+    elif kernel == "marlin-folded":
+        logger.info("GlowQ: MoE experts run vLLM's Marlin MoE GEMMs with the correction folded into them: A13 and A2 "
+                    "as int4 rows appended to each expert's codes, R = B x appended to the tokens (once per token) "
+                    "and S = B2 h to the activation's output.")
     else:
         from .moe_marlin import FUSED_MAX_PAIRS, GEMV_MAX_PAIRS
 

@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from . import compat
+from .moe_fold import FoldedFactors
 
 MARLIN_GROUP_SIZES = (32, 64, 128)  # besides one group per row (channelwise, -1)
 # how vLLM's `marlin_permute_scales` orders scales (stored[i] = original[perm[i]]) within chunks
@@ -122,6 +123,14 @@ CORRECTION_BESIDE = True
 # partials of S summed by the expand), which puts B2's reads in series but shortens the chain
 # beside the w2 GEMM. bench/moe_microbench.py times both (`grouped`, `grouped_shrink_in_activation`).
 W2_SHRINK_BESIDE = True
+# Fold the correction into Marlin MoE's GEMMs at load time where the layer's B13 is shared
+# (vllm_glowq/moe_fold.py): A13 and A2 become int4 rows of each expert's codes and the tokens'
+# activations get R = B13 x and S = B2_e h appended, so the correction runs inside the two GEMMs,
+# which leave no room beside them (they take every SM's whole shared memory). A in int4 costs
+# about a tenth of the correction's own size in error (tests/test_moe_fold.py); not timed yet
+# (bench/moe_microbench.py's `folded` path). False: the grouped or fused correction with
+# factors in the activation dtype, as timed on the H100.
+FOLD_INTO_CODES = True
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -254,6 +263,10 @@ def forward(experts: Int4Experts, factors: ExpertFactors, x: torch.Tensor, topk_
     both); None lets `takes_gemv_path` and `takes_fused_path` decide."""
     if x.shape[0] == 0:
         return torch.zeros_like(x)
+    if isinstance(factors, FoldedFactors):
+        if not compat.plain_gated_silu(activation, {}):
+            raise ValueError(f"the folded MoE correction computes the gated SiLU only, not {activation!r}")
+        return folded_forward(experts, factors, x, topk_weights, topk_ids)
     if fused is None and takes_gemv_path(experts, topk_ids.numel()):
         if not compat.plain_gated_silu(activation, {}):
             raise ValueError(f"the MoE decode GEMVs compute the gated SiLU only, not {activation!r}")
@@ -272,6 +285,40 @@ def forward(experts: Int4Experts, factors: ExpertFactors, x: torch.Tensor, topk_
     return compat.fused_marlin_moe(
         global_num_experts=experts.num_experts, activation_func=None if hooks is None else hooks.activation,
         moe_sum=None if hooks is None or factors.a2 is None else hooks.moe_sum, **common)
+
+
+def folded_forward(experts: Int4Experts, factors: FoldedFactors, x: torch.Tensor, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, gemm: Callable | None = None, align: Callable | None = None,
+                   kernels=None) -> torch.Tensor:
+    """The routed experts' output [T, H] with the correction folded into the codes
+    (vllm_glowq/moe_fold.py): the pairs sorted once, x with R = B13 x appended, Marlin's w13
+    GEMM, one launch for SiLU-and-mul with S = B2_e h appended, Marlin's w2 GEMM (router
+    weights applied), the top-k sum. `gemm`, `align` and `kernels` default to vLLM's ops and
+    kernels/moe_lowrank_triton.py; the CPU tests pass stand-ins and the interpreter."""
+    if kernels is None:
+        from .kernels import moe_lowrank_triton as kernels
+    gemm, align = gemm or compat.marlin_moe_gemm, align or compat.moe_align
+    tokens, hidden = x.shape
+    top_k, pairs = topk_ids.shape[1], topk_ids.numel()
+    inter = experts.scales13.shape[2] // 2
+    block_m = compat.marlin_moe_block_size(tokens, top_k, experts.num_experts)
+    alignment = align(topk_ids, block_m, experts.num_experts)
+    x = x.contiguous()
+    if factors.b13 is not None:
+        widened = x.new_empty((tokens, hidden + factors.b13.shape[0]))
+        widened[:, :hidden].copy_(x)
+        torch.mm(x, factors.b13.t(), out=widened[:, hidden:])
+        x = widened
+    weights = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
+    w13_out = x.new_empty((pairs, 2 * inter))
+    gemm(x, w13_out, experts.w13, experts.scales13, experts.zeros13, experts.workspace, alignment, weights, top_k,
+         False, experts.quant_type_id)
+    hidden_in = x.new_empty((pairs, inter + factors.r2_padded))
+    kernels.activate_folded(w13_out, factors.b2, alignment, hidden_in)
+    w2_out = x.new_empty((pairs, hidden))
+    gemm(hidden_in, w2_out, experts.w2, experts.scales2, experts.zeros2, experts.workspace, alignment, weights, 1,
+         True, experts.quant_type_id)
+    return w2_out.view(tokens, top_k, hidden).sum(dim=1)
 
 
 def correction_hooks(factors: ExpertFactors, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,

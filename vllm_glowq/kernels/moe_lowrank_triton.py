@@ -105,17 +105,20 @@ def _summed_x(x_ptr, rows, valid, k0, K, stride_xm, x_slices, stride_slice, BLOC
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _grouped_activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, add_ptr, sorted_ptr, expert_ptr,
-                             padded_ptr, num_pairs, I, R13, R2, ROW_DIV, stride_w13, stride_r, stride_a13e, stride_b2e,
-                             stride_h, stride_add, HAS13: tl.constexpr, HAS2: tl.constexpr, ADDED: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_I: tl.constexpr,
-                             CHUNKS: tl.constexpr, BLOCK_R13: tl.constexpr, BLOCK_R2: tl.constexpr):
+                             padded_ptr, num_pairs, I, R13, R2, R2_OUT, ROW_DIV, stride_w13, stride_r, stride_a13e,
+                             stride_b2e, stride_h, stride_add, stride_part, stride_part_slice, HAS13: tl.constexpr,
+                             HAS2: tl.constexpr, ADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                             BLOCK_I: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_R13: tl.constexpr,
+                             BLOCK_R2: tl.constexpr):
     """One (block of an expert's pairs, CHUNKS consecutive chunks of BLOCK_I columns of I): per
     chunk, gate/up = w13_out + A13_e R (HAS13) or + the pair's row of add_ptr [P, 2I] (ADDED:
     the product made beforehand, beside Marlin's GEMM), rounded as the w13 output would hold
     them, h = SiLU(gate) * up rounded as vLLM's `silu_and_mul` rounds; with HAS2 the chunks'
-    partial S = B2_e h summed into the program's own slot of part_ptr [programs along I, P, R2]
-    (float32; no atomics, so nothing to zero and the same sums every run). R is loaded once
-    for all the chunks."""
+    partial S = B2_e h summed into the program's own slice of part_ptr (R2_OUT columns per pair
+    row, zero past R2; rows stride_part apart, slices stride_part_slice): float32 partials
+    [programs along I, P, R2] with no atomics, so nothing to zero and the same sums every run,
+    or with one program along I the whole S in the activation dtype, written beside h (the
+    folded path's w2 input [P, I + R2_OUT]). R is loaded once for all the chunks."""
     block = tl.program_id(0)
     expert = tl.load(expert_ptr + block)
     if (block * BLOCK_ROWS < tl.load(padded_ptr)) & (expert >= 0):
@@ -156,8 +159,8 @@ def _grouped_activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, a
                                mask=(offs_i[:, None] < I) & (offs_s[None, :] < R2), other=0.0)
                 summed = tl.dot(hidden, b2_t.to(dtype), summed)
         if HAS2:
-            slots = part_ptr + (tl.program_id(1) * num_pairs + safe)[:, None] * R2 + offs_s[None, :]
-            tl.store(slots, summed, mask=valid[:, None] & (offs_s[None, :] < R2))
+            slots = part_ptr + tl.program_id(1) * stride_part_slice + safe[:, None] * stride_part + offs_s[None, :]
+            tl.store(slots, summed.to(part_ptr.dtype.element_ty), mask=valid[:, None] & (offs_s[None, :] < R2_OUT))
 
 
 @triton.jit(do_not_specialize=["H"])
@@ -287,28 +290,56 @@ def activate(w13_out: torch.Tensor, reduced: torch.Tensor | None, a13: torch.Ten
     `launch` takes as its x (None without b2): the w13 expand, the activation and the w2 shrink
     in one launch."""
     pairs, inter = hidden.shape
-    if any(t is not None and t.stride(-1) != 1 for t in (w13_out, reduced, hidden, added)) or \
-            any(t is not None and not t.is_contiguous() for t in (a13, b2)):
-        raise ValueError("the grouped MoE activation needs row-major activations and contiguous factors")
     if added is not None and a13 is not None:
         raise ValueError("the grouped MoE activation adds either A13 R or a product made beforehand, not both")
-    r13 = 1 if a13 is None else a13.shape[2]
-    r2 = 1 if b2 is None else b2.shape[1]
     block_i = _pow2_between(inter, 16, ACTIVATE_BLOCK_I)
     per_program = min(ACTIVATE_CHUNKS, triton.cdiv(inter, block_i))
     slices = triton.cdiv(inter, block_i * per_program)
+    r2 = 1 if b2 is None else b2.shape[1]
     partials = None if b2 is None else torch.empty((slices, pairs, r2), dtype=torch.float32, device=hidden.device)
+    _activate(w13_out, reduced, a13, b2, alignment, hidden, row_div, added, partials, r2, block_i, per_program)
+    return partials
+
+
+def activate_folded(w13_out: torch.Tensor, b2: torch.Tensor | None, alignment: Alignment,
+                    hidden: torch.Tensor) -> None:
+    """The folded path's w2 input (vllm_glowq/moe_fold.py): hidden [P, I + R2] gets
+    h = SiLU(gate) * up of w13_out [P, 2I] in its first I columns and, with b2 [E, r2, I],
+    S = b2[e_p] @ h in the last R2 (zero past r2), in the activation dtype: one program along I
+    per block of pairs, which sums S in registers over all of I."""
+    pairs, inter = w13_out.shape[0], w13_out.shape[1] // 2
+    block_i = _pow2_between(inter, 16, ACTIVATE_BLOCK_I)
+    chunks = triton.cdiv(inter, block_i)
+    if b2 is None:
+        _activate(w13_out, None, None, None, alignment, hidden, 1, None, None, 1, block_i, chunks)
+        return
+    _activate(w13_out, None, None, b2, alignment, hidden[:, :inter], 1, None, hidden[:, inter:],
+              hidden.shape[1] - inter, block_i, chunks)
+
+
+def _activate(w13_out, reduced, a13, b2, alignment: Alignment, hidden: torch.Tensor, row_div: int, added, part,
+              r2_out: int, block_i: int, per_program: int) -> None:
+    """One `_grouped_activate_kernel` launch: `part` [slices, P, >= r2_out] (float32 partials) or
+    [P, >= r2_out] (one slice, beside h), written r2_out columns per pair."""
+    pairs, inter = hidden.shape
+    if any(t is not None and t.stride(-1) != 1 for t in (w13_out, reduced, hidden, added, part)) or \
+            any(t is not None and not t.is_contiguous() for t in (a13, b2)):
+        raise ValueError("the grouped MoE activation needs row-major activations and contiguous factors")
+    r13 = 1 if a13 is None else a13.shape[2]
+    r2 = 1 if b2 is None else b2.shape[1]
+    slices = triton.cdiv(inter, block_i * per_program)
+    sliced = part is not None and part.dim() == 3
     _grouped_activate_kernel[(alignment.expert_ids.numel(), slices)](
         w13_out, w13_out if reduced is None else reduced, w13_out if a13 is None else a13,
-        w13_out if b2 is None else b2, hidden, hidden if partials is None else partials,
+        w13_out if b2 is None else b2, hidden, hidden if part is None else part,
         w13_out if added is None else added, alignment.sorted_ids, alignment.expert_ids, alignment.padded,
-        alignment.num_pairs, inter, r13, r2, row_div, w13_out.stride(0), 0 if reduced is None else reduced.stride(0),
-        0 if a13 is None else a13.stride(0), 0 if b2 is None else b2.stride(0), hidden.stride(0),
-        0 if added is None else added.stride(0), HAS13=a13 is not None, HAS2=b2 is not None, ADDED=added is not None,
-        BLOCK_M=tile_rows(alignment.block_m), BLOCK_ROWS=alignment.block_m, BLOCK_I=block_i, CHUNKS=per_program,
-        BLOCK_R13=_pow2_between(r13, 16, 1 << 30), BLOCK_R2=_pow2_between(r2, 16, 1 << 30),
-        num_warps=warps_for(tile_rows(alignment.block_m)))
-    return partials
+        alignment.num_pairs, inter, r13, r2, r2_out, row_div, w13_out.stride(0),
+        0 if reduced is None else reduced.stride(0), 0 if a13 is None else a13.stride(0),
+        0 if b2 is None else b2.stride(0), hidden.stride(0), 0 if added is None else added.stride(0),
+        0 if part is None else part.stride(-2), part.stride(0) if sliced else 0, HAS13=a13 is not None,
+        HAS2=b2 is not None, ADDED=added is not None, BLOCK_M=tile_rows(alignment.block_m),
+        BLOCK_ROWS=alignment.block_m, BLOCK_I=block_i, CHUNKS=per_program, BLOCK_R13=_pow2_between(r13, 16, 1 << 30),
+        BLOCK_R2=_pow2_between(r2_out, 16, 1 << 30), num_warps=warps_for(tile_rows(alignment.block_m)))
 
 
 SUM_BLOCK_H = 1024  # columns per program of `sum_topk`
