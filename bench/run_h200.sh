@@ -199,7 +199,8 @@ moe_micro() {
       --out "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
 }
 
-GPU_TEST_FILES=(tests/test_kernels.py tests/test_correction.py tests/test_plugin_gpu.py tests/test_moe_marlin.py tests/test_moe_triton.py
+GPU_TEST_FILES=(tests/test_kernels.py tests/test_correction.py tests/test_plugin_gpu.py tests/test_moe_marlin.py tests/test_moe_fold.py
+                tests/test_moe_triton.py
                 tests/test_plugin_moe_gpu.py)
 
 gpu_tests() {  # gpu_tests [TEST_FILE...] (default: all of GPU_TEST_FILES; more than one call's worth)
