@@ -1,5 +1,11 @@
 """GlowQ experts on CUDA GPUs: vLLM's WNA16 Marlin MoE GEMMs on the checkpoint's int4 codes,
-with the correction added by Triton kernels of the project's own, on one of two paths.
+with the correction folded into those GEMMs or added by Triton kernels of the project's own.
+
+As shipped (FOLD_INTO_CODES), layers whose gate/up correction shares one B13 run
+`folded_forward`: A13 and A2 were folded into the codes at load time (vllm_glowq/moe_fold.py),
+so Marlin's two GEMMs compute the correction from x with R = B13 x appended and h with
+S = B2_e h appended, and nothing runs beside them. The rest of this module is the other way,
+kept for `--share module` layers and for comparison (bench/moe_microbench.py).
 
 Why this split. vLLM's `fused_marlin_moe` (experts/marlin_moe.py, a public function in every
 supported version) runs the whole expert block: it sorts the (token, expert) pairs by expert
