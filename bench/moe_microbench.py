@@ -288,12 +288,17 @@ def bench_tokens(layers: list[dict], tokens: int, sweep: bool, breakdown: bool =
     check = [t[:CHECK_TOKENS] for t in inputs[0]]
     ref = reference(layers[0], *check)
     for path in paths:
-        calls = [step(layer, *args, path) for layer, args in zip(layers, inputs)]
-        row["us"][path] = 1e6 * seconds_per_call(calls)
-        if breakdown:
-            row["kernels"][path] = kernel_breakdown(calls)
-        row["max_error"][path] = max_error(step(layers[0], *inputs[0], path)()[:CHECK_TOKENS], ref)
-    for path in paths[1:]:
+        try:
+            calls = [step(layer, *args, path) for layer, args in zip(layers, inputs)]
+            row["us"][path] = 1e6 * seconds_per_call(calls)
+            if breakdown:
+                row["kernels"][path] = kernel_breakdown(calls)
+            row["max_error"][path] = max_error(step(layers[0], *inputs[0], path)()[:CHECK_TOKENS], ref)
+        except Exception as exc:  # one broken path is reported; the others are still timed
+            row.setdefault("failed", {})[path] = f"{type(exc).__name__}: {exc}"
+            row["us"].pop(path, None)
+            print(f"T={tokens}: path {path} failed: {row['failed'][path]}", flush=True)
+    for path in [p for p in paths[1:] if p in row["us"]]:
         row["ratio"][path] = row["us"][paths[0]] / row["us"][path]
     return row
 
