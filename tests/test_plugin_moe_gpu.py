@@ -1,6 +1,6 @@
 """GlowQ Mixture-of-Experts checkpoints through vLLM on a CUDA GPU, against the fp32 reference: the
-experts on vLLM's Marlin MoE kernels with the correction folded into them (vllm_glowq/moe_fold.py,
-the default; A in int4) and on the project's own MoE kernels (vllm_glowq/moe_triton.py, VLLM_GLOWQ_KERNEL=glowq).
+experts on vLLM's Marlin MoE kernels with the correction beside them (vllm_glowq/moe_marlin.py,
+the default) and on the project's own MoE kernels (vllm_glowq/moe_triton.py, VLLM_GLOWQ_KERNEL=glowq).
 
 A tiny random Qwen3-MoE whose expert shapes the Marlin MoE kernels take (hidden 512, 8 experts
 of intermediate size 128, top-2, 2 layers; group size 128, rank 16), in bf16, eager and with
@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 import vllm_helpers
+from vllm_glowq import moe_marlin
 from vllm_helpers import (
     ENGINE_TIMEOUT_S,
     GPU_SHAPE,
@@ -131,10 +132,11 @@ def test_experts_run_on_int4_codes(name, mode, engine):
     for layer, params in experts.items():
         assert {"w13_qweight", "w2_qweight", "w13_scales", "w2_scales"} <= set(params), (layer, params)
         assert not {"w13_dense", "w2_dense"} & set(params), (layer, params)
-        # on Marlin the A factors are folded into the codes (vllm_glowq/moe_fold.py): only B stays
-        factors = {"w13_glowq_B", "w2_glowq_B"} | ({"w13_glowq_A", "w2_glowq_A"} if mode == "compiled-own" else set())
+        # with moe_marlin.FOLD_INTO_CODES the A factors live in Marlin's codes: only B stays
+        folded = mode != "compiled-own" and moe_marlin.FOLD_INTO_CODES
+        factors = {"w13_glowq_B", "w2_glowq_B"} | (set() if folded else {"w13_glowq_A", "w2_glowq_A"})
         assert (factors <= set(params)) == (name != "rtn"), (layer, params)
-        if mode != "compiled-own":
+        if folded:
             assert not {"w13_glowq_A", "w2_glowq_A"} & set(params), (layer, params)
 
 

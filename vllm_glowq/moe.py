@@ -23,11 +23,10 @@ already does.
 Kernels, chosen by platform when the layer is built:
 
 * CUDA GPUs, by default (vllm_glowq/moe_marlin.py): the codes are repacked once at load time
-  for vLLM's WNA16 Marlin MoE GEMMs (one copy of the int4 weights). Where the gate/up
-  correction shares one B13 (GlowQ's default), A13 and A2 are first folded into the codes as
-  int4 rows (vllm_glowq/moe_fold.py), so Marlin's GEMMs compute the correction themselves from
-  x with R = B13 x appended and h with S = B2_e h appended. Otherwise (`--share module`) the
-  correction is added by Triton kernels inside the callbacks vLLM's `fused_marlin_moe` offers: A13_e R into the w13
+  for vLLM's WNA16 Marlin MoE GEMMs (one copy of the int4 weights), and the correction is added
+  by Triton kernels inside the callbacks vLLM's `fused_marlin_moe` offers (as shipped, on a
+  second stream beside its GEMMs, joined in them; with moe_marlin.FOLD_INTO_CODES, off, A13
+  and A2 are folded into the codes instead, vllm_glowq/moe_fold.py): A13_e R into the w13
   output before the activation, R = B13 x computed once per token (on a second stream); the
   down correction into the w2 output before the top-k sum (on pairs grouped by expert, sorted
   once for Marlin and the correction; a fused path up to moe_marlin.FUSED_MAX_PAIRS pairs, off

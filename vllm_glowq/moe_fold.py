@@ -1,20 +1,23 @@
-"""GlowQ's expert correction folded into the experts' own int4 GEMMs, at load time (issue 11).
+"""GlowQ's expert correction folded into the experts' own int4 GEMMs, at load time (issue 11;
+moe_marlin.FOLD_INTO_CODES, off as shipped).
 
-Why. vLLM's Marlin MoE GEMMs occupy every SM for their whole run: each launch has SMs x
-blocks-per-SM programs, and each program asks for the SM's whole opt-in shared memory divided
-among them (csrc/moe/marlin_moe_wna16/ops.cu, `marlin_mm`). No kernel that uses shared memory
-can run beside them, so a correction made by kernels of its own, on a second stream or inside
-the callbacks, adds its whole time to every step (0.80-0.91x plain int4 MoE on the H100,
-bench/results/vllm_moe_h100_2026-12-07_run2.json). Shared B lets the correction ride inside
-those GEMMs instead:
+Shared B lets the correction ride inside vLLM's Marlin MoE GEMMs:
 
     W13_e x + A13_e (B13 x) = [W13_e | A13_e] [x ; R],   R = B13 x, the same for every expert
     W2_e h + A2_e (B2_e h)  = [W2_e | A2_e] [h ; S],     S = B2_e h, per pair
 
 Each expert's codes get r more input rows (A_e^T as int4 codes), the tokens' activations get R
 appended (one small GEMM a layer), and the activation's output gets S appended (computed in the
-activation's own launch). Marlin then reads A_e with the expert's codes and the correction costs
-no launch of its own but the R GEMM.
+activation's own launch). Marlin then reads A_e with the expert's codes. It was built on the
+reading that Marlin MoE's GEMMs leave no room beside them (each program asks for its share of
+the SM's whole shared memory, csrc/moe/marlin_moe_wna16/ops.cu), so that a correction made by
+kernels of its own could only add its time. The H100 showed otherwise: the grouped correction
+on a second stream overlapped them (the microbenchmark's kernel times sum past its wall time),
+and that path ran at 0.74 / 0.87 / 0.85 / 0.88x plain int4 MoE per layer at 1 / 16 / 64 / 256
+tokens against this one's 0.39 / 0.67 / 0.73 / 0.75x (bench/results/moe_micro_h100_2026-12-07_run3.json).
+Marlin took only 8-9% longer with the folded rows; what cost was S's activation launch (one
+program per block of pairs over the whole of I: 36-52 us) and R = B13 x with the copy of x in
+series (about 6 us). The fold stays as a switch for a faster activation to revisit.
 
 The price is A in int4. Each output row of A_e gets one scale over its rank entries (symmetric,
 the clip searched for the least squared error), after the rank components are balanced

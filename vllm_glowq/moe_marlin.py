@@ -1,11 +1,10 @@
 """GlowQ experts on CUDA GPUs: vLLM's WNA16 Marlin MoE GEMMs on the checkpoint's int4 codes,
 with the correction folded into those GEMMs or added by Triton kernels of the project's own.
 
-As shipped (FOLD_INTO_CODES), layers whose gate/up correction shares one B13 run
-`folded_forward`: A13 and A2 were folded into the codes at load time (vllm_glowq/moe_fold.py),
-so Marlin's two GEMMs compute the correction from x with R = B13 x appended and h with
-S = B2_e h appended, and nothing runs beside them. The rest of this module is the other way,
-kept for `--share module` layers and for comparison (bench/moe_microbench.py).
+With FOLD_INTO_CODES (off as shipped: slower on the H100), layers whose gate/up correction
+shares one B13 run `folded_forward` instead: A13 and A2 folded into the codes at load time
+(vllm_glowq/moe_fold.py), so Marlin's two GEMMs compute the correction from x with R = B13 x
+appended and h with S = B2_e h appended.
 
 Why this split. vLLM's `fused_marlin_moe` (experts/marlin_moe.py, a public function in every
 supported version) runs the whole expert block: it sorts the (token, expert) pairs by expert
@@ -121,7 +120,10 @@ R_ON_SIDE_STREAM = True
 # tokens on the H100 (against 149.9 for plain Marlin MoE) where their factors take about 21 us
 # to read at its bandwidth (bench/results/moe_micro_h100_2026-12-07_run2.json); beside it they
 # share the GPU with Marlin's GEMMs. False: in the callbacks (R_ON_SIDE_STREAM decides where R
-# runs). bench/moe_microbench.py times both (`grouped` and `grouped_in_callbacks`); not timed yet.
+# runs). On the H100 beside Marlin ran at 44.4 / 121.9 / 173.3 / 243.9 us a layer at 1 / 16 / 64 /
+# 256 tokens, in the callbacks 46.4 / 136.3 / 185.7 / 276.6, plain Marlin MoE 32.9 / 106.1 / 147.6 /
+# 215.3 (bench/results/moe_micro_h100_2026-12-07_run3.json; the correction's kernels overlap
+# Marlin's: their times sum past the wall time).
 CORRECTION_BESIDE = True
 # Beside Marlin, the w2 correction's shrink S = B2_e h runs on the second stream too (one grouped
 # launch with the rank as its 64 columns: 8 programs at one token, each reading its expert's whole
@@ -131,12 +133,13 @@ CORRECTION_BESIDE = True
 W2_SHRINK_BESIDE = True
 # Fold the correction into Marlin MoE's GEMMs at load time where the layer's B13 is shared
 # (vllm_glowq/moe_fold.py): A13 and A2 become int4 rows of each expert's codes and the tokens'
-# activations get R = B13 x and S = B2_e h appended, so the correction runs inside the two GEMMs,
-# which leave no room beside them (they take every SM's whole shared memory). A in int4 costs
-# about a tenth of the correction's own size in error (tests/test_moe_fold.py); not timed yet
-# (bench/moe_microbench.py's `folded` path). False: the grouped or fused correction with
-# factors in the activation dtype, as timed on the H100.
-FOLD_INTO_CODES = True
+# activations get R = B13 x and S = B2_e h appended. Off: on the H100 it ran at 0.39 / 0.67 /
+# 0.73 / 0.75x plain Marlin MoE per layer at 1 / 16 / 64 / 256 tokens against 0.74 / 0.87 /
+# 0.85 / 0.88x for the grouped correction beside Marlin (bench/results/moe_micro_h100_2026-12-07_run3.json):
+# Marlin's GEMMs took only 8-9% longer with the extra rows, but the activation that writes S
+# (one program per block of pairs over all of I) took 36-52 us, and R = B13 x and the copy of x
+# run in series, where the grouped path runs beside Marlin's GEMMs.
+FOLD_INTO_CODES = False
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
