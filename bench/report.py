@@ -51,6 +51,9 @@ COMMANDS = {
                        "# vllm_wgmma_anchors_2026-12-04",
     "plugin-tests": "bash bench/run_h200.sh gpu-tests tests/test_plugin_gpu.py",
     **{stage: f"bash bench/run_h200.sh {stage}" for stage in ("moe-prepare", "moe-calibrate", "moe-vllm", "moe-vllm-rest", "moe-micro")},
+    "moe-micro-paths": "GLOWQ_BENCH_BREAKDOWN=1 GLOWQ_BENCH_MOE_TOKENS=1,16,64,256 "
+                       "GLOWQ_BENCH_MOE_PATHS=plain,folded,grouped,grouped_in_callbacks bash bench/run_h200.sh moe-micro  "
+                       "# moe_micro_h100_2026-12-07_run3",
 }
 # Runs in report order; the targets come from the first run that measured them. Runs named
 # *before_op* are the previous session's (correction as two cuBLAS GEMMs in series).
@@ -381,7 +384,8 @@ def build(results: Path) -> str:
     if meta.get("notes"):
         out += [f"- {note}" for note in meta["notes"]] + [""]
     out += ["## Commands", "", "On the H200 machine, after installing vLLM 0.26 into /tmp/site "
-            "(../shared/gpu/README.md) and carrying `.whl/loguru-*.whl` (`pip download --no-deps loguru`; "
+            "(../shared/gpu/README.md; `scripts/slim-wheelhouse.sh` repacks its wheelhouse into three parts, "
+            "so three install calls carrying `.gpu3/` instead of four) and carrying `.whl/loguru-*.whl` (`pip download --no-deps loguru`; "
             "`run_h200.sh` installs it), each stage one device call (10-minute limit per call); "
             "`bash bench/run_h200.sh all` runs them in one go:", "", "```"]
     out += list(COMMANDS.values()) + ["python bench/report.py   # here: this file", "```", ""]
