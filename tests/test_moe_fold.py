@@ -20,10 +20,9 @@ import inspect
 import pytest
 import torch
 from test_moe_marlin import (
-    GROUPED_ALIGNED,
     KERNEL_FILE,
     TOLERANCE,
-    compile_for_hopper,
+    compile_activation_for_hopper,
     cuda,
     make_codes,
     make_factors,
@@ -206,21 +205,9 @@ def test_folded_activation_writes_h_and_s_side_by_side(grouped):
 def test_folded_activation_compiles_for_hopper(dtype):
     """`activate_folded`'s launch on Qwen3-30B-A3B's experts (I = 768: twelve chunks of 64 in one
     program, S's 128 padded columns) at every Marlin block size, for sm_90 without spills."""
-    from vllm_glowq.kernels import moe_lowrank_triton
-
-    pointers = dict(w13_ptr=dtype, r_ptr=dtype, a13_ptr=dtype, b2_ptr=dtype, h_ptr=dtype, part_ptr=dtype,
-                    add_ptr=dtype, sorted_ptr="i32", expert_ptr="i32", padded_ptr="i32")
-    integers = ("num_pairs", "I", "R13", "R2", "R2_OUT", "ROW_DIV", "stride_w13", "stride_r", "stride_a13e",
-                "stride_b2e", "stride_h", "stride_add", "stride_part", "stride_part_slice")
     for block_m in (8, 16, 32, 48, 64):
-        rows = moe_lowrank_triton.tile_rows(block_m)
-        constexprs = dict(HAS13=False, HAS2=True, ADDED=False, BLOCK_M=rows, BLOCK_ROWS=block_m, BLOCK_I=64,
-                          CHUNKS=12, BLOCK_R13=16, BLOCK_R2=128)
-        signature = {**{k: f"*{v}" for k, v in pointers.items()}, **{k: "i32" for k in integers},
-                     **{k: "constexpr" for k in constexprs}}
-        kernel = compile_for_hopper(moe_lowrank_triton._grouped_activate_kernel, signature, constexprs,
-                                    moe_lowrank_triton.warps_for(rows),
-                                    aligned=GROUPED_ALIGNED + ("R2_OUT", "stride_part"))
+        kernel = compile_activation_for_hopper(dtype, dtype, block_m, HAS13=False, HAS2=True, ADDED=False,
+                                               BLOCK_I=64, CHUNKS=12, BLOCK_R13=16, BLOCK_R2=128)
         assert kernel.asm["cubin"] and spilled_bytes(kernel) in (0, None), block_m
 
 

@@ -251,26 +251,32 @@ def test_grouped_kernel_compiles_for_hopper(dtype):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_grouped_activation_compiles_for_hopper(dtype):
     """`activate`'s kernel at every block size and with each factor, for sm_90 (no GPU needed)."""
-    from vllm_glowq.kernels import moe_lowrank_triton
-
-    pointers = dict(w13_ptr=dtype, r_ptr=dtype, a13_ptr=dtype, b2_ptr=dtype, h_ptr=dtype, part_ptr="fp32",
-                    add_ptr=dtype, sorted_ptr="i32", expert_ptr="i32", padded_ptr="i32")
-    integers = ("num_pairs", "I", "R13", "R2", "R2_OUT", "ROW_DIV", "stride_w13", "stride_r", "stride_a13e",
-                "stride_b2e", "stride_h", "stride_add", "stride_part", "stride_part_slice")
     for block_m in (8, 16, 32, 48, 64):
-        rows = moe_lowrank_triton.tile_rows(block_m)
         # in the callbacks (A13 R and the w2 shrink inside), and beside Marlin (A13 R added)
         for has13, has2, added in ((True, True, False), (True, False, False), (False, True, False),
                                    (False, False, True), (False, True, True)):
-            constexprs = dict(HAS13=has13, HAS2=has2, ADDED=added, BLOCK_M=rows, BLOCK_ROWS=block_m, BLOCK_I=64,
-                              CHUNKS=1, BLOCK_R13=64, BLOCK_R2=64)
-            signature = {**{k: f"*{v}" for k, v in pointers.items()}, **{k: "i32" for k in integers},
-                         **{k: "constexpr" for k in constexprs}}
-            kernel = compile_for_hopper(moe_lowrank_triton._grouped_activate_kernel, signature, constexprs,
-                                        moe_lowrank_triton.warps_for(rows),
-                                        aligned=GROUPED_ALIGNED + ("R2_OUT", "stride_part"))
+            kernel = compile_activation_for_hopper(dtype, "fp32", block_m, HAS13=has13, HAS2=has2, ADDED=added,
+                                                   BLOCK_I=64, CHUNKS=1, BLOCK_R13=64, BLOCK_R2=64)
             assert kernel.asm["cubin"], (block_m, has13, has2)
             assert spilled_bytes(kernel) in (0, None), (block_m, has13, has2)
+
+
+def compile_activation_for_hopper(dtype: str, partials: str, block_m: int, **constexprs):
+    """`_grouped_activate_kernel` for sm_90 with S written as `partials` (float32 slices, or the
+    activation dtype beside h on the folded path), tiles for Marlin's `block_m`, on the warps
+    the launcher picks."""
+    from vllm_glowq.kernels import moe_lowrank_triton
+
+    pointers = dict(w13_ptr=dtype, r_ptr=dtype, a13_ptr=dtype, b2_ptr=dtype, h_ptr=dtype, part_ptr=partials,
+                    add_ptr=dtype, sorted_ptr="i32", expert_ptr="i32", padded_ptr="i32")
+    integers = ("num_pairs", "I", "R13", "R2", "R2_OUT", "ROW_DIV", "stride_w13", "stride_r", "stride_a13e",
+                "stride_b2e", "stride_h", "stride_add", "stride_part", "stride_part_slice")
+    rows = moe_lowrank_triton.tile_rows(block_m)
+    constexprs = dict(BLOCK_M=rows, BLOCK_ROWS=block_m, **constexprs)
+    signature = {**{k: f"*{v}" for k, v in pointers.items()}, **{k: "i32" for k in integers},
+                 **{k: "constexpr" for k in constexprs}}
+    return compile_for_hopper(moe_lowrank_triton._grouped_activate_kernel, signature, constexprs,
+                              moe_lowrank_triton.warps_for(rows), aligned=GROUPED_ALIGNED + ("R2_OUT", "stride_part"))
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
