@@ -43,6 +43,9 @@ gaps between kernels, the launch latency that a chain of small dependent kernels
 path varied in turn. `--grouped-sweep 16,64,256` times the grouped path's two correction launches
 alone (kernels/moe_lowrank_triton.activate and the w2 expand on inputs as Marlin's GEMMs leave
 them; no vLLM needed) as shipped and with each of their launch constants varied in turn.
+`--beside-sweep 1,64` varies the same constants on the whole default `grouped` path, whose
+correction runs beside Marlin's GEMMs and shares the GPU with them (the H100 run of 2026-12-07
+slowed Marlin from 128.9 to 151.7 us at 64 tokens), so the launches are judged where they run.
 
 `--own-only` needs no vLLM (a machine where it is not installed yet): it times the own pairs path
 with the correction (`own_pairs`) against the same path without it (`own_plain_pairs`, the
@@ -55,7 +58,8 @@ as shipped against one tile per program, and checks that both write the same out
 (`expand_tiles` in the JSON).
 
     python bench/moe_microbench.py --out moe_micro.json [--tokens 1,4,16,64,256] [--threshold-sweep] [--breakdown]
-                                   [--launch-sweep 1,4] [--grouped-sweep 16,64,256] [--own-only]
+                                   [--launch-sweep 1,4] [--grouped-sweep 16,64,256] [--beside-sweep 1,64]
+                                   [--own-only]
 """
 
 from __future__ import annotations
@@ -110,6 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grouped-sweep", default="", type=lambda t: _counts(t) if t else [],
                         help="token counts at which to time the grouped path's correction launches alone with "
                              "each of their launch constants varied (e.g. 16,64,256; needs no vLLM)")
+    parser.add_argument("--beside-sweep", default="", type=lambda t: _counts(t) if t else [],
+                        help="token counts at which to time the whole default grouped path (its correction "
+                             "beside Marlin's GEMMs, where it competes with them) with each of the grouped "
+                             "kernels' launch constants varied (e.g. 1,64)")
     parser.add_argument("--paths", default="", type=_paths,
                         help="only these paths (comma-separated, the baseline first; e.g. plain,grouped,"
                              "grouped_in_callbacks): a shorter run")
@@ -310,23 +318,29 @@ LAUNCH_SWEEP = {"PAIRS_WARPS": (2, 4, 8), "PAIRS_BLOCK_N": (64, 128, 256), "PAIR
 
 def launch_sweep(layers: list[dict], tokens: int) -> list[dict]:
     """GlowQ through the own pairs path on Marlin's codes (the default decode path, `gemv`) at
-    this token count with each constant of LAUNCH_SWEEP set in turn (the others as shipped):
-    [{constant, value, us, max_error}]."""
+    this token count with each constant of LAUNCH_SWEEP set in turn (the others as shipped)."""
     from vllm_glowq.kernels import moe_w4a16_triton as kernels
 
+    return constant_sweep(layers, tokens, kernels, LAUNCH_SWEEP, "gemv")
+
+
+def constant_sweep(layers: list[dict], tokens: int, module, constants: dict, path: str) -> list[dict]:
+    """The whole layer on `path` at this token count with each of `constants` (names in `module`
+    and the values to try) set in turn, the others as shipped: [{tokens, path, constant, value,
+    us, max_error}]."""
     inputs = [(torch.randn(tokens, SHAPE["hidden"], device=DEVICE, generator=torch.Generator(device=DEVICE)
                            .manual_seed(c)).to(torch.bfloat16), *routing(tokens, seed=1000 * tokens + c))
               for c, _ in enumerate(layers)]
     ref = reference(layers[0], *[t[:CHECK_TOKENS] for t in inputs[0]])
     results = []
-    for constant, values in LAUNCH_SWEEP.items():
+    for constant, values in constants.items():
         for value in values:
-            with shipped_after(kernels, constant, value):
-                calls = [step(layer, *args, "gemv") for layer, args in zip(layers, inputs)]
-                results.append(dict(tokens=tokens, constant=constant, value=value,
+            with shipped_after(module, constant, value):
+                calls = [step(layer, *args, path) for layer, args in zip(layers, inputs)]
+                results.append(dict(tokens=tokens, path=path, constant=constant, value=value,
                                     us=1e6 * seconds_per_call(calls),
                                     max_error=max_error(calls[0]()[:CHECK_TOKENS], ref)))
-            print(f"  T={tokens} {constant}={value}: {results[-1]['us']:.1f} us "
+            print(f"  {path} T={tokens} {constant}={value}: {results[-1]['us']:.1f} us "
                   f"(max error {results[-1]['max_error']:.1e})", flush=True)
     return results
 
@@ -473,6 +487,9 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for tokens in args.grouped_sweep:
         result.setdefault("grouped_sweep", []).extend(grouped_sweep(layers, tokens))
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    for tokens in args.beside_sweep:
+        result.setdefault("beside_sweep", []).extend(constant_sweep(layers, tokens, grouped, GROUPED_SWEEP, "grouped"))
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.threshold_sweep and not args.own_only:
         result["suggested_fused_max_pairs"] = suggested_threshold(result["rows"])

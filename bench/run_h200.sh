@@ -35,7 +35,9 @@
 #                                         # each path's time per kernel, GLOWQ_BENCH_LAUNCH_SWEEP=1,4 the own
 #                                         # pairs path's launch constants, GLOWQ_BENCH_GROUPED_SWEEP=16,64,256 the
 #                                         # grouped path's correction launches alone with their launch constants
-#                                         # varied, no vLLM needed; GLOWQ_BENCH_MOE_PATHS=plain,grouped,... only
+#                                         # varied, no vLLM needed; GLOWQ_BENCH_BESIDE_SWEEP=1,64 the whole
+#                                         # grouped path, its correction beside Marlin, with the same constants
+#                                         # varied; GLOWQ_BENCH_MOE_PATHS=plain,grouped,... only
 #                                         # those paths) -> moe_micro.json; GLOWQ_BENCH_OWN_ONLY=1:
 #                                         # the own pairs path alone, no vLLM needed -> moe_micro_own.json
 #
@@ -195,6 +197,7 @@ moe_micro() {
   timeout "${GLOWQ_BENCH_TIMEOUT_S:-540}" $PY "$HERE/moe_microbench.py" ${GLOWQ_BENCH_SWEEP:+--threshold-sweep} \
       ${GLOWQ_BENCH_BREAKDOWN:+--breakdown} ${GLOWQ_BENCH_LAUNCH_SWEEP:+--launch-sweep "$GLOWQ_BENCH_LAUNCH_SWEEP"} \
       ${GLOWQ_BENCH_GROUPED_SWEEP:+--grouped-sweep "$GLOWQ_BENCH_GROUPED_SWEEP"} \
+      ${GLOWQ_BENCH_BESIDE_SWEEP:+--beside-sweep "$GLOWQ_BENCH_BESIDE_SWEEP"} \
       ${GLOWQ_BENCH_OWN_ONLY:+--own-only} ${GLOWQ_BENCH_MOE_PATHS:+--paths "$GLOWQ_BENCH_MOE_PATHS"} "${tokens[@]}" \
       --out "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
 }
