@@ -179,10 +179,10 @@ def marlin_layout(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Te
     return packed.reshape(experts, k // 16, 2 * n), permuted.contiguous()
 
 
-def make_layer(seed: int, own_only: bool = False) -> dict:
+def make_layer(seed: int, own_only: bool = False, folded: bool = False) -> dict:
     """One copy of the layer: GPTQ codes (kept for the reference), Marlin's layout (with
     `own_only` computed in torch, no vLLM kernels: only the decode GEMVs read it), the own
-    kernels' layout, factors."""
+    kernels' layout, factors, and with `folded` the codes with the correction folded in."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     e, h, i, r, g = (SHAPE[k] for k in ("experts", "hidden", "inter", "rank", "group"))
 
@@ -202,14 +202,15 @@ def make_layer(seed: int, own_only: bool = False) -> dict:
         int4.gemv = moe_marlin.decode_views(int4, s13.shape[1], s2.shape[1])
     else:
         int4 = moe_marlin.repack(q13, s13, None, q2, s2, None, torch.bfloat16)
-        folded13, folded2, folded = moe_fold.fold((q13, s13, None), (q2, s2, None), factors.b13, factors.a13,
-                                                  factors.b2, factors.a2, torch.bfloat16)
-        layer_folded = (moe_marlin.repack(*folded13, *folded2, torch.bfloat16), folded)
+    with_fold = None  # (the folded codes in Marlin's layout, the factors left outside them)
+    if folded:
+        folded13, folded2, outside = moe_fold.fold((q13, s13, None), (q2, s2, None), factors.b13, factors.a13,
+                                                   factors.b2, factors.a2, torch.bfloat16)
+        with_fold = (moe_marlin.repack(*folded13, *folded2, torch.bfloat16), outside)
     own = (moe_triton.repack(q13, s13, None, torch.bfloat16), moe_triton.repack(q2, s2, None, torch.bfloat16))
     moe_triton.reserve(q13.device, h, i, *own)
     moe_triton.reserve(q13.device, h, i, *int4.gemv)  # the decode GEMVs on Marlin's codes
-    return dict(int4=int4, own=own, factors=factors, gptq=(q13, s13, q2, s2),
-                folded=None if own_only else layer_folded)
+    return dict(int4=int4, own=own, factors=factors, gptq=(q13, s13, q2, s2), folded=with_fold)
 
 
 def routing(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -465,7 +466,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(why)
     start = time.perf_counter()
     vllm_version = None if args.own_only else importlib.metadata.version("vllm")
-    layers = [make_layer(seed, args.own_only) for seed in range(COPIES)]
+    folded = not args.own_only and (not args.paths or "folded" in args.paths)  # built only where it is timed
+    layers = [make_layer(seed, args.own_only, folded) for seed in range(COPIES)]
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, vllm=vllm_version, shape=SHAPE,
                   copies=COPIES, fused_max_pairs=moe_marlin.FUSED_MAX_PAIRS, gemv_max_pairs=moe_marlin.GEMV_MAX_PAIRS,
                   one_sort=moe_marlin.ONE_SORT, r_on_side_stream=moe_marlin.R_ON_SIDE_STREAM,

@@ -24,6 +24,7 @@ from test_moe_marlin import (
     TOLERANCE,
     compile_activation_for_hopper,
     cuda,
+    dense_of,
     make_codes,
     make_factors,
     reference_block,
@@ -34,7 +35,6 @@ from test_moe_marlin import (
 from interpreter import load_interpreted
 
 from vllm_glowq import moe_fold, moe_marlin
-from vllm_glowq.packing import dequantize, pack_cols, unpack_rows
 
 # the int4 A's share of the correction (relative Frobenius error of the folded correction against
 # the exact one): about 0.09-0.10 on Gaussian factors with decaying rank components
@@ -54,12 +54,6 @@ def decaying_factors(experts: int, hidden: int, inter: int, rank: int, seed: int
     f["a13"] = f["a13"] * decay
     f["a2"] = f["a2"] * decay
     return f
-
-
-def dense_of(qweight, scales, zeros) -> torch.Tensor:
-    """[E, N, K] float64 of GPTQ-layout codes (zeros unpacked uint8 or None)."""
-    return torch.stack([dequantize(qweight[e], scales[e], None if zeros is None else pack_cols(zeros[e]),
-                                   dtype=torch.float64) for e in range(qweight.shape[0])])
 
 
 def folded_reference(w13: tuple, w2: tuple, folded: moe_fold.FoldedFactors, hidden: int, inter: int):

@@ -659,9 +659,13 @@ def make_codes(num_experts: int, k: int, n: int, group: int, sym: bool, dtype: t
     scales = (torch.rand(num_experts, groups, n, generator=gen) * 0.01 + 0.004).to(dtype).to(torch.float16)
     zeros = None if sym else torch.randint(0, 16, (num_experts, groups, n), generator=gen, dtype=torch.uint8)
     qweight = torch.stack([pack_rows(c) for c in codes])
-    dense = torch.stack([dequantize(qweight[e], scales[e].float(), None if sym else pack_cols(zeros[e]),
-                                    dtype=torch.float64) for e in range(num_experts)])
-    return dict(qweight=qweight, scales=scales, zeros=zeros, dense=dense)
+    return dict(qweight=qweight, scales=scales, zeros=zeros, dense=dense_of(qweight, scales, zeros))
+
+
+def dense_of(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+    """[E, N, K] float64 of GPTQ-layout codes per expert (zero points unpacked uint8, or None)."""
+    return torch.stack([dequantize(qweight[e], scales[e], None if zeros is None else pack_cols(zeros[e]),
+                                   dtype=torch.float64) for e in range(qweight.shape[0])])
 
 
 GPU_CASES = [  # experts, top_k, rank, share, sym

@@ -309,12 +309,10 @@ class GlowQMoEMethod(FusedMoEMethodBase):
         codes = {stem: (getattr(layer, f"{stem}_{QWEIGHT}").data, getattr(layer, f"{stem}_{SCALES}").data,
                         _data(getattr(layer, f"{stem}_{QZEROS}", None))) for stem in ("w13", "w2")}
         factors = {field: getattr(layer, name).data for name, field in FACTOR_PARAMS.items() if hasattr(layer, name)}
-        if FOLD_INTO_CODES and factors and self._fold(layer, codes, factors):
-            _log_once("marlin-folded")
-        else:
-            _log_once("marlin")
+        folded = bool(FOLD_INTO_CODES and factors and self._fold(layer, codes, factors))
+        _log_once("marlin-folded" if folded else "marlin")
         int4 = repack(*codes["w13"], *codes["w2"], self.params_dtype)
-        if self.factors is not None:  # folded: the decode GEMVs know the unfolded codes only
+        if folded:  # the decode GEMVs know the unfolded codes only
             int4.gemv = None
         for stem, marlin_codes, scales, packed_zeros in (("w13", int4.w13, int4.scales13, int4.zeros13),
                                                          ("w2", int4.w2, int4.scales2, int4.zeros2)):
@@ -338,7 +336,7 @@ class GlowQMoEMethod(FusedMoEMethodBase):
         codes["w13"], codes["w2"], self.factors = fold(codes["w13"], codes["w2"], factors.get("b13"),
                                                        factors.get("a13"), factors.get("b2"), factors.get("a2"),
                                                        self.params_dtype)
-        for name, field in FACTOR_PARAMS.items():
+        for name in FACTOR_PARAMS:
             if hasattr(layer, name):
                 delattr(layer, name)
         for name, folded in (("w13_glowq_B", self.factors.b13), ("w2_glowq_B", self.factors.b2)):

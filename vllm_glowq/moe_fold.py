@@ -56,10 +56,6 @@ class FoldedFactors:
     b2: torch.Tensor | None
     r2_padded: int = 0
 
-    @property
-    def any(self) -> bool:
-        return self.b13 is not None or self.b2 is not None
-
 
 def unfoldable_reason(b13: torch.Tensor | None, a13: torch.Tensor | None, a2: torch.Tensor | None) -> str | None:
     """Why these factors cannot be folded (None when they can): the w13 fold needs one B13 for

@@ -272,10 +272,6 @@ def forward(experts: Int4Experts, factors: ExpertFactors, x: torch.Tensor, topk_
     both); None lets `takes_gemv_path` and `takes_fused_path` decide."""
     if x.shape[0] == 0:
         return torch.zeros_like(x)
-    if isinstance(factors, FoldedFactors):
-        if not compat.plain_gated_silu(activation, {}):
-            raise ValueError(f"the folded MoE correction computes the gated SiLU only, not {activation!r}")
-        return folded_forward(experts, factors, x, topk_weights, topk_ids)
     if fused is None and takes_gemv_path(experts, topk_ids.numel()):
         if not compat.plain_gated_silu(activation, {}):
             raise ValueError(f"the MoE decode GEMVs compute the gated SiLU only, not {activation!r}")
@@ -284,6 +280,9 @@ def forward(experts: Int4Experts, factors: ExpertFactors, x: torch.Tensor, topk_
         return gemv_forward(*experts.gemv, factors, x, topk_weights, topk_ids, path="pairs")
     x = x.contiguous()  # Marlin's requirement (a no-op for vLLM's hidden states)
     topk_weights = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
+    if isinstance(factors, FoldedFactors):
+        refuse_other_activations(activation, {})
+        return folded_forward(experts, factors, x, topk_weights, topk_ids)
     hooks = correction_hooks(factors, x, topk_weights, topk_ids, experts.num_experts, activation, fused)
     common = dict(hidden_states=x, w1=experts.w13, w2=experts.w2, w1_scale=experts.scales13, w2_scale=experts.scales2,
                   w1_zeros=experts.zeros13, w2_zeros=experts.zeros2, topk_weights=topk_weights, topk_ids=topk_ids,
@@ -302,8 +301,9 @@ def folded_forward(experts: Int4Experts, factors: FoldedFactors, x: torch.Tensor
     """The routed experts' output [T, H] with the correction folded into the codes
     (vllm_glowq/moe_fold.py): the pairs sorted once, x with R = B13 x appended, Marlin's w13
     GEMM, one launch for SiLU-and-mul with S = B2_e h appended, Marlin's w2 GEMM (router
-    weights applied), the top-k sum. `gemm`, `align` and `kernels` default to vLLM's ops and
-    kernels/moe_lowrank_triton.py; the CPU tests pass stand-ins and the interpreter."""
+    weights applied), the top-k sum; x contiguous and topk_weights float32, as `forward` hands
+    them. `gemm`, `align` and `kernels` default to vLLM's ops and kernels/moe_lowrank_triton.py;
+    the CPU tests pass stand-ins and the interpreter."""
     if kernels is None:
         from .kernels import moe_lowrank_triton as kernels
     gemm, align = gemm or compat.marlin_moe_gemm, align or compat.moe_align
@@ -312,21 +312,19 @@ def folded_forward(experts: Int4Experts, factors: FoldedFactors, x: torch.Tensor
     inter = experts.scales13.shape[2] // 2
     block_m = compat.marlin_moe_block_size(tokens, top_k, experts.num_experts)
     alignment = align(topk_ids, block_m, experts.num_experts)
-    x = x.contiguous()
     if factors.b13 is not None:
         widened = x.new_empty((tokens, hidden + factors.b13.shape[0]))
         widened[:, :hidden].copy_(x)
         torch.mm(x, factors.b13.t(), out=widened[:, hidden:])
         x = widened
-    weights = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
     w13_out = x.new_empty((pairs, 2 * inter))
-    gemm(x, w13_out, experts.w13, experts.scales13, experts.zeros13, experts.workspace, alignment, weights, top_k,
-         False, experts.quant_type_id)
+    gemm(x, w13_out, experts.w13, experts.scales13, experts.zeros13, experts.workspace, alignment, topk_weights,
+         top_k, False, experts.quant_type_id)
     hidden_in = x.new_empty((pairs, inter + factors.r2_padded))
     kernels.activate_folded(w13_out, factors.b2, alignment, hidden_in)
     w2_out = x.new_empty((pairs, hidden))
-    gemm(hidden_in, w2_out, experts.w2, experts.scales2, experts.zeros2, experts.workspace, alignment, weights, 1,
-         True, experts.quant_type_id)
+    gemm(hidden_in, w2_out, experts.w2, experts.scales2, experts.zeros2, experts.workspace, alignment, topk_weights,
+         1, True, experts.quant_type_id)
     return w2_out.view(tokens, top_k, hidden).sum(dim=1)
 
 
