@@ -15,6 +15,9 @@ token count it times:
   series too (R_ON_SIDE_STREAM off), `grouped_two_sorts` the shipped path with the
   correction's own sort besides Marlin's (ONE_SORT off), and `grouped_shrink_in_activation` with
   the w2 shrink inside the activation's launch (W2_SHRINK_BESIDE off): what each switch saves;
+  `grouped_int8` the shipped grouped path with A13, B2 and A2 as int8 codes (ExpertFactors.to_int8,
+  VLLM_GLOWQ_MOE_FACTORS=int8): half the factor bytes beside Marlin's GEMMs (its error against
+  the float64 reference of the full-precision factors includes the codes' rounding);
 * `fused`: GlowQ with the small-batch fused correction (fused=True), where
   moe_marlin.takes_fused_path would take it; `--threshold-sweep` times it at every count, and
   prints the pair count up to which it beats the grouped path (what FUSED_MAX_PAIRS should be);
@@ -85,7 +88,7 @@ DEVICE = "cuda"  # where inputs are made (the tests run the parts without vLLM o
 SHAPE = dict(hidden=2048, experts=128, top_k=8, inter=768, rank=64, group=128)  # Qwen3-30B-A3B
 COPIES = 8  # x 24 MB of experts and factors touched per copy at one token: past the H200's L2
 CHECK_TOKENS = 4
-PATHS = ("plain", "folded", "grouped", "grouped_in_callbacks", "grouped_serial_r", "grouped_two_sorts",
+PATHS = ("plain", "folded", "grouped", "grouped_int8", "grouped_in_callbacks", "grouped_serial_r", "grouped_two_sorts",
          "grouped_shrink_in_activation", "fused", "gemv", "gemv_plain", "own", "own_plain", "own_pairs", "own_rows",
          "own_blocks")
 # the grouped path with some of moe_marlin's switches turned off (set while the call is built and
@@ -210,7 +213,8 @@ def make_layer(seed: int, own_only: bool = False, folded: bool = False) -> dict:
     own = (moe_triton.repack(q13, s13, None, torch.bfloat16), moe_triton.repack(q2, s2, None, torch.bfloat16))
     moe_triton.reserve(q13.device, h, i, *own)
     moe_triton.reserve(q13.device, h, i, *int4.gemv)  # the decode GEMVs on Marlin's codes
-    return dict(int4=int4, own=own, factors=factors, gptq=(q13, s13, q2, s2), folded=with_fold)
+    return dict(int4=int4, own=own, factors=factors, factors_int8=factors.to_int8(), gptq=(q13, s13, q2, s2),
+                folded=with_fold)
 
 
 def routing(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +237,8 @@ def shipped_after(module, constant: str, value):
 
 def step(layer: dict, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, path: str):
     """One call of the layer on `path` (a closure for the CUDA graph)."""
-    factors = moe_marlin.ExpertFactors() if path in PLAIN else layer["factors"]
+    factors = (moe_marlin.ExpertFactors() if path in PLAIN else layer["factors_int8"] if path == "grouped_int8"
+               else layer["factors"])
     if path.startswith("own"):
         return lambda: moe_triton.forward(*layer["own"], factors, x, weights, ids, path=FORCED.get(path))
     if path.startswith("gemv"):

@@ -23,6 +23,8 @@ NAMES = {
     "glowq_own": "GlowQ through the project's kernel",
     "int4_own": "plain int4 through the project's kernel",
     "glowq_vllm": "GlowQ on vLLM's kernel, the correction on a side stream",
+    "glowq_int8": "GlowQ, the experts' factors in int8",
+    "glowq_full": "GlowQ, the experts' factors in the model's dtype",
 }
 COMMANDS = {
     "prepare": "bash bench/run_h200.sh prepare",
@@ -519,7 +521,8 @@ def moe_section(results: Path, meta: dict) -> list[str]:
 
 
 MICRO_PATHS = {  # moe_microbench's paths, as the table heads them
-    "folded": "GlowQ folded into Marlin's codes", "grouped": "GlowQ grouped", "grouped_in_callbacks": "GlowQ grouped, in Marlin's callbacks",
+    "folded": "GlowQ folded into Marlin's codes", "grouped": "GlowQ grouped", "grouped_int8": "GlowQ grouped, int8 factors",
+    "grouped_in_callbacks": "GlowQ grouped, in Marlin's callbacks",
     "grouped_two_sorts": "GlowQ grouped, two sorts", "grouped_serial_r": "GlowQ grouped, R in series",
     "grouped_shrink_in_activation": "GlowQ grouped, w2 shrink in the activation", "fused": "GlowQ fused", "gemv": "GlowQ decode GEMVs on Marlin codes",
     "gemv_plain": "int4 decode GEMVs on Marlin codes", "own": "GlowQ own kernels", "own_plain": "int4 own kernels",

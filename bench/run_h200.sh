@@ -14,7 +14,8 @@
 #   bash bench/run_h200.sh vllm-issue10a  # vLLM: gptq (Machete), marlin, fp8, glowq (the plugin's choice)
 #   bash bench/run_h200.sh vllm-issue10b  # vLLM: gptq again, glowq_own and int4_own (the project's kernel), lora
 #   bash bench/run_h200.sh vllm NAME...   # any of: gptq glowq permodule glowq_s bf16 int4 marlin fp8
-#                                         #         glowq_own int4_own glowq_vllm lora (anchors: bench/vllm_bench.py)
+#                                         #         glowq_own int4_own glowq_vllm lora, and for the MoE model
+#                                         #         glowq_int8 glowq_full (anchors: bench/vllm_bench.py)
 #   bash bench/run_h200.sh kernel         # the project's W4A16 kernel vs vLLM's, per layer (+ launch sweep)
 #   bash bench/run_h200.sh tune           # sweep the warpgroup-MMA launches into this GPU's launch table
 #                                         # ($WORK/tuned.json, kernels/tuned.py); every later stage uses it
@@ -127,7 +128,7 @@ vllm_run() {  # vllm_run RUN WORK_DIR VARIANT...: results in $OUT/RUN.json
     case $v in
       bf16) args+=(--variant "bf16=$work/bf16") ;;
       glowq) args+=(--variant "glowq=$work/glowq") ;;
-      glowq_own|glowq_vllm) args+=(--variant "$v=$work/glowq") ;;
+      glowq_own|glowq_vllm|glowq_int8|glowq_full) args+=(--variant "$v=$work/glowq") ;;
       int4_own) args+=(--variant "int4_own=$work/v/int4") ;;
       marlin) args+=(--variant "marlin=$work/v/gptq") ;;
       fp8) args+=(--variant "fp8=$work/bf16") ;;

@@ -55,6 +55,8 @@ VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
     "glowq_own": {"env": {"VLLM_GLOWQ_KERNEL": "glowq"}},  # the project's kernel, correction fused in
     "int4_own": {"env": {"VLLM_GLOWQ_KERNEL": "glowq"}},  # plain int4 through the project's kernel
     "glowq_vllm": {"env": {"VLLM_GLOWQ_KERNEL": "vllm"}},  # vLLM's kernel, the correction on a side stream
+    "glowq_int8": {"env": {"VLLM_GLOWQ_MOE_FACTORS": "int8"}},  # the experts' factors as int8 codes (Marlin MoE)
+    "glowq_full": {"env": {"VLLM_GLOWQ_MOE_FACTORS": "full"}},  # the experts' factors in the model's dtype
     "lora": {"engine": {"enable_lora": True, "max_lora_rank": 64, "max_loras": 1}},  # EoRA as users serve it
 }
 MODEL_SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "num_experts", "num_local_experts",

@@ -43,3 +43,17 @@ def test_bad_setting_is_refused_with_the_choices(monkeypatch):
         kernel_choice.kernel_mode()
     monkeypatch.setenv(kernel_choice.ENV_KERNEL, " GlowQ ")
     assert kernel_choice.kernel_mode() == "glowq"
+
+
+def test_moe_factor_setting_is_checked_and_followed(monkeypatch):
+    """VLLM_GLOWQ_MOE_FACTORS: a bad value names the choices; auto follows moe_marlin.FACTORS_INT8."""
+    from vllm_glowq import moe_marlin
+
+    monkeypatch.setenv(kernel_choice.ENV_MOE_FACTORS, "fp4")
+    with pytest.raises(GlowQFormatError, match="VLLM_GLOWQ_MOE_FACTORS='fp4' is not one of auto, int8, full"):
+        kernel_choice.moe_factor_mode()
+    for setting, shipped, expected in (("int8", False, True), ("full", True, False), ("", True, True),
+                                       ("auto", False, False)):
+        monkeypatch.setenv(kernel_choice.ENV_MOE_FACTORS, setting)
+        monkeypatch.setattr(moe_marlin, "FACTORS_INT8", shipped)
+        assert moe_marlin.factors_in_int8() is expected, setting

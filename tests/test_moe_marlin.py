@@ -120,6 +120,31 @@ def as_factors(f: dict, dtype: torch.dtype, device: str = "cpu") -> moe_marlin.E
     return moe_marlin.ExpertFactors(**{k: None if v is None else v.to(device, dtype).contiguous() for k, v in f.items()})
 
 
+def as_int8_factors(f: dict, dtype: torch.dtype, device: str = "cpu") -> moe_marlin.ExpertFactors:
+    """`as_factors`, then A13, B2 and A2 as int8 codes (ExpertFactors.to_int8); `f` gets the
+    values those codes and scales stand for, so the reference sees what the kernels multiply."""
+    factors = as_factors(f, dtype, device).to_int8()
+    for k in ("a13", "b2", "a2"):
+        if f[k] is not None:
+            f[k] = getattr(factors, k).cpu().double() * getattr(factors, f"{k}_scale").cpu().double()[..., None]
+    return factors
+
+
+def test_int8_rows_stay_within_half_a_step():
+    """One scale per row: every entry within half a step of its row's scale; an all-zero row
+    gets zero codes (no division by zero); B13 is not touched."""
+    factor = torch.randn(3, 5, 64, dtype=torch.float64)
+    factor[1, 2] = 0
+    codes, scales = moe_marlin.int8_rows(factor)
+    assert codes.dtype == torch.int8 and scales.dtype == torch.float32 and scales.shape == (3, 5)
+    assert codes.abs().max() == 127 and (codes[1, 2] == 0).all() and scales[1, 2] == 0
+    error = (codes.double() * scales.double()[..., None] - factor).abs()
+    assert (error <= scales.double()[..., None] * 0.5 + 1e-7).all()
+    f = as_factors(make_factors(4, 32, 16, 4, "group"), torch.bfloat16)
+    int8 = f.to_int8()
+    assert int8.b13 is f.b13 and int8.int8 and not f.int8 and int8.a2_scale.shape == (4, 32)
+
+
 # ----- CPU: the grouped kernel in Triton's interpreter ------------------------------------------
 
 
@@ -161,6 +186,31 @@ def test_grouped_kernel_matches_float64(grouped, case, per_token, scaled, tiles,
     if scaled:
         ref *= weights.reshape(-1, 1).double()
     assert torch.allclose(out.double(), before.double() + ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES[:4], ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_grouped_kernel_takes_int8_factors(grouped, case, dtype):
+    """int8 codes with their row scales (the A2 expand: router-weighted, accumulated): the same
+    sums as the factor they stand for; codes without scales, or scales of the wrong shape, are
+    refused by name."""
+    tokens, experts, top_k, n, k, block_m = case
+    gen = torch.Generator().manual_seed(sum(case))
+    weights, ids = routing(tokens, experts, top_k, seed=tokens)
+    pairs = tokens * top_k
+    x = torch.randn(pairs, k, generator=gen).to(dtype)
+    codes, scales = moe_marlin.int8_rows(torch.randn(experts, n, k, generator=gen))
+    out = torch.randn(pairs, n, generator=gen).to(dtype)
+    before = out.clone()
+    alignment = grouped.align_reference(ids, block_m, experts)
+    grouped.launch(x, codes, out, alignment, scale=weights.reshape(-1).float(), accumulate=True, weight_scale=scales)
+    w = codes.double() * scales.double()[..., None]
+    ref = torch.einsum("pnk,pk->pn", w[ids.reshape(-1).long()], x.double()) * weights.reshape(-1, 1).double()
+    assert relative_error(out - before, ref) < TOLERANCE[dtype]
+    with pytest.raises(ValueError, match="int8 factor codes need their scales"):
+        grouped.launch(x, codes, out, alignment)
+    with pytest.raises(ValueError, match="takes float32 scales of shape"):
+        grouped.launch(x, codes, out, alignment, weight_scale=scales[:, :-1])
 
 
 def compile_for_hopper(fn, signature: dict, constexprs: dict, warps: int = 4, aligned: tuple[str, ...] = ()):
@@ -217,7 +267,8 @@ def spilled_bytes(kernel) -> int | None:
 # the grouped kernels' integers that are multiples of 16 on Qwen3-30B-A3B's experts (sizes, ranks,
 # strides), as Triton's launcher finds them; not the pair count, top_k (ROW_DIV) or the slices
 GROUPED_ALIGNED = ("N", "K", "stride_xm", "stride_we", "stride_wn", "stride_om", "stride_slice", "I", "R13", "R2",
-                   "stride_w13", "stride_r", "stride_a13e", "stride_b2e", "stride_h", "stride_add")
+                   "stride_w13", "stride_r", "stride_a13e", "stride_b2e", "stride_h", "stride_add", "stride_wse",
+                   "stride_a13se", "stride_b2se")
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -226,20 +277,25 @@ def test_grouped_kernel_compiles_for_hopper(dtype):
     needed): what the interpreter cannot check (types, layouts, the scalar branch)."""
     from vllm_glowq.kernels import moe_lowrank_triton
 
-    pointers = dict(x_ptr=dtype, w_ptr=dtype, out_ptr=dtype, scale_ptr="fp32", sorted_ptr="i32", expert_ptr="i32",
-                    padded_ptr="i32")
+    pointers = dict(x_ptr=dtype, w_ptr=dtype, out_ptr=dtype, scale_ptr="fp32", w_scale_ptr="fp32", sorted_ptr="i32",
+                    expert_ptr="i32", padded_ptr="i32")
     integers = ("num_pairs", "N", "K", "ROW_DIV", "stride_xm", "stride_we", "stride_wn", "stride_om", "x_slices",
-                "stride_slice")
+                "stride_slice", "stride_wse")
     for block_m in (8, 16, 32, 48, 64):  # Marlin's block sizes
         rows = moe_lowrank_triton.tile_rows(block_m)
         # the shrinks (`--share module`'s per pair, N = 2r: 16 or 64 columns; the w2 shrink beside
         # Marlin, K = I) and the w2 expand, router-weighted: in the callbacks it reads `activate`'s
-        # float32 partials and accumulates, beside Marlin it reads S and writes
-        for block_n, accumulate, scaled, tiles in ((64, False, False, 1), (16, False, False, 1),
-                                                   (64, True, True, 1), (64, True, True, 16), (64, False, True, 16)):
-            constexprs = dict(ACCUMULATE=accumulate, HAS_SCALE=scaled, BLOCK_M=rows, BLOCK_ROWS=block_m,
+        # float32 partials and accumulates, beside Marlin it reads S and writes; beside Marlin
+        # with int8 factors too
+        for block_n, accumulate, scaled, tiles, int8 in (
+                (64, False, False, 1, False), (16, False, False, 1, False), (64, True, True, 1, False),
+                (64, True, True, 16, False), (64, False, True, 16, False), (64, False, False, 1, True),
+                (64, False, True, 16, True)):
+            constexprs = dict(ACCUMULATE=accumulate, HAS_SCALE=scaled, W_INT8=int8, BLOCK_M=rows, BLOCK_ROWS=block_m,
                               BLOCK_N=block_n, BLOCK_K=64, TILES=tiles, ONE_K_BLOCK=scaled)
             x = {"x_ptr": "fp32"} if accumulate else {}
+            if int8:
+                x["w_ptr"] = "i8"
             signature = {**{k: f"*{v}" for k, v in {**pointers, **x}.items()}, **{k: "i32" for k in integers},
                          **{k: "constexpr" for k in constexprs}}
             kernel = compile_for_hopper(moe_lowrank_triton._grouped_lowrank_kernel, signature, constexprs,
@@ -253,10 +309,13 @@ def test_grouped_activation_compiles_for_hopper(dtype):
     """`activate`'s kernel at every block size and with each factor, for sm_90 (no GPU needed)."""
     for block_m in (8, 16, 32, 48, 64):
         # in the callbacks (A13 R and the w2 shrink inside), and beside Marlin (A13 R added)
-        for has13, has2, added in ((True, True, False), (True, False, False), (False, True, False),
-                                   (False, False, True), (False, True, True)):
+        # (and with int8 factors: both in the callbacks, the shrink beside Marlin)
+        for has13, has2, added, int8 in ((True, True, False, False), (True, False, False, False),
+                                         (False, True, False, False), (False, False, True, False),
+                                         (False, True, True, False), (True, True, False, True),
+                                         (False, True, True, True)):
             kernel = compile_activation_for_hopper(dtype, "fp32", block_m, HAS13=has13, HAS2=has2, ADDED=added,
-                                                   BLOCK_I=64, CHUNKS=1, BLOCK_R13=64, BLOCK_R2=64)
+                                                   INT8=int8, BLOCK_I=64, CHUNKS=1, BLOCK_R13=64, BLOCK_R2=64)
             assert kernel.asm["cubin"], (block_m, has13, has2)
             assert spilled_bytes(kernel) in (0, None), (block_m, has13, has2)
 
@@ -267,12 +326,15 @@ def compile_activation_for_hopper(dtype: str, partials: str, block_m: int, **con
     the launcher picks."""
     from vllm_glowq.kernels import moe_lowrank_triton
 
-    pointers = dict(w13_ptr=dtype, r_ptr=dtype, a13_ptr=dtype, b2_ptr=dtype, h_ptr=dtype, part_ptr=partials,
-                    add_ptr=dtype, sorted_ptr="i32", expert_ptr="i32", padded_ptr="i32")
+    factor = "i8" if constexprs.get("INT8") else dtype
+    pointers = dict(w13_ptr=dtype, r_ptr=dtype, a13_ptr=factor, b2_ptr=factor, h_ptr=dtype, part_ptr=partials,
+                    add_ptr=dtype, a13_scale_ptr="fp32", b2_scale_ptr="fp32", sorted_ptr="i32", expert_ptr="i32",
+                    padded_ptr="i32")
     integers = ("num_pairs", "I", "R13", "R2", "R2_OUT", "ROW_DIV", "stride_w13", "stride_r", "stride_a13e",
-                "stride_b2e", "stride_h", "stride_add", "stride_part", "stride_part_slice")
+                "stride_b2e", "stride_h", "stride_add", "stride_part", "stride_part_slice", "stride_a13se",
+                "stride_b2se")
     rows = moe_lowrank_triton.tile_rows(block_m)
-    constexprs = dict(BLOCK_M=rows, BLOCK_ROWS=block_m, **constexprs)
+    constexprs = dict(BLOCK_M=rows, BLOCK_ROWS=block_m, **{"INT8": False, **constexprs})
     signature = {**{k: f"*{v}" for k, v in pointers.items()}, **{k: "i32" for k in integers},
                  **{k: "constexpr" for k in constexprs}}
     return compile_for_hopper(moe_lowrank_triton._grouped_activate_kernel, signature, constexprs,
@@ -439,6 +501,11 @@ def test_the_path_follows_the_pair_count(monkeypatch):
         with pytest.raises(ValueError, match="gated SiLU only"):
             hooks(1, "gelu", fused=fused)
     assert moe_marlin.correction_hooks(moe_marlin.ExpertFactors(), x, weights, ids, 4, "silu") is None
+    int8 = f.to_int8()  # the grouped path only: the fused kernels take factors in the activation dtype
+    assert not moe_marlin.takes_fused_path(1, int8) and moe_marlin.takes_fused_path(1, f)
+    assert moe_marlin.correction_hooks(int8, x[:1], weights[:1], ids[:1], 4, "silu") == "grouped"
+    with pytest.raises(ValueError, match="not int8"):
+        moe_marlin.correction_hooks(int8, x[:1], weights[:1], ids[:1], 4, "silu", fused=True)
 
 
 # ----- CPU: the callbacks around a stand-in for fused_marlin_moe ---------------------------------
@@ -483,6 +550,16 @@ def test_callbacks_add_the_correction(grouped, fused, path, case, share, parts, 
     check_callbacks(grouped, fused, path, case, share, parts, dtype)
 
 
+@pytest.mark.parametrize("path", ["grouped", "grouped-in-callbacks", "grouped-shrink-in-activation"])
+@pytest.mark.parametrize("share", ["group", "module"])
+def test_callbacks_take_int8_factors(grouped, path, share, monkeypatch):
+    """The grouped paths with A13, B2 and A2 as int8 codes (VLLM_GLOWQ_MOE_FACTORS=int8): the
+    block equals the float64 block of the factors those codes stand for."""
+    monkeypatch.setattr(moe_marlin, "W2_SHRINK_BESIDE", path != "grouped-shrink-in-activation")
+    for case in HOOK_CASES[1:3]:
+        check_callbacks(grouped, None, path, case, share, "both", torch.float16, int8=True)
+
+
 @pytest.mark.parametrize("block_i,chunks", [(16, 1), (16, 3), (32, 2), (16, 4)])
 def test_activation_takes_several_chunks_per_program(grouped, block_i, chunks, monkeypatch):
     """`activate` with ACTIVATE_CHUNKS chunks of ACTIVATE_BLOCK_I columns per program (I = 64:
@@ -493,9 +570,11 @@ def test_activation_takes_several_chunks_per_program(grouped, block_i, chunks, m
         check_callbacks(grouped, None, "grouped-in-callbacks", case, "group", "both", torch.float32)
 
 
-def check_callbacks(grouped, fused, path: str, case: tuple, share: str, parts: str, dtype: torch.dtype) -> None:
+def check_callbacks(grouped, fused, path: str, case: tuple, share: str, parts: str, dtype: torch.dtype,
+                    int8: bool = False) -> None:
     """The block through `simulated_marlin` with the hooks of `path` against float64, and the
-    plain block far from it (so the correction is what is checked)."""
+    plain block far from it (so the correction is what is checked); with `int8` the factors as
+    int8 codes."""
     tokens, experts, top_k = case
     hidden, inter, rank = 96, 64, 8
     gen = torch.Generator().manual_seed(tokens)
@@ -504,7 +583,7 @@ def check_callbacks(grouped, fused, path: str, case: tuple, share: str, parts: s
     w2 = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).to(dtype).double()
     f = make_factors(experts, hidden, inter, rank, share, has13=parts != "w2", has2=parts != "w13", seed=tokens)
     weights, ids = routing(tokens, experts, top_k, seed=tokens)
-    factors = as_factors(f, dtype)
+    factors = as_int8_factors(f, dtype) if int8 else as_factors(f, dtype)
     if path == "fused":
         hooks = moe_marlin.FusedCorrectionHooks(factors, x, weights, ids, kernels=fused)
     else:
@@ -614,10 +693,13 @@ def test_unsupported_shapes_are_named():
     assert moe_marlin.marlin_group_size(768, 6) == 128 and moe_marlin.marlin_group_size(768, 1) == -1
 
 
-def test_loaded_layer_hands_marlin_codes_and_factors_to_the_gpu_forward(monkeypatch):
+@pytest.mark.parametrize("factors", ["full", "int8"])
+def test_loaded_layer_hands_marlin_codes_and_factors_to_the_gpu_forward(factors, monkeypatch):
     """GlowQMoEMethod's GPU branch after loading (repack and forward stood in for): the codes
     are replaced by what repack returns under the same names, the factors reach the forward in
-    the activation dtype, and the custom op's forward goes to moe_marlin.forward."""
+    the activation dtype (or, with VLLM_GLOWQ_MOE_FACTORS=int8, A13, B2 and A2 as int8 codes
+    that replace the layer's parameters, B13 as it was), and the custom op's forward goes to
+    moe_marlin.forward."""
     from vllm_glowq import moe
     from vllm_glowq.loading import ExpectedTensors
 
@@ -636,12 +718,18 @@ def test_loaded_layer_hands_marlin_codes_and_factors_to_the_gpu_forward(monkeypa
     marlin = [torch.full((e, 7), v) for v in range(4)]
     monkeypatch.setattr(moe_marlin, "repack", lambda *args: moe_marlin.Int4Experts(*marlin, None, None, torch.zeros(2)))
     monkeypatch.setattr(moe_marlin, "FOLD_INTO_CODES", False)  # tests/test_moe_fold.py loads folded layers
+    monkeypatch.setenv("VLLM_GLOWQ_MOE_FACTORS", factors)
     method.process_weights_after_loading(layer)
     assert layer.w13_qweight.data_ptr() == marlin[0].data_ptr() and layer.w2_scales.data_ptr() == marlin[3].data_ptr()
     assert not hasattr(layer, "w13_qzeros")
     factors = method.factors
     assert factors.b13 is layer.w13_glowq_B and factors.a2 is layer.w2_glowq_A and factors.a13 is layer.w13_glowq_A
-    assert factors.b2.dtype == torch.bfloat16 and factors.any
+    assert factors.b13.dtype == torch.bfloat16 and factors.any
+    if factors.int8:
+        assert {layer.w13_glowq_A.dtype, layer.w2_glowq_B.dtype, layer.w2_glowq_A.dtype} == {torch.int8}
+        assert factors.a2_scale is layer.w2_glowq_A_scale and factors.a13_scale.shape == (e, 2 * i)
+    else:
+        assert factors.b2.dtype == torch.bfloat16 and not hasattr(layer, "w2_glowq_A_scale")
     seen = {}
     monkeypatch.setattr(moe_marlin, "forward", lambda *args: seen.setdefault("args", args) and torch.zeros(1))
     torch.ops.glowq.moe(torch.zeros(2, h), torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.int32), method.prefix)
@@ -675,7 +763,7 @@ GPU_TOKENS = [1, 3, 16, 64, 257, 600]
 # moe_marlin.forward's `fused`; "grouped-in-callbacks": the grouped path's correction inside Marlin's
 # callbacks; "grouped-serial": that with its own sort and R in series too
 FORCED_PATH = {"fused": True, "grouped": False, "grouped-in-callbacks": False, "grouped-serial": False,
-               "grouped-shrink-in-activation": False, "default": None, "gemv": None}
+               "grouped-shrink-in-activation": False, "grouped-int8": False, "default": None, "gemv": None}
 
 
 def set_path(path: str, monkeypatch) -> None:
@@ -698,7 +786,7 @@ GPU_SHAPE = dict(hidden=512, inter=256, group=128)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("path", ["fused", "grouped", "grouped-in-callbacks", "grouped-serial",
-                                  "grouped-shrink-in-activation", "default", "gemv"])
+                                  "grouped-shrink-in-activation", "grouped-int8", "default", "gemv"])
 def test_gpu_block_matches_float64(dtype, case, path, monkeypatch):
     """Every token count on the path asked for (the fused one past FUSED_MAX_PAIRS too; the
     default's own choice; with `gemv` the decode GEMVs on the Marlin codes switched on up to 32
@@ -715,7 +803,7 @@ def test_gpu_block_matches_float64(dtype, case, path, monkeypatch):
                              on(w2["scales"]), on(w2["zeros"]), dtype)
     f = make_factors(experts, h, i, rank, share, has13=rank > 0, has2=rank > 0)
     plain = {k: None for k in f}
-    factors = as_factors(f, dtype, "cuda")
+    factors = (as_int8_factors if path == "grouped-int8" else as_factors)(f, dtype, "cuda")
     for tokens in GPU_TOKENS:
         x = torch.randn(tokens, h, generator=gen).to(dtype)
         weights, ids = routing(tokens, experts, top_k, seed=tokens)
@@ -734,7 +822,7 @@ def test_gpu_block_matches_float64(dtype, case, path, monkeypatch):
 @pytest.mark.parametrize("tokens", [1, 16, 64])
 @pytest.mark.parametrize("share", ["group", "module"])
 @pytest.mark.parametrize("path", ["fused", "grouped", "grouped-in-callbacks", "grouped-serial",
-                                  "grouped-shrink-in-activation", "gemv"])
+                                  "grouped-shrink-in-activation", "grouped-int8", "gemv"])
 def test_gpu_block_inside_a_cuda_graph(tokens, share, path, monkeypatch):
     """Captured once, replayed on new inputs copied into the captured buffers (with the grouped
     path's second stream inside the graph)."""
@@ -749,7 +837,7 @@ def test_gpu_block_inside_a_cuda_graph(tokens, share, path, monkeypatch):
     int4 = moe_marlin.repack(w13["qweight"].cuda(), w13["scales"].cuda(), None, w2["qweight"].cuda(),
                              w2["scales"].cuda(), None, dtype)
     f = make_factors(experts, h, i, rank, share)
-    factors = as_factors(f, dtype, "cuda")
+    factors = (as_int8_factors if path == "grouped-int8" else as_factors)(f, dtype, "cuda")
     check_graph_replays(lambda x, weights, ids: moe_marlin.forward(int4, factors, x, weights, ids, MoEActivation.SILU,
                                                                    fused=FORCED_PATH[path]),
                         tokens, h, experts, top_k, dtype, (w13["dense"], w2["dense"], f))

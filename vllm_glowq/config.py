@@ -48,6 +48,7 @@ class GlowQQuantConfig(QuantizationConfig):
             )
         super().__init__()
         kernel_choice.kernel_mode()  # a bad VLLM_GLOWQ_KERNEL stops the front end, not a worker
+        kernel_choice.moe_factor_mode()  # and so does a bad VLLM_GLOWQ_MOE_FACTORS
         w4a16.check_tuned_table()  # and so does a bad VLLM_GLOWQ_TUNED_CONFIGS
         self.glowq = glowq
         # experts unit -> linear layers (a shared expert's gate_up_proj) whose B the expert

@@ -21,6 +21,12 @@ kernels repack them; the project's kernel reads the checkpoint's GPTQ layout as 
 * `vllm`: vLLM's kernel, dense weights where it has none (the plugin before the project's kernel);
 * `dense`: dense dequantized weights everywhere (a reference for debugging).
 
+`VLLM_GLOWQ_MOE_FACTORS` says how the experts' correction factors are held on the Marlin MoE
+path: `auto` (default: moe_marlin.FACTORS_INT8, what the GPU measurements chose), `int8` (A13,
+B2 and A2 as int8 codes with one float32 scale per row: half the bytes the correction reads
+beside Marlin's GEMMs and half its memory), or `full` (the model's dtype, as the checkpoint
+stores them). The checkpoint is the same either way; the codes are made at load time.
+
 No vLLM import: the choice is plain data, testable anywhere.
 """
 
@@ -34,6 +40,19 @@ from .format import GlowQFormatError
 ENV_KERNEL = "VLLM_GLOWQ_KERNEL"
 KERNEL_MODES = ("auto", "glowq", "vllm", "dense")
 GLOWQ, VLLM, DENSE = "glowq", "vllm", "dense"
+
+
+ENV_MOE_FACTORS = "VLLM_GLOWQ_MOE_FACTORS"
+MOE_FACTOR_MODES = ("auto", "int8", "full")
+
+
+def moe_factor_mode() -> str:
+    """The VLLM_GLOWQ_MOE_FACTORS setting, checked (the front end calls this before an engine starts)."""
+    mode = os.environ.get(ENV_MOE_FACTORS, "auto").strip().lower() or "auto"
+    if mode not in MOE_FACTOR_MODES:
+        raise GlowQFormatError(f"{ENV_MOE_FACTORS}={mode!r} is not one of {', '.join(MOE_FACTOR_MODES)}; "
+                               "unset it for auto.")
+    return mode
 
 
 def kernel_mode() -> str:

@@ -282,14 +282,28 @@ class GlowQMoEMethod(FusedMoEMethodBase):
                 _replace(layer, name, getattr(layer, name).data.to(self.params_dtype).contiguous())
         if self.on_gpu and self.factors is None:
             from .correction import side_stream
-            from .moe_marlin import ExpertFactors
+            from .moe_marlin import ExpertFactors, factors_in_int8
 
             self.factors = ExpertFactors(**{field: getattr(layer, name) for name, field in FACTOR_PARAMS.items()
                                             if hasattr(layer, name)})
+            if self.int4 is not None and self.factors.any and factors_in_int8():
+                self._factors_to_int8(layer)
             factor = self.factors.a13 if self.factors.a13 is not None else self.factors.a2
             if factor is not None and factor.is_cuda:  # the grouped correction runs beside Marlin on it
                 side_stream(factor.device)  # created before CUDA graphs are captured
         _layers[self.prefix] = (layer, self)
+
+    def _factors_to_int8(self, layer) -> None:
+        """The experts' factors as int8 codes and per-row scales (moe_marlin.ExpertFactors.to_int8),
+        replacing the layer's parameters so that the full-precision copies are freed."""
+        _log_once("int8-factors")
+        self.factors = self.factors.to_int8()
+        for name, field in FACTOR_PARAMS.items():
+            scale = getattr(self.factors, f"{field}_scale", None)
+            if scale is not None:
+                _replace(layer, name, getattr(self.factors, field))
+                setattr(self.factors, field, getattr(layer, name))  # one object, as for full-precision factors
+                layer.register_buffer(f"{name}_scale", scale, persistent=False)
 
     def _dequantize_all(self, layer) -> None:
         _log_once("dense-fallback")
@@ -477,6 +491,9 @@ def _log_once(kernel: str) -> None:
     elif kernel == "own":
         logger.info("GlowQ: MoE experts run the project's own int4 MoE kernels (%s=glowq), the correction inside "
                     "the expert GEMMs (R = B x once per token).", kernel_choice.ENV_KERNEL)
+    elif kernel == "int8-factors":
+        logger.info("GlowQ: the experts' correction factors A13, B2 and A2 are held as int8 codes with one scale "
+                    "per row (%s=full keeps them in the model's dtype).", kernel_choice.ENV_MOE_FACTORS)
     elif kernel == "marlin-folded":
         logger.info("GlowQ: MoE experts run vLLM's Marlin MoE GEMMs with the correction folded into them: A13 and A2 "
                     "as int4 rows appended to each expert's codes, R = B x appended to the tokens (once per token) "

@@ -140,6 +140,21 @@ W2_SHRINK_BESIDE = True
 # (one program per block of pairs over all of I) took 36-52 us, and R = B13 x and the copy of x
 # run in series, where the grouped path runs beside Marlin's GEMMs.
 FOLD_INTO_CODES = False
+# The experts' factors (A13, B2, A2) as int8 codes with one float32 scale per row, made at load
+# time (ExpertFactors.to_int8), where VLLM_GLOWQ_MOE_FACTORS is auto: at 64 tokens nearly every
+# expert is routed, and the correction beside Marlin reads 68.5 MB of bf16 factors per
+# Qwen3-30B-A3B layer against Marlin's 302 MB of codes, slowing Marlin by sharing the GPU's
+# bandwidth (128.9 -> 151.7 us on the H100, bench/results/moe_micro_h100_2026-12-07_run3.json).
+# Off until a GPU has timed it (bench/moe_microbench.py `grouped_int8`).
+FACTORS_INT8 = False
+
+
+def factors_in_int8() -> bool:
+    """Whether the Marlin path holds the experts' factors in int8 (VLLM_GLOWQ_MOE_FACTORS, else FACTORS_INT8)."""
+    from .kernel_choice import moe_factor_mode
+
+    mode = moe_factor_mode()
+    return FACTORS_INT8 if mode == "auto" else mode == "int8"
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -168,19 +183,48 @@ class Int4Experts:
 
 @dataclass
 class ExpertFactors:
-    """The correction of an expert layer in the activation dtype (None where it has none).
+    """The correction of an expert layer in the activation dtype (None where it has none), or
+    with `int8` its per-expert factors as int8 codes with float32 scales per output row.
 
     b13 [r, H] (one B for all experts) or [E, 2r, H] (`--share module`: gate's rows, then up's);
-    a13 [E, 2I, r] or [E, 2I, 2r] (block-diagonal); b2 [E, r, I]; a2 [E, H, r]."""
+    a13 [E, 2I, r] or [E, 2I, 2r] (block-diagonal); b2 [E, r, I]; a2 [E, H, r]; the scales
+    a13_scale [E, 2I], b2_scale [E, r], a2_scale [E, H]. B13 stays in the activation dtype (read
+    once per token by cuBLAS, and by a shared expert's gate/up too)."""
 
     b13: torch.Tensor | None = None
     a13: torch.Tensor | None = None
     b2: torch.Tensor | None = None
     a2: torch.Tensor | None = None
+    a13_scale: torch.Tensor | None = None
+    b2_scale: torch.Tensor | None = None
+    a2_scale: torch.Tensor | None = None
 
     @property
     def any(self) -> bool:
         return self.a13 is not None or self.a2 is not None
+
+    @property
+    def int8(self) -> bool:
+        return any(s is not None for s in (self.a13_scale, self.b2_scale, self.a2_scale))
+
+    def to_int8(self) -> ExpertFactors:
+        """A13, B2 and A2 as int8 codes, each output row scaled by its largest magnitude / 127
+        (FACTORS_INT8: half the bytes the grouped correction reads beside Marlin's GEMMs)."""
+        quantized = {}
+        for name in ("a13", "b2", "a2"):
+            factor = getattr(self, name)
+            if factor is not None:
+                quantized[name], quantized[f"{name}_scale"] = int8_rows(factor)
+        return ExpertFactors(b13=self.b13, **quantized)
+
+
+def int8_rows(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """factor [E, N, K] -> (int8 codes [E, N, K], float32 scales [E, N]): symmetric, one scale
+    per row (codes * scales[..., None] is the factor within half a step)."""
+    full = factor.float()
+    scales = full.abs().amax(dim=-1) / 127.0
+    codes = torch.round(full / scales.clamp_min(torch.finfo(torch.float32).tiny)[..., None])
+    return codes.clamp_(-127, 127).to(torch.int8).contiguous(), scales.contiguous()
 
 
 def marlin_group_size(features: int, groups: int) -> int:
@@ -253,16 +297,17 @@ def marlin_zero_points(zeros: torch.Tensor) -> torch.Tensor:
     return torch.stack([permute(z.to(torch.int32), groups, n, 4) for z in zeros])
 
 
-def takes_fused_path(num_pairs: int) -> bool:
+def takes_fused_path(num_pairs: int, factors: ExpertFactors | None = None) -> bool:
     """Whether a call of `num_pairs` (token, expert) pairs runs the fused correction (fewer
-    launches, no sorting) rather than the grouped one (tensor cores on pairs sorted by expert)."""
-    return num_pairs <= FUSED_MAX_PAIRS
+    launches, no sorting) rather than the grouped one (tensor cores on pairs sorted by expert);
+    int8 factors run the grouped one only."""
+    return num_pairs <= FUSED_MAX_PAIRS and not (factors is not None and factors.int8)
 
 
-def takes_gemv_path(experts: Int4Experts, num_pairs: int) -> bool:
+def takes_gemv_path(experts: Int4Experts, num_pairs: int, factors: ExpertFactors | None = None) -> bool:
     """Whether a call runs the project's decode GEMVs on the Marlin codes (symmetric codes, up
-    to GEMV_MAX_PAIRS pairs) rather than Marlin MoE's GEMMs."""
-    return experts.gemv is not None and num_pairs <= GEMV_MAX_PAIRS
+    to GEMV_MAX_PAIRS pairs, factors in the activation dtype) rather than Marlin MoE's GEMMs."""
+    return experts.gemv is not None and num_pairs <= GEMV_MAX_PAIRS and not (factors is not None and factors.int8)
 
 
 def forward(experts: Int4Experts, factors: ExpertFactors, x: torch.Tensor, topk_weights: torch.Tensor,
@@ -272,7 +317,7 @@ def forward(experts: Int4Experts, factors: ExpertFactors, x: torch.Tensor, topk_
     both); None lets `takes_gemv_path` and `takes_fused_path` decide."""
     if x.shape[0] == 0:
         return torch.zeros_like(x)
-    if fused is None and takes_gemv_path(experts, topk_ids.numel()):
+    if fused is None and takes_gemv_path(experts, topk_ids.numel(), factors):
         if not compat.plain_gated_silu(activation, {}):
             raise ValueError(f"the MoE decode GEMVs compute the gated SiLU only, not {activation!r}")
         from .moe_triton import forward as gemv_forward
@@ -336,7 +381,9 @@ def correction_hooks(factors: ExpertFactors, x: torch.Tensor, topk_weights: torc
         return None
     if not compat.plain_gated_silu(activation, {}):
         raise ValueError(f"the MoE correction computes the gated SiLU only, not {activation!r}")
-    if fused or (fused is None and takes_fused_path(topk_ids.numel())):
+    if fused and factors.int8:
+        raise ValueError("the fused MoE correction takes factors in the activation dtype, not int8")
+    if fused or (fused is None and takes_fused_path(topk_ids.numel(), factors)):
         return FusedCorrectionHooks(factors, x, topk_weights, topk_ids)
     return (BesideCorrectionHooks if CORRECTION_BESIDE else CorrectionHooks)(factors, x, topk_weights, topk_ids,
                                                                              num_experts)
@@ -408,8 +455,9 @@ class CorrectionHooks:
         S = B2_e h for `moe_sum`, in one grouped launch (w13_out left as it is)."""
         refuse_other_activations(activation, kwargs)
         self.joined()
-        self.partials = self.grouped.activate(w13_out, self.reduced, self.factors.a13, self.factors.b2, self.alignment,
-                                              output, self.row_div)
+        f = self.factors
+        self.partials = self.grouped.activate(w13_out, self.reduced, f.a13, f.b2, self.alignment, output, self.row_div,
+                                              a13_scale=f.a13_scale, b2_scale=f.b2_scale)
         return output
 
     def moe_sum(self, w2_out: torch.Tensor, output: torch.Tensor, topk_ids: torch.Tensor, expert_map) -> torch.Tensor:
@@ -418,7 +466,7 @@ class CorrectionHooks:
         if self.factors.a2 is not None:
             rows = w2_out.view(-1, w2_out.shape[-1])
             self.grouped.launch(self.partials, self.factors.a2, rows, self.alignment,
-                                scale=self.topk_weights.reshape(-1), accumulate=True)
+                                scale=self.topk_weights.reshape(-1), accumulate=True, weight_scale=self.factors.a2_scale)
         return torch.sum(w2_out, dim=1, out=output)
 
 
@@ -457,22 +505,26 @@ class BesideCorrectionHooks(CorrectionHooks):
             torch.mm(x, f.b13.t(), out=self.reduced)
         else:
             self.grouped.launch(x, f.b13, self.reduced, self.alignment, row_div=self.top_k)
-        self.grouped.launch(self.reduced, f.a13, self.added, self.alignment, row_div=self.row_div)
+        self.grouped.launch(self.reduced, f.a13, self.added, self.alignment, row_div=self.row_div,
+                            weight_scale=f.a13_scale)
 
     def correct_w2(self) -> None:
         f = self.factors
         if self.shrunk is not None:
-            self.grouped.launch(self.hidden, f.b2, self.shrunk, self.alignment)
+            self.grouped.launch(self.hidden, f.b2, self.shrunk, self.alignment, weight_scale=f.b2_scale)
         shrunk = self.partials if self.shrunk is None else self.shrunk
-        self.grouped.launch(shrunk, f.a2, self.expanded, self.alignment, scale=self.topk_weights.reshape(-1))
+        self.grouped.launch(shrunk, f.a2, self.expanded, self.alignment, scale=self.topk_weights.reshape(-1),
+                            weight_scale=f.a2_scale)
 
     def activation(self, activation, output: torch.Tensor, w13_out: torch.Tensor, **kwargs) -> torch.Tensor:
         """output [P, I] = SiLU(gate) * up of w13_out [P, 2I] + A13_e R, then the w2 correction forked."""
         refuse_other_activations(activation, kwargs)
         self.joined()
         shrink_here = self.factors.a2 is not None and self.shrunk is None  # the partials of S, for correct_w2
-        self.partials = self.grouped.activate(w13_out, None, None, self.factors.b2 if shrink_here else None,
-                                              self.alignment, output, self.row_div, added=self.added)
+        f = self.factors
+        self.partials = self.grouped.activate(w13_out, None, None, f.b2 if shrink_here else None, self.alignment,
+                                              output, self.row_div, added=self.added,
+                                              b2_scale=f.b2_scale if shrink_here else None)
         if self.factors.a2 is not None:
             from .correction import start_beside
 

@@ -36,14 +36,17 @@ import triton.language as tl
 
 
 @triton.jit(do_not_specialize=["num_pairs", "stride_slice"])  # one compiled kernel for every token count
-def _grouped_lowrank_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, sorted_ptr, expert_ptr, padded_ptr,
+def _grouped_lowrank_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, w_scale_ptr, sorted_ptr, expert_ptr, padded_ptr,
                             num_pairs, N, K, ROW_DIV, stride_xm, stride_we, stride_wn, stride_om, x_slices,
-                            stride_slice, ACCUMULATE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, TILES: tl.constexpr, ONE_K_BLOCK: tl.constexpr):
+                            stride_slice, stride_wse, ACCUMULATE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                            W_INT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
+                            ONE_K_BLOCK: tl.constexpr):
     """One block of an expert's pairs (BLOCK_ROWS of them, in a tile of BLOCK_M rows) and TILES
     consecutive tiles of BLOCK_N output columns. With ONE_K_BLOCK (K <= BLOCK_K: the expands,
-    whose K is the rank) x is loaded, and its slices summed, once for all the program's tiles."""
+    whose K is the rank) x is loaded, and its slices summed, once for all the program's tiles.
+    With W_INT8 the factor holds int8 codes, multiplied in the output's dtype and scaled per
+    output column (w_scale [E, N], float32) after the dot."""
     block = tl.program_id(0)
     expert = tl.load(expert_ptr + block)
     # blocks past the padded pair count hold stale ids; an expert of -1 is not on this rank
@@ -61,17 +64,17 @@ def _grouped_lowrank_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, sorted_ptr, expert
             offs_n = (tl.program_id(1) * TILES + t) * BLOCK_N + tl.arange(0, BLOCK_N)
             if ONE_K_BLOCK:  # no K loop: fewer registers (sm_90, 8 tiles: 128 a thread, 167 with the loop)
                 offs_k = tl.arange(0, BLOCK_K)
-                w_t = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None],
-                              mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)
+                w_t = _factor_tile(w_base, offs_n, offs_k, N, K, stride_wn, out_ptr, W_INT8)
                 acc = tl.dot(x_once.to(w_t.dtype), w_t)
             else:
                 acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
                 for k0 in range(0, K, BLOCK_K):
                     offs_k = k0 + tl.arange(0, BLOCK_K)
                     x = _summed_x(x_ptr, rows, valid, k0, K, stride_xm, x_slices, stride_slice, BLOCK_K)
-                    w_t = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None],
-                                  mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)
+                    w_t = _factor_tile(w_base, offs_n, offs_k, N, K, stride_wn, out_ptr, W_INT8)
                     acc = tl.dot(x.to(w_t.dtype), w_t, acc)
+            if W_INT8:
+                acc = acc * _column_scales(w_scale_ptr, expert, stride_wse, offs_n, N)[None, :]
             if HAS_SCALE:
                 acc = acc * scale[:, None]
             out_ptrs = out_ptr + safe[:, None] * stride_om + offs_n[None, :]
@@ -79,6 +82,23 @@ def _grouped_lowrank_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, sorted_ptr, expert
             if ACCUMULATE:
                 acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _factor_tile(w_base, offs_n, offs_k, N, K, stride_wn, out_ptr, W_INT8: tl.constexpr):
+    """A [BLOCK_K, BLOCK_N] tile of one expert's factor [N, K]; int8 codes (W_INT8) converted to
+    the output's dtype (exact: |code| <= 127), their scales applied after the dot."""
+    w_t = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None],
+                  mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0)
+    if W_INT8:
+        w_t = w_t.to(out_ptr.dtype.element_ty)
+    return w_t
+
+
+@triton.jit
+def _column_scales(scale_ptr, expert, stride_se, offs, count):
+    """One expert's float32 scales of an int8 factor at `offs` (zero past `count`)."""
+    return tl.load(scale_ptr + expert.to(tl.int64) * stride_se + offs, mask=offs < count, other=0.0)
 
 
 @triton.jit
@@ -104,12 +124,13 @@ def _summed_x(x_ptr, rows, valid, k0, K, stride_xm, x_slices, stride_slice, BLOC
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def _grouped_activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, add_ptr, sorted_ptr, expert_ptr,
-                             padded_ptr, num_pairs, I, R13, R2, R2_OUT, ROW_DIV, stride_w13, stride_r, stride_a13e,
-                             stride_b2e, stride_h, stride_add, stride_part, stride_part_slice, HAS13: tl.constexpr,
-                             HAS2: tl.constexpr, ADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                             BLOCK_I: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_R13: tl.constexpr,
-                             BLOCK_R2: tl.constexpr):
+def _grouped_activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, add_ptr, a13_scale_ptr, b2_scale_ptr,
+                             sorted_ptr, expert_ptr, padded_ptr, num_pairs, I, R13, R2, R2_OUT, ROW_DIV, stride_w13,
+                             stride_r, stride_a13e, stride_b2e, stride_h, stride_add, stride_part, stride_part_slice,
+                             stride_a13se, stride_b2se, HAS13: tl.constexpr, HAS2: tl.constexpr,
+                             ADDED: tl.constexpr, INT8: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_ROWS: tl.constexpr, BLOCK_I: tl.constexpr, CHUNKS: tl.constexpr,
+                             BLOCK_R13: tl.constexpr, BLOCK_R2: tl.constexpr):
     """One (block of an expert's pairs, CHUNKS consecutive chunks of BLOCK_I columns of I): per
     chunk, gate/up = w13_out + A13_e R (HAS13) or + the pair's row of add_ptr [P, 2I] (ADDED:
     the product made beforehand, beside Marlin's GEMM), rounded as the w13 output would hold
@@ -118,7 +139,8 @@ def _grouped_activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, a
     row, zero past R2; rows stride_part apart, slices stride_part_slice): float32 partials
     [programs along I, P, R2] with no atomics, so nothing to zero and the same sums every run,
     or with one program along I the whole S in the activation dtype, written beside h (the
-    folded path's w2 input [P, I + R2_OUT]). R is loaded once for all the chunks."""
+    folded path's w2 input [P, I + R2_OUT]). R is loaded once for all the chunks. With INT8,
+    A13 and B2 hold int8 codes scaled per output row (a13_scale [E, 2I], b2_scale [E, R2])."""
     block = tl.program_id(0)
     expert = tl.load(expert_ptr + block)
     if (block * BLOCK_ROWS < tl.load(padded_ptr)) & (expert >= 0):
@@ -142,8 +164,13 @@ def _grouped_activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, a
             if HAS13:
                 a13_t = a13_ptr + expert.to(tl.int64) * stride_a13e + offs_i[None, :] * R13 + offs_r[:, None]
                 a_mask = (offs_r[:, None] < R13) & (offs_i[None, :] < I)
-                gate += tl.dot(reduced, tl.load(a13_t, mask=a_mask, other=0.0).to(reduced.dtype))
-                up += tl.dot(reduced, tl.load(a13_t + I * R13, mask=a_mask, other=0.0).to(reduced.dtype))
+                gate_fix = tl.dot(reduced, tl.load(a13_t, mask=a_mask, other=0).to(reduced.dtype))
+                up_fix = tl.dot(reduced, tl.load(a13_t + I * R13, mask=a_mask, other=0).to(reduced.dtype))
+                if INT8:
+                    gate_fix *= _column_scales(a13_scale_ptr, expert, stride_a13se, offs_i, I)[None, :]
+                    up_fix *= _column_scales(a13_scale_ptr + I, expert, stride_a13se, offs_i, I)[None, :]
+                gate += gate_fix
+                up += up_fix
             if ADDED:
                 added = add_ptr + safe[:, None] * stride_add + offs_i[None, :]
                 gate += tl.load(added, mask=mask, other=0.0).to(tl.float32)
@@ -156,9 +183,11 @@ def _grouped_activate_kernel(w13_ptr, r_ptr, a13_ptr, b2_ptr, h_ptr, part_ptr, a
             tl.store(h_ptr + safe[:, None] * stride_h + offs_i[None, :], hidden, mask=mask)
             if HAS2:
                 b2_t = tl.load(b2_ptr + expert.to(tl.int64) * stride_b2e + offs_s[None, :] * I + offs_i[:, None],
-                               mask=(offs_i[:, None] < I) & (offs_s[None, :] < R2), other=0.0)
+                               mask=(offs_i[:, None] < I) & (offs_s[None, :] < R2), other=0)
                 summed = tl.dot(hidden, b2_t.to(dtype), summed)
         if HAS2:
+            if INT8:
+                summed *= _column_scales(b2_scale_ptr, expert, stride_b2se, offs_s, R2)[None, :]
             slots = part_ptr + tl.program_id(1) * stride_part_slice + safe[:, None] * stride_part + offs_s[None, :]
             tl.store(slots, summed.to(part_ptr.dtype.element_ty), mask=valid[:, None] & (offs_s[None, :] < R2_OUT))
 
@@ -225,17 +254,20 @@ PROGRAMS_PER_SM = 4
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, alignment: Alignment, row_div: int = 1,
-           scale: torch.Tensor | None = None, accumulate: bool = False, block_n: int | None = None) -> None:
+           scale: torch.Tensor | None = None, accumulate: bool = False, block_n: int | None = None,
+           weight_scale: torch.Tensor | None = None) -> None:
     """out[p, :N] (+)= scale[p] * weight[e_p] @ x[p // row_div] for every pair p.
 
     x [rows, K] (rows = pairs / row_div), or [slices, rows, K] whose slices are summed first
     (`activate`'s partials); weight [E, N, K], out [pairs, >= N], all with unit stride in their
-    last dimension; scale [pairs] (float32, the router weights) or None.
+    last dimension; scale [pairs] (float32, the router weights) or None; weight_scale [E, N]
+    (float32) for int8 weight codes (`weight[e, n] * weight_scale[e, n]` is the factor).
     """
     slices, x = (x.shape[0], x) if x.dim() == 3 else (1, x.unsqueeze(0))
     _, n, k = weight.shape
     if x.stride(-1) != 1 or weight.stride(-1) != 1 or out.stride(-1) != 1 or weight.stride(1) != k:
         raise ValueError("grouped_lowrank needs row-major x, weight and out")
+    _check_int8(weight, weight_scale)
     if block_n is None:
         block_n = _pow2_between(n, 16, PRODUCT_BLOCK_N)
     block_k = _pow2_between(k, 16, 64)
@@ -243,11 +275,25 @@ def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, alignment: 
     n_tiles = triton.cdiv(n, block_n)
     tiles = tiles_for(alignment, n_tiles, weight.shape[0], out.device)
     _grouped_lowrank_kernel[(blocks, triton.cdiv(n_tiles, tiles))](
-        x, weight, out, out if scale is None else scale, alignment.sorted_ids, alignment.expert_ids, alignment.padded,
-        alignment.num_pairs, n, k, row_div, x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), slices,
-        x.stride(0), ACCUMULATE=accumulate, HAS_SCALE=scale is not None,
-        BLOCK_M=tile_rows(alignment.block_m), BLOCK_ROWS=alignment.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        TILES=tiles, ONE_K_BLOCK=k <= block_k, num_warps=warps_for(tile_rows(alignment.block_m)))
+        x, weight, out, out if scale is None else scale, out if weight_scale is None else weight_scale,
+        alignment.sorted_ids, alignment.expert_ids, alignment.padded, alignment.num_pairs, n, k, row_div, x.stride(1),
+        weight.stride(0), weight.stride(1), out.stride(0), slices, x.stride(0),
+        0 if weight_scale is None else weight_scale.stride(0), ACCUMULATE=accumulate, HAS_SCALE=scale is not None,
+        W_INT8=weight_scale is not None, BLOCK_M=tile_rows(alignment.block_m), BLOCK_ROWS=alignment.block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, TILES=tiles, ONE_K_BLOCK=k <= block_k,
+        num_warps=warps_for(tile_rows(alignment.block_m)))
+
+
+def _check_int8(weight: torch.Tensor | None, weight_scale: torch.Tensor | None) -> None:
+    """int8 factor codes come with their float32 scales [E, N] (unit stride), and only they do."""
+    if weight is None:
+        return
+    if (weight.dtype == torch.int8) != (weight_scale is not None):
+        raise ValueError("int8 factor codes need their scales, and only int8 codes take scales")
+    if weight_scale is not None and (weight_scale.dtype != torch.float32 or weight_scale.shape != weight.shape[:2]
+                                     or weight_scale.stride(-1) != 1):
+        raise ValueError(f"an int8 factor {tuple(weight.shape)} takes float32 scales of shape "
+                         f"{tuple(weight.shape[:2])}, not {weight_scale.dtype} {tuple(weight_scale.shape)}")
 
 
 def tiles_for(alignment: Alignment, n_tiles: int, num_experts: int, device: torch.device) -> int:
@@ -282,13 +328,15 @@ def _sm_count(device: torch.device) -> int:
 
 def activate(w13_out: torch.Tensor, reduced: torch.Tensor | None, a13: torch.Tensor | None,
              b2: torch.Tensor | None, alignment: Alignment, hidden: torch.Tensor, row_div: int,
-             added: torch.Tensor | None = None) -> torch.Tensor | None:
+             added: torch.Tensor | None = None, a13_scale: torch.Tensor | None = None,
+             b2_scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """hidden[p] = SiLU(gate) * up of w13_out[p] [P, 2I] + a13[e_p] @ reduced[p // row_div]
     (a13 [E, 2I, r13] or None) or + added[p] (added [P, 2I]: that product made beforehand; not
     with a13), and with b2 [E, r2, I] the partials [slices, P, r2] (float32, one slice per
     ACTIVATE_CHUNKS chunks of ACTIVATE_BLOCK_I columns of I) of b2[e_p] @ hidden[p] whose sum
     `launch` takes as its x (None without b2): the w13 expand, the activation and the w2 shrink
-    in one launch."""
+    in one launch. a13_scale [E, 2I] and b2_scale [E, r2] (float32) go with int8 factor codes
+    (`launch`'s weight_scale; both factors int8, or neither)."""
     pairs, inter = hidden.shape
     if added is not None and a13 is not None:
         raise ValueError("the grouped MoE activation adds either A13 R or a product made beforehand, not both")
@@ -297,7 +345,8 @@ def activate(w13_out: torch.Tensor, reduced: torch.Tensor | None, a13: torch.Ten
     slices = triton.cdiv(inter, block_i * per_program)
     r2 = 1 if b2 is None else b2.shape[1]
     partials = None if b2 is None else torch.empty((slices, pairs, r2), dtype=torch.float32, device=hidden.device)
-    _activate(w13_out, reduced, a13, b2, alignment, hidden, row_div, added, partials, r2, block_i, per_program)
+    _activate(w13_out, reduced, a13, b2, alignment, hidden, row_div, added, partials, r2, block_i, per_program,
+              a13_scale, b2_scale)
     return partials
 
 
@@ -318,13 +367,19 @@ def activate_folded(w13_out: torch.Tensor, b2: torch.Tensor | None, alignment: A
 
 
 def _activate(w13_out, reduced, a13, b2, alignment: Alignment, hidden: torch.Tensor, row_div: int, added, part,
-              r2_out: int, block_i: int, per_program: int) -> None:
+              r2_out: int, block_i: int, per_program: int, a13_scale=None, b2_scale=None) -> None:
     """One `_grouped_activate_kernel` launch: `part` [slices, P, >= r2_out] (float32 partials) or
     [P, >= r2_out] (one slice, beside h), written r2_out columns per pair."""
     pairs, inter = hidden.shape
     if any(t is not None and t.stride(-1) != 1 for t in (w13_out, reduced, hidden, added, part)) or \
             any(t is not None and not t.is_contiguous() for t in (a13, b2)):
         raise ValueError("the grouped MoE activation needs row-major activations and contiguous factors")
+    _check_int8(a13, a13_scale)
+    _check_int8(b2, b2_scale)
+    kinds = {t.dtype == torch.int8 for t in (a13, b2) if t is not None}
+    if len(kinds) > 1:
+        raise ValueError("the grouped MoE activation takes A13 and B2 both in int8 or both in the activation dtype")
+    int8 = kinds == {True}
     r13 = 1 if a13 is None else a13.shape[2]
     r2 = 1 if b2 is None else b2.shape[1]
     slices = triton.cdiv(inter, block_i * per_program)
@@ -332,12 +387,14 @@ def _activate(w13_out, reduced, a13, b2, alignment: Alignment, hidden: torch.Ten
     _grouped_activate_kernel[(alignment.expert_ids.numel(), slices)](
         w13_out, w13_out if reduced is None else reduced, w13_out if a13 is None else a13,
         w13_out if b2 is None else b2, hidden, hidden if part is None else part,
-        w13_out if added is None else added, alignment.sorted_ids, alignment.expert_ids, alignment.padded,
+        w13_out if added is None else added, w13_out if a13_scale is None else a13_scale,
+        w13_out if b2_scale is None else b2_scale, alignment.sorted_ids, alignment.expert_ids, alignment.padded,
         alignment.num_pairs, inter, r13, r2, r2_out, row_div, w13_out.stride(0),
         0 if reduced is None else reduced.stride(0), 0 if a13 is None else a13.stride(0),
         0 if b2 is None else b2.stride(0), hidden.stride(0), 0 if added is None else added.stride(0),
-        0 if part is None else part.stride(-2), part.stride(0) if sliced else 0, HAS13=a13 is not None,
-        HAS2=b2 is not None, ADDED=added is not None, BLOCK_M=tile_rows(alignment.block_m),
+        0 if part is None else part.stride(-2), part.stride(0) if sliced else 0,
+        0 if a13_scale is None else a13_scale.stride(0), 0 if b2_scale is None else b2_scale.stride(0),
+        HAS13=a13 is not None, HAS2=b2 is not None, ADDED=added is not None, INT8=int8, BLOCK_M=tile_rows(alignment.block_m),
         BLOCK_ROWS=alignment.block_m, BLOCK_I=block_i, CHUNKS=per_program, BLOCK_R13=_pow2_between(r13, 16, 1 << 30),
         BLOCK_R2=_pow2_between(r2_out, 16, 1 << 30), num_warps=warps_for(tile_rows(alignment.block_m)))
 
