@@ -18,6 +18,7 @@ token count it times:
   `grouped_int8` the shipped grouped path with A13, B2 and A2 as int8 codes (ExpertFactors.to_int8,
   VLLM_GLOWQ_MOE_FACTORS=int8): half the factor bytes beside Marlin's GEMMs (its error against
   the float64 reference of the full-precision factors includes the codes' rounding);
+  `grouped_r_after_sort` with R = B13 x forked after the sort, not before it (R_BEFORE_SORT off);
 * `fused`: GlowQ with the small-batch fused correction (fused=True), where
   moe_marlin.takes_fused_path would take it; `--threshold-sweep` times it at every count, and
   prints the pair count up to which it beats the grouped path (what FUSED_MAX_PAIRS should be);
@@ -89,13 +90,13 @@ SHAPE = dict(hidden=2048, experts=128, top_k=8, inter=768, rank=64, group=128)  
 COPIES = 8  # x 24 MB of experts and factors touched per copy at one token: past the H200's L2
 CHECK_TOKENS = 4
 PATHS = ("plain", "folded", "grouped", "grouped_int8", "grouped_in_callbacks", "grouped_serial_r", "grouped_two_sorts",
-         "grouped_shrink_in_activation", "fused", "gemv", "gemv_plain", "own", "own_plain", "own_pairs", "own_rows",
+         "grouped_shrink_in_activation", "grouped_r_after_sort", "fused", "gemv", "gemv_plain", "own", "own_plain", "own_pairs", "own_rows",
          "own_blocks")
 # the grouped path with some of moe_marlin's switches turned off (set while the call is built and
 # captured: the hooks read them then)
 SWITCHED_OFF = {"grouped_in_callbacks": ("CORRECTION_BESIDE",),
                 "grouped_serial_r": ("CORRECTION_BESIDE", "R_ON_SIDE_STREAM"), "grouped_two_sorts": ("ONE_SORT",),
-                "grouped_shrink_in_activation": ("W2_SHRINK_BESIDE",)}
+                "grouped_shrink_in_activation": ("W2_SHRINK_BESIDE",), "grouped_r_after_sort": ("R_BEFORE_SORT",)}
 SWEEP_ONLY = ("own_pairs", "own_rows", "own_blocks")  # timed with --threshold-sweep only
 # --own-only: the pairs path without and with the correction, on its own layout and on Marlin's
 OWN_ONLY_PATHS = ("own_plain_pairs", "own_pairs", "gemv_plain", "gemv")

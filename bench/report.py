@@ -522,6 +522,7 @@ def moe_section(results: Path, meta: dict) -> list[str]:
 
 MICRO_PATHS = {  # moe_microbench's paths, as the table heads them
     "folded": "GlowQ folded into Marlin's codes", "grouped": "GlowQ grouped", "grouped_int8": "GlowQ grouped, int8 factors",
+    "grouped_r_after_sort": "GlowQ grouped, R forked after the sort",
     "grouped_in_callbacks": "GlowQ grouped, in Marlin's callbacks",
     "grouped_two_sorts": "GlowQ grouped, two sorts", "grouped_serial_r": "GlowQ grouped, R in series",
     "grouped_shrink_in_activation": "GlowQ grouped, w2 shrink in the activation", "fused": "GlowQ fused", "gemv": "GlowQ decode GEMVs on Marlin codes",

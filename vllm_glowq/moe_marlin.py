@@ -131,6 +131,12 @@ CORRECTION_BESIDE = True
 # partials of S summed by the expand), which puts B2's reads in series but shortens the chain
 # beside the w2 GEMM. bench/moe_microbench.py times both (`grouped`, `grouped_shrink_in_activation`).
 W2_SHRINK_BESIDE = True
+# Beside Marlin, R = B13 x (shared B13) is forked before the pairs are sorted, since it does not
+# need the sort: at one token the sort (4.5 us) and Marlin's w13 GEMM (about 12 us) were as long
+# as the chain R (5.6 us) -> A13_e R (about 5 us) the activation waits for (H100, run3). False:
+# R and A13_e R forked together after the sort. bench/moe_microbench.py times both (`grouped`,
+# `grouped_r_after_sort`); not timed yet.
+R_BEFORE_SORT = True
 # Fold the correction into Marlin MoE's GEMMs at load time where the layer's B13 is shared
 # (vllm_glowq/moe_fold.py): A13 and A2 become int4 rows of each expert's codes and the tokens'
 # activations get R = B13 x and S = B2_e h appended. Off: on the H100 it ran at 0.39 / 0.67 /
@@ -472,9 +478,9 @@ class CorrectionHooks:
 
 class BesideCorrectionHooks(CorrectionHooks):
     """The grouped correction on the device's second stream, beside Marlin MoE's GEMMs
-    (CORRECTION_BESIDE): forked after the sort, R = B13 x and A13_e R for every pair while the
-    w13 GEMM runs; `activation` joins, adds that product and applies SiLU-and-mul (one launch),
-    then forks the w2 correction (S = B2_e h, or with W2_SHRINK_BESIDE off its partials from the
+    (CORRECTION_BESIDE): R = B13 x forked before the sort (R_BEFORE_SORT), A13_e R for every
+    pair after it, while the w13 GEMM runs; `activation` joins, adds that product and applies
+    SiLU-and-mul (one launch), then forks the w2 correction (S = B2_e h, or with W2_SHRINK_BESIDE off its partials from the
     activation's launch; then w_p A2_e S) while the w2 GEMM runs; `moe_sum` joins and sums
     Marlin's rows and the correction's over top_k in one launch. Every buffer the second stream
     touches is allocated before the forks and held here until the last join (the activation's
@@ -485,6 +491,9 @@ class BesideCorrectionHooks(CorrectionHooks):
 
         f = self.factors
         pairs = topk_ids.numel()
+        early_r = f.a13 is not None and self.shared and R_BEFORE_SORT
+        if early_r:  # joined with A13_e R below: the second stream runs its work in order
+            start_beside(x.device, lambda: torch.mm(x, f.b13.t(), out=self.reduced))
         self.alignment = self.sort(x, topk_ids, num_experts, align)
         # A13_e R per pair, read by the activation; then w_p A2_e S, written after it: one buffer
         rows = [0 if w is None else w.shape[1] for w in (f.a13, f.a2)]
@@ -497,12 +506,14 @@ class BesideCorrectionHooks(CorrectionHooks):
             self.expanded = per_pair[: pairs * rows[1]].view(pairs, rows[1])
         self.hidden = None  # the activation's output, read beside the w2 GEMM
         if f.a13 is not None:
-            self.join = start_beside(x.device, lambda: self.expand13(x))
+            self.join = start_beside(x.device, lambda: self.expand13(x, reduce=not early_r))
 
-    def expand13(self, x: torch.Tensor) -> None:
+    def expand13(self, x: torch.Tensor, reduce: bool = True) -> None:
+        """A13_e R for every pair into `added`, after R (with `reduce`: R made here first)."""
         f = self.factors
         if self.shared:
-            torch.mm(x, f.b13.t(), out=self.reduced)
+            if reduce:
+                torch.mm(x, f.b13.t(), out=self.reduced)
         else:
             self.grouped.launch(x, f.b13, self.reduced, self.alignment, row_div=self.top_k)
         self.grouped.launch(self.reduced, f.a13, self.added, self.alignment, row_div=self.row_div,
