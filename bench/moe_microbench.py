@@ -74,6 +74,7 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -474,10 +475,13 @@ def main(argv: list[str] | None = None) -> None:
     vllm_version = None if args.own_only else importlib.metadata.version("vllm")
     folded = not args.own_only and (not args.paths or "folded" in args.paths)  # built only where it is timed
     layers = [make_layer(seed, args.own_only, folded) for seed in range(COPIES)]
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, vllm=vllm_version, shape=SHAPE,
+    command = "python bench/moe_microbench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = dict(command=command.strip(), device=torch.cuda.get_device_name(), torch=torch.__version__,
+                  vllm=vllm_version, shape=SHAPE,
                   copies=COPIES, fused_max_pairs=moe_marlin.FUSED_MAX_PAIRS, gemv_max_pairs=moe_marlin.GEMV_MAX_PAIRS,
                   one_sort=moe_marlin.ONE_SORT, r_on_side_stream=moe_marlin.R_ON_SIDE_STREAM,
                   correction_beside=moe_marlin.CORRECTION_BESIDE, w2_shrink_beside=moe_marlin.W2_SHRINK_BESIDE,
+                  r_before_sort=moe_marlin.R_BEFORE_SORT, factors_int8=moe_marlin.factors_in_int8(),
                   grouped_constants={name: getattr(grouped, name) for name in GROUPED_SWEEP},
                   pairs_max_pairs=moe_triton.PAIRS_MAX_PAIRS, rows_max_pairs=moe_triton.ROWS_MAX_PAIRS, rows=[])
     print(f"{result['device']}, vLLM {result['vllm']}; shapes {SHAPE}; plain/GlowQ ratios, * = the default path",

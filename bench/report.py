@@ -539,10 +539,9 @@ def moe_micro_section(micro: dict | None) -> list[str]:
     paths = [p for p in MICRO_PATHS if any(p in row["us"] for row in micro["rows"])]
     baseline = micro["rows"][0].get("baseline", "plain") if micro["rows"] else "plain"
     paths = [p for p in paths if p != baseline]
-    if baseline == "plain":
-        title, against = "GLOWQ_BENCH_SWEEP=1 bash bench/run_h200.sh moe-micro", "plain int4 Marlin MoE's"
-    else:
-        title, against = "GLOWQ_BENCH_OWN_ONLY=1 bash bench/run_h200.sh moe-micro", "the same kernels' without factors"
+    against = "plain int4 Marlin MoE's" if baseline == "plain" else "the same kernels' without factors"
+    # runs before 2026-12-08 did not record their command (their notes and the Commands section do)
+    title = micro.get("command", "bench/run_h200.sh moe-micro")
     out = [f"### One expert layer (`{title}`)", "",
            f"{micro['device']}, vLLM {micro['vllm'] or 'not installed'}, shapes {micro['shape']}, CUDA graphs over "
            f"{micro['copies']} weight copies; FUSED_MAX_PAIRS was {micro['fused_max_pairs']} in this run (* = the "
