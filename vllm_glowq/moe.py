@@ -30,7 +30,8 @@ Kernels, chosen by platform when the layer is built:
   output before the activation, R = B13 x computed once per token (on a second stream); the
   down correction into the w2 output before the top-k sum (on pairs grouped by expert, sorted
   once for Marlin and the correction; a fused path up to moe_marlin.FUSED_MAX_PAIRS pairs, off
-  as shipped).
+  as shipped). VLLM_GLOWQ_MOE_FACTORS=int8 holds A13, B2 and A2 as int8 codes with per-row
+  scales (made at load time; the checkpoint is unchanged).
   Rank-0 layers run Marlin alone. With symmetric codes, decode steps of up to
   moe_marlin.GEMV_MAX_PAIRS (token, expert) pairs can skip Marlin for the project's GEMVs, which
   read the same Marlin-layout codes and take the correction inside (moe_triton's pairs path;

@@ -19,6 +19,10 @@ The same launch serves every step of the correction (vllm_glowq/moe_marlin.py):
   the w2 output before the top-k sum;
 * `--share module` checkpoints: the w13 shrink too, x = x_t, W = B13 [E, 2r, H].
 
+A13, B2 and A2 may be int8 codes with one float32 scale per row (VLLM_GLOWQ_MOE_FACTORS=int8,
+moe_marlin.ExpertFactors.to_int8): half the bytes these launches read beside Marlin's GEMMs;
+the codes are converted to the activation dtype (exactly) and the scales applied after the dot.
+
 Like kernels/lowrank_triton.py it uses only Triton builtins (`tl.full`, integer division), so
 Triton's interpreter runs it on a CPU for the tests; the grid depends only on tensor shapes
 and the valid block count is read on the device, so CUDA graphs capture one launch per batch
