@@ -49,12 +49,15 @@ pytestmark = [
 SHAPE = dict(GPU_SHAPE, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128)
 INIT_STD = 0.1  # as tests/test_plugin_gpu.py: bf16 noise small enough for a tight bar
 CALIBRATION = dict(group_size=128, rank=16, samples=4, seq_len=64, dataset="random", seed=0)
-# name -> (enforce_eager, VLLM_GLOWQ_KERNEL): Marlin MoE (auto) or the project's MoE kernels (glowq)
-MODES = {"eager": (True, "auto"), "compiled": (False, "auto"), "compiled-own": (False, "glowq")}
-# with the unquantized model and the two zeroed controls eight engines, about a minute each
+# name -> (enforce_eager, VLLM_GLOWQ_KERNEL, VLLM_GLOWQ_MOE_FACTORS): Marlin MoE (auto) with the
+# shipped factors or int8 ones, or the project's MoE kernels (glowq)
+MODES = {"eager": (True, "auto", "auto"), "compiled": (False, "auto", "auto"),
+         "compiled-int8": (False, "auto", "int8"), "compiled-own": (False, "glowq", "auto")}
+# with the unquantized model and the two zeroed controls nine engines, about a minute each
 # (asymmetric codes: the layer tests of tests/test_moe_marlin.py and tests/test_moe_triton.py)
-ENGINES = [("sym", "eager"), ("sym", "compiled"), ("rtn", "compiled"), ("sym", "compiled-own"),
-           ("rtn", "compiled-own")]
+ENGINES = [("sym", "eager"), ("sym", "compiled"), ("rtn", "compiled"), ("sym", "compiled-int8"),
+           ("sym", "compiled-own"), ("rtn", "compiled-own")]
+INT8_FACTORS_LOG = "factors A13, B2 and A2 are held as int8 codes"
 OWN_KERNELS_LOG = "MoE experts run the project's own int4 MoE kernels"
 FALLBACK_WARNING = "the experts use dense dequantized weights"
 SUMMARY: dict[str, Any] = {}  # printed at the end (pytest -s) and written to $GLOWQ_GPU_REPORT
@@ -76,9 +79,9 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def engine(checkpoints):
     def run(name: str, mode: str) -> dict[str, Any]:
-        eager, kernel = MODES[mode]
+        eager, kernel, factors = MODES[mode]
         env = engine_env(allow_pickled_functions=True)
-        env["VLLM_GLOWQ_KERNEL"] = kernel
+        env["VLLM_GLOWQ_KERNEL"], env["VLLM_GLOWQ_MOE_FACTORS"] = kernel, factors
         job = {"model": str(checkpoints[name]), "prompts": PROMPTS, "dtype": "bfloat16", "max_tokens": 12,
                "enforce_eager": eager, "inspect_layers": True}
         return run_job_script(Path(vllm_helpers.__file__).resolve(), job, env, ENGINE_TIMEOUT_S)
@@ -127,6 +130,8 @@ def test_experts_run_on_int4_codes(name, mode, engine):
     result = engine(name, mode)
     assert FALLBACK_WARNING not in result["log"], "the experts fell back to dense weights"
     assert (OWN_KERNELS_LOG in result["log"]) == (mode == "compiled-own"), "not the MoE kernels asked for"
+    if mode == "compiled-int8":
+        assert INT8_FACTORS_LOG in result["log"], "the factors were not held in int8"
     experts = _experts(result["layers"])
     assert len(experts) == SHAPE["num_hidden_layers"]
     for layer, params in experts.items():
