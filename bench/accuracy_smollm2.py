@@ -20,6 +20,7 @@ import json
 import math
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from accuracy_stories260k import DATA, split_text
@@ -86,6 +87,22 @@ def _key(row: dict) -> tuple:
     return row["model"], row.get("group_size"), row.get("rank"), row.get("share")
 
 
+def heldout_perplexities(model: Path, tmp: Path, seq_len: int, max_tokens: int) -> tuple[Path, Callable[[Path], dict]]:
+    """The first half of the TinyStories validation text (for calibration, in `tmp`), and a
+    function giving a checkpoint's perplexity on its second half and on WikiText-2. Every
+    checkpoint carries the source's tokenizer, so one tokenization serves them all."""
+    calib, heldout = split_text(DATA / "tinystories_val.txt", tmp)
+    texts = {"TinyStories (held out)": heldout, "WikiText-2": DATA / "wikitext2_test.raw"}
+    tokenizer = load_tokenizer(resolve_source(model))
+    windows = {name: eval_windows(str(text), tokenizer, seq_len, max_tokens) for name, text in texts.items()}
+
+    def perplexities(path: Path) -> dict:
+        evaluated, _ = load_for_eval(resolve_source(path), seq_len)
+        return {name: math.exp(mean_nll(evaluated, w, progress=True)) for name, w in windows.items()}
+
+    return calib, perplexities
+
+
 def run(samples: int, seq_len: int, max_tokens: int, out: Path | None = None) -> dict:
     """The grid; with `out`, the result so far is written there after every row, and rows a
     previous run with the same settings left there are kept instead of measured again."""
@@ -104,16 +121,7 @@ def run(samples: int, seq_len: int, max_tokens: int, out: Path | None = None) ->
             out.write_text(json.dumps(result, indent=2) + "\n")
 
     with tempfile.TemporaryDirectory() as tmp:
-        calib, heldout = split_text(DATA / "tinystories_val.txt", Path(tmp))
-        texts = {"TinyStories (held out)": heldout, "WikiText-2": DATA / "wikitext2_test.raw"}
-        # Every checkpoint carries the source's tokenizer, so one tokenization serves them all.
-        tokenizer = load_tokenizer(resolve_source(model))
-        windows = {name: eval_windows(str(text), tokenizer, seq_len, max_tokens) for name, text in texts.items()}
-
-        def perplexities(path: Path) -> dict:
-            evaluated, _ = load_for_eval(resolve_source(path), seq_len)
-            return {name: math.exp(mean_nll(evaluated, w, progress=True)) for name, w in windows.items()}
-
+        calib, perplexities = heldout_perplexities(model, Path(tmp), seq_len, max_tokens)
         source_row = {"model": "dequantized source (Q4_1 GGUF, fp32)"}
         add(kept.get(_key(source_row)) or {**source_row, "perplexity": perplexities(model)})
         for settings in tqdm(variants(result["rank_matching_group_32"]), desc="variants", unit="checkpoint"):
