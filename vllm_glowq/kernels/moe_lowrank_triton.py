@@ -360,7 +360,7 @@ def activate_folded(w13_out: torch.Tensor, b2: torch.Tensor | None, alignment: A
     h = SiLU(gate) * up of w13_out [P, 2I] in its first I columns and, with b2 [E, r2, I],
     S = b2[e_p] @ h in the last R2 (zero past r2), in the activation dtype: one program along I
     per block of pairs, which sums S in registers over all of I."""
-    pairs, inter = w13_out.shape[0], w13_out.shape[1] // 2
+    inter = w13_out.shape[1] // 2
     block_i = _pow2_between(inter, 16, ACTIVATE_BLOCK_I)
     chunks = triton.cdiv(inter, block_i)
     if b2 is None:
