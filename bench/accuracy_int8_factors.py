@@ -44,23 +44,21 @@ def with_int8_factors(checkpoint: Path, folder: Path) -> tuple[Path, list[float]
     """A copy of `checkpoint` whose factors are rounded to int8 rows; the relative change of each
     module's product A_i B (B its unit's, vllm_glowq.format's names)."""
     config = GlowQConfig.from_dict(json.loads((checkpoint / "config.json").read_text())["quantization_config"])
-    tensors = {}
-    for path in checkpoint.glob("*.safetensors"):
-        tensors.update(load_file(str(path)))
+    files = {path.name: load_file(str(path)) for path in checkpoint.glob("*.safetensors")}
+    tensors = {name: t for part in files.values() for name, t in part.items()}
+    rounded = {n: rounded_to_int8(t) for n, t in tensors.items() if n.rpartition(".")[2] in (FACTOR_A, FACTOR_B)}
     changes = []
-    for name in sorted(n for n in tensors if n.endswith(f".{FACTOR_A}")):
-        b = tensors[factor_b_name(config.unit_of(name[: -len(FACTOR_A) - 1]))]
-        exact = tensors[name].float() @ b.float()
-        rounded = rounded_to_int8(tensors[name]).float() @ rounded_to_int8(b).float()
-        changes.append(((rounded - exact).norm() / exact.norm()).item())
+    for name in sorted(n for n in rounded if n.endswith(f".{FACTOR_A}")):
+        b_name = factor_b_name(config.unit_of(name[: -len(FACTOR_A) - 1]))
+        exact = tensors[name].float() @ tensors[b_name].float()
+        changes.append(((rounded[name].float() @ rounded[b_name].float() - exact).norm() / exact.norm()).item())
     folder.mkdir()
     for path in checkpoint.iterdir():
-        if path.suffix != ".safetensors":
+        if path.name in files:
+            save_file({n: rounded.get(n, t) for n, t in files[path.name].items()}, str(folder / path.name),
+                      metadata={"format": "pt"})
+        else:
             (folder / path.name).write_bytes(path.read_bytes())
-            continue
-        part = load_file(str(path))
-        part.update({n: rounded_to_int8(t) for n, t in part.items() if n.rpartition(".")[2] in (FACTOR_A, FACTOR_B)})
-        save_file(part, str(folder / path.name), metadata={"format": "pt"})
     return folder, changes
 
 

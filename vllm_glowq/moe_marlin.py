@@ -439,16 +439,19 @@ class CorrectionHooks:
         """R (beside the sort with R_ON_SIDE_STREAM) and the sort."""
         f = self.factors
         if f.a13 is not None and self.shared:
-            work = lambda: torch.mm(x, f.b13.t(), out=self.reduced)  # noqa: E731
             if R_ON_SIDE_STREAM:
                 from .correction import start_beside
 
-                self.join = start_beside(x.device, work)
+                self.join = start_beside(x.device, lambda: self.reduce_shared(x))
             else:
-                work()
+                self.reduce_shared(x)
         self.alignment = self.sort(x, topk_ids, num_experts, align)
         if f.a13 is not None and not self.shared:
             self.grouped.launch(x, f.b13, self.reduced, self.alignment, row_div=self.top_k)
+
+    def reduce_shared(self, x: torch.Tensor) -> None:
+        """R = B13 x once per token (one B13 for all experts) into `reduced`."""
+        torch.mm(x, self.factors.b13.t(), out=self.reduced)
 
     def joined(self) -> None:
         """The current stream waits for the second stream's work (once)."""
@@ -472,7 +475,8 @@ class CorrectionHooks:
         if self.factors.a2 is not None:
             rows = w2_out.view(-1, w2_out.shape[-1])
             self.grouped.launch(self.partials, self.factors.a2, rows, self.alignment,
-                                scale=self.topk_weights.reshape(-1), accumulate=True, weight_scale=self.factors.a2_scale)
+                                scale=self.topk_weights.reshape(-1), accumulate=True,
+                                weight_scale=self.factors.a2_scale)
         return torch.sum(w2_out, dim=1, out=output)
 
 
@@ -480,8 +484,8 @@ class BesideCorrectionHooks(CorrectionHooks):
     """The grouped correction on the device's second stream, beside Marlin MoE's GEMMs
     (CORRECTION_BESIDE): R = B13 x forked before the sort (R_BEFORE_SORT), A13_e R for every
     pair after it, while the w13 GEMM runs; `activation` joins, adds that product and applies
-    SiLU-and-mul (one launch), then forks the w2 correction (S = B2_e h, or with W2_SHRINK_BESIDE off its partials from the
-    activation's launch; then w_p A2_e S) while the w2 GEMM runs; `moe_sum` joins and sums
+    SiLU-and-mul (one launch), then forks the w2 correction (S = B2_e h, or with W2_SHRINK_BESIDE
+    off its partials from the activation's launch; then w_p A2_e S) while the w2 GEMM runs; `moe_sum` joins and sums
     Marlin's rows and the correction's over top_k in one launch. Every buffer the second stream
     touches is allocated before the forks and held here until the last join (the activation's
     output, Marlin's buffer, too)."""
@@ -493,7 +497,7 @@ class BesideCorrectionHooks(CorrectionHooks):
         pairs = topk_ids.numel()
         early_r = f.a13 is not None and self.shared and R_BEFORE_SORT
         if early_r:  # joined with A13_e R below: the second stream runs its work in order
-            start_beside(x.device, lambda: torch.mm(x, f.b13.t(), out=self.reduced))
+            start_beside(x.device, lambda: self.reduce_shared(x))
         self.alignment = self.sort(x, topk_ids, num_experts, align)
         # A13_e R per pair, read by the activation; then w_p A2_e S, written after it: one buffer
         rows = [0 if w is None else w.shape[1] for w in (f.a13, f.a2)]
@@ -511,11 +515,10 @@ class BesideCorrectionHooks(CorrectionHooks):
     def expand13(self, x: torch.Tensor, reduce: bool = True) -> None:
         """A13_e R for every pair into `added`, after R (with `reduce`: R made here first)."""
         f = self.factors
-        if self.shared:
-            if reduce:
-                torch.mm(x, f.b13.t(), out=self.reduced)
-        else:
+        if not self.shared:
             self.grouped.launch(x, f.b13, self.reduced, self.alignment, row_div=self.top_k)
+        elif reduce:
+            self.reduce_shared(x)
         self.grouped.launch(self.reduced, f.a13, self.added, self.alignment, row_div=self.row_div,
                             weight_scale=f.a13_scale)
 

@@ -398,9 +398,10 @@ def _activate(w13_out, reduced, a13, b2, alignment: Alignment, hidden: torch.Ten
         0 if b2 is None else b2.stride(0), hidden.stride(0), 0 if added is None else added.stride(0),
         0 if part is None else part.stride(-2), part.stride(0) if sliced else 0,
         0 if a13_scale is None else a13_scale.stride(0), 0 if b2_scale is None else b2_scale.stride(0),
-        HAS13=a13 is not None, HAS2=b2 is not None, ADDED=added is not None, INT8=int8, BLOCK_M=tile_rows(alignment.block_m),
-        BLOCK_ROWS=alignment.block_m, BLOCK_I=block_i, CHUNKS=per_program, BLOCK_R13=_pow2_between(r13, 16, 1 << 30),
-        BLOCK_R2=_pow2_between(r2_out, 16, 1 << 30), num_warps=warps_for(tile_rows(alignment.block_m)))
+        HAS13=a13 is not None, HAS2=b2 is not None, ADDED=added is not None, INT8=int8,
+        BLOCK_M=tile_rows(alignment.block_m), BLOCK_ROWS=alignment.block_m, BLOCK_I=block_i, CHUNKS=per_program,
+        BLOCK_R13=_pow2_between(r13, 16, 1 << 30), BLOCK_R2=_pow2_between(r2_out, 16, 1 << 30),
+        num_warps=warps_for(tile_rows(alignment.block_m)))
 
 
 SUM_BLOCK_H = 1024  # columns per program of `sum_topk`
